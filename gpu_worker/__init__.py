@@ -1,0 +1,1 @@
+"""GPU worker: the multi-LoRA inference engine and its gRPC service."""

@@ -1,0 +1,280 @@
+"""LLMEngine: requests in, RequestOutputs out, one step at a time (vLLM's add_request / step API)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineArgs
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .errors import CapacityError, InvalidRequestError
+from .kv_cache import allocate, num_blocks_for
+from .lora.manager import LoRAManager
+from .lora_request import LoRARequest
+from .model.config import ModelConfig
+from .model.llama import LlamaModel
+from .model_runner import ModelRunner, sampling_row
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    """What the engine keeps per request beside the scheduler's Sequence."""
+
+    prompt: str | None
+    lora_request: LoRARequest | None
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+    generator: torch.Generator | None
+    text: str = ""
+    logprobs: list[Logprob] | None = None
+    cumulative_logprob: float = 0.0
+    # Emitted since the last output: drained into the next RequestOutput's delta fields.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[Logprob] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
+    return table[name]
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.model_config = ModelConfig.from_dir(args.model)
+        cfg = self.model_config
+        self.served_model_name = args.served_model_name or Path(args.model).name
+        self.tokenizer = Tokenizer(args.tokenizer or args.model)
+        self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.primary_eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else (
+            min(eos) if eos else None)
+
+        t0 = time.perf_counter()
+        self.model = LlamaModel(cfg, self.device, self.dtype, self.max_model_len)
+        self.model.load(args.model)
+        self.lora: LoRAManager | None = None
+        if args.enable_lora:
+            self.lora = LoRAManager(cfg, self.served_model_name, args.max_loras, args.max_cpu_loras,
+                                    args.max_lora_rank, args.max_adapter_bytes, self.device, self.dtype)
+        num_blocks = args.num_kv_blocks or num_blocks_for(
+            cfg, args.block_size, self.dtype, self.device, args.gpu_memory_utilization, args.cpu_kv_cache_bytes)
+        self.kv_caches = allocate(cfg, num_blocks, args.block_size, self.device, self.dtype)
+        self.blocks = BlockManager(num_blocks, args.block_size)
+        self.scheduler = Scheduler(self.blocks, self.lora.slots if self.lora else None,
+                                   args.max_num_seqs, args.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, self.lora, self.primary_eos)
+        self._seqs: dict[str, Sequence] = {}
+        log.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, LoRA %s",
+                 time.perf_counter() - t0, self.served_model_name, self.device, self.dtype, num_blocks,
+                 args.block_size, f"on ({args.max_loras} slots, rank <= {args.max_lora_rank})" if self.lora else "off")
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        params: SamplingParams | None = None,
+        lora_request: LoRARequest | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError, AdapterError or CapacityError, leaving nothing held."""
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        text, token_ids = self._prompt(prompt)
+        if not token_ids or text == "":
+            raise InvalidRequestError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(token_ids)} tokens; this model takes at most "
+                                      f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")
+        bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids out of the vocabulary [0, {self.model_config.vocab_size}): {bad[:5]}")
+        if self.blocks.blocks_needed(len(token_ids) + 1) > self.blocks.num_blocks:
+            raise CapacityError(f"the prompt needs more KV cache ({len(token_ids)} tokens) than this worker has")
+        if len(self.scheduler.waiting) >= self.args.max_waiting_requests:
+            raise CapacityError(f"the queue is full ({self.args.max_waiting_requests} requests waiting)")
+        adapter_key = None
+        if lora_request is not None:
+            if self.lora is None:
+                raise InvalidRequestError("this engine was started without enable_lora; adapters cannot be used")
+            adapter_key = self.lora.resolve(lora_request)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        seq = Sequence(request_id, token_ids, params, adapter_key, arrival_time or time.monotonic())
+        seq.state = RequestState(
+            prompt=text,
+            lora_request=lora_request,
+            detokenizer=IncrementalDetokenizer(self.tokenizer.hf, token_ids, params.skip_special_tokens),
+            stops=StopStringMatcher(params.stop, params.include_stop_str_in_output),
+            generator=generator,
+            logprobs=[] if params.logprobs is not None else None,
+        )
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _prompt(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            return self._prompt(prompt.get("prompt", ""))
+        if isinstance(prompt, (list, tuple)):
+            return None, [int(t) for t in prompt]
+        raise InvalidRequestError(f"a prompt is text, token ids or a dict, not {type(prompt).__name__}")
+
+    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
+        """Stop requests now, freeing their KV blocks and adapter slots. Unknown ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        outputs = []
+        for rid in ids:
+            seq = self._seqs.get(rid)
+            if seq is None:
+                continue
+            seq.finish_reason = "abort"
+            outputs.append(self._finish(seq))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._seqs)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an output for every request that produced tokens or finished."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        for slot, key in sched.adapter_loads:
+            self.lora.load_into_slot(slot, key)
+        result = self.runner.run(
+            sched.chunks, {c.seq: sampling_row(c.seq, c.seq.state.generator, self.primary_eos) for c in sched.chunks}
+        )
+        for c in sched.chunks:
+            c.seq.num_computed_tokens = c.start + c.num_tokens
+        outputs = []
+        if result.sampled is None:
+            return outputs
+        s = result.sampled
+        token_ids = s.token_ids.tolist()
+        lps = s.logprobs.tolist() if s.logprobs is not None else None
+        top_ids = s.top_token_ids.tolist() if s.top_token_ids is not None else None
+        top_lps = s.top_logprobs.tolist() if s.top_logprobs is not None else None
+        for row, c in enumerate(result.completed):
+            seq = c.seq
+            lp = None
+            if seq.params.logprobs is not None and lps is not None:
+                k = seq.params.logprobs
+                lp = Logprob(token_ids[row], lps[row], list(zip(top_ids[row][:k], top_lps[row][:k])) if k else [])
+            self._append(seq, token_ids[row], lp)
+            outputs.append(self._finish(seq) if seq.finish_reason else self._output(seq))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, lp: Logprob | None) -> None:
+        st: RequestState = seq.state
+        params = seq.params
+        seq.output_token_ids.append(token)
+        st.delta_token_ids.append(token)
+        if lp is not None:
+            st.logprobs.append(lp)
+            st.delta_logprobs.append(lp)
+            st.cumulative_logprob += lp.logprob
+        n_out = len(seq.output_token_ids)
+        may_stop = n_out >= params.min_tokens
+        if may_stop and not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif may_stop and token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            emit, matched = st.stops.feed(st.detokenizer.append(token))
+            st.text += emit
+            st.delta_text += emit
+            if matched is not None and may_stop:
+                seq.finish_reason, seq.stop_reason = "stop", matched
+        if seq.finish_reason is None and (n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        st: RequestState = seq.state
+        completion = CompletionOutput(
+            index=0,
+            text=st.text,
+            token_ids=list(seq.output_token_ids),
+            cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
+            logprobs=list(st.logprobs) if st.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            delta_text=st.delta_text,
+            delta_token_ids=st.delta_token_ids,
+            delta_logprobs=st.delta_logprobs,
+        )
+        st.delta_text, st.delta_token_ids, st.delta_logprobs = "", [], []
+        return RequestOutput(seq.request_id, st.prompt, seq.prompt_token_ids, [completion],
+                             finished=seq.finish_reason is not None, lora_request=st.lora_request,
+                             adapter_key=seq.adapter_key)
+
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        st: RequestState = seq.state
+        if seq.finish_reason != "stop" or not isinstance(seq.stop_reason, str):
+            rest = st.stops.flush()
+            st.text += rest
+            st.delta_text += rest
+        self.scheduler.finish(seq)
+        del self._seqs[seq.request_id]
+        return self._output(seq)
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_free": self.blocks.num_free,
+            "kv_block_size": self.blocks.block_size,
+            "adapters": self.lora.residency() if self.lora else [],
+            "lora_slots_free": self.lora.slots.num_free if self.lora else 0,
+        }

@@ -1,0 +1,1 @@
+"""LoRA adapters in the engine: reading PEFT checkpoints, device slots, and applying them to a batch."""

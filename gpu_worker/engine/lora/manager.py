@@ -1,0 +1,121 @@
+"""LoRAManager: adapters from request to device slot. Reads and checks an adapter once, keeps up to
+max_cpu_loras in host memory (LRU), and copies one into a device slot when the scheduler grants it one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..adapter_slots import HostLRU, SlotTable
+from ..errors import AdapterError
+from ..lora_request import LoRARequest
+from ..model.config import ModelConfig
+from .peft_adapter import WEIGHTS_FILE, AdapterWeights, content_hash, load_adapter, missing_weights
+from .slot_buffers import SlotBuffers
+
+AdapterKey = tuple[str, str]  # (name, content_hash)
+
+
+@dataclass
+class Residency:
+    key: AdapterKey
+    where: str  # "gpu_slot" or "host_memory"
+    in_use: int
+    rank: int
+
+
+class LoRAManager:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        served_model_name: str,
+        max_loras: int,
+        max_cpu_loras: int,
+        max_lora_rank: int,
+        max_adapter_bytes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.cfg = cfg
+        self.served_model_name = served_model_name
+        self.max_lora_rank = max_lora_rank
+        self.max_adapter_bytes = max_adapter_bytes
+        self.device = device
+        self.dtype = dtype
+        self.slots = SlotTable(max_loras)
+        self.host: HostLRU[AdapterWeights] = HostLRU(max_cpu_loras)
+        self.buffers = SlotBuffers(cfg, max_loras, max_lora_rank, device, dtype)
+        self._paths: dict[AdapterKey, Path] = {}
+        self._ranks: dict[AdapterKey, int] = {}
+        # (path, size, mtime) -> content hash: hashing reads every byte, so do it once per file version.
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    def resolve(self, request: LoRARequest) -> AdapterKey:
+        """The adapter's key; reads, checks and caches it in host memory if it is not there yet."""
+        if request.base_model_name and request.base_model_name != self.served_model_name:
+            raise AdapterError("mismatch", f"adapter {request.lora_name!r} is for base model "
+                               f"{request.base_model_name!r}; this worker serves {self.served_model_name!r}")
+        root = Path(request.lora_path)
+        digest = self._content_hash(root, request.lora_name)
+        key = (request.lora_name, digest)
+        if self.host.get(key) is None and self.slots.slot_of(key) is None:
+            self._load_host(key, root)
+        self._paths[key] = root
+        return key
+
+    def _content_hash(self, root: Path, name: str) -> str:
+        try:
+            st = os.stat(root / WEIGHTS_FILE)
+        except OSError:
+            if not root.is_dir():
+                raise AdapterError("not_found", f"adapter {name!r}: {root} is not a directory") from None
+            raise missing_weights(root, name) from None
+        stamp = (str(root.resolve()), st.st_size, st.st_mtime_ns)
+        if stamp not in self._hashes:
+            try:
+                self._hashes[stamp] = content_hash(root)
+            except OSError as e:
+                raise AdapterError("not_found", f"adapter {name!r}: {e}") from None
+        return self._hashes[stamp]
+
+    def _load_host(self, key: AdapterKey, root: Path) -> AdapterWeights:
+        weights = load_adapter(root, key[0], self.cfg, self.max_lora_rank, self.dtype, self.max_adapter_bytes, key[1])
+        if self.device.type == "cuda":
+            weights.modules = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.modules.items()}
+        self.host.put(key, weights)
+        self._ranks[key] = weights.max_rank
+        return weights
+
+    def load_into_slot(self, slot: int, key: AdapterKey) -> None:
+        weights = self.host.get(key)
+        if weights is None:  # evicted from host memory since admission: read it again
+            weights = self._load_host(key, self._paths[key])
+        self.buffers.load(slot, weights)
+
+    def evict(self, name: str, content_hash: str | None = None) -> int:
+        """Drop matching adapters that no request uses from slots and host memory. Returns how many."""
+        keys = {k for k in [*self.host.keys(), *self.slots.resident()] if k[0] == name}  # noqa: SIM118
+        evicted = 0
+        for key in keys:
+            if content_hash and key[1] != content_hash:
+                continue
+            if self.slots.in_use(key):
+                continue
+            dropped = self.slots.evict(key)
+            dropped = self.host.pop(key) is not None or dropped
+            evicted += dropped
+        return evicted
+
+    def residency(self) -> list[Residency]:
+        out = []
+        in_slots = self.slots.resident()
+        for key in in_slots:
+            out.append(Residency(key, "gpu_slot", self.slots.in_use(key), self._ranks.get(key, 0)))
+        for key in self.host.keys():  # noqa: SIM118 (LRU order, not a dict)
+            if key not in in_slots:
+                out.append(Residency(key, "host_memory", 0, self._ranks.get(key, 0)))
+        return out

@@ -1,0 +1,164 @@
+"""Reading a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) and checking that every
+part of it is something the engine applies. What it cannot apply is refused with a reason, never ignored:
+DoRA, modules_to_save, LoRA biases, embedding or lm_head adapters, unknown module names, shapes that
+disagree with the base model, ranks over max_lora_rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import AdapterError
+from ..model.config import ModelConfig
+from .layout import MODULE_GROUP, module_shape
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_TENSOR_NAME = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+)
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter's tensors in host memory, scaling folded into B."""
+
+    name: str
+    content_hash: str
+    # (layer, module) -> (A [r, in], B * scale [out, r])
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    max_rank: int = 0
+    nbytes: int = 0
+
+
+def content_hash(adapter_dir: Path) -> str:
+    """sha256 over "<file>:<sha256 of file>" lines of the two adapter files, sorted by file name."""
+    lines = []
+    for fname in sorted([CONFIG_FILE, WEIGHTS_FILE]):
+        digest = hashlib.sha256()
+        with open(adapter_dir / fname, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        lines.append(f"{fname}:{digest.hexdigest()}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def missing_weights(root: Path, name: str) -> AdapterError:
+    pickles = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+    why = f" ({pickles} are pickle files, which are never loaded: save with safe_serialization)" if pickles else ""
+    return AdapterError("not_found", f"adapter {name!r}: {WEIGHTS_FILE} is missing in {root}{why}")
+
+
+def _pattern_value(patterns: dict, module_path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path ending in it."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module_path):
+            return value
+    return default
+
+
+def read_config(adapter_dir: Path, name: str) -> dict:
+    path = adapter_dir / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError("not_found", f"adapter {name!r}: {CONFIG_FILE} is missing in {adapter_dir}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError("invalid", f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError("invalid", f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterError("unsupported", f"adapter {name!r} is peft_type {peft_type or 'unset'}; only LORA is served")
+    refusals = [
+        (cfg.get("use_dora"), "uses DoRA (use_dora=true), which this engine does not apply"),
+        (cfg.get("modules_to_save"),
+         f"has modules_to_save {cfg.get('modules_to_save')}: fully trained modules are not applied"),
+        (cfg.get("bias", "none") != "none", f"trains biases (bias={cfg.get('bias')!r}); only bias='none' is served"),
+        (cfg.get("fan_in_fan_out"), "uses fan_in_fan_out (Conv1D layout), which Llama models do not have"),
+    ]
+    for bad, why in refusals:
+        if bad:
+            raise AdapterError("unsupported", f"adapter {name!r} {why}")
+    return cfg
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    name: str,
+    model_cfg: ModelConfig,
+    max_lora_rank: int,
+    dtype: torch.dtype,
+    max_bytes: int,
+    digest: str | None = None,
+) -> AdapterWeights:
+    root = Path(adapter_dir)
+    if not root.is_dir():
+        raise AdapterError("not_found", f"adapter {name!r}: {root} is not a directory")
+    cfg = read_config(root, name)
+    weights = root / WEIGHTS_FILE
+    if not weights.is_file():
+        raise missing_weights(root, name)
+    size = weights.stat().st_size
+    if size > max_bytes:
+        raise AdapterError("too_large", f"adapter {name!r} is {size} bytes, over the limit of {max_bytes}")
+
+    alpha = float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    out = AdapterWeights(name=name, content_hash=digest or content_hash(root))
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as sf:
+            for tname in sf.keys():  # noqa: SIM118
+                m = _TENSOR_NAME.match(tname)
+                if m is None or m.group(2) not in MODULE_GROUP:
+                    raise AdapterError("unsupported", f"adapter {name!r} has tensor {tname!r}, which targets no "
+                                       f"supported projection ({', '.join(MODULE_GROUP)})")
+                layer, module, half = int(m.group(1)), m.group(2), m.group(3)
+                if layer >= model_cfg.num_layers:
+                    raise AdapterError("mismatch", f"adapter {name!r} targets layer {layer}; the base model has "
+                                       f"{model_cfg.num_layers}: it was trained for another base model")
+                halves.setdefault((layer, module), {})[half] = sf.get_tensor(tname)
+    except AdapterError:
+        raise
+    except Exception as e:  # a truncated or lying header
+        raise AdapterError(
+            "invalid", f"adapter {name!r}: {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
+
+    for (layer, module), pair in sorted(halves.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError("invalid", f"adapter {name!r}: layer {layer} {module} lacks lora_{'AB'[('A' in pair)]}")
+        a, b = pair["A"], pair["B"]
+        fan_in, fan_out = module_shape(model_cfg, module)
+        r = a.shape[0] if a.dim() == 2 else -1
+        if r < 1 or b.dim() != 2 or a.shape[1] != fan_in or tuple(b.shape) != (fan_out, r):
+            raise AdapterError("mismatch", f"adapter {name!r}: layer {layer} {module} has A {tuple(a.shape)} and B "
+                               f"{tuple(b.shape)}; the base model needs A (r, {fan_in}) and B ({fan_out}, r)")
+        if r > max_lora_rank:
+            raise AdapterError("rank", f"adapter {name!r} has rank {r} (layer {layer} {module}), over max_lora_rank="
+                               f"{max_lora_rank}: start the worker with --max-lora-rank {r} or more")
+        block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        path = f"model.layers.{layer}.{block}.{module}"
+        declared = _pattern_value(cfg.get("rank_pattern"), path, cfg.get("r"))
+        if declared is not None and int(declared) != r:
+            raise AdapterError("mismatch", f"adapter {name!r}: layer {layer} {module} has rank {r} but its config "
+                               f"declares {declared}")
+        mod_alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, alpha))
+        scale = mod_alpha / (math.sqrt(r) if rslora else r)
+        a32, b32 = a.float(), b.float() * scale
+        if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+            raise AdapterError("invalid", f"adapter {name!r}: layer {layer} {module} holds NaN or infinite values")
+        out.modules[(layer, module)] = (a32.to(dtype).contiguous(), b32.to(dtype).contiguous())
+        out.max_rank = max(out.max_rank, r)
+        out.nbytes += (a.numel() + b.numel()) * torch.finfo(dtype).bits // 8
+    if not out.modules:
+        raise AdapterError("invalid", f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA tensors")
+    return out

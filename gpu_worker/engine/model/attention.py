@@ -1,0 +1,95 @@
+"""Attention over the paged KV cache, in plain torch (the CPU path and the reference for fused kernels).
+
+The cache of each layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]. A step's new
+K/V are written at `slot_mapping`; then every sequence's keys are gathered through its block table into a
+padded batch and attended with one SDPA call (grouped-query attention without expanding K/V per head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step, shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache position of each new token
+    kv_index: torch.Tensor  # [B, K] int64: flat cache position of each key of each sequence (padded)
+    mask: torch.Tensor  # [B, 1, Q, K] bool: True where a query may attend a key
+    q_seq: torch.Tensor  # [T] int64: each token's sequence in the batch
+    q_pos: torch.Tensor  # [T] int64: each token's row within its sequence's chunk
+    num_seqs: int
+    max_q: int
+
+    @classmethod
+    def build(
+        cls,
+        starts: list[int],
+        lengths: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device,
+        sliding_window: int | None = None,
+    ) -> AttentionMetadata:
+        """Chunks of sequences: tokens [starts[b], starts[b] + lengths[b]) of sequence b run this step."""
+        B = len(starts)
+        start = torch.tensor(starts, dtype=torch.int64)
+        n = torch.tensor(lengths, dtype=torch.int64)
+        ctx = start + n
+        max_q, max_k = int(n.max()), int(ctx.max())
+        max_blocks = max(len(bt) for bt in block_tables)
+        bt = torch.zeros(B, max_blocks, dtype=torch.int64)
+        for b, table in enumerate(block_tables):
+            bt[b, : len(table)] = torch.tensor(table, dtype=torch.int64)
+
+        q_seq = torch.repeat_interleave(torch.arange(B), n)
+        q_pos = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        abs_pos = start[q_seq] + q_pos
+        slot_mapping = bt[q_seq, abs_pos // block_size] * block_size + abs_pos % block_size
+
+        j = torch.arange(max_k)
+        kv_index = torch.gather(bt, 1, (j // block_size).clamp(max=max_blocks - 1).expand(B, -1)) * block_size
+        kv_index += j % block_size
+        qi = torch.arange(max_q)
+        q_abs = start[:, None] + qi[None, :]  # [B, Q]
+        mask = (j[None, None, :] <= q_abs[:, :, None]) & (j[None, None, :] < ctx[:, None, None])
+        if sliding_window is not None:
+            mask &= q_abs[:, :, None] - j[None, None, :] < sliding_window
+        # Padding rows attend one key, so softmax stays finite; their outputs are never read.
+        mask[:, :, 0] |= (qi[None, :] >= n[:, None])
+        return cls(
+            slot_mapping=slot_mapping.to(device),
+            kv_index=kv_index.to(device),
+            mask=mask.unsqueeze(1).to(device),
+            q_seq=q_seq.to(device),
+            q_pos=q_pos.to(device),
+            num_seqs=B,
+            max_q=max_q,
+        )
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
+    """k, v [T, KVH, D] into the flat cache positions of meta.slot_mapping."""
+    k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k
+    v_cache.view(-1, *v_cache.shape[2:])[meta.slot_mapping] = v
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D], attending each sequence's cached keys (the new ones included)."""
+    T, H, D = q.shape
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    keys = flat_k[meta.kv_index].transpose(1, 2)  # [B, KVH, K, D]
+    values = flat_v[meta.kv_index].transpose(1, 2)
+    qp = q.new_zeros(meta.num_seqs, meta.max_q, H, D)
+    qp[meta.q_seq, meta.q_pos] = q
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=True
+    )  # [B, H, Q, D]
+    return out.transpose(1, 2)[meta.q_seq, meta.q_pos]

@@ -1,0 +1,140 @@
+"""The Llama-family forward pass (Llama, Mistral, Qwen2) over a flat batch of tokens from many sequences.
+
+q/k/v and gate/up are fused into one matrix each, so a layer runs four projections; LoRA, when the batch
+uses any adapter, is added to each projection's output by the LoRA backend (`lora.apply`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionMetadata, paged_attention, write_kv
+from .config import ModelConfig, UnsupportedModelError
+from .rope import RotaryEmbedding
+from .weights import iter_tensors
+
+
+class LoRAHook(Protocol):
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the adapters' contribution for projection `group` of `layer` into `out` in place."""
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [q_size + 2 kv_size, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [hidden, q_size]
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In float32, as Hugging Face does, then back: bf16 variance loses ~3 digits.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.rope = RotaryEmbedding(cfg, max_positions, device, dtype)
+        self.scale = cfg.head_dim**-0.5
+        self.embed: torch.Tensor | None = None
+        self.final_norm: torch.Tensor | None = None
+        self.lm_head: torch.Tensor | None = None
+        self.layers: list[LayerWeights] = []
+
+    def load(self, model_dir: str | Path) -> None:
+        cfg = self.cfg
+        raw: dict[str, torch.Tensor] = {}
+        for name, tensor in iter_tensors(model_dir):
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raw[name] = tensor
+
+        def take(name: str) -> torch.Tensor:
+            if name not in raw:
+                raise UnsupportedModelError(f"checkpoint lacks tensor {name}")
+            return raw.pop(name).to(device=self.device, dtype=self.dtype)
+
+        self.embed = take("model.embed_tokens.weight")
+        self.final_norm = take("model.norm.weight")
+        if "lm_head.weight" in raw:
+            self.lm_head = take("lm_head.weight")
+        elif cfg.tie_word_embeddings:
+            self.lm_head = self.embed
+        else:
+            raise UnsupportedModelError("checkpoint lacks lm_head.weight and does not tie embeddings")
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([take(p + f"self_attn.{m}_proj.weight") for m in "qkv"])
+            bias = None
+            if cfg.qkv_bias:
+                bias = torch.cat([take(p + f"self_attn.{m}_proj.bias") for m in "qkv"])
+            self.layers.append(
+                LayerWeights(
+                    input_norm=take(p + "input_layernorm.weight"),
+                    qkv=qkv,
+                    qkv_bias=bias,
+                    o=take(p + "self_attn.o_proj.weight"),
+                    post_norm=take(p + "post_attention_layernorm.weight"),
+                    gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                    down=take(p + "mlp.down_proj.weight"),
+                )
+            )
+        leftover = list(raw)
+        if leftover:
+            raise UnsupportedModelError(f"checkpoint has tensors this architecture does not use: {leftover[:5]}")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        logits_indices: torch.Tensor,
+        lora: LoRAHook | None = None,
+    ) -> torch.Tensor:
+        """Tokens [T] -> float32 logits [N, vocab] for the rows in logits_indices."""
+        cfg = self.cfg
+        h = F.embedding(input_ids, self.embed)
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        for i, w in enumerate(self.layers):
+            x = rms_norm(h, w.input_norm, cfg.rms_norm_eps)
+            qkv = F.linear(x, w.qkv, w.qkv_bias)
+            if lora is not None:
+                lora.apply(i, "qkv", x, qkv)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(-1, cfg.num_heads, cfg.head_dim)
+            k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+            v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+            q, k = self.rope.apply(q, k, positions)
+            k_cache, v_cache = kv_caches[i]
+            write_kv(k_cache, v_cache, k, v, meta)
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(-1, q_size)
+            o = F.linear(attn, w.o)
+            if lora is not None:
+                lora.apply(i, "o", attn, o)
+            h = h + o
+            x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
+            gate_up = F.linear(x, w.gate_up)
+            if lora is not None:
+                lora.apply(i, "gate_up", x, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            down = F.linear(act, w.down)
+            if lora is not None:
+                lora.apply(i, "down", act, down)
+            h = h + down
+        h = rms_norm(h[logits_indices], self.final_norm, cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,92 @@
+"""One engine step on the device: lay out the scheduled chunks as a flat batch, run the model, sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .lora.manager import LoRAManager
+from .lora.torch_backend import LoRABatch, TorchLoRA
+from .model.attention import AttentionMetadata
+from .model.llama import LlamaModel
+from .sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
+from .scheduler import ScheduledChunk
+
+
+@dataclass
+class StepResult:
+    # The chunks that completed their sequence's tokens, in the order of `sampled`'s rows.
+    completed: list[ScheduledChunk]
+    sampled: SamplerOutput | None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        lora: LoRAManager | None,
+        eos_token_id: int | None,
+    ):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.lora = lora
+        self.device = model.device
+        self.eos_token_id = eos_token_id
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk], rows: dict) -> StepResult:
+        """rows: seq -> SamplingRow for every sequence that may be sampled this step."""
+        # Group tokens by adapter slot, so each adapter's tokens are one contiguous segment.
+        chunks = sorted(chunks, key=lambda c: c.seq.slot)
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        completed: list[ScheduledChunk] = []
+        for c in chunks:
+            ids.extend(c.seq.token_ids(c.start, c.start + c.num_tokens))
+            positions.extend(range(c.start, c.start + c.num_tokens))
+            if c.completes:
+                logits_rows.append(len(ids) - 1)
+                completed.append(c)
+        meta = AttentionMetadata.build(
+            [c.start for c in chunks],
+            [c.num_tokens for c in chunks],
+            [c.seq.block_table for c in chunks],
+            self.block_size,
+            self.device,
+            self.model.cfg.sliding_window,
+        )
+        hook = None
+        if self.lora is not None and any(c.seq.slot >= 0 for c in chunks):
+            batch = LoRABatch.from_runs([(c.seq.slot, c.num_tokens) for c in chunks], self.device)
+            hook = TorchLoRA(self.lora.buffers, batch)
+        if not completed:
+            # Only partial prefill chunks: fill the cache, sample nothing.
+            logits_rows = [len(ids) - 1]
+        logits = self.model.forward(
+            torch.tensor(ids, dtype=torch.int64, device=self.device),
+            torch.tensor(positions, dtype=torch.int64, device=self.device),
+            meta,
+            self.kv_caches,
+            torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
+            hook,
+        )
+        if not completed:
+            return StepResult([], None)
+        batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
+        return StepResult(completed, self.sampler(logits, batch))
+
+
+def sampling_row(seq, generator, eos_token_id) -> SamplingRow:
+    return SamplingRow(
+        params=seq.params,
+        prompt_token_ids=seq.prompt_token_ids,
+        output_token_ids=seq.output_token_ids,
+        generator=generator,
+        eos_token_id=eos_token_id,
+    )

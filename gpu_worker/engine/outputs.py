@@ -1,0 +1,46 @@
+"""What the engine returns, in vLLM's shape (RequestOutput / CompletionOutput), plus the per-step delta
+(new text and token ids) that a streaming server sends without diffing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .lora_request import LoRARequest
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    # (token_id, logprob) of the most likely alternatives, most likely first.
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[Logprob] | None = None
+    finish_reason: str | None = None  # "length", "stop", "abort"
+    stop_reason: str | int | None = None
+    # Added since the previous RequestOutput of this request.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[Logprob] = field(default_factory=list)
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    lora_request: LoRARequest | None = None
+    # (name, content_hash) of the adapter version that served the request.
+    adapter_key: tuple[str, str] | None = None

@@ -1,0 +1,132 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens of each. No torch.
+
+Every step mixes decode tokens of running sequences with prefill chunks of new ones, under a token budget
+(max_num_batched_tokens) and a sequence cap (max_num_seqs). The scheduler is aware of adapter slots: a
+waiting request whose adapter cannot get a slot (every slot pinned by running requests of other adapters)
+stays waiting while requests behind it that can run go ahead; a slot in use is never taken away.
+When KV blocks run out, the most recently admitted running sequence is preempted (its blocks freed, to be
+recomputed later) so that older ones finish.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .adapter_slots import SlotTable
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    # Tokens [start, start + num_tokens) of the sequence run in this step.
+    start: int
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """After this chunk every token of the sequence is in the cache, so the next token is sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # (slot, adapter_key) pairs whose weights must be copied into the slot before this step runs.
+    adapter_loads: list[tuple[int, tuple[str, str]]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, slots: SlotTable | None, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.slots = slots
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        # Running sequences first, oldest first: one decode token each, or the next prefill chunk.
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted by an older sequence in this loop
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+
+        # Then waiting ones, in arrival order, unless memory was short this step.
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                return
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # A prompt admitted in chunks needs blocks for its first chunk now; first come, first served.
+            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                return
+            if seq.adapter_key is not None:
+                got = self.slots.acquire(seq.adapter_key)
+                if got is None:
+                    continue  # every slot pinned by other adapters: let requests behind it run
+                seq.slot, needs_load = got
+                if needs_load:
+                    out.adapter_loads.append((seq.slot, seq.adapter_key))
+            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free everything the sequence holds; it is recomputed from its prompt and outputs later."""
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            if seq.adapter_key is not None:
+                self.slots.release(seq.adapter_key)
+        seq.slot = -1
+
+    def finish(self, seq: Sequence) -> None:
+        """Free a finished (or aborted) sequence's blocks and its hold on an adapter slot."""
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED

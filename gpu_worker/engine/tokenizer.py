@@ -1,0 +1,43 @@
+"""The model's tokenizer, from tokenizer.json through the `tokenizers` library (no transformers at run time)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import InvalidRequestError
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        root = Path(path)
+        file = root / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{root} has no tokenizer.json (a fast tokenizer file is required)")
+        self.hf = HFTokenizer.from_file(str(file))
+        cfg_file = root / "tokenizer_config.json"
+        self.config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.bos_token_id = self._token_id(self.config.get("bos_token"))
+        self.eos_token_id = self._token_id(self.config.get("eos_token"))
+        # Llama checkpoints say "add_bos_token": true; if the tokenizer.json post-processor does not add it,
+        # prepend it here so prompts match what transformers' AutoTokenizer feeds the model.
+        self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_token_id is not None
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+
+    def _token_id(self, token) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        return self.hf.token_to_id(token) if token else None
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"prompt must be a string, got {type(text).__name__}")
+        ids = self.hf.encode(text, add_special_tokens=True).ids
+        if self.add_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,122 @@
+"""Scheduler, block manager and slot table: pure Python, no torch, no model."""
+
+from __future__ import annotations
+
+from gpu_worker.engine.adapter_slots import HostLRU, SlotTable
+from gpu_worker.engine.block_manager import BlockManager
+from gpu_worker.engine.scheduler import Scheduler
+from gpu_worker.engine.sequence import Sequence, SequenceStatus
+
+
+def seq(rid, n_prompt, adapter=None):
+    return Sequence(rid, list(range(n_prompt)), params=None, adapter_key=adapter)
+
+
+def run_step(sched: Scheduler):
+    """Pretend the model ran: advance computed tokens and append one token to completed sequences."""
+    out = sched.schedule()
+    out.completed = [c.seq.request_id for c in out.chunks if c.completes]
+    for c in out.chunks:
+        c.seq.num_computed_tokens = c.start + c.num_tokens
+        if c.seq.request_id in out.completed:
+            c.seq.output_token_ids.append(7)
+    return out
+
+
+def test_blocks_grow_and_free():
+    bm = BlockManager(4, 16)
+    table: list[int] = []
+    assert bm.can_grow(table, 64) and not bm.can_grow(table, 65)
+    bm.grow(table, 17)
+    assert len(table) == 2 and bm.num_free == 2
+    bm.grow(table, 32)
+    assert len(table) == 2
+    bm.free(table)
+    assert table == [] and bm.num_free == 4
+
+
+def test_slot_table_pins_and_lru():
+    slots = SlotTable(2)
+    assert slots.acquire("a") == (0, True)
+    assert slots.acquire("b") == (1, True)
+    assert slots.acquire("c") is None  # both pinned
+    assert slots.acquire("a") == (0, False)
+    slots.release("a")
+    slots.release("a")
+    slots.release("b")
+    # a went idle first, so it is evicted first.
+    assert slots.acquire("c") == (0, True)
+    assert slots.resident() == {"b": 1, "c": 0}
+    assert not slots.evict("c")  # in use
+    assert slots.evict("b") and slots.num_free == 1
+
+
+def test_host_lru_eviction_order():
+    lru = HostLRU(2)
+    assert lru.put("a", 1) == []
+    assert lru.put("b", 2) == []
+    lru.get("a")
+    assert lru.put("c", 3) == ["b"]
+    assert lru.keys() == ["a", "c"]
+
+
+def test_budget_chunks_prefill_and_mixes_decode():
+    sched = Scheduler(BlockManager(64, 4), None, max_num_seqs=8, max_num_batched_tokens=10)
+    long, short = seq("long", 25), seq("short", 3)
+    sched.add(long)
+    sched.add(short)
+    out = run_step(sched)
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [("long", 0, 10)]
+    out = run_step(sched)
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [("long", 10, 10)]
+    out = run_step(sched)  # 5 prompt tokens left of long, then short fits in the remaining budget
+    assert [(c.seq.request_id, c.num_tokens) for c in out.chunks] == [("long", 5), ("short", 3)]
+    assert out.completed == ["long", "short"]
+    out = run_step(sched)  # both decode now
+    assert [(c.seq.request_id, c.num_tokens) for c in out.chunks] == [("long", 1), ("short", 1)]
+
+
+def test_adapter_waits_for_a_slot_and_others_go_ahead():
+    slots = SlotTable(1)
+    sched = Scheduler(BlockManager(64, 4), slots, max_num_seqs=8, max_num_batched_tokens=100)
+    a1, b1, base, a2 = seq("a1", 4, ("a", "h")), seq("b1", 4, ("b", "h")), seq("base", 4), seq("a2", 4, ("a", "h"))
+    for s in (a1, b1, base, a2):
+        sched.add(s)
+    out = run_step(sched)
+    assert [c.seq.request_id for c in out.chunks] == ["a1", "base", "a2"]
+    assert out.adapter_loads == [(0, ("a", "h"))]
+    assert b1.status is SequenceStatus.WAITING and slots.in_use(("a", "h")) == 2
+    sched.finish(a1)
+    sched.finish(a2)
+    out = run_step(sched)
+    assert "b1" in [c.seq.request_id for c in out.chunks]
+    assert out.adapter_loads == [(0, ("b", "h"))]
+
+
+def test_preemption_frees_the_newest_and_recomputes():
+    bm = BlockManager(3, 4)
+    sched = Scheduler(bm, None, max_num_seqs=8, max_num_batched_tokens=100)
+    old, new = seq("old", 4), seq("new", 4)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)  # two blocks used, one free; both now have 5 tokens
+    out = run_step(sched)  # each needs a second block: only one left, so "new" is preempted
+    assert [s.request_id for s in out.preempted] == ["new"]
+    assert [c.seq.request_id for c in out.chunks] == ["old"]
+    assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0 and new.block_table == []
+    sched.finish(old)
+    out = run_step(sched)  # "new" is recomputed: its prompt and its one output token
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [("new", 0, 5)]
+
+
+def test_finish_releases_everything():
+    slots = SlotTable(2)
+    bm = BlockManager(8, 4)
+    sched = Scheduler(bm, slots, max_num_seqs=8, max_num_batched_tokens=100)
+    s1, s2 = seq("s1", 9, ("a", "h")), seq("s2", 3, ("a", "h"))
+    sched.add(s1)
+    sched.add(s2)
+    run_step(sched)
+    sched.finish(s1)
+    sched.finish(s2)
+    assert bm.num_free == 8 and slots.in_use(("a", "h")) == 0 and not sched.has_unfinished()

@@ -1,0 +1,215 @@
+"""Incremental detokenization and stop strings, with real BPE tokenizers trained here on a tiny corpus.
+
+With only ~40 merges over the 256 byte symbols, accented, CJK and emoji characters mostly stay split
+over several byte-level tokens, which is the case the detokenizer must get right.
+"""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from gpu_worker.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The answer is forty two.",
+    "Café crème, naïve façade, déjà vu, Straße, smörgåsbord.",
+    "東京は日本の首都です。今日は良い天気ですね。",
+    "Emoji time 😀🎉🚀 and more 👍🏽 fun!",
+] * 20
+EOS = "<eos>"
+
+TEXTS = {
+    "ascii": "The quick brown fox said: hello, world! 42 times.",
+    "accents": "Café crème, naïve façade — déjà vu in Straße.",
+    "cjk": "東京は日本の首都です。天気が良い。",
+    "emoji": "Party 😀🎉🚀 with 👍🏽 and 👨‍👩‍👧 family!",
+    "mixed": "Résumé: 東京 😀 ok",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[EOS],
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer() -> Tokenizer:
+    """SentencePiece-style: the decoder drops the space of a word at the start of the decoded text."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def stream(tokenizer: Tokenizer, ids: list[int], prompt=(), skip_special_tokens=True) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, list(prompt), skip_special_tokens)
+    deltas = [detok.append(t) for t in ids]
+    assert detok.text == "".join(deltas)
+    return deltas
+
+
+def run_stops(tokenizer: Tokenizer, text: str, stop: list[str], include=False):
+    """Stream `text` token by token through a matcher; return (emitted pieces, matched, flushed)."""
+    detok = IncrementalDetokenizer(tokenizer, [], True)
+    matcher = StopStringMatcher(stop, include)
+    pieces = []
+    for t in tokenizer.encode(text).ids:
+        emit, matched = matcher.feed(detok.append(t))
+        pieces.append(emit)
+        if matched is not None:
+            return pieces, matched, None
+    return pieces, None, matcher.flush()
+
+
+# --- IncrementalDetokenizer -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TEXTS))
+def test_deltas_concatenate_to_the_full_decode(tokenizer, name):
+    ids = tokenizer.encode(TEXTS[name]).ids
+    deltas = stream(tokenizer, ids)
+    assert "".join(deltas) == tokenizer.decode(ids) == TEXTS[name]
+    assert all("\ufffd" not in d for d in deltas), "a split character must come out whole"
+
+
+@pytest.mark.parametrize("name", ["accents", "cjk", "emoji"])
+def test_multibyte_characters_are_split_across_tokens(tokenizer, name):
+    # Guards the test above: it only means something if some character spans several tokens.
+    ids = tokenizer.encode(TEXTS[name]).ids
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)
+    deltas = stream(tokenizer, ids)
+    assert "" in deltas, "some token should complete no character"
+
+
+def test_prompt_does_not_leak_into_the_output(tokenizer):
+    prompt = tokenizer.encode("東京は").ids
+    ids = tokenizer.encode("日本 😀!").ids
+    assert "".join(stream(tokenizer, ids, prompt)) == "日本 😀!"
+
+
+def test_prompt_context_keeps_the_leading_space(metaspace_tokenizer):
+    tok = metaspace_tokenizer
+    prompt = tok.encode("The quick").ids
+    full = tok.encode("The quick brown fox jumps").ids
+    assert full[: len(prompt)] == prompt
+    output = full[len(prompt) :]
+    assert tok.decode(output) == "brown fox jumps", "decoding alone drops the space; the test needs that"
+    assert "".join(stream(tok, output, prompt)) == " brown fox jumps"
+
+
+def test_special_tokens_are_skipped_or_kept(tokenizer):
+    eos = tokenizer.token_to_id(EOS)
+    ids = tokenizer.encode("Café").ids + [eos] + tokenizer.encode(" 😀").ids
+    assert "".join(stream(tokenizer, ids, skip_special_tokens=True)) == "Café 😀"
+    assert "".join(stream(tokenizer, ids, skip_special_tokens=False)) == "Café<eos> 😀"
+
+
+def test_window_stays_small(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(TEXTS["ascii"] * 5).ids, True)
+    for t in tokenizer.encode(TEXTS["mixed"] * 20).ids:
+        detok.append(t)
+        assert len(detok._window) <= 12, "each step must decode a bounded window, not the whole text"
+    assert detok.text == TEXTS["mixed"] * 20
+
+
+def test_flush_returns_an_incomplete_character(tokenizer):
+    ids = tokenizer.encode("ok 😀").ids[:-1]  # the emoji's last byte never arrives
+    detok = IncrementalDetokenizer(tokenizer, [], True)
+    for t in ids:
+        detok.append(t)
+    held = detok.flush()
+    assert held.endswith("\ufffd")
+    assert detok.text == tokenizer.decode(ids) and detok.text.endswith(held)
+    assert detok.flush() == ""
+
+
+# --- StopStringMatcher ----------------------------------------------------------------------------
+
+
+def test_stop_string_over_three_tokens_is_never_streamed(tokenizer):
+    text = "The answer is STOP HERE and more"
+    stop = "STOP HERE"
+    ids = tokenizer.encode(text).ids
+    # The stop string must really span several tokens for this test to mean anything.
+    starts = [len(tokenizer.decode(ids[:i])) for i in range(len(ids) + 1)]
+    begin = text.index(stop)
+    spanned = [i for i in range(len(ids)) if starts[i] < begin + len(stop) and starts[i + 1] > begin]
+    assert len(spanned) >= 3
+
+    pieces, matched, _ = run_stops(tokenizer, text, [stop])
+    assert matched == stop
+    expected = text[:begin]
+    streamed = ""
+    for p in pieces:
+        streamed += p
+        assert expected.startswith(streamed), f"streamed {streamed!r}, part of the stop string"
+    assert streamed == expected == "The answer is "
+
+
+def test_include_stop_str_in_output_keeps_it(tokenizer):
+    pieces, matched, _ = run_stops(tokenizer, "The answer is STOP HERE and more", ["STOP HERE"], include=True)
+    assert matched == "STOP HERE"
+    assert "".join(pieces) == "The answer is STOP HERE"
+
+
+def test_flush_returns_held_back_text_when_nothing_matches(tokenizer):
+    # The text ends in "STO", a possible start of "STOP": held back until flush.
+    pieces, matched, flushed = run_stops(tokenizer, "The answer is STO", ["STOP"])
+    assert matched is None
+    assert "".join(pieces) == "The answer is "
+    assert flushed == "STO"
+
+
+def test_earliest_stop_string_wins(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog"
+    pieces, matched, _ = run_stops(tokenizer, text, ["lazy", "fox", "quick brown"])
+    assert (matched, "".join(pieces)) == ("quick brown", "The ")
+
+
+def test_multibyte_stop_string(tokenizer):
+    pieces, matched, _ = run_stops(tokenizer, TEXTS["emoji"], ["🎉🚀"])
+    assert (matched, "".join(pieces)) == ("🎉🚀", "Party 😀")
+
+
+def test_match_is_independent_of_chunking():
+    # "y" is complete after "xy", before "xyz" is: it wins however the text is split.
+    for chunks in (["xyz"], ["x", "y", "z"], ["xy", "z"]):
+        matcher = StopStringMatcher(["xyz", "y"], include_stop_str_in_output=False)
+        out = [matcher.feed(c) for c in chunks]
+        emitted = "".join(e for e, _ in out)
+        assert (emitted, [m for _, m in out if m]) == ("x", ["y"]), chunks
+
+
+def test_partial_match_that_fails_is_released():
+    matcher = StopStringMatcher(["</answer>"], include_stop_str_in_output=False)
+    assert matcher.feed("a </ans") == ("a ", None)
+    assert matcher.feed("wer") == ("", None)
+    assert matcher.feed("! and") == ("</answer! and", None)
+    assert matcher.flush() == ""
+
+
+def test_feed_after_a_match_emits_nothing():
+    matcher = StopStringMatcher(["END"], include_stop_str_in_output=False)
+    assert matcher.feed("done END tail") == ("done ", "END")
+    assert matcher.matched == "END"
+    assert matcher.feed("more") == ("", None)
+    assert matcher.flush() == ""
+
+
+def test_no_stop_strings_passes_text_through():
+    matcher = StopStringMatcher([], include_stop_str_in_output=False)
+    assert matcher.feed("anything") == ("anything", None)
+    assert matcher.flush() == ""
