@@ -10,7 +10,7 @@ PROTO_SRC := $(sort $(wildcard protos/loraserve/v1/*.proto))
 PROTO_STAMP := loraserve/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: setup protos test lint run clean system-deps
+.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-gpu
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -48,6 +48,18 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Benchmarks run on a GPU machine (see benchmarks/README.md); they use the venv when there is one, else python3.
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+bench-worker:
+	PYTHONPATH=. $(BENCH_PY) -m benchmarks.worker $(BENCH_ARGS)
+
+bench-kernels:
+	PYTHONPATH=. $(BENCH_PY) -m kernels.bench $(BENCH_ARGS)
+
+# Everything that needs the GPU, in one call: GPU tests, then both benchmarks.
+bench-gpu:
+	bash benchmarks/gpu.sh
 
 run:
 	@echo "make run arrives with the integration issue (#7): the router, worker and store are not built yet." >&2

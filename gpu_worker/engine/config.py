@@ -33,6 +33,8 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # "auto": the Triton kernels on CUDA, plain torch on the CPU; or "torch" / "triton".
+    lora_backend: str = "auto"
     # Largest adapter file accepted (bytes): an adapter is data from outside.
     max_adapter_bytes: int = 2 * 1024**3
 

@@ -92,11 +92,14 @@ class StopStringMatcher:
         """The stop string that ended the sequence, or None."""
         return self._matched
 
-    def feed(self, new_text: str) -> tuple[str, str | None]:
+    def feed(self, new_text: str, can_stop: bool = True) -> tuple[str, str | None]:
         """Take newly decoded text; return (text safe to stream now, stop string matched or None).
 
         On a match, the returned text runs up to the stop string (through it with
-        include_stop_str_in_output) and the sequence should finish.
+        include_stop_str_in_output) and the sequence should finish. With can_stop=False (the sequence
+        is still below min_tokens) nothing matches, as in vLLM: a complete stop string streams as
+        text, and only a possible start of one at the end is held back, so a stop string that ends
+        once stopping is allowed still matches.
         """
         if self._matched is not None:
             return "", None
@@ -106,7 +109,7 @@ class StopStringMatcher:
         # so a match must start inside pending + new text.
         text = self._pending + new_text
         best: tuple[int, int, str] | None = None  # (end, start, stop string)
-        for s in self._stop:
+        for s in self._stop if can_stop else ():
             start = text.find(s)
             if start != -1 and (best is None or (start + len(s), start) < best[:2]):
                 best = (start + len(s), start, s)

@@ -14,6 +14,7 @@ from .config import EngineArgs
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .errors import CapacityError, InvalidRequestError
 from .kv_cache import allocate, num_blocks_for
+from .lora.backends import make_backend
 from .lora.manager import LoRAManager
 from .lora_request import LoRARequest
 from .model.config import ModelConfig
@@ -78,6 +79,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.eos_list = sorted(eos)
         self.primary_eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else (
             min(eos) if eos else None)
 
@@ -94,7 +96,10 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.blocks, self.lora.slots if self.lora else None,
                                    args.max_num_seqs, args.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, self.lora, self.primary_eos)
+        backend = None
+        if self.lora is not None:
+            backend = make_backend(args.lora_backend, self.lora.buffers, self.device, args.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, backend, self.primary_eos)
         self._seqs: dict[str, Sequence] = {}
         log.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, LoRA %s",
                  time.perf_counter() - t0, self.served_model_name, self.device, self.dtype, num_blocks,
@@ -191,7 +196,7 @@ class LLMEngine:
         for slot, key in sched.adapter_loads:
             self.lora.load_into_slot(slot, key)
         result = self.runner.run(
-            sched.chunks, {c.seq: sampling_row(c.seq, c.seq.state.generator, self.primary_eos) for c in sched.chunks}
+            sched.chunks, {c.seq: sampling_row(c.seq, c.seq.state.generator, self.eos_list) for c in sched.chunks}
         )
         for c in sched.chunks:
             c.seq.num_computed_tokens = c.start + c.num_tokens
@@ -229,10 +234,10 @@ class LLMEngine:
         elif may_stop and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         else:
-            emit, matched = st.stops.feed(st.detokenizer.append(token))
+            emit, matched = st.stops.feed(st.detokenizer.append(token), can_stop=may_stop)
             st.text += emit
             st.delta_text += emit
-            if matched is not None and may_stop:
+            if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
         if seq.finish_reason is None and (n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"

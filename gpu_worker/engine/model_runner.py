@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora.manager import LoRAManager
-from .lora.torch_backend import LoRABatch, TorchLoRA
+from .lora.backends import LoRABackend
 from .model.attention import AttentionMetadata
 from .model.llama import LlamaModel
 from .sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
@@ -27,7 +26,7 @@ class ModelRunner:
         model: LlamaModel,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
-        lora: LoRAManager | None,
+        lora: LoRABackend | None,
         eos_token_id: int | None,
     ):
         self.model = model
@@ -62,9 +61,9 @@ class ModelRunner:
             self.model.cfg.sliding_window,
         )
         hook = None
+        # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on.
         if self.lora is not None and any(c.seq.slot >= 0 for c in chunks):
-            batch = LoRABatch.from_runs([(c.seq.slot, c.num_tokens) for c in chunks], self.device)
-            hook = TorchLoRA(self.lora.buffers, batch)
+            hook = self.lora.bind([(c.seq.slot, c.num_tokens) for c in chunks])
         if not completed:
             # Only partial prefill chunks: fill the cache, sample nothing.
             logits_rows = [len(ids) - 1]

@@ -12,10 +12,11 @@ by default.
 
 from __future__ import annotations
 
-from array import array
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gpu_worker.engine.sampling_params import SamplingParams
@@ -30,7 +31,8 @@ class SamplingRow:
     output_token_ids: list[int]
     # The request's own RNG, seeded from params.seed, on the logits' device; None for unseeded rows.
     generator: torch.Generator | None = None
-    eos_token_id: int | None = None
+    # The model's EOS id, or all of them (Llama 3 ends turns with several): min_tokens blocks each.
+    eos_token_id: int | Sequence[int] | None = None
 
 
 @dataclass
@@ -110,7 +112,7 @@ class SamplingBatch:
                 blocked = set(r.params.stop_token_ids)
                 # vLLM: EOS is a stop token only without ignore_eos, so only then does min_tokens block it.
                 if r.eos_token_id is not None and not r.params.ignore_eos:
-                    blocked.add(r.eos_token_id)
+                    blocked.update([r.eos_token_id] if isinstance(r.eos_token_id, int) else r.eos_token_id)
                 blocked = sorted(t for t in blocked if t < vocab_size)
                 mt_rows.extend([i] * len(blocked))
                 mt_ids.extend(blocked)
@@ -231,6 +233,8 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
     # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race), without a cumsum or a
     # device sync. Seeded rows draw their own noise so their tokens do not depend on the batch.
+    # Greedy rows' noise may stay uninitialized (when every random row is seeded): their token is
+    # replaced by the argmax afterwards.
     noise = torch.empty_like(probs)
     if batch.needs_shared_noise:
         noise.exponential_()
@@ -322,22 +326,19 @@ def _token_counts(id_lists: list[list[int]], vocab_size: int, device: torch.devi
     """[len(id_lists), vocab_size] float32 occurrence counts of each token id per list.
 
     One scatter_add over the flattened (row, id) positions of a [rows, vocab_size + 1] tensor: no
-    padding to the longest list, and the ids are gathered with array.extend (C speed), not a
+    padding to the longest list, and the ids are converted by numpy in C (about 20 ns an id), not by a
     Python loop per token.
     """
-    flat = array("q")
-    lengths = []
-    for ids in id_lists:
-        flat.extend(ids)
-        lengths.append(len(ids))
     width = vocab_size + 1
     counts = torch.zeros(len(id_lists), width, dtype=torch.float32, device=device)
-    if flat:
-        ids = torch.frombuffer(flat, dtype=torch.int64)
+    lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int64, count=len(id_lists))
+    total = int(lengths.sum())
+    if total:
+        ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=total)
+        rows = np.repeat(np.arange(len(id_lists), dtype=np.int64), lengths)
         # Ids past the logits (a bad token id) land in the extra column, dropped below, instead of failing.
-        rows = torch.repeat_interleave(torch.arange(len(id_lists)), torch.tensor(lengths))
-        positions = _to_device(rows * width + ids.clamp(max=vocab_size), device)
-        counts.view(-1).scatter_add_(0, positions, torch.ones(len(flat), dtype=torch.float32, device=device))
+        positions = _to_device(torch.from_numpy(rows * width + np.minimum(ids, vocab_size)), device)
+        counts.view(-1).scatter_add_(0, positions, torch.ones(total, dtype=torch.float32, device=device))
     return counts[:, :vocab_size]
 
 

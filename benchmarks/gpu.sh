@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One call on the GPU machine checks and times everything: the GPU-marked tests, the kernel benchmark,
+# the worker benchmark. Logs go to $OUT (or ./.device-out) so they come back whole.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-.device-out}
+mkdir -p "$out"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
+python3 -m kernels.bench ${KERNEL_BENCH_ARGS:-} 2>&1 | tee "$out/bench_kernels.log" | tail -n 80
+python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30

@@ -1,0 +1,170 @@
+"""`make bench-worker`: decode throughput of the engine on a Llama-3.2-1B-shaped model (random weights,
+bf16) with rank-16 adapters on all seven projections, beside transformers + PEFT and the roofline.
+
+    python3 -m benchmarks.worker [--quick] [--out DIR]
+
+Workload per case: `batch` requests of 128 random prompt tokens, 128 new tokens each (greedy, ignore_eos),
+all submitted at once. tok/s counts generated tokens over the wall time of the whole batch (prefill
+included); "decode ms" is the median step time once every request is decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.synthetic import LLAMA_3_2_1B, module_dims, write_adapter, write_model
+
+PROMPT, NEW = 128, 128
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    n = 1 << 28
+    a, b = torch.empty(n, dtype=torch.float32, device="cuda"), torch.empty(n, dtype=torch.float32, device="cuda")
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * 4 * n * 20 / (time.perf_counter() - t)
+
+
+def roofline(cfg: dict, batch: int, n_adapters: int, rank: int, bw: float) -> float:
+    """Tokens/s if each decode step read the weights, the adapters present and the KV cache once."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    dims = module_dims(cfg)
+    weights = 2 * (sum(fi * fo for fi, fo in dims.values()) * layers + cfg["vocab_size"] * h)
+    adapter = 2 * layers * sum(rank * (fi + fo) for fi, fo in dims.values())
+    kv_per_token = 2 * layers * dims["k_proj"][1] * 2
+    kv = batch * (PROMPT + NEW // 2) * kv_per_token
+    return batch / ((weights + n_adapters * adapter + kv) / bw)
+
+
+def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float]:
+    from gpu_worker.engine import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        prompt = torch.randint(10, 128000, (PROMPT,), generator=g).tolist()
+        engine.add_request(f"r{seed}-{i}", prompt, params, lora_request=loras[i % len(loras)] if loras else None)
+    steps, generated = [], 0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        s = time.perf_counter()
+        outs = engine.step()
+        torch.cuda.synchronize()
+        decoding = not engine.scheduler.waiting and all(
+            seq.num_computed_tokens >= seq.num_prompt_tokens for seq in engine.scheduler.running)
+        if decoding and len(outs) == batch:
+            steps.append(time.perf_counter() - s)
+        generated += sum(len(o.outputs[0].delta_token_ids) for o in outs)
+    wall = time.perf_counter() - t0
+    assert generated == batch * NEW, (generated, batch * NEW)
+    return generated / wall, 1000 * statistics.median(steps)
+
+
+def peft_mixed(model_dir: Path, adapters: list[Path], batch: int) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for i, path in enumerate(adapters[1:], 1):
+        model.load_adapter(path, adapter_name=f"a{i}")
+    ids = torch.randint(10, 128000, (batch, PROMPT), device="cuda")
+    names = [f"a{i % len(adapters)}" for i in range(batch)]
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+              adapter_names=names, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:, :8], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model.generate(ids, **kw)
+        torch.cuda.synchronize()
+    assert out.shape[1] == PROMPT + NEW
+    del model
+    torch.cuda.empty_cache()
+    return batch * NEW / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="batch 32 only, no PEFT baseline")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton"])
+    args = ap.parse_args()
+    from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest
+
+    cfg, rank = LLAMA_3_2_1B, 16
+    root = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    t = time.perf_counter()
+    model_dir = write_model(root / "model", cfg, "cuda")
+    adapters = [write_adapter(root / f"a{i}", cfg, rank, seed=i) for i in range(32)]
+    print(f"wrote model and 32 adapters in {time.perf_counter() - t:.0f}s", flush=True)
+    bw = copy_bandwidth()
+    common = dict(model=str(model_dir), dtype="bfloat16", num_kv_blocks=1400, max_num_seqs=64,
+                  max_num_batched_tokens=8192, lora_backend=args.lora_backend)
+    batches = [32] if args.quick else [32, 64]
+    rows = []
+
+    def record(name, batch, n_adapters, tok_s, step_ms):
+        roof = roofline(cfg, batch, n_adapters, rank, bw)
+        rows.append(dict(case=name, batch=batch, tok_s=round(tok_s), decode_ms=round(step_ms, 2),
+                         roofline_tok_s=round(roof), pct_roofline=round(100 * tok_s / roof, 1)))
+        print(rows[-1], flush=True)
+
+    base_engine = LLMEngine(EngineArgs(**common, enable_lora=False))
+    run_case(base_engine, 4, [], seed=99)  # warm-up
+    for b in batches:
+        record("base, LoRA disabled", b, 0, *run_case(base_engine, b, [], seed=1))
+    del base_engine
+    torch.cuda.empty_cache()
+
+    engine = LLMEngine(EngineArgs(**common, enable_lora=True, max_loras=32, max_lora_rank=rank, max_cpu_loras=32))
+    reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+    run_case(engine, 8, reqs[:8], seed=98)  # warm-up, loads 8 adapters
+    for b in batches:
+        record("base, LoRA enabled", b, 0, *run_case(engine, b, [], seed=2))
+        for n in (1, 8, 32):
+            record(f"{n} adapter(s) mixed", b, n, *run_case(engine, b, reqs[:n], seed=3 + n))
+    del engine
+    torch.cuda.empty_cache()
+
+    peft = None
+    if not args.quick:
+        peft = peft_mixed(model_dir, adapters[:8], 32)
+        rows.append(dict(case="transformers + PEFT, 8 mixed", batch=32, tok_s=round(peft)))
+
+    def tok(case, b):
+        return next(r["tok_s"] for r in rows if r["case"] == case and r["batch"] == b)
+
+    print(f"\nH2D/D2D copy bandwidth (read + write): {bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}")
+    print(f"{'case':32} {'batch':>5} {'tok/s':>8} {'decode ms':>9} {'roofline':>9} {'%roof':>6}")
+    for r in rows:
+        print(f"{r['case']:32} {r['batch']:>5} {r['tok_s']:>8} {r.get('decode_ms', ''):>9} "
+              f"{r.get('roofline_tok_s', ''):>9} {r.get('pct_roofline', ''):>6}")
+    for b in batches:
+        base = tok("base, LoRA disabled", b)
+        print(f"batch {b}: LoRA-enabled base / disabled {tok('base, LoRA enabled', b) / base:.3f}; "
+              f"8 mixed / base {tok('8 adapter(s) mixed', b) / base:.3f}; "
+              f"32 mixed / base {tok('32 adapter(s) mixed', b) / base:.3f}")
+    if peft:
+        print(f"8 mixed, batch 32: {tok('8 adapter(s) mixed', 32) / peft:.1f}x transformers + PEFT ({peft:.0f} tok/s)")
+    if args.out:
+        Path(args.out, "bench_worker.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
