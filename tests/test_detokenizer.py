@@ -6,6 +6,8 @@ over several byte-level tokens, which is the case the detokenizer must get right
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -201,6 +203,14 @@ def test_partial_match_that_fails_is_released():
     assert matcher.flush() == ""
 
 
+def test_no_match_before_stopping_is_allowed():
+    # Below min_tokens a stop string is ordinary text; one that completes afterwards still stops.
+    matcher = StopStringMatcher(["END"], include_stop_str_in_output=False)
+    assert matcher.feed("x END y E", can_stop=False) == ("x END y ", None)
+    assert matcher.feed("N", can_stop=False) == ("", None)
+    assert matcher.feed("D z") == ("", "END")
+
+
 def test_feed_after_a_match_emits_nothing():
     matcher = StopStringMatcher(["END"], include_stop_str_in_output=False)
     assert matcher.feed("done END tail") == ("done ", "END")
@@ -213,3 +223,39 @@ def test_no_stop_strings_passes_text_through():
     matcher = StopStringMatcher([], include_stop_str_in_output=False)
     assert matcher.feed("anything") == ("anything", None)
     assert matcher.flush() == ""
+
+
+def _reference(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
+    """Non-streaming answer: the stop string complete earliest (then the longest) cuts the text."""
+    found = [(text.find(s) + len(s), -len(s), s) for s in stops if s in text]
+    if not found:
+        return text, None
+    end, neg_len, s = min(found)
+    return text[: end if include else end + neg_len], s
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_random_chunkings_agree_with_the_whole_text_answer(include):
+    rng = random.Random(0)
+    for _ in range(400):
+        text = "".join(rng.choice("aab c") for _ in range(rng.randint(0, 30)))
+        stops = [
+            "".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
+        ]
+        cuts = (
+            sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(0, 8)))) if text else []
+        )
+        chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        expected, expected_stop = _reference(text, stops, include)
+
+        matcher = StopStringMatcher(stops, include)
+        streamed, matched = "", None
+        for chunk in chunks:
+            emit, matched = matcher.feed(chunk)
+            streamed += emit
+            assert expected.startswith(streamed), (text, stops, chunks)
+            if matched is not None:
+                break
+        if matched is None:
+            streamed += matcher.flush()
+        assert (streamed, matched) == (expected, expected_stop), (text, stops, chunks)

@@ -277,6 +277,12 @@ def test_min_tokens_blocks_eos_and_stop_token_ids(device):
     assert out.token_ids.tolist() == [4, eos, 4]
 
 
+def test_min_tokens_blocks_every_eos_id():
+    params = SamplingParams(temperature=0.0, min_tokens=2)
+    logits = torch.tensor([[0.0, 9.0, 1.0, 10.0, 2.0]])
+    assert sample(logits, [row(params, eos=[1, 3])]).token_ids.tolist() == [4]
+
+
 def test_min_tokens_with_ignore_eos_leaves_eos_alone():
     # vLLM: with ignore_eos, EOS is not a stop token, so min_tokens has nothing to block there.
     params = SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True, stop_token_ids=[1])
