@@ -79,11 +79,31 @@ class SlotTable:
 
 
 class HostLRU(Generic[V]):
-    """Up to `capacity` adapters' weights in host memory; the least recently used goes first."""
+    """Up to `capacity` adapters' weights in host memory; the least recently used goes first.
+
+    An entry pinned by unfinished requests is never evicted (the count may then exceed capacity for a
+    while): a request admitted for one version of an adapter is always served from that version's bytes,
+    never from a re-read of a directory that may have changed since.
+    """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._entries: OrderedDict[Key, V] = OrderedDict()
+        self._pins: dict[Key, int] = {}
+
+    def pin(self, key: Key) -> None:
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, key: Key) -> None:
+        left = self._pins[key] - 1
+        if left:
+            self._pins[key] = left
+        else:
+            del self._pins[key]
+            self._shrink()
+
+    def pinned(self, key: Key) -> bool:
+        return key in self._pins
 
     def get(self, key: Key) -> V | None:
         value = self._entries.get(key)
@@ -95,13 +115,21 @@ class HostLRU(Generic[V]):
         """Insert (or refresh) `key`; returns the keys evicted to make room, oldest first."""
         self._entries[key] = value
         self._entries.move_to_end(key)
+        return self._shrink(keep=key)
+
+    def _shrink(self, keep: Key | None = None) -> list[Key]:
         evicted = []
-        while len(self._entries) > self.capacity:
-            old, _ = self._entries.popitem(last=False)
-            evicted.append(old)
+        for old in list(self._entries):
+            if len(self._entries) <= self.capacity:
+                break
+            if old not in self._pins and old != keep:
+                del self._entries[old]
+                evicted.append(old)
         return evicted
 
     def pop(self, key: Key) -> V | None:
+        if key in self._pins:
+            return None
         return self._entries.pop(key, None)
 
     def keys(self) -> list[Key]:

@@ -141,6 +141,7 @@ class LLMEngine:
             if self.lora is None:
                 raise InvalidRequestError("this engine was started without enable_lora; adapters cannot be used")
             adapter_key = self.lora.resolve(lora_request)
+            self.lora.pin(adapter_key)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
@@ -268,6 +269,8 @@ class LLMEngine:
             st.text += rest
             st.delta_text += rest
         self.scheduler.finish(seq)
+        if seq.adapter_key is not None:
+            self.lora.unpin(seq.adapter_key)
         del self._seqs[seq.request_id]
         return self._output(seq)
 

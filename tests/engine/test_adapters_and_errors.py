@@ -150,3 +150,27 @@ def test_reloaded_adapter_is_a_new_version(engine, tiny_adapters, tmp_path):
     shutil.copytree(tiny_adapters["chat-lora"], path)
     k2 = engine.lora.resolve(LoRARequest("sql-lora", 1, str(path)))
     assert k1[0] == k2[0] and k1[1] != k2[1]
+
+
+def test_config_edit_is_a_new_version(engine, tiny_adapters, tmp_path):
+    """alpha lives in adapter_config.json: editing only the config changes the content hash."""
+    path = copy_adapter(tiny_adapters["sql-lora"], tmp_path / "sql-edit")
+    k1 = engine.lora.resolve(LoRARequest("sql-edit", 7, str(path)))
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = cfg["lora_alpha"] * 2
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    assert engine.lora.resolve(LoRARequest("sql-edit", 7, str(path)))[1] != k1[1]
+
+
+def test_host_copy_of_a_queued_adapter_is_kept(tiny_model_dir, tiny_adapters):
+    """max_cpu_loras=1 and three adapters queued: each stays in host memory until its request is done, so no
+    request is ever served from a re-read of its directory."""
+    eng = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), enable_lora=True, max_loras=1,
+                                                max_cpu_loras=1, max_lora_rank=16, num_kv_blocks=64))
+    names = ["sql-lora", "chat-lora", "math-lora"]
+    for i, n in enumerate(names):
+        eng.add_request(n, "hello", GREEDY, LoRARequest(n, i + 1, str(tiny_adapters[n])))
+    assert len(eng.lora.host) == 3  # over capacity while pinned
+    run_all(eng)
+    eng.lora.resolve(LoRARequest("code-lora", 9, str(tiny_adapters["code-lora"])))
+    assert len(eng.lora.host) == 1  # back to capacity once nothing is pinned

@@ -14,7 +14,7 @@ from ..adapter_slots import HostLRU, SlotTable
 from ..errors import AdapterError
 from ..lora_request import LoRARequest
 from ..model.config import ModelConfig
-from .peft_adapter import WEIGHTS_FILE, AdapterWeights, content_hash, load_adapter, missing_weights
+from .peft_adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights, content_hash, load_adapter, missing_weights
 from .slot_buffers import SlotBuffers
 
 AdapterKey = tuple[str, str]  # (name, content_hash)
@@ -49,7 +49,6 @@ class LoRAManager:
         self.slots = SlotTable(max_loras)
         self.host: HostLRU[AdapterWeights] = HostLRU(max_cpu_loras)
         self.buffers = SlotBuffers(cfg, max_loras, max_lora_rank, device, dtype)
-        self._paths: dict[AdapterKey, Path] = {}
         self._ranks: dict[AdapterKey, int] = {}
         # (path, size, mtime) -> content hash: hashing reads every byte, so do it once per file version.
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -62,19 +61,26 @@ class LoRAManager:
         root = Path(request.lora_path)
         digest = self._content_hash(root, request.lora_name)
         key = (request.lora_name, digest)
-        if self.host.get(key) is None and self.slots.slot_of(key) is None:
+        if self.host.get(key) is None:
             self._load_host(key, root)
-        self._paths[key] = root
         return key
+
+    def pin(self, key: AdapterKey) -> None:
+        """Keep the adapter in host memory while a request for it is unfinished."""
+        self.host.pin(key)
+
+    def unpin(self, key: AdapterKey) -> None:
+        self.host.unpin(key)
 
     def _content_hash(self, root: Path, name: str) -> str:
         try:
-            st = os.stat(root / WEIGHTS_FILE)
+            # Both files: the content hash covers the config too (alpha lives there).
+            stats = [os.stat(root / f) for f in (WEIGHTS_FILE, CONFIG_FILE)]
         except OSError:
             if not root.is_dir():
                 raise AdapterError("not_found", f"adapter {name!r}: {root} is not a directory") from None
             raise missing_weights(root, name) from None
-        stamp = (str(root.resolve()), st.st_size, st.st_mtime_ns)
+        stamp = (str(root.resolve()), *((st.st_size, st.st_mtime_ns) for st in stats))
         if stamp not in self._hashes:
             try:
                 self._hashes[stamp] = content_hash(root)
@@ -92,8 +98,8 @@ class LoRAManager:
 
     def load_into_slot(self, slot: int, key: AdapterKey) -> None:
         weights = self.host.get(key)
-        if weights is None:  # evicted from host memory since admission: read it again
-            weights = self._load_host(key, self._paths[key])
+        if weights is None:
+            raise RuntimeError(f"adapter {key[0]} ({key[1][:12]}) is scheduled but not in host memory (unpinned?)")
         self.buffers.load(slot, weights)
 
     def evict(self, name: str, content_hash: str | None = None) -> int:

@@ -1,0 +1,193 @@
+"""WorkerConfig: the worker's one typed configuration, built once in __main__ from flags and environment.
+
+Every field `foo_bar` is the flag `--foo-bar` and, when the flag is absent, the variable
+`LORASERVE_WORKER_FOO_BAR` (docker-compose.yml sets those). Flags win over the environment; the
+environment wins over the defaults here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from gpu_worker.adapters import LoRAModule
+from gpu_worker.engine.config import EngineArgs
+
+ENV_PREFIX = "LORASERVE_WORKER_"
+# Variables whose name is not simply the field's name upper-cased (docker-compose.yml fixed these first).
+ENV_NAMES = {"adapter_store": "STORE_ADDRESS"}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_dir: str
+    host: str = "0.0.0.0"
+    # 0: let the OS pick a free port; the worker reports the one it got.
+    port: int = 50053
+    # Default: "<hostname>-<port>", unique per worker on one host.
+    worker_id: str = ""
+    # host:port the router should dial; default: this host's name and the bound port.
+    advertise_address: str = ""
+    served_model_name: str = ""
+    # Engine knobs, mapped one to one onto EngineArgs (vLLM's names).
+    device: str = "auto"
+    dtype: str = "auto"
+    enable_lora: bool = True
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    # Requests waiting for the batch beyond this are refused (RESOURCE_EXHAUSTED) so the router tries elsewhere.
+    max_queue: int = 1024
+    # Adapters: pre-loaded modules, then <lora_root>/<name> on first request.
+    lora_modules: tuple[LoRAModule, ...] = ()
+    lora_root: str = ""
+    # The adapter store (issue #5) and the worker registry (router issue): accepted and kept, not used yet.
+    adapter_store: str = ""
+    redis_url: str = ""
+    drain_timeout_s: float = 30.0
+    status_interval_ms: int = 500
+    log_level: str = "info"
+
+    def __post_init__(self):
+        checks = [
+            (0 <= self.port <= 65535, f"port must be in [0, 65535], not {self.port}"),
+            (self.max_queue >= 1, f"max_queue must be >= 1, not {self.max_queue}"),
+            (self.drain_timeout_s >= 0, f"drain_timeout_s must be >= 0, not {self.drain_timeout_s}"),
+            (self.status_interval_ms >= 1, f"status_interval_ms must be >= 1, not {self.status_interval_ms}"),
+            (self.enable_lora or not self.lora_modules, "lora_modules were given but enable_lora is off"),
+            (Path(self.model_dir).is_dir(), f"model_dir {self.model_dir!r} is not a directory"),
+            (not self.lora_root or Path(self.lora_root).is_dir(), f"lora_root {self.lora_root!r} is not a directory"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        names = [m.name for m in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lora_modules names must be unique: {names}")
+        for m in self.lora_modules:
+            if not Path(m.path).is_dir():
+                raise ValueError(f"lora module {m.name!r}: {m.path} is not a directory")
+        self.engine_args()  # EngineArgs checks its own fields; fail here, before anything starts
+
+    def engine_args(self) -> EngineArgs:
+        return EngineArgs(
+            model=self.model_dir,
+            served_model_name=self.served_model_name or None,
+            device=self.device,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_waiting_requests=self.max_queue,
+            enable_lora=self.enable_lora,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=self.max_cpu_loras,
+        )
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerConfig:
+        """Parse flags, fill the rest from LORASERVE_WORKER_* variables; exit 2 with a message if invalid."""
+        environ = os.environ if environ is None else environ
+        parser = _parser()
+        ns = vars(parser.parse_args(argv))
+        values = {}
+        for f in fields(cls):
+            if ns.get(f.name) is not None:
+                values[f.name] = ns[f.name]
+                continue
+            var = ENV_PREFIX + ENV_NAMES.get(f.name, f.name.upper())
+            if environ.get(var, "") != "":
+                try:
+                    values[f.name] = _from_env(f.name, environ[var])
+                except ValueError as e:
+                    parser.error(f"{var}={environ[var]!r}: {e}")
+        if "model_dir" not in values:
+            parser.error(f"--model-dir (or {ENV_PREFIX}MODEL_DIR) is required")
+        if "lora_modules" in values:
+            try:
+                values["lora_modules"] = tuple(LoRAModule.parse(s) for s in values["lora_modules"])
+            except ValueError as e:
+                parser.error(str(e))
+        try:
+            return cls(**values)
+        except ValueError as e:
+            parser.error(str(e))
+
+
+# -- flags ----------------------------------------------------------------------------------------
+
+_INT_FIELDS = {"port", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs", "max_num_batched_tokens",
+               "num_kv_blocks", "max_model_len", "block_size", "max_queue", "status_interval_ms"}
+
+
+def _from_env(name: str, raw: str):
+    if name in _INT_FIELDS:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("not an integer") from None
+    if name == "drain_timeout_s":
+        return float(raw)
+    if name == "enable_lora":
+        low = raw.strip().lower()
+        if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError("not a boolean (true/false)")
+        return low in ("1", "true", "yes", "on")
+    if name == "lora_modules":  # a JSON list (of strings or objects), else shell-style words
+        if raw.lstrip().startswith("["):
+            items = json.loads(raw)
+            if not isinstance(items, list):
+                raise ValueError("expected a JSON list")
+            return items
+        return shlex.split(raw)
+    return raw
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gpu_worker",
+        description="LoRA serving GPU worker: the engine behind the loraserve.v1.WorkerService gRPC API. "
+        f"Every flag --foo-bar may instead come from ${ENV_PREFIX}FOO_BAR.",
+    )
+    add = p.add_argument
+    add("--model-dir", "--model", dest="model_dir", help="base model directory (config.json, safetensors, tokenizer)")
+    add("--host", help="address to listen on (default 0.0.0.0)")
+    add("--port", type=int, help="port to listen on; 0 picks a free one (default 50053)")
+    add("--worker-id", help="this worker's id (default <hostname>-<port>)")
+    add("--advertise-address", help="host:port the router dials (default <hostname>:<port>)")
+    add("--served-model-name", help="the base model's name as requests give it (default: the model dir's name)")
+    add("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    add("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+    add("--enable-lora", action=argparse.BooleanOptionalAction, default=None, help="serve adapters (default on)")
+    add("--max-loras", type=int, help="adapters in device slots at once (default 4)")
+    add("--max-lora-rank", type=int, help="largest adapter rank accepted (default 16)")
+    add("--max-cpu-loras", type=int, help="adapters kept in host memory (default max_loras)")
+    add("--max-num-seqs", type=int, help="most requests in one batch (default 256)")
+    add("--max-num-batched-tokens", type=int, help="most tokens in one step (default 8192)")
+    add("--num-kv-blocks", type=int, help="KV cache blocks (default: sized from memory)")
+    add("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    add("--block-size", type=int, help="tokens per KV block (default 16)")
+    add("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED (default 1024)")
+    add("--lora-modules", nargs="+", metavar="SPEC",
+        help='pre-loaded adapters: name=path or {"name": ..., "path": ..., "base_model_name": ...}')
+    add("--lora-root", help="directory where an unknown adapter <name> is looked up as <root>/<name>")
+    add("--adapter-store", "--store-address", dest="adapter_store",
+        help=f"adapter store host:port (env {ENV_PREFIX}STORE_ADDRESS; used from issue #5 on)")
+    add("--redis-url", help="worker registry (used once the router registers workers)")
+    add("--drain-timeout-s", type=float, help="on SIGTERM, how long in-flight requests may finish (default 30)")
+    add("--status-interval-ms", type=int, help="WatchStatus's default least interval (default 500)")
+    add("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    return p

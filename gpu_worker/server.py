@@ -1,0 +1,122 @@
+"""WorkerServer: the gRPC server's lifecycle. Listen first (health NOT_SERVING, so probes get an answer while
+the model loads), load and warm the engine, then SERVING; on shutdown drain, then stop."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gpu_worker.adapters import LocalAdapterSource
+from gpu_worker.async_engine import AsyncEngine
+from gpu_worker.config import WorkerConfig
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.engine.sampling_params import SamplingParams
+from gpu_worker.service import SERVICE_NAME, ErrorInterceptor, WorkerService
+from loraserve.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+# After the drain, RPCs still open (WatchStatus, health Watch) get this long before they are cancelled.
+STOP_GRACE_S = 1.0
+_WILDCARD = {"0.0.0.0", "::", "[::]", ""}
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(Exception):
+    """The worker cannot start; the message says why and what to change."""
+
+
+class WorkerServer:
+    def __init__(self, config: WorkerConfig, engine_factory: Callable[[], LLMEngine] | None = None):
+        self.config = config
+        args = config.engine_args()
+        self.engine = AsyncEngine(engine_factory or (lambda: LLMEngine(args)))
+        self.adapters = LocalAdapterSource(config.lora_modules, config.lora_root or None)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.worker_id = ""
+        self.address = ""  # what the router dials
+        self.listen_address = ""
+
+    async def start(self) -> None:
+        """Listen, load and warm the engine, report SERVING. Raises StartupError."""
+        cfg = self.config
+        # so_reuseport off: a second worker on a taken port must fail, not silently share it.
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), ("grpc.so_reuseport", 0)],
+        )
+        host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
+        try:
+            self.port = server.add_insecure_port(f"{host}:{cfg.port}")
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {host}:{cfg.port} ({e}); is the port taken?") from None
+        self.listen_address = f"{host}:{self.port}"
+        name = socket.gethostname()
+        self.worker_id = cfg.worker_id or f"{name}-{self.port}"
+        self.address = cfg.advertise_address or f"{name if cfg.host in _WILDCARD else host}:{self.port}"
+
+        service = WorkerService(self.engine, self.adapters, cfg.enable_lora, self.worker_id, self.address,
+                                cfg.status_interval_ms)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, NOT_SERVING)
+        reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+        self.server = server
+        await server.start()
+        log.info("worker %s listening on %s; loading %s", self.worker_id, self.listen_address, cfg.model_dir)
+
+        t0 = time.perf_counter()
+        preload = [self.adapters.lookup(m.name) for m in cfg.lora_modules]
+        try:
+            info = await self.engine.start(preload)
+            await self._warm_up(preload[0] if preload else None)
+        except BaseException as e:
+            await self.engine.stop()
+            await server.stop(0)
+            if isinstance(e, Exception):  # any failure to load is fatal, with its message
+                raise StartupError(f"the engine failed to start: {e}") from e
+            raise
+        self.engine.set_state("serving")
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, SERVING)
+        log.info("worker %s ready in %.1fs: %s on %s, %d KV blocks, adapters pre-loaded: %s", self.worker_id,
+                 time.perf_counter() - t0, info.served_model_name, info.device, info.kv_blocks_total,
+                 [m.name for m in cfg.lora_modules] or "none")
+
+    async def _warm_up(self, lora) -> None:
+        """One tiny greedy request (and one with an adapter if there is one) through the whole path, so the
+        first real request does not pay for lazy initialisation (allocator, kernel compilation on CUDA)."""
+        for req in [None, lora] if lora is not None else [None]:
+            stream = await self.engine.generate("Hello", SamplingParams(max_tokens=2, temperature=0.0), req,
+                                                request_id="warmup")
+            try:
+                async for _ in stream:
+                    pass
+            finally:
+                stream.close()
+
+    async def shutdown(self, drain_timeout_s: float | None = None) -> None:
+        """Refuse new requests (UNAVAILABLE, health NOT_SERVING), let running ones finish for up to
+        `drain_timeout_s` (default: the config's), then stop the engine and the server."""
+        timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if self.engine.state == "serving":
+            self.engine.set_state("draining")
+        await self.health.enter_graceful_shutdown()
+        log.info("worker %s draining (up to %.0fs)", self.worker_id, timeout)
+        if not await self.engine.wait_idle(timeout):
+            log.warning("worker %s: requests still running after %.0fs; aborting them", self.worker_id, timeout)
+        await self.engine.stop()
+        if self.server is not None:
+            await self.server.stop(STOP_GRACE_S)
+        log.info("worker %s stopped", self.worker_id)
