@@ -75,6 +75,59 @@ def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float]:
     return generated / wall, 1000 * statistics.median(steps)
 
 
+def prefill(engine, loras: list, n: int = 8, length: int = 2048) -> float:
+    """Prompt tokens per second for n prompts of `length` tokens (one new token each)."""
+    from gpu_worker.engine import SamplingParams
+
+    g = torch.Generator().manual_seed(7)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for i in range(n):
+        prompt = torch.randint(10, 128000, (length,), generator=g).tolist()
+        engine.add_request(f"p{len(loras)}-{i}", prompt, params, lora_request=loras[i % len(loras)] if loras else None)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+    return n * length / (time.perf_counter() - t)
+
+
+def cold_load(engine, warm: list, cold, batch: int = 32) -> dict:
+    """Decode step times of a batch over 8 resident adapters, before and while a cold adapter is copied into a
+    slot. As the worker does, the adapter is first read and packed off the step loop (stage), then added; its
+    host-to-device copy runs on a side stream while the other requests keep stepping."""
+    from gpu_worker.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"cold-{i}", list(range(100, 100 + PROMPT)), params, lora_request=warm[i % len(warm)])
+
+    def step_ms():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - t)
+
+    for _ in range(3):  # prefill
+        step_ms()
+    before = [step_ms() for _ in range(20)]
+    t = time.perf_counter()
+    engine.lora.stage(cold)
+    stage_ms = 1000 * (time.perf_counter() - t)
+    t = time.perf_counter()
+    engine.add_request("cold-new", list(range(100, 100 + PROMPT)), params, lora_request=cold)
+    add_ms = 1000 * (time.perf_counter() - t)
+    during = [step_ms()]  # this step starts the copy
+    while engine.lora.copies_in_flight and len(during) < 50:
+        during.append(step_ms())
+    join_ms = step_ms()  # the cold request's prefill joins the batch
+    while engine.has_unfinished_requests():
+        engine.step()
+    return dict(before_ms=statistics.median(before), during_max_ms=max(during), during_steps=len(during),
+                join_step_ms=join_ms, stage_ms=stage_ms, add_request_ms=add_ms)
+
+
 def peft_mixed(model_dir: Path, adapters: list[Path], batch: int) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -114,7 +167,7 @@ def main() -> None:
     adapters = [write_adapter(root / f"a{i}", cfg, rank, seed=i) for i in range(32)]
     print(f"wrote model and 32 adapters in {time.perf_counter() - t:.0f}s", flush=True)
     bw = copy_bandwidth()
-    common = dict(model=str(model_dir), dtype="bfloat16", num_kv_blocks=1400, max_num_seqs=64,
+    common = dict(model=str(model_dir), dtype="bfloat16", num_kv_blocks=2400, max_num_seqs=64,
                   max_num_batched_tokens=8192, lora_backend=args.lora_backend)
     batches = [32] if args.quick else [32, 64]
     rows = []
@@ -126,19 +179,25 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     base_engine = LLMEngine(EngineArgs(**common, enable_lora=False))
-    run_case(base_engine, 4, [], seed=99)  # warm-up
     for b in batches:
+        run_case(base_engine, b, [], seed=99)  # warm-up: the same shapes as the timed runs
         record("base, LoRA disabled", b, 0, *run_case(base_engine, b, [], seed=1))
     del base_engine
     torch.cuda.empty_cache()
 
     engine = LLMEngine(EngineArgs(**common, enable_lora=True, max_loras=32, max_lora_rank=rank, max_cpu_loras=32))
     reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
-    run_case(engine, 8, reqs[:8], seed=98)  # warm-up, loads 8 adapters
+    for b in batches:
+        run_case(engine, b, reqs, seed=98)  # warm-up: the same shapes, all 32 adapters loaded
     for b in batches:
         record("base, LoRA enabled", b, 0, *run_case(engine, b, [], seed=2))
         for n in (1, 8, 32):
             record(f"{n} adapter(s) mixed", b, n, *run_case(engine, b, reqs[:n], seed=3 + n))
+    prefill(engine, reqs[:8], n=2, length=256)  # warm-up
+    prefill_base, prefill_lora = prefill(engine, []), prefill(engine, reqs[:8])
+    # An adapter never loaded before: a 33rd, read from disk and copied into a free slot.
+    cold_path = write_adapter(root / "cold", cfg, rank, seed=1000)
+    cold = cold_load(engine, reqs[:8], LoRARequest("cold", 1000, str(cold_path)))
     del engine
     torch.cuda.empty_cache()
 
@@ -160,9 +219,18 @@ def main() -> None:
         print(f"batch {b}: LoRA-enabled base / disabled {tok('base, LoRA enabled', b) / base:.3f}; "
               f"8 mixed / base {tok('8 adapter(s) mixed', b) / base:.3f}; "
               f"32 mixed / base {tok('32 adapter(s) mixed', b) / base:.3f}")
+    print(f"prefill 8 x 2048 tokens: base {prefill_base:.0f} tok/s, 8 adapters {prefill_lora:.0f} tok/s "
+          f"({prefill_lora / prefill_base:.3f} of base)")
+    print(f"decode step while a cold adapter is copied in: {cold['during_max_ms']:.2f} ms (max of "
+          f"{cold['during_steps']} steps) vs {cold['before_ms']:.2f} ms before "
+          f"({cold['during_max_ms'] / cold['before_ms']:.2f}x); the step its prefill joins: "
+          f"{cold['join_step_ms']:.2f} ms; off the step loop: stage (disk read + pack) {cold['stage_ms']:.0f} ms, "
+          f"add_request {cold['add_request_ms']:.1f} ms")
     if peft:
         print(f"8 mixed, batch 32: {tok('8 adapter(s) mixed', 32) / peft:.1f}x transformers + PEFT ({peft:.0f} tok/s)")
     if args.out:
+        rows.append(dict(case="prefill 8x2048", base_tok_s=round(prefill_base), lora8_tok_s=round(prefill_lora)))
+        rows.append(dict(case="cold load", **{k: round(v, 3) for k, v in cold.items()}))
         Path(args.out, "bench_worker.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -131,6 +131,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._tokenizer: Tokenizer | None = None
+        # LoRAManager.stage, once the engine exists: adapters are read from disk on a pool thread.
+        self._stage: Callable[[LoRARequest], None] | None = None
         # Owned by the engine thread: where each live request's outputs go, and its adapter.
         self._queues: dict[str, asyncio.Queue] = {}
         self._keys: dict[str, AdapterKey | None] = {}
@@ -200,6 +202,7 @@ class AsyncEngine:
         # Internal ids are unique whatever the client sends: a retry never collides with its own abort.
         rid = f"{request_id or 'req'}#{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
+        await self._stage_adapter(lora_request)
 
         def add(engine: LLMEngine) -> AdapterKey | None:
             key = self._resolve(engine, lora_request, content_hash) if lora_request is not None else None
@@ -225,7 +228,13 @@ class AsyncEngine:
             key = self._resolve(engine, lora_request, content_hash)
             return self._residency_of(engine, key)
 
+        await self._stage_adapter(lora_request)
         return await self._call(prefetch)
+
+    async def _stage_adapter(self, lora_request: LoRARequest | None) -> None:
+        """Read a cold adapter on a pool thread, so the engine thread only files it (no stalled steps)."""
+        if lora_request is not None and self._stage is not None:
+            await asyncio.to_thread(self._stage, lora_request)
 
     async def evict(self, name: str, content_hash: str = "") -> int:
         return await self._call(lambda engine: engine.lora.evict(name, content_hash or None) if engine.lora else 0)
@@ -285,6 +294,7 @@ class AsyncEngine:
                     raise AdapterError(e.kind, f"pre-loaded adapter {lora.lora_name!r} ({lora.lora_path}) cannot be "
                                        f"served: {e}") from None
             info = _info(engine)
+            self._stage = engine.lora.stage if engine.lora is not None else None
         except BaseException as e:  # handed to start('s caller)
             self._post([lambda error=e: ready.done() or ready.set_exception(error)])
             return

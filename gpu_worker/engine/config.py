@@ -35,6 +35,8 @@ class EngineArgs:
     max_cpu_loras: int | None = None
     # "auto": the Triton kernels on CUDA, plain torch on the CPU; or "torch" / "triton".
     lora_backend: str = "auto"
+    # Decode steps run eagerly instead of from CUDA graphs (as vLLM's enforce_eager): for debugging.
+    enforce_eager: bool = False
     # Largest adapter file accepted (bytes): an adapter is data from outside.
     max_adapter_bytes: int = 2 * 1024**3
 

@@ -92,14 +92,19 @@ class LLMEngine:
                                     args.max_lora_rank, args.max_adapter_bytes, self.device, self.dtype)
         num_blocks = args.num_kv_blocks or num_blocks_for(
             cfg, args.block_size, self.dtype, self.device, args.gpu_memory_utilization, args.cpu_kv_cache_bytes)
-        self.kv_caches = allocate(cfg, num_blocks, args.block_size, self.device, self.dtype)
+        # One block more than the block manager hands out: the scratch block padded graph rows write to.
+        self.kv_caches = allocate(cfg, num_blocks + 1, args.block_size, self.device, self.dtype)
         self.blocks = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.blocks, self.lora.slots if self.lora else None,
-                                   args.max_num_seqs, args.max_num_batched_tokens)
+                                   args.max_num_seqs, args.max_num_batched_tokens, loader=self.lora)
         backend = None
         if self.lora is not None:
             backend = make_backend(args.lora_backend, self.lora.buffers, self.device, args.max_num_batched_tokens)
+            if hasattr(backend, "warmup"):
+                backend.warmup()
         self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, backend, self.primary_eos)
+        if self.device.type == "cuda" and not args.enforce_eager:
+            self.runner.enable_graphs(min(args.max_num_seqs, 256), self.max_model_len, scratch_block=num_blocks)
         self._seqs: dict[str, Sequence] = {}
         log.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, LoRA %s",
                  time.perf_counter() - t0, self.served_model_name, self.device, self.dtype, num_blocks,
@@ -194,8 +199,6 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
-        for slot, key in sched.adapter_loads:
-            self.lora.load_into_slot(slot, key)
         result = self.runner.run(
             sched.chunks, {c.seq: sampling_row(c.seq, c.seq.state.generator, self.eos_list) for c in sched.chunks}
         )

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .decode_graphs import DecodeGraphs
 from .lora.backends import LoRABackend
-from .model.attention import AttentionMetadata
+from .model.attention import AttentionMetadata, DecodeMetadata
 from .model.llama import LlamaModel
 from .sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 from .scheduler import ScheduledChunk
@@ -36,6 +37,18 @@ class ModelRunner:
         self.device = model.device
         self.eos_token_id = eos_token_id
         self.sampler = Sampler()
+        cfg = model.cfg
+        # The fused decode kernel wants power-of-2 blocks and head dims of at least 16, and CUDA.
+        self.fused_decode = (model.device.type == "cuda" and block_size >= 16 and cfg.head_dim >= 16
+                             and not cfg.head_dim & (cfg.head_dim - 1) and cfg.sliding_window is None)
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_graphs(self, max_batch: int, max_model_len: int, scratch_block: int) -> None:
+        if not self.fused_decode:
+            return
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_model_len,
+                                   scratch_block, self.lora)
+        self.graphs.capture()
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], rows: dict) -> StepResult:
@@ -52,18 +65,26 @@ class ModelRunner:
             if c.completes:
                 logits_rows.append(len(ids) - 1)
                 completed.append(c)
-        meta = AttentionMetadata.build(
-            [c.start for c in chunks],
-            [c.num_tokens for c in chunks],
-            [c.seq.block_table for c in chunks],
-            self.block_size,
-            self.device,
-            self.model.cfg.sliding_window,
-        )
-        hook = None
         # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on.
-        if self.lora is not None and any(c.seq.slot >= 0 for c in chunks):
-            hook = self.lora.bind([(c.seq.slot, c.num_tokens) for c in chunks])
+        with_lora = self.lora is not None and any(c.seq.slot >= 0 for c in chunks)
+        decode = self.fused_decode and len(ids) == len(chunks) == len(completed)
+        if decode and self.graphs is not None and self.graphs.has(len(ids), with_lora):
+            logits = self.graphs.run(ids, positions, [c.seq.block_table for c in chunks],
+                                     [c.seq.slot for c in chunks] if with_lora else None)
+            batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
+            return StepResult(completed, self.sampler(logits, batch))
+        if decode:
+            meta = self._decode_metadata(chunks, positions)
+        else:
+            meta = AttentionMetadata.build(
+                [c.start for c in chunks],
+                [c.num_tokens for c in chunks],
+                [c.seq.block_table for c in chunks],
+                self.block_size,
+                self.device,
+                self.model.cfg.sliding_window,
+            )
+        hook = self.lora.bind([(c.seq.slot, c.num_tokens) for c in chunks]) if with_lora else None
         if not completed:
             # Only partial prefill chunks: fill the cache, sample nothing.
             logits_rows = [len(ids) - 1]
@@ -79,6 +100,18 @@ class ModelRunner:
             return StepResult([], None)
         batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
         return StepResult(completed, self.sampler(logits, batch))
+
+
+    def _decode_metadata(self, chunks: list[ScheduledChunk], positions: list[int]) -> DecodeMetadata:
+        bs = self.block_size
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
+        slots = [c.seq.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
+        return DecodeMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(self.device, non_blocking=True),
+            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32).to(self.device, non_blocking=True),
+        )
 
 
 def sampling_row(seq, generator, eos_token_id) -> SamplingRow:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .adapter_slots import SlotTable
 from .block_manager import BlockManager
@@ -43,10 +44,20 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
 
+class AdapterLoader(Protocol):
+    def start_load(self, slot: int, key: tuple[str, str]) -> bool:
+        """Begin copying an adapter into a slot; True if it is usable at once."""
+
+    def ready(self, key: tuple[str, str]) -> bool:
+        """Whether a copy begun earlier has finished."""
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, slots: SlotTable | None, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, slots: SlotTable | None, max_num_seqs: int, max_num_batched_tokens: int,
+                 loader: AdapterLoader | None = None):
         self.blocks = blocks
         self.slots = slots
+        self.loader = loader
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -96,12 +107,17 @@ class Scheduler:
             if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
                 return
             if seq.adapter_key is not None:
-                got = self.slots.acquire(seq.adapter_key)
-                if got is None:
-                    continue  # every slot pinned by other adapters: let requests behind it run
-                seq.slot, needs_load = got
-                if needs_load:
-                    out.adapter_loads.append((seq.slot, seq.adapter_key))
+                if seq.slot < 0:
+                    got = self.slots.acquire(seq.adapter_key)
+                    if got is None:
+                        continue  # every slot pinned by other adapters: let requests behind it run
+                    seq.slot, needs_load = got
+                    if needs_load:
+                        out.adapter_loads.append((seq.slot, seq.adapter_key))
+                        if self.loader is not None and not self.loader.start_load(seq.slot, seq.adapter_key):
+                            continue  # the copy is in flight: hold the slot, let others run meanwhile
+                if self.loader is not None and not self.loader.ready(seq.adapter_key):
+                    continue
             self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -120,8 +136,8 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            if seq.adapter_key is not None:
-                self.slots.release(seq.adapter_key)
+        if seq.slot >= 0 and seq.adapter_key is not None:  # running, or waiting on its adapter's copy
+            self.slots.release(seq.adapter_key)
         seq.slot = -1
 
     def finish(self, seq: Sequence) -> None:

@@ -174,3 +174,25 @@ def test_host_copy_of_a_queued_adapter_is_kept(tiny_model_dir, tiny_adapters):
     run_all(eng)
     eng.lora.resolve(LoRARequest("code-lora", 9, str(tiny_adapters["code-lora"])))
     assert len(eng.lora.host) == 1  # back to capacity once nothing is pinned
+
+
+def test_staged_adapter_is_read_once_off_thread(tiny_model_dir, tiny_adapters):
+    """stage() (from a pool thread) reads and packs; resolve() on the engine thread then only files it."""
+    import threading
+
+    eng = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), enable_lora=True, max_loras=1,
+                                                max_lora_rank=16, num_kv_blocks=64))
+    reads = []
+    original = eng.lora._read
+    eng.lora._read = lambda key, root: reads.append(key) or original(key, root)
+    req = LoRARequest("chat-lora", 2, str(tiny_adapters["chat-lora"]))
+    worker = threading.Thread(target=eng.lora.stage, args=(req,))
+    worker.start()
+    worker.join()
+    eng.add_request("staged", "hello", GREEDY, req)
+    assert len(reads) == 1 and len(run_all(eng)["staged"].outputs[0].token_ids) == 4
+    # stage() refuses what resolve() refuses, with the same error.
+    small = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), enable_lora=True, max_lora_rank=8,
+                                                  num_kv_blocks=8))
+    with pytest.raises(AdapterError, match="max_lora_rank"):
+        small.lora.stage(LoRARequest("big", 3, str(tiny_adapters["code-lora"])))

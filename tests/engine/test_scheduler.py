@@ -120,3 +120,40 @@ def test_finish_releases_everything():
     sched.finish(s1)
     sched.finish(s2)
     assert bm.num_free == 8 and slots.in_use(("a", "h")) == 0 and not sched.has_unfinished()
+
+
+class SlowLoader:
+    """Copies finish only when the test says so, as a copy on a side stream would."""
+
+    def __init__(self):
+        self.started, self.done = [], set()
+
+    def start_load(self, slot, key):
+        self.started.append((slot, key))
+        return False
+
+    def ready(self, key):
+        return key in self.done
+
+
+def test_request_waits_for_its_adapter_copy_while_others_run():
+    loader, slots = SlowLoader(), SlotTable(2)
+    sched = Scheduler(BlockManager(64, 4), slots, max_num_seqs=8, max_num_batched_tokens=100, loader=loader)
+    a, base = seq("a", 4, ("a", "h")), seq("base", 4)
+    sched.add(a)
+    sched.add(base)
+    out = run_step(sched)
+    assert [c.seq.request_id for c in out.chunks] == ["base"]  # base is not held up by the copy
+    assert loader.started == [(0, ("a", "h"))] and slots.in_use(("a", "h")) == 1
+    out = run_step(sched)
+    assert [c.seq.request_id for c in out.chunks] == ["base"] and len(loader.started) == 1  # not re-copied
+    loader.done.add(("a", "h"))
+    out = run_step(sched)
+    assert [c.seq.request_id for c in out.chunks] == ["base", "a"]
+    # A request that is aborted while waiting for its copy gives its slot back.
+    b = seq("b", 4, ("b", "h"))
+    sched.add(b)
+    run_step(sched)
+    assert slots.in_use(("b", "h")) == 1
+    sched.finish(b)
+    assert slots.in_use(("b", "h")) == 0

@@ -78,6 +78,16 @@ class AttentionMetadata:
         )
 
 
+@dataclass
+class DecodeMetadata:
+    """One new token per sequence, attended by the fused paged-attention kernel. Every tensor's shape is
+    fixed by the batch size and max_model_len, never by the context lengths: capturable in a CUDA graph."""
+
+    slot_mapping: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
     """k, v [T, KVH, D] into the flat cache positions of meta.slot_mapping."""
     k_cache.view(-1, *k_cache.shape[2:])[meta.slot_mapping] = k
@@ -85,9 +95,13 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float
 ) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D], attending each sequence's cached keys (the new ones included)."""
+    if isinstance(meta, DecodeMetadata):
+        from kernels.paged_attention import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     T, H, D = q.shape
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])

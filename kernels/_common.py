@@ -1,0 +1,110 @@
+"""What the shrink and expand kernels share: launch configs as data, the SM count, and the device-side
+walk from a flat tile index to (adapter segment, tile within it)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+# How tl.dot runs: natively (bf16/fp16 on tensor cores, fp32 accumulation); in true fp32 ("ieee", not
+# tf32's 10-bit mantissa, which would miss the 1e-3 fp32 tolerance); or, in the CPU interpreter, whose
+# dot multiplies bf16's raw uint16 bits, on operands rounded to the low precision and widened to fp32.
+DOT_NATIVE: tl.constexpr = tl.constexpr(0)
+DOT_FP32: tl.constexpr = tl.constexpr(1)
+DOT_EMULATED: tl.constexpr = tl.constexpr(2)
+
+
+def dot_mode(t: torch.Tensor) -> int:
+    if t.dtype == torch.float32:
+        return 1
+    return 0 if t.device.type == "cuda" else 2
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    # Persistent grid: at most this many programs per SM, each looping over tiles. Sized so that programs
+    # that find no tile (the grid is sized from a host-side bound, not from the slots present) cost at
+    # most about one wave, ~1-2 us, instead of vLLM's grid over every slot (max_loras + 1 programs per
+    # tile, almost all exiting at once: thousands of empty CTAs at 128 slots).
+    programs_per_sm: int = 16
+
+    def with_(self, **kw) -> KernelConfig:
+        return replace(self, **kw)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2  # the interpreter: few programs, so each loops over several tiles and tests that path
+
+
+def m_tiles_bound(num_tokens: int, slots_bound: int, block_m: int) -> int:
+    """Upper bound on sum over present slots of cdiv(tokens of slot, block_m), from host ints only:
+    with n slots holding T tokens it is n + (T - n) // block_m, largest at n = min(max_slots, T)."""
+    n = max(1, min(slots_bound, num_tokens))
+    return n + (num_tokens - n) // block_m
+
+
+def slots_pad(max_slots: int) -> int:
+    return max(2, triton.next_power_of_2(max_slots))
+
+
+def grid_size(tiles_bound: int, cfg: KernelConfig, device: torch.device) -> int:
+    return max(1, min(tiles_bound, cfg.programs_per_sm * sm_count(device)))
+
+
+@triton.jit
+def segment_table(active_ptr, start_ptr, len_ptr, ranks_ptr, R,
+                  MAX_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each program reads the step's segment table once into registers (<= SLOTS_PAD entries, one or two
+    per thread) and then maps every tile it owns without touching memory. Entries past num_active have
+    length 0, hence 0 tiles, so num_active itself is never read."""
+    i = tl.arange(0, SLOTS_PAD)
+    ok = i < MAX_SLOTS
+    slots = tl.load(active_ptr + i, mask=ok, other=-1)
+    starts = tl.load(start_ptr + i, mask=ok, other=0)
+    lens = tl.load(len_ptr + i, mask=ok, other=0)
+    # The slot's real rank: the kernels skip the zero padding between it and R (a rank-8 adapter in an
+    # R=64 buffer reads 1/8 of the bytes). min() guards against a rank written larger than R.
+    ranks = tl.minimum(tl.load(ranks_ptr + slots, mask=slots >= 0, other=0), R)
+    tiles = (lens + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, 0)
+    return i, slots, starts, lens, ranks, ends - tiles, ends, tl.sum(tiles, 0)
+
+
+@triton.jit
+def pick(vec, i, k):
+    """vec[k] for a register vector: a masked sum (Triton has no dynamic register indexing)."""
+    return tl.sum(tl.where(i == k, vec, 0), 0)
+
+
+@triton.jit
+def locate(m, i, ends):
+    """Index of the segment holding m-tile m: how many segments end at or before it."""
+    return tl.sum((ends <= m).to(tl.int32), 0)
+
+
+@triton.jit
+def to_low(x, dtype: tl.constexpr, EMULATED: tl.constexpr):
+    """fp32 -> bf16/fp16 rounding to nearest even, as the GPU converts. The interpreter truncates fp32 to
+    bf16 (relative error up to 2**-8, twice the GPU's), so there the rounding is done on the bits."""
+    if EMULATED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

@@ -1,0 +1,57 @@
+"""The engine's LoRA hook on the GPU: `TorchLoRA`'s contract (`apply(layer, group, x, out)`) over the same
+SlotBuffers, with the Triton kernels.
+
+    meta = LoRAKernelMeta(max_tokens, max_loras, device)    # once, at engine start
+    meta.prepare(token_slots)                               # every step, before the forward
+    model.forward(..., lora=TritonLoRA(buffers, meta))      # cheap: allocates its y once per step
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .lora_expand import lora_expand
+from .lora_shrink import lora_shrink
+from .metadata import LoRAKernelMeta
+
+
+class _GroupShape(Protocol):
+    slice_offsets: tuple[int, ...]
+
+
+class SlotBuffersLike(Protocol):
+    """What TritonLoRA reads of gpu_worker.engine.lora.slot_buffers.SlotBuffers."""
+
+    a: list[dict[str, torch.Tensor]]  # [layer][group]: [slots, S, R, in]
+    b: list[dict[str, list[torch.Tensor]]]  # [layer][group][slice]: [slots, out_s, R]
+    shapes: dict[str, _GroupShape]
+    ranks: torch.Tensor  # [slots] int32
+
+
+class TritonLoRA:
+    """LoRAHook over SlotBuffers: shrink + expand per projection, metadata shared by the whole step."""
+
+    def __init__(self, buffers: SlotBuffersLike, meta: LoRAKernelMeta):
+        self.buffers = buffers
+        self.meta = meta
+        # One fp32 y for every projection of the step (they run one after another on one stream): one
+        # allocation per step instead of one per layer and projection.
+        self._widest = max((a.shape[1] * a.shape[2] for a in buffers.a[0].values()), default=0) if buffers.a else 0
+        self._y: torch.Tensor | None = None
+
+    def prepare(self, token_slots: torch.Tensor) -> None:
+        """This step's tokens -> slots; call once per step before the forward."""
+        self.meta.prepare(token_slots)
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the adapters' contribution for projection `group` of `layer` into `out` in place."""
+        a = self.buffers.a[layer][group]
+        t = x.shape[0]
+        if self._y is None or self._y.numel() < t * self._widest:
+            self._y = torch.empty(t * self._widest, dtype=torch.float32, device=x.device)
+        y = self._y[: t * a.shape[1] * a.shape[2]].view(t, a.shape[1], a.shape[2])
+        lora_shrink(x, a, self.buffers.ranks, self.meta, y=y)
+        lora_expand(y, self.buffers.b[layer][group], out, self.buffers.ranks, self.meta,
+                    slice_offsets=self.buffers.shapes[group].slice_offsets)

@@ -1,0 +1,338 @@
+"""Shrink, expand and the step metadata against float64 references, in Triton's interpreter on the CPU
+(tiny shapes: in <= 64, R <= 16, T <= 24) or on a GPU when there is one.
+
+Every case draws fresh random inputs (never zeros), poisons outputs with NaN before the call, and fills
+A and B past each slot's rank with NaN: a kernel that read the padding would return NaN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gpu_worker.engine.lora.layout import GroupShape
+from gpu_worker.engine.lora.torch_backend import LoRABatch, TorchLoRA
+from kernels import (
+    KernelConfig,
+    LoRAKernelMeta,
+    lora_expand,
+    lora_expand_ref,
+    lora_gather_bmm,
+    lora_loop,
+    lora_ref,
+    lora_shrink,
+    lora_shrink_ref,
+    prepare_reference,
+)
+from kernels.engine_backend import TritonLoRA
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Relative error (Frobenius norm of the error over that of the float64 reference) allowed per input dtype.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = list(TOLERANCE)
+
+
+@dataclass
+class Case:
+    x: torch.Tensor  # [T, in]
+    a: torch.Tensor  # [slots, S, R, in], NaN past each slot's rank
+    b: list[torch.Tensor]  # S x [slots, out_s, R], NaN past each slot's rank
+    ranks: torch.Tensor  # [slots] int32
+    token_slots: torch.Tensor  # [T] int32
+    offsets: list[int]
+    meta: LoRAKernelMeta
+
+
+def make_case(token_slots: list[int], ranks: list[int], widths=(24, 8, 8), in_features=48, r=16,
+              dtype=torch.float32, pad=float("nan"), gap=0, chunk=16) -> Case:
+    """gap: unused columns of out before each slice, to check slice_offsets."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    slots = len(ranks)
+    real = torch.arange(r)[None, :] < torch.tensor(ranks)[:, None]  # [slots, R]
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    a = torch.where(real[:, None, :, None], rnd(slots, len(widths), r, in_features, scale=in_features ** -0.5), pad)
+    b = [torch.where(real[:, None, :], rnd(slots, w, r), pad) for w in widths]
+    offsets, at = [], 0
+    for w in widths:
+        offsets.append(at + gap)
+        at += gap + w
+    ts = torch.tensor(token_slots, dtype=torch.int32, device=DEVICE)
+    meta = LoRAKernelMeta(max_tokens=64, max_slots=slots, device=DEVICE, chunk=chunk)
+    meta.prepare(ts)
+    return Case(rnd(len(token_slots), in_features).to(DEVICE, dtype), a.to(DEVICE, dtype),
+                [t.to(DEVICE, dtype) for t in b], torch.tensor(ranks, dtype=torch.int32, device=DEVICE), ts,
+                offsets, meta)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def out_width(c: Case) -> int:
+    return c.offsets[-1] + c.b[-1].shape[1]
+
+
+def ref_inputs(c: Case):
+    """The reference sees zero padding (what SlotBuffers holds); the kernels see NaN and must skip it."""
+    return c.x, torch.nan_to_num(c.a, nan=0.0), [torch.nan_to_num(t, nan=0.0) for t in c.b]
+
+
+def check_shrink(c: Case, config: KernelConfig | None = None):
+    x, a, _ = ref_inputs(c)
+    t, (s, r) = c.x.shape[0], c.a.shape[1:3]
+    y = torch.full((t, s, r), float("nan"), dtype=torch.float32, device=DEVICE)
+    lora_shrink(c.x, c.a, c.ranks, c.meta, y=y, config=config)
+    ref = lora_shrink_ref(x, a, c.ranks, c.token_slots)
+    has = c.token_slots >= 0
+    if has.any():
+        assert not y[has].isnan().any()
+        assert rel_err(y[has], ref[has]) <= TOLERANCE[c.x.dtype]
+    return ref
+
+
+def check_expand(c: Case, y: torch.Tensor, config: KernelConfig | None = None, scale=None):
+    _, _, b = ref_inputs(c)
+    base = torch.randn(c.x.shape[0], out_width(c), device=DEVICE).to(c.x.dtype)
+    out = base.clone()
+    lora_expand(y, c.b, out, c.ranks, c.meta, slice_offsets=c.offsets, scale=scale, config=config)
+    ref = lora_expand_ref(y, b, base, c.ranks, c.token_slots, c.offsets, scale)
+    has = c.token_slots >= 0
+    assert torch.equal(out[~has], base[~has]), "rows without an adapter must be untouched, bit for bit"
+    if has.any():
+        assert rel_err(out[has], ref[has]) <= TOLERANCE[c.x.dtype]
+    # Columns outside every slice (gaps) are untouched too.
+    touched = torch.zeros(out.shape[1], dtype=torch.bool)
+    for off, bs in zip(c.offsets, c.b):
+        touched[off:off + bs.shape[1]] = True
+    assert torch.equal(out[:, ~touched.to(DEVICE)], base[:, ~touched.to(DEVICE)])
+
+
+def check_both(c: Case, shrink_cfg=None, expand_cfg=None):
+    """Shrink and expand each against the reference, then the two chained against lora_ref."""
+    y_ref = check_shrink(c, shrink_cfg)
+    check_expand(c, y_ref.float(), expand_cfg)
+    x, a, b = ref_inputs(c)
+    base = torch.randn(c.x.shape[0], out_width(c), device=DEVICE).to(c.x.dtype)
+    out = base.clone()
+    lora_expand(lora_shrink(c.x, c.a, c.ranks, c.meta, config=shrink_cfg), c.b, out, c.ranks, c.meta,
+                slice_offsets=c.offsets, config=expand_cfg)
+    ref = lora_ref(x, a, b, base, c.ranks, c.token_slots, c.offsets)
+    has = c.token_slots >= 0
+    assert torch.equal(out[~has], base[~has])
+    if has.any():
+        assert rel_err(out[has], ref[has]) <= TOLERANCE[c.x.dtype]
+
+
+def random_slots(t: int, slots: int, none_share: float = 0.0) -> list[int]:
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    s = torch.randint(0, slots, (t,), generator=g)
+    s[torch.rand(t, generator=g) < none_share] = -1
+    return s.tolist()
+
+
+CASES = {
+    "one_adapter": lambda: ([2] * 20, [16, 8, 12]),
+    "many_adapters": lambda: (random_slots(24, 6), [16, 4, 9, 16, 1, 12]),
+    "tokens_without_adapter": lambda: (random_slots(24, 3, none_share=0.4), [16, 16, 16]),
+    "ranks_differ_per_slot": lambda: (random_slots(21, 4), [1, 7, 16, 3]),
+    "single_token": lambda: ([1], [5, 16]),
+    "adapters_with_no_tokens": lambda: ([4, 4, 0, 4, 0], [16, 8, 8, 16, 12, 16, 4, 2]),
+    "no_adapter_at_all": lambda: ([-1] * 9, [16, 16]),
+    "rank_zero_slot": lambda: ([0, 1, 1, 0, -1], [0, 16]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_cases(name, dtype):
+    slots, ranks = CASES[name]()
+    check_both(make_case(slots, ranks, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_slices_of_different_widths_at_offsets(dtype):
+    """qkv-like slices (wide q, narrow k/v) placed with gaps in a wider output; also a single slice."""
+    check_both(make_case(random_slots(16, 3, 0.2), [16, 6, 11], widths=(40, 8, 16), gap=4, dtype=dtype))
+    check_both(make_case(random_slots(10, 2), [3, 16], widths=(24,), dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_and_persistent_loop(dtype):
+    """Small blocks force the paths real shapes take on a GPU: K split over programs (fp32 atomics into y),
+    several tiles per program, rank and K longer than one block, four slices."""
+    c = make_case(random_slots(24, 5, 0.2), [16, 3, 9, 16, 12], widths=(8, 16, 24, 8), in_features=40,
+                  dtype=dtype)
+    check_both(c, KernelConfig(16, 16, 16, split_k=4, programs_per_sm=1),
+               KernelConfig(16, 16, 16, programs_per_sm=1))
+    # R = 32 over 16-wide rank blocks: the expand loop that stops at each slot's rank.
+    c = make_case(random_slots(12, 3, 0.2), [32, 17, 5], r=32, widths=(16, 8), in_features=32, dtype=dtype)
+    check_expand(c, lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots).float(),
+                 KernelConfig(16, 16, 16, programs_per_sm=1))
+
+
+def test_expand_scale_and_odd_rank():
+    """The per-slot scale argument, and R = 12 (not a power of two) with its own block padding."""
+    c = make_case(random_slots(12, 3, 0.3), [12, 5, 0], r=12, widths=(16, 8))
+    y = lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots).float()
+    check_expand(c, y, scale=torch.rand(3, device=DEVICE) + 0.5)
+    check_shrink(c)
+
+
+def test_token_order_does_not_matter():
+    """Same tokens, shuffled: each token's output row is the same (ops are per token)."""
+    slots = random_slots(18, 4, 0.2)
+    c = make_case(slots, [16, 9, 4, 16])
+    perm = torch.randperm(18, device=DEVICE)
+    ts = c.token_slots[perm]
+    meta = LoRAKernelMeta(64, 4, DEVICE, chunk=16)
+    meta.prepare(ts)
+    y1 = lora_shrink(c.x, c.a, c.ranks, c.meta)
+    y2 = lora_shrink(c.x[perm], c.a, c.ranks, meta)
+    has = c.token_slots[perm] >= 0
+    torch.testing.assert_close(y2[has], y1[perm][has], rtol=1e-5, atol=1e-5)
+
+
+def test_input_checks():
+    c = make_case([0, 1], [16, 16])
+    with pytest.raises(ValueError, match="prepared for 2 tokens"):
+        lora_shrink(c.x[:1], c.a, c.ranks, c.meta)
+    with pytest.raises(ValueError, match="dtype"):
+        lora_shrink(c.x.double(), c.a, c.ranks, c.meta)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_expand(torch.zeros(2, 3, 16, device=DEVICE), c.b, torch.zeros(2, 8, device=DEVICE), c.ranks, c.meta)
+    with pytest.raises(ValueError, match="max_tokens"):
+        c.meta.prepare(torch.zeros(65, dtype=torch.int32, device=DEVICE))
+
+
+# ------------------------------------------------------------------ metadata
+
+
+@pytest.mark.parametrize("t,slots,chunk", [(24, 5, 16), (1, 1, 16), (17, 3, 16), (40, 8, 16), (23, 4, 1024)])
+def test_metadata_matches_reference(t, slots, chunk):
+    """Stable sort by slot over several programs (chunk < T), -1 tokens last, compacted active list."""
+    meta = LoRAKernelMeta(max_tokens=64, max_slots=slots, device=DEVICE, chunk=chunk)
+    for none_share in (0.0, 0.3, 1.0):
+        ts = torch.tensor(random_slots(t, slots, none_share), dtype=torch.int32, device=DEVICE)
+        meta.prepare(ts)
+        for name, want in prepare_reference(ts.cpu(), slots).items():
+            got = getattr(meta, name)[: want.numel()].cpu()
+            assert torch.equal(got, want), (name, ts.tolist(), got.tolist(), want.tolist())
+
+
+def test_metadata_refill_shrinks_cleanly():
+    """A step with fewer slots than the one before leaves no stale active entries behind."""
+    meta = LoRAKernelMeta(max_tokens=32, max_slots=6, device=DEVICE, chunk=16)
+    meta.prepare(torch.arange(6, dtype=torch.int32, device=DEVICE).repeat(3))
+    meta.prepare(torch.tensor([3, 3, -1], dtype=torch.int32, device=DEVICE))
+    assert meta.num_active.item() == 1
+    assert meta.active_slots.tolist() == [3, -1, -1, -1, -1, -1]
+    assert meta.seg_len.tolist() == [2, 0, 0, 0, 0, 0]
+    meta.prepare(torch.zeros(0, dtype=torch.int32, device=DEVICE))
+    assert meta.num_active.item() == 0 and meta.seg_len.sum().item() == 0
+
+
+# ------------------------------------------------------------------ engine paths
+
+
+def _buffers(layers: int, shapes: dict[str, GroupShape], ranks: list[int], r: int, dtype) -> SimpleNamespace:
+    """SlotBuffers' layout, built directly: zero-padded past each slot's rank."""
+    slots = len(ranks)
+    real = (torch.arange(r)[None, :] < torch.tensor(ranks)[:, None]).to(dtype)
+    a, b = [], []
+    for _ in range(layers):
+        a.append({g: (torch.randn(slots, len(s.slice_widths), r, s.in_features) * s.in_features ** -0.5
+                      * real[:, None, :, None]).to(DEVICE, dtype) for g, s in shapes.items()})
+        b.append({g: [(torch.randn(slots, w, r) * real[:, None, :]).to(DEVICE, dtype) for w in s.slice_widths]
+                  for g, s in shapes.items()})
+    return SimpleNamespace(a=a, b=b, shapes=shapes, ranks=torch.tensor(ranks, dtype=torch.int32, device=DEVICE))
+
+
+def _engine_case(shapes, ranks, runs, r, dtype):
+    buffers = _buffers(1, shapes, ranks, r, dtype)
+    batch = LoRABatch.from_runs(runs, DEVICE)
+    return buffers, batch
+
+
+TINY = {"qkv": GroupShape(32, (32, 8, 8)), "down": GroupShape(48, (32,))}
+
+
+def test_torch_backend_matches_reference():
+    """The engine's CPU path (TorchLoRA over SlotBuffers) computes the ops' semantics."""
+    buffers, batch = _engine_case(TINY, [16, 4, 9], [(1, 3), (-1, 2), (0, 4), (2, 1), (1, 2)], 16, torch.float32)
+    hook = TorchLoRA(buffers, batch)
+    t = batch.token_slots.numel()
+    for group, shape in TINY.items():
+        x = torch.randn(t, shape.in_features, device=DEVICE)
+        base = torch.randn(t, sum(shape.slice_widths), device=DEVICE)
+        out = base.clone()
+        hook.apply(0, group, x, out)
+        ref = lora_ref(x, buffers.a[0][group], buffers.b[0][group], base, buffers.ranks, batch.token_slots,
+                       shape.slice_offsets)
+        assert rel_err(out, ref) <= TOLERANCE[torch.float32]
+
+
+def test_torch_baselines_match_reference():
+    c = make_case(random_slots(12, 3, 0.25), [16, 16, 16], pad=0.0)
+    order = torch.sort(c.token_slots.long(), stable=True).indices  # lora_loop wants runs by slot
+    x, ts = c.x[order], c.token_slots[order]
+    segs, at = [], 0
+    for slot, n in zip(*torch.unique_consecutive(ts, return_counts=True)):
+        if slot >= 0:
+            segs.append((int(slot), at, at + int(n)))
+        at += int(n)
+    base = torch.randn(12, out_width(c), device=DEVICE)
+    ref = lora_ref(x, c.a, c.b, base, c.ranks, ts, c.offsets)
+    for run in (lambda o: lora_loop(x, c.a, c.b, o, segs, c.offsets),
+                lambda o: lora_gather_bmm(x, c.a, c.b, o, ts, c.offsets)):
+        out = base.clone()
+        run(out)
+        assert rel_err(out, ref) <= TOLERANCE[torch.float32]
+
+
+def test_triton_backend_matches_torch_backend_tiny():
+    buffers, batch = _engine_case(TINY, [16, 0, 7, 12], [(2, 2), (0, 3), (-1, 1), (3, 2), (1, 1)], 16,
+                                  torch.float32)
+    meta = LoRAKernelMeta(max_tokens=16, max_slots=4, device=DEVICE)
+    _compare_backends(buffers, batch, meta, TINY, torch.float32)
+
+
+def _compare_backends(buffers, batch, meta, shapes, dtype):
+    hook = TritonLoRA(buffers, meta)
+    hook.prepare(batch.token_slots)
+    # The torch path in fp32 over the same (already rounded) weights and inputs.
+    as_fp32 = SimpleNamespace(a=[{g: t.float() for g, t in layer.items()} for layer in buffers.a],
+                              b=[{g: [t.float() for t in ts] for g, ts in layer.items()} for layer in buffers.b],
+                              shapes=buffers.shapes, ranks=buffers.ranks)
+    torch_hook = TorchLoRA(as_fp32, batch)
+    t = batch.token_slots.numel()
+    for group, shape in shapes.items():
+        x = torch.randn(t, shape.in_features, device=DEVICE).to(dtype)
+        base = torch.randn(t, sum(shape.slice_widths), device=DEVICE).to(dtype)
+        got, want = base.clone(), base.float()
+        hook.apply(0, group, x, got)
+        torch_hook.apply(0, group, x.float(), want)
+        has = batch.token_slots >= 0
+        assert torch.equal(got[~has], base[~has]), group
+        assert rel_err(got, want.double()) <= TOLERANCE[dtype], group
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 37, 300, 2100])
+def test_triton_backend_matches_torch_backend_llama8b(tokens):
+    """Real Llama-3-8B projection shapes, bf16, 8 slots with mixed ranks up to 64, tokens grouped by slot."""
+    shapes = {"qkv": GroupShape(4096, (4096, 1024, 1024)), "o": GroupShape(4096, (4096,)),
+              "gate_up": GroupShape(4096, (14336, 14336)), "down": GroupShape(14336, (4096,))}
+    ranks = [64, 8, 16, 0, 32, 64, 4, 16]
+    g = torch.Generator().manual_seed(tokens)
+    cuts = sorted(torch.randint(0, tokens + 1, (8,), generator=g).tolist())
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, tokens])]
+    runs = list(zip([-1, 0, 1, 2, 3, 4, 5, 6, 7], sizes))  # slot 3 has rank 0: adds nothing
+    buffers, batch = _engine_case(shapes, ranks, runs, 64, torch.bfloat16)
+    meta = LoRAKernelMeta(max_tokens=4096, max_slots=8, device=DEVICE)
+    _compare_backends(buffers, batch, meta, shapes, torch.bfloat16)
