@@ -118,13 +118,17 @@ def cold_load(engine, warm: list, cold, batch: int = 32) -> dict:
     t = time.perf_counter()
     engine.add_request("cold-new", list(range(100, 100 + PROMPT)), params, lora_request=cold)
     add_ms = 1000 * (time.perf_counter() - t)
-    during = [step_ms()]  # this step starts the copy
-    while engine.lora.copies_in_flight and len(during) < 50:
-        during.append(step_ms())
-    join_ms = step_ms()  # the cold request's prefill joins the batch
+    cold_seq = engine._seqs["cold-new"]
+    during, join_ms = [], None
+    while join_ms is None and len(during) < 50:
+        ms = step_ms()  # the first of these starts the copy; the request waits until it is done
+        if cold_seq in engine.scheduler.running or cold_seq.is_finished:
+            join_ms = ms  # the step the cold request's prefill joined
+        else:
+            during.append(ms)
     while engine.has_unfinished_requests():
         engine.step()
-    return dict(before_ms=statistics.median(before), during_max_ms=max(during), during_steps=len(during),
+    return dict(before_ms=statistics.median(before), during_max_ms=max(during, default=0.0), during_steps=len(during),
                 join_step_ms=join_ms, stage_ms=stage_ms, add_request_ms=add_ms)
 
 

@@ -102,10 +102,12 @@ def shrink_config(num_tokens: int, in_features: int, n_total: int, max_rank: int
     # Split K until the programs of a one-adapter batch (the fewest possible) fill the GPU twice over:
     # decode down_proj (in 14336, one token) is otherwise one program reading 1.8 MB at rank 64.
     # Capped so each split keeps min_iters K blocks and the fp32 atomics stay under T * N * 32.
-    programs = triton.cdiv(num_tokens, cfg.block_m) * triton.cdiv(n_total, cfg.block_n)
+    # From T rounded up to a power of two: split_k is a compile-time constant, and this keeps the variants
+    # few and known, so an engine can compile them all at start (a compile inside a step stalled it 90 ms).
+    programs = triton.cdiv(p2(num_tokens), cfg.block_m) * triton.cdiv(n_total, cfg.block_n)
     split = 1
     while (programs * split * 2 <= 2 * sms and in_features // (split * 2) >= cfg.block_k * min_iters
-           and num_tokens * split * 2 <= 32768):
+           and p2(num_tokens) * split * 2 <= 32768):
         split *= 2
     return cfg.with_(split_k=split)
 
