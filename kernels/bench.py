@@ -130,12 +130,13 @@ def eager_time_us(fn: Callable[[], None], calls_per_run: int, reps: int = 20) ->
 
 
 def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted)."""
-    n = 1 << 29
-    src = torch.randn(n // 2, device=DEVICE, dtype=torch.float32).view(torch.bfloat16)
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted), timed eagerly over 20 copies as
+    benchmarks/worker.py and PEERS.md do: a copy replayed from a graph measured 2.41 TB/s, eager 3.01."""
+    n = 1 << 28
+    src = torch.randn(n, device=DEVICE, dtype=torch.float32)
     dst = torch.empty_like(src)
-    us = graph_time_us(lambda: dst.copy_(src), 1, reps=20)
-    return 2 * n * 2 / (us * 1e-6)
+    us = eager_time_us(lambda: [dst.copy_(src) for _ in range(20)], 20, reps=5)
+    return 2 * 4 * n / (us * 1e-6)
 
 
 @dataclass
@@ -266,7 +267,7 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     return row
 
 
-def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights) -> None:
+def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, ops=("shrink", "expand")) -> None:
     """Time alternative launch configs for one case, shrink and expand apart; print the best few. For
     retuning `shrink_config` / `expand_config` on a new GPU (or a new Triton)."""
     in_features, widths = GROUPS[group]
@@ -289,6 +290,8 @@ def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights) ->
         ("expand", expand_cands, lambda cfg: lambda: lora_expand(y, w.b, c.out, w.ranks, c.meta, w.offsets,
                                                                   config=cfg)),
     ):
+        if name not in ops:
+            continue
         timed = []
         for cfg in cands:
             try:
@@ -363,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the table, time alternative launch configs per case (slow: filter cases)")
+    p.add_argument("--sweep-ops", default="shrink,expand", help="which ops --sweep times (expand alone is quick)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                     if n > t:
                         continue
                     if args.sweep:
-                        sweep_case(group, rank, t, n, w)
+                        sweep_case(group, rank, t, n, w, ops=args.sweep_ops.split(","))
                         continue
                     r = run_case(group, rank, t, n, w, bw, l2, not args.no_torch)
                     rows.append(r)
