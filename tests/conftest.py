@@ -14,6 +14,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in Triton's interpreter. Triton caches the switch the first time anything
+# asks (transformers and peft import triton), so it is set here, before any test module is imported.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import sys  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
