@@ -10,7 +10,7 @@ PROTO_SRC := $(sort $(wildcard protos/loraserve/v1/*.proto))
 PROTO_STAMP := loraserve/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-gpu
+.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-gpu
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -56,6 +56,10 @@ bench-worker:
 
 bench-kernels:
 	PYTHONPATH=. $(BENCH_PY) -m kernels.bench $(BENCH_ARGS)
+
+# The adapter store against boto3 alone, on moto's S3 server over loopback (the CPU is fine).
+bench-store: setup
+	PYTHONPATH=. $(BIN)/python -m benchmarks.store $(BENCH_ARGS)
 
 # Everything that needs the GPU, in one call: GPU tests, then both benchmarks.
 bench-gpu:

@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.adapter_store:
-        log.info("adapter store %s noted: the store client arrives with issue #5; adapters resolve from "
-                 "--lora-modules and --lora-root for now", config.adapter_store)
+        log.info("adapters not found locally resolve through the adapter store at %s", config.adapter_store)
     return asyncio.run(serve(config))
 
 

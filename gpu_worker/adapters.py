@@ -1,18 +1,24 @@
 """Where the worker finds an adapter by name: pre-loaded modules (vLLM's --lora-modules), else `<lora_root>/<name>`
-(vLLM's filesystem resolver). The adapter store client (issue #5) will be a second source with the same `lookup`.
+(vLLM's filesystem resolver), else, when --adapter-store is set, the adapter store (StoreAdapterSource): the
+store resolves the name, the worker fetches its verified files into `<adapter_cache_dir>/<name>/<hash>/`.
 
 A name is a name, never a path: it is checked against a strict pattern before it goes near the filesystem.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
+from gpu_worker.async_engine import UnavailableError
 from gpu_worker.engine.errors import AdapterError, InvalidRequestError
 from gpu_worker.engine.lora_request import LoRARequest
+from gpu_worker.store_client import StoreClient, StoreClientError
 
 # One optional "org/" prefix, then the name; each part starts alphanumeric, so "." and ".." cannot be a part.
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -82,15 +88,86 @@ class LocalAdapterSource:
         check_adapter_name(name)
         module = self.modules.get(name)
         if module is not None:
-            return LoRARequest(name, self._id(name), module.path, module.base_model_name)
+            return LoRARequest(name, self.adapter_id(name), module.path, module.base_model_name)
         if self.lora_root is not None:
             path = self.lora_root / name
             if path.is_dir():
-                return LoRARequest(name, self._id(name), str(path))
+                return LoRARequest(name, self.adapter_id(name), str(path))
         where = ", ".join(sorted(self.modules)) or "none"
         root = f" and no directory {name!r} under {self.lora_root}" if self.lora_root else " (and no --lora-root)"
         raise AdapterError("not_found", f"adapter {name!r} is unknown to this worker: pre-loaded adapters are "
                            f"[{where}]{root}")
 
-    def _id(self, name: str) -> int:
+    def has(self, name: str) -> bool:
+        """Whether `name` (already checked) is a pre-loaded module or a directory under lora_root."""
+        return name in self.modules or (self.lora_root is not None and (self.lora_root / name).is_dir())
+
+    async def resolve(self, name: str, content_hash: str = "") -> LoRARequest:
+        """The request path's lookup (the same, as a coroutine, like StoreAdapterSource.resolve)."""
+        return self.lookup(name)
+
+    def adapter_id(self, name: str) -> int:
         return self._ids.setdefault(name, len(self._ids) + 1)
+
+
+class StoreAdapterSource:
+    """Adapters the worker holds locally (a LocalAdapterSource: pre-loaded modules, lora_root) first, then the
+    adapter store. A name fetched once is kept (name -> version -> local directory); a request naming another
+    content hash asks the store again, so a re-registered adapter is picked up. Concurrent requests for one
+    cold name share one fetch. Used from the event loop thread only; the fetch runs on a thread."""
+
+    def __init__(self, local: LocalAdapterSource, client: StoreClient, cache_dir: str | Path):
+        self.local = local
+        self.client = client
+        self.cache_dir = Path(cache_dir)
+        self._fetched: dict[str, tuple[str, str]] = {}  # name -> (content hash, local path)
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    def lookup(self, name: str) -> LoRARequest:
+        """Local adapters only (the pre-loaded modules at start-up)."""
+        return self.local.lookup(name)
+
+    async def resolve(self, name: str, content_hash: str = "") -> LoRARequest:
+        check_adapter_name(name)
+        if self.local.has(name):
+            return self.local.lookup(name)
+        known = self._fetched.get(name)
+        if known is None or (content_hash and content_hash != known[0]):
+            known = await self._fetch(name)
+        return LoRARequest(name, self.local.adapter_id(name), known[1])
+
+    async def _fetch(self, name: str) -> tuple[str, str]:
+        future = self._inflight.get(name)
+        if future is None:
+            future = asyncio.ensure_future(asyncio.to_thread(self._download, name))
+            self._inflight[name] = future
+            future.add_done_callback(lambda done: self._fetch_done(name, done))
+        # shield: one caller giving up (a cancelled request) does not cancel the fetch the others wait for
+        known = await asyncio.shield(future)
+        self._fetched[name] = known
+        return known
+
+    def _fetch_done(self, name: str, future: asyncio.Future) -> None:
+        self._inflight.pop(name, None)
+        if not future.cancelled():
+            future.exception()  # retrieved: every waiter may have gone, the error is theirs to see, not the loop's
+
+    def _download(self, name: str) -> tuple[str, str]:
+        try:
+            local = self.client.download(name, self.cache_dir)
+        except StoreClientError as e:
+            raise _engine_error(e) from None
+        return local.adapter.content_hash, str(local.path)
+
+
+def _engine_error(e: StoreClientError) -> Exception:
+    """The store's status -> the worker's errors (so the worker's interceptor answers with the same code)."""
+    if e.code is grpc.StatusCode.NOT_FOUND:
+        return AdapterError("not_found", str(e))
+    if e.code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequestError(str(e))
+    if e.code is grpc.StatusCode.FAILED_PRECONDITION:
+        return AdapterError("invalid", str(e))
+    if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return UnavailableError(str(e))
+    return e

@@ -51,8 +51,11 @@ class WorkerConfig:
     # Adapters: pre-loaded modules, then <lora_root>/<name> on first request.
     lora_modules: tuple[LoRAModule, ...] = ()
     lora_root: str = ""
-    # The adapter store (issue #5) and the worker registry (router issue): accepted and kept, not used yet.
+    # The adapter store (host:port): names that are not local resolve there; their files are fetched into
+    # adapter_cache_dir (default: <tmp>/loraserve-worker-adapters; workers on one host may share it).
     adapter_store: str = ""
+    adapter_cache_dir: str = ""
+    # The worker registry (router issue): accepted and kept, not used yet.
     redis_url: str = ""
     drain_timeout_s: float = 30.0
     status_interval_ms: int = 500
@@ -185,7 +188,9 @@ def _parser() -> argparse.ArgumentParser:
         help='pre-loaded adapters: name=path or {"name": ..., "path": ..., "base_model_name": ...}')
     add("--lora-root", help="directory where an unknown adapter <name> is looked up as <root>/<name>")
     add("--adapter-store", "--store-address", dest="adapter_store",
-        help=f"adapter store host:port (env {ENV_PREFIX}STORE_ADDRESS; used from issue #5 on)")
+        help=f"adapter store host:port (env {ENV_PREFIX}STORE_ADDRESS): names not found locally resolve there")
+    add("--adapter-cache-dir", help="where adapters fetched from the store are kept "
+        "(default <tmp>/loraserve-worker-adapters)")
     add("--redis-url", help="worker registry (used once the router registers workers)")
     add("--drain-timeout-s", type=float, help="on SIGTERM, how long in-flight requests may finish (default 30)")
     add("--status-interval-ms", type=int, help="WatchStatus's default least interval (default 500)")

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import logging
 import socket
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gpu_worker.adapters import LocalAdapterSource
+from gpu_worker.adapters import LocalAdapterSource, StoreAdapterSource
 from gpu_worker.async_engine import AsyncEngine
 from gpu_worker.config import WorkerConfig
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.sampling_params import SamplingParams
 from gpu_worker.service import SERVICE_NAME, ErrorInterceptor, WorkerService
+from gpu_worker.store_client import StoreClient
 from loraserve.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,12 @@ class WorkerServer:
         self.config = config
         args = config.engine_args()
         self.engine = AsyncEngine(engine_factory or (lambda: LLMEngine(args)))
-        self.adapters = LocalAdapterSource(config.lora_modules, config.lora_root or None)
+        self.adapters = local = LocalAdapterSource(config.lora_modules, config.lora_root or None)
+        self.store_client: StoreClient | None = None
+        if config.adapter_store:
+            cache = config.adapter_cache_dir or str(Path(tempfile.gettempdir()) / "loraserve-worker-adapters")
+            self.store_client = StoreClient(config.adapter_store)
+            self.adapters = StoreAdapterSource(local, self.store_client, cache)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -119,4 +127,6 @@ class WorkerServer:
         await self.engine.stop()
         if self.server is not None:
             await self.server.stop(STOP_GRACE_S)
+        if self.store_client is not None:
+            self.store_client.close()
         log.info("worker %s stopped", self.worker_id)

@@ -10,7 +10,7 @@ import logging
 import grpc
 
 from gpu_worker import convert
-from gpu_worker.adapters import LocalAdapterSource, check_adapter_name
+from gpu_worker.adapters import LocalAdapterSource, StoreAdapterSource, check_adapter_name
 from gpu_worker.async_engine import LORA_OFF, AsyncEngine, UnavailableError
 from gpu_worker.engine.errors import AdapterError, CapacityError, InvalidRequestError
 from gpu_worker.engine.lora_request import LoRARequest
@@ -24,8 +24,8 @@ MIN_STATUS_INTERVAL_MS = 10
 
 
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: AsyncEngine, adapters: LocalAdapterSource, enable_lora: bool, worker_id: str,
-                 address: str, status_interval_ms: int):
+    def __init__(self, engine: AsyncEngine, adapters: LocalAdapterSource | StoreAdapterSource, enable_lora: bool,
+                 worker_id: str, address: str, status_interval_ms: int):
         self.engine = engine
         self.adapters = adapters
         self.enable_lora = enable_lora
@@ -40,7 +40,8 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         prompt = convert.prompt(request.prompt, info.max_model_len)
         params = convert.sampling_params(request.sampling)
         ref = convert.adapter_ref(request.adapter) if request.HasField("adapter") else None
-        stream = await self.engine.generate(prompt, params, self._lora(ref), ref.content_hash if ref else "", rid)
+        lora = await self._lora(ref)
+        stream = await self.engine.generate(prompt, params, lora, ref.content_hash if ref else "", rid)
         sent = False
         try:
             async for out in stream:
@@ -56,7 +57,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     async def PrefetchAdapter(self, request, context):
         ref = convert.adapter_ref(request.adapter)
         convert.prefetch_target(request.target)  # GPU_SLOT: loaded into host memory; it takes a slot when scheduled
-        resident = await self.engine.prefetch(self._lora(ref), ref.content_hash)
+        resident = await self.engine.prefetch(await self._lora(ref), ref.content_hash)
         return worker_pb2.PrefetchAdapterResponse(adapter=convert.resident_adapter(resident))
 
     async def EvictAdapter(self, request, context):
@@ -93,13 +94,13 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         if state != "serving":
             raise UnavailableError("the worker is draining before it stops; send the request to another worker")
 
-    def _lora(self, ref: convert.AdapterRef | None) -> LoRARequest | None:
+    async def _lora(self, ref: convert.AdapterRef | None) -> LoRARequest | None:
         if ref is None:
             return None
         check_adapter_name(ref.name)
         if not self.enable_lora:
             raise AdapterError("unsupported", LORA_OFF)
-        return self.adapters.lookup(ref.name)
+        return await self.adapters.resolve(ref.name, ref.content_hash)
 
 
 # -- errors -> status codes -------------------------------------------------------------------------

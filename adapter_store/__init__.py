@@ -1,0 +1,1 @@
+"""The adapter store: adapter names -> validated PEFT LoRA files, cached on disk and streamed to workers."""
