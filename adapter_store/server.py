@@ -22,7 +22,7 @@ from adapter_store.auth import AdminGuard
 from adapter_store.cache import DiskCache
 from adapter_store.config import StoreConfig
 from adapter_store.registry import REGISTERED, Registry, SourceFactory
-from adapter_store.service import SERVICE_NAME, AdapterStoreService, ErrorInterceptor, Runtime, add_to_server
+from adapter_store.service import SERVICE_NAME, AdapterStoreService, Runtime, add_to_server, error_interceptor
 from adapter_store.sources.base import Resolver
 from adapter_store.sources.filesystem import FilesystemResolver
 from adapter_store.sources.hub import HubResolver
@@ -63,7 +63,7 @@ class StoreServer:
         """Listen, warm up, report SERVING. Raises StartupError."""
         cfg = self.config
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[error_interceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)],
         )

@@ -4,7 +4,6 @@ pools, translate back) and the one interceptor that turns our exceptions into st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -28,6 +27,7 @@ from adapter_store.errors import (
 from adapter_store.hashing import CHUNK_BYTES
 from adapter_store.store import AdapterStore
 from loraserve.v1 import adapter_store_pb2
+from service_kit.interceptor import ErrorInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -172,52 +172,6 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error in the store ({type(error).__name__}: {error}); see its log"
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions from the store's handlers to status codes (status_for) and logs each once."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
-            return handler  # health and reflection raise nothing of ours
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_unary(handler.unary_unary, method))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_stream(handler.unary_stream, method))
-        return handler
-
-
-async def _abort(context, method: str, error: Exception):
-    code, message = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed", method, exc_info=error)
-    else:
-        log.info("%s: %s %s", method, code.name, message)
-    await context.abort(code, message)
-
-
-def _unary(behavior, method: str):
-    async def handle(request, context):
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # every error leaves as a status code
-            await _abort(context, method, e)
-
-    return handle
-
-
-def _stream(behavior, method: str):
-    async def handle(request, context):
-        try:
-            # aclosing: a stream the client cancels still runs the handler's cleanup (its file close) now
-            async with contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await _abort(context, method, e)
-
-    return handle
+def error_interceptor() -> ErrorInterceptor:
+    """Exceptions from this service's handlers -> status codes (status_for), each logged once."""
+    return ErrorInterceptor(SERVICE_NAME, status_for, log)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,22 +18,14 @@ from gpu_worker.async_engine import UnavailableError
 from gpu_worker.engine.errors import AdapterError, InvalidRequestError
 from gpu_worker.engine.lora_request import LoRARequest
 from gpu_worker.store_client import StoreClient, StoreClientError
-
-# One optional "org/" prefix, then the name; each part starts alphanumeric, so "." and ".." cannot be a part.
-_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_NAME = re.compile(rf"^(?:{_PART}/)?{_PART}$")
+from service_kit.names import name_problem
 
 
 def check_adapter_name(name: str) -> str:
     """`name` if it is a valid adapter name; InvalidRequestError saying what is allowed otherwise."""
-    if not isinstance(name, str) or not name:
-        raise InvalidRequestError("adapter.name must not be empty")
-    if ".." in name or not _NAME.match(name):
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise InvalidRequestError(
-            f"adapter.name {shown!r} is not a valid adapter name: use letters, digits, '.', '_' and '-' "
-            "(at most 128, starting with a letter or digit, no '..'), with at most one 'org/' prefix"
-        )
+    problem = name_problem(name)
+    if problem:
+        raise InvalidRequestError(f"adapter.name: {problem}")
     return name
 
 

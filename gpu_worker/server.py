@@ -19,7 +19,7 @@ from gpu_worker.async_engine import AsyncEngine
 from gpu_worker.config import WorkerConfig
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.sampling_params import SamplingParams
-from gpu_worker.service import SERVICE_NAME, ErrorInterceptor, WorkerService
+from gpu_worker.service import SERVICE_NAME, WorkerService, error_interceptor
 from gpu_worker.store_client import StoreClient
 from loraserve.v1 import worker_pb2_grpc
 
@@ -60,7 +60,7 @@ class WorkerServer:
         cfg = self.config
         # so_reuseport off: a second worker on a taken port must fail, not silently share it.
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[error_interceptor()],
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), ("grpc.so_reuseport", 0)],
         )
         host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host

@@ -4,7 +4,6 @@ interceptor that turns our exceptions into status codes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import grpc
@@ -15,6 +14,7 @@ from gpu_worker.async_engine import LORA_OFF, AsyncEngine, UnavailableError
 from gpu_worker.engine.errors import AdapterError, CapacityError, InvalidRequestError
 from gpu_worker.engine.lora_request import LoRARequest
 from loraserve.v1 import worker_pb2, worker_pb2_grpc
+from service_kit.interceptor import ErrorInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -120,52 +120,6 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error on the worker ({type(error).__name__}: {error}); see its log"
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions from WorkerService handlers to status codes (status_for) and logs each once."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
-            return handler  # health and reflection raise nothing of ours
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_unary(handler.unary_unary, method))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_stream(handler.unary_stream, method))
-        return handler
-
-
-async def _abort(context, method: str, error: Exception):
-    code, message = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed", method, exc_info=error)
-    else:
-        log.info("%s: %s %s", method, code.name, message)
-    await context.abort(code, message)
-
-
-def _unary(behavior, method: str):
-    async def handle(request, context):
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # every error leaves as a status code
-            await _abort(context, method, e)
-
-    return handle
-
-
-def _stream(behavior, method: str):
-    async def handle(request, context):
-        try:
-            # aclosing: a stream the server stops iterating still runs the handler's cleanup (its abort) now.
-            async with contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await _abort(context, method, e)
-
-    return handle
+def error_interceptor() -> ErrorInterceptor:
+    """Exceptions from this service's handlers -> status codes (status_for), each logged once."""
+    return ErrorInterceptor(SERVICE_NAME, status_for, log)
