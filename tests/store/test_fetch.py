@@ -107,7 +107,7 @@ class CuttingProxy:
 
     def _pump(self, src, dst, limit):
         sent = 0
-        try:
+        with contextlib.suppress(OSError):  # either side closing ends the pump
             while data := src.recv(65536):
                 if limit is not None and sent + len(data) >= limit:
                     dst.sendall(data[: limit - sent])
@@ -115,8 +115,6 @@ class CuttingProxy:
                     break
                 dst.sendall(data)
                 sent += len(data)
-        except OSError:
-            pass
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
