@@ -1,0 +1,68 @@
+"""A service process's life, the same for every service: start (a signal while starting gives up), print one
+ready line on stdout, wait for SIGTERM or SIGINT, drain (a second signal stops at once), exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Server(Protocol):
+    async def start(self) -> None: ...
+
+    async def shutdown(self, grace: float | None = None) -> None: ...
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def serve(server: Server, ready_line: Callable[[], str], startup_errors: tuple[type[Exception], ...],
+                log: logging.Logger) -> int:
+    """Run `server` until a signal; 1 when it fails to start (one of `startup_errors`), else 0."""
+    loop = asyncio.get_running_loop()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s: draining", sig.name)
+            stop.set()
+        else:
+            log.warning("%s again: stopping now", sig.name)
+            hurry.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    starting = asyncio.create_task(server.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal while loading: give up loading
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *startup_errors):
+            await starting
+        return 0
+    try:
+        starting.result()
+    except startup_errors as e:
+        log.error("%s", e)
+        return 1
+    print(ready_line(), flush=True)
+
+    await stopped
+    draining = asyncio.create_task(server.shutdown())
+    hurried = asyncio.create_task(hurry.wait())
+    await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)
+    if not draining.done():
+        draining.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await draining
+        await server.shutdown(0)
+    hurried.cancel()
+    return 0
