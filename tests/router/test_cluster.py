@@ -1,0 +1,312 @@
+"""The router over real processes: two `python -m gpu_worker` (tiny model, CPU) and `python -m adapter_store`,
+started once for the module. Affinity for four adapters, failover when a worker is killed (before the first
+token: retried; mid-stream: UNAVAILABLE), the Redis registry shared by two routers, admin RPCs through the
+store with an in-place reload, NOT_FOUND."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from loraserve.v1 import common_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
+from router.policy import preference
+from router.registry_redis import heartbeat
+from tests.router.conftest import (
+    ADMIN_TOKEN,
+    admin_metadata,
+    gen_request,
+    router_config,
+    router_stub,
+    running_router,
+    stream_request,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+ADAPTERS = ("sql-lora", "chat-lora", "code-lora", "math-lora")
+EXTRA = tuple(f"extra-{i}" for i in range(8))  # more names the store resolves from its root (copies of sql-lora)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    address: str = ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def spawn(name: str, cmd: list[str], log_dir: Path, env: dict | None = None) -> tuple[Proc, queue.Queue]:
+    log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+    popen = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                             stdout=subprocess.PIPE, stderr=log, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in popen.stdout], daemon=True).start()
+    return Proc(name, popen), lines
+
+
+def ready(proc: Proc, lines: queue.Queue, log_dir: Path, timeout: float = 90) -> Proc:
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        proc.stop(signal.SIGKILL)
+        pytest.fail(f"{proc.name} printed no ready line in {timeout}s:\n{(log_dir / f'{proc.name}.log').read_text()}")
+    assert " serving on " in line, line
+    proc.address = line.strip().rsplit(" ", 1)[1]
+    return proc
+
+
+def worker_cmd(worker_id: str, model_dir: Path, store: str, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "gpu_worker", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+            "--worker-id", worker_id, "--adapter-store", store, "--adapter-cache-dir", str(cache), "--max-loras", "2",
+            "--max-cpu-loras", "8", "--num-kv-blocks", "128", "--drain-timeout-s", "0", "--status-interval-ms", "10",
+            "--log-level", "warning"]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir, tiny_adapters, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("router-cluster")
+    root = tmp / "adapters"
+    for name, path in tiny_adapters.items():
+        shutil.copytree(path, root / name)
+    for name in EXTRA:
+        shutil.copytree(tiny_adapters["sql-lora"], root / name)
+    store, store_lines = spawn("store", [
+        sys.executable, "-m", "adapter_store", "--host", "127.0.0.1", "--port", "0", "--cache-dir", str(tmp / "cache"),
+        "--lora-root", str(root), "--resolvers", "registered,filesystem", "--enable-admin", "--drain-timeout-s", "0",
+        "--log-level", "warning"], tmp, env={"LORASERVE_ADMIN_TOKEN": ADMIN_TOKEN})
+    procs = [store]
+    try:
+        ready(store, store_lines, tmp)
+        started = [spawn(wid, worker_cmd(wid, tiny_model_dir, store.address, tmp / f"cache-{wid}"), tmp)
+                   for wid in ("wk-a", "wk-b")]
+        procs += [p for p, _ in started]
+        workers = [ready(p, lines, tmp) for p, lines in started]
+        yield Stack(tmp, tiny_model_dir, store, workers, root)
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    model_dir: Path
+    store: Proc
+    workers: list[Proc]
+    root: Path
+
+    def config(self, workers: tuple[str, ...] | None = None, **kw):
+        kw.setdefault("enable_runtime_lora_updating", True)
+        kw.setdefault("admin_token", ADMIN_TOKEN)
+        return router_config(workers=workers if workers is not None else tuple(w.address for w in self.workers),
+                             store_address=self.store.address, **kw)
+
+    @contextlib.contextmanager
+    def victim(self, worker_id: str):
+        proc, lines = spawn(worker_id, worker_cmd(worker_id, self.model_dir, self.store.address,
+                                                  self.tmp / f"cache-{worker_id}"), self.tmp)
+        try:
+            yield ready(proc, lines, self.tmp)
+        finally:
+            proc.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def router(loop, stack):
+    with running_router(loop, stack.config()) as server:
+        assert wait_until(lambda: len(server.registry.routable()) == 2, 30)
+        yield server
+
+
+@pytest.fixture
+def stub(router):
+    with router_stub(router) as s:
+        yield s
+
+
+def resident(router, worker_id: str, name: str) -> bool:
+    return any(s.worker_id == worker_id and any(a.ref.name == name for a in s.adapters)
+               for s in router.registry.published)
+
+
+def test_four_adapters_land_with_affinity(router, stub):
+    before = router.metrics.hit_ratio(), router.metrics._lookups
+    served = {}
+    for name in ADAPTERS:
+        first = stub.Generate(gen_request(name, max_tokens=3), timeout=60)
+        worker = first.served_by.worker_id
+        assert first.served_by.adapter.name == name and len(first.served_by.adapter.content_hash) == 64
+        assert wait_until(lambda n=name, w=worker: resident(router, w, n), 10)  # the status shows it there
+        again = {stub.Generate(gen_request(name, max_tokens=3), timeout=60).served_by.worker_id for _ in range(2)}
+        served[name] = {worker} | again
+    assert all(len(ws) == 1 for ws in served.values()), served
+    assert {w for ws in served.values() for w in ws} == {"wk-a", "wk-b"}  # both workers took some
+    status = stub.GetClusterStatus(inference_pb2.GetClusterStatusRequest(), timeout=5)
+    assert sorted(w.worker_id for w in status.workers) == ["wk-a", "wk-b"]
+    for name, ws in served.items():
+        holder = next(w for w in status.workers if w.worker_id in ws)
+        assert any(a.ref.name == name for a in holder.adapters), (name, holder)
+    # 4 cold placements, then 8 affinity hits
+    lookups = router.metrics._lookups - before[1]
+    assert lookups == 12
+    text = router.metrics.exposition().decode()
+    assert 'loraserve_router_adapter_requests_total{adapter="code-lora"} 3.0' in text
+
+
+def test_base_model_and_token_prompts(stub):
+    a = stub.Generate(gen_request("", prompt="The cat", max_tokens=5), timeout=60)
+    assert a.usage.completion_tokens == 5 and a.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    b = stub.Generate(inference_pb2.GenerateRequest(prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(
+        ids=[5, 6, 7])), sampling=common_pb2.SamplingParams(max_tokens=2, temperature=0.0)), timeout=60)
+    assert b.usage.prompt_tokens == 3 and len(b.token_ids) == 2
+
+
+def test_errors_of_the_request_come_back_as_they_are(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(gen_request("no-such-lora"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "known adapters" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(gen_request("sql-lora", temperature=-1.0), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_worker_killed_before_the_first_token_is_retried(loop, stack):
+    with stack.victim("wk-v") as victim, \
+            running_router(loop, stack.config((stack.workers[0].address, victim.address))) as router, \
+            router_stub(router) as stub:
+        assert wait_until(lambda: len(router.registry.routable()) == 2, 30)
+        name = next(n for n in EXTRA if preference(n, ("wk-a", "wk-v"))[0] == "wk-v")
+        victim.popen.send_signal(signal.SIGSTOP)  # frozen: the router still sees it serving
+        try:
+            call = stub.Generate.future(gen_request(name, max_tokens=3), timeout=60)
+            time.sleep(0.5)  # the request is on its way to the victim
+            assert not call.done()
+        finally:
+            victim.popen.kill()
+        reply = call.result()
+        assert reply.served_by.worker_id == "wk-a" and reply.usage.completion_tokens == 3
+        assert 'retries_total{reason="worker_lost"} 1.0' in router.metrics.exposition().decode()
+        assert wait_until(lambda: [s.worker_id for s in router.registry.published] == ["wk-a"], 10)
+        status = stub.GetClusterStatus(inference_pb2.GetClusterStatusRequest(), timeout=5)
+        assert [w.worker_id for w in status.workers] == ["wk-a"]  # the dead worker left
+
+
+def test_a_worker_killed_mid_stream_ends_it_with_unavailable(loop, stack):
+    with stack.victim("wk-m") as victim, running_router(loop, stack.config((victim.address,))) as router, \
+            router_stub(router) as stub:
+        req = stream_request("sql-lora", max_tokens=400)
+        req.sampling.ignore_eos = True
+        got = []
+        with pytest.raises(grpc.RpcError) as info:
+            for m in stub.GenerateStream(req, timeout=60):
+                got.append(m)
+                if len(got) == 3:
+                    victim.popen.kill()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "wk-m was lost after" in info.value.details() and "incomplete" in info.value.details()
+        assert got[0].served_by.worker_id == "wk-m" and got[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+
+
+def test_two_routers_share_the_redis_registry(loop, stack, redis_url, redis_prefix, redis_client):
+    import redis.asyncio as aioredis
+
+    async def connect():
+        return aioredis.Redis.from_url(redis_url, decode_responses=True)
+
+    client = loop.run(connect())
+    statuses = {}
+    for w in stack.workers:
+        with grpc.insecure_channel(w.address) as ch:
+            statuses[w.name] = worker_pb2_grpc.WorkerServiceStub(ch).GetStatus(worker_pb2.GetStatusRequest(),
+                                                                               timeout=10).status
+    # what a worker's heartbeat would do (gpu_worker does not register itself yet: see router/README.md)
+    beats = [loop.submit(heartbeat(client, redis_prefix, (lambda s=s: s), ttl_s=3, interval_s=0.2))
+             for s in statuses.values()]
+    config = stack.config(workers=(), redis_url=redis_url, redis_prefix=redis_prefix)
+    try:
+        with running_router(loop, config) as r1, running_router(loop, config) as r2, \
+                router_stub(r1) as s1, router_stub(r2) as s2:
+            ids = lambda s: sorted(w.worker_id for w in s.GetClusterStatus(  # noqa: E731
+                inference_pb2.GetClusterStatusRequest(), timeout=5).workers)
+            assert wait_until(lambda: ids(s1) == ids(s2) == ["wk-a", "wk-b"], 15)
+            name = "extra-7"
+            want = s1.Generate(gen_request(name, max_tokens=2), timeout=60).served_by.worker_id
+            assert s2.Generate(gen_request(name, max_tokens=2), timeout=60).served_by.worker_id == want
+    finally:
+        for b in beats:
+            b.cancel()
+        loop.run(client.aclose())
+
+
+def test_admin_rpcs_refused_when_disabled_or_without_the_token(loop, stack, stub):
+    with running_router(loop, stack.config(enable_runtime_lora_updating=False, admin_token="")) as off, \
+            router_stub(off) as off_stub:
+        with pytest.raises(grpc.RpcError) as info:
+            off_stub.LoadAdapter(inference_pb2.LoadAdapterRequest(name="x", source_uri="/tmp/x"),
+                                 metadata=admin_metadata(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for metadata in (None, admin_metadata("wrong")):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UnloadAdapter(inference_pb2.UnloadAdapterRequest(name="sql-lora"), metadata=metadata, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_load_reload_in_place_and_unload_through_the_store(router, stub, stack, tiny_adapters):
+    v1, v2 = stack.tmp / "reload-v1", stack.tmp / "reload-v2"
+    shutil.copytree(tiny_adapters["chat-lora"], v1)
+    shutil.copytree(tiny_adapters["math-lora"], v2)
+    load = lambda src, inplace=False, warm=(): stub.LoadAdapter(inference_pb2.LoadAdapterRequest(  # noqa: E731
+        name="live-lora", source_uri=str(src), load_inplace=inplace, warm_worker_ids=list(warm)),
+        metadata=admin_metadata(), timeout=60).adapter
+    first = load(v1, warm=["wk-b"])
+    assert first.id == "live-lora" and len(first.content_hash) == 64 and first.parent == router.catalog.base_model()
+    assert wait_until(lambda: resident(router, "wk-b", "live-lora"), 10)
+    assert any(m.id == "live-lora" for m in stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models)
+    with pytest.raises(grpc.RpcError) as info:
+        load(v2)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    # a long request on v1 is running while v2 replaces it
+    req = stream_request("live-lora", max_tokens=300)
+    req.sampling.ignore_eos = True
+    running = stub.GenerateStream(req, timeout=120)
+    head = next(running)
+    assert head.served_by.adapter.content_hash == first.content_hash
+    second = load(v2, inplace=True)
+    assert second.content_hash != first.content_hash
+    after = stub.Generate(gen_request("live-lora", max_tokens=2), timeout=60)
+    assert after.served_by.adapter.content_hash == second.content_hash
+    rest = list(running)  # the old version finishes its request
+    assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert len(head.token_ids) + sum(len(m.token_ids) for m in rest) == 300
+    # once idle, the old version leaves every worker
+    old = first.content_hash
+    assert wait_until(lambda: not any((a.ref.name, a.ref.content_hash) == ("live-lora", old)
+                                      for s in router.registry.published for a in s.adapters), 15)
+
+    stub.UnloadAdapter(inference_pb2.UnloadAdapterRequest(name="live-lora"), metadata=admin_metadata(), timeout=10)
+    assert wait_until(lambda: not any(a.ref.name == "live-lora" for s in router.registry.published
+                                      for a in s.adapters), 15)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(gen_request("live-lora"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
