@@ -10,7 +10,7 @@ PROTO_SRC := $(sort $(wildcard protos/loraserve/v1/*.proto))
 PROTO_STAMP := loraserve/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-gpu
+.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-router bench-routing bench-gpu
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -60,6 +60,14 @@ bench-kernels:
 # The adapter store against boto3 alone, on moto's S3 server over loopback (the CPU is fine).
 bench-store: setup
 	PYTHONPATH=. $(BIN)/python -m benchmarks.store $(BENCH_ARGS)
+
+# The router's added latency and throughput with echo workers, and the routing policies on a simulated
+# cluster (both on the CPU).
+bench-router: setup
+	PYTHONPATH=. $(BIN)/python -m benchmarks.router $(BENCH_ARGS)
+
+bench-routing: setup
+	PYTHONPATH=. $(BIN)/python -m benchmarks.routing $(BENCH_ARGS)
 
 # Everything that needs the GPU, in one call: GPU tests, then both benchmarks.
 bench-gpu:

@@ -11,8 +11,9 @@ Step and load times come from the H100 worker benchmark (benchmarks/results/*-h1
 decode step of "8 adapters mixed" at batch 32 and 64 (a line through both), prefill tokens/s, the
 cold-load staging time and the extra time of the step that copies an adapter in.
 
-The policies see the cluster as a router does: each worker's load exactly (the router counts what it sent),
-residency and queues as of the last status (every 50 ms).
+The policies see the cluster as a router does: residency and queues as of each worker's last status (every
+50 ms); least-loaded and ours also count what they sent and has not finished, per worker (and ours per
+adapter), exactly, as our router does; the endpoint picker works from the scraped status alone, as it does.
 - round-robin;
 - least-loaded (fewest requests in flight, ties at random);
 - LoRA affinity as the Kubernetes Gateway API Inference Extension's endpoint picker decides by default:

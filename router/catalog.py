@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import Counter
 
@@ -23,21 +22,18 @@ from router import errors
 from router.domain import AdapterInfo, AdapterRef, AdapterState, ModelEntry, WorkerStatus
 from router.registry import WorkerRegistry
 from router.store_client import StoreClient
+from service_kit.names import name_problem
 
 log = logging.getLogger(__name__)
 
-# The worker's and the store's rule: one optional "org/" prefix; parts start alphanumeric; never "..".
-_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_NAME = re.compile(rf"^(?:{_PART}/)?{_PART}$")
 HINT_NAMES = 20
 
 
 def check_name(name: str) -> str:
-    if ".." in name or not _NAME.match(name):
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise errors.InvalidArgumentError(
-            f"{shown!r} is not a valid adapter name: letters, digits, '.', '_' and '-' (at most 128, starting with "
-            "a letter or digit, no '..'), with at most one 'org/' prefix")
+    """`name` if it is a valid adapter name (the rule the workers and the store apply), else INVALID_ARGUMENT."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise errors.InvalidArgumentError(problem)
     return name
 
 
@@ -50,15 +46,20 @@ class AdapterCatalog:
         self._unloaded: set[str] = set()
         self._first_seen: dict[str, int] = {}
         self._resolving: dict[str, asyncio.Future] = {}
+        self._base: tuple[tuple, str] = ((), "")  # (the statuses it was computed from, the base model)
 
     # -- the base model ---------------------------------------------------------------------------
 
     def base_model(self) -> str:
         """The base model the live workers serve (the most common name, should they disagree)."""
-        names = Counter(s.base_model for s in self.registry.published if s.base_model)
-        if len(names) > 1:
-            log.warning("workers serve different base models: %s", dict(names))
-        return names.most_common(1)[0][0] if names else ""
+        published = self.registry.published
+        if self._base[0] is not published:  # recomputed only when a status changed, not per request
+            names = Counter(s.base_model for s in published if s.base_model)
+            base = names.most_common(1)[0][0] if names else ""
+            if len(names) > 1 and base != self._base[1]:
+                log.warning("workers serve different base models: %s; taking %s", dict(names), base)
+            self._base = (published, base)
+        return self._base[1]
 
     def max_model_len(self) -> int:
         lens = [s.max_model_len for s in self.registry.published if s.max_model_len]
@@ -68,8 +69,7 @@ class AdapterCatalog:
 
     async def resolve(self, model: str) -> AdapterRef | None:
         """The adapter a request's `model` names (None: the base model). NotFoundError names what exists."""
-        base = self.base_model()
-        if not model or model == base:
+        if not model or model == self.base_model():
             return None
         info = self._entries.get(model)
         if info is not None:

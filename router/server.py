@@ -16,7 +16,7 @@ from router.admin import AdapterAdmin, AdminGuard
 from router.catalog import AdapterCatalog
 from router.config import RouterConfig
 from router.dispatcher import Dispatcher
-from router.interceptor import ErrorInterceptor
+from router.interceptor import error_interceptor
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
 from router.registry_redis import RedisMembership
@@ -58,7 +58,7 @@ class RouterServer:
     async def start(self) -> None:
         """Listen, then dial the workers and the store. Raises StartupError."""
         cfg = self.config
-        server = grpc.aio.server(interceptors=[ErrorInterceptor(SERVICE_NAME)],
+        server = grpc.aio.server(interceptors=[error_interceptor(SERVICE_NAME)],
                                  options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                                           ("grpc.so_reuseport", 0)])
         host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host

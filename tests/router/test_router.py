@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from loraserve.v1 import common_pb2, inference_pb2
+from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from router.policy import preference
 from tests.router.conftest import (
     ADMIN_TOKEN,
@@ -29,6 +34,7 @@ from tests.router.conftest import (
 from tests.router.fakes import FakeWorker, fake_hash, serving
 from tests.services import free_port
 
+ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = {"sql-lora": 1, "chat-lora": 1, "code-lora": 1, "math-lora": 1}
 
 
@@ -329,3 +335,24 @@ def test_a_busy_adapter_is_prefetched_on_its_spill_target(loop):
                 loop.call(hold.set)
                 first.faults.hold = None
             thread.join(5)
+
+
+def test_python_m_router_serves_and_exits_0_on_sigterm(loop):
+    w = FakeWorker("cli-w", adapters=dict(ADAPTERS))
+    with fake_workers(loop, w):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ROUTER_WORKERS": w.address,
+               "LORASERVE_ROUTER_METRICS_PORT": "0"}
+        proc = subprocess.Popen([sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0"], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("router serving on 127.0.0.1:"), (line, proc.stderr.read() if not line else "")
+            with grpc.insecure_channel(line.split()[-1]) as ch:
+                stub = inference_pb2_grpc.InferenceServiceStub(ch)
+                assert stub.Generate(gen_request("sql-lora"), timeout=10).served_by.worker_id == "cli-w"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
