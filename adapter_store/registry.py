@@ -13,11 +13,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from adapter_store.errors import InvalidArgumentError, NotFoundError, SourceUnavailableError
-from adapter_store.names import check_name
 from adapter_store.sources.base import AdapterSource, Resolver
 from adapter_store.sources.filesystem import LocalDirSource
 from adapter_store.sources.hub import HubSettings, HubSource, parse_hub_ref
 from adapter_store.sources.s3 import S3Clients, S3Source, parse_s3_uri
+from service_kit.names import parse_lora_module
 
 log = logging.getLogger(__name__)
 REGISTERED = "registered"
@@ -34,28 +34,7 @@ class Registration:
     @classmethod
     def parse(cls, spec: str | dict) -> Registration:
         """One LORA_MODULES entry: `name=uri` or {"name", "path", "base_model_name"}; ValueError if malformed."""
-        if isinstance(spec, str) and spec.lstrip().startswith("{"):
-            try:
-                spec = json.loads(spec)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"lora module {spec!r} is not valid JSON ({e})") from None
-        if isinstance(spec, dict):
-            unknown = set(spec) - {"name", "path", "base_model_name"}
-            if unknown or not spec.get("name") or not spec.get("path"):
-                raise ValueError(f'lora module {spec!r}: expected {{"name": ..., "path": ..., '
-                                 '"base_model_name": ... (optional)}')
-            name, uri, base = str(spec["name"]), str(spec["path"]), str(spec.get("base_model_name") or "")
-        elif isinstance(spec, str) and "=" in spec:
-            name, uri = spec.split("=", 1)
-            base = ""
-        else:
-            raise ValueError(f"lora module {spec!r}: expected name=uri or a JSON object")
-        try:
-            check_name(name)
-        except InvalidArgumentError as e:
-            raise ValueError(f"lora module {name!r}: {e}") from None
-        if not uri:
-            raise ValueError(f"lora module {name!r}: the path is empty")
+        name, uri, base = parse_lora_module(spec, value="uri")
         return cls(name, uri, base)
 
 

@@ -8,7 +8,6 @@ A name is a name, never a path: it is checked against a strict pattern before it
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from gpu_worker.async_engine import UnavailableError
 from gpu_worker.engine.errors import AdapterError, InvalidRequestError
 from gpu_worker.engine.lora_request import LoRARequest
 from gpu_worker.store_client import StoreClient, StoreClientError
-from service_kit.names import name_problem
+from service_kit.names import name_problem, parse_lora_module
 
 
 def check_adapter_name(name: str) -> str:
@@ -40,29 +39,8 @@ class LoRAModule:
     @classmethod
     def parse(cls, spec: str | dict) -> LoRAModule:
         """Parse one --lora-modules entry; ValueError with the entry and the expected forms."""
-        if isinstance(spec, str) and spec.lstrip().startswith("{"):
-            try:
-                spec = json.loads(spec)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"lora module {spec!r} is not valid JSON ({e})") from None
-        if isinstance(spec, dict):
-            unknown = set(spec) - {"name", "path", "base_model_name"}
-            if unknown or not spec.get("name") or not spec.get("path"):
-                raise ValueError(f"lora module {spec!r}: expected {{\"name\": ..., \"path\": ..., "
-                                 f"\"base_model_name\": ... (optional)}}")
-            name, path, base = str(spec["name"]), str(spec["path"]), spec.get("base_model_name")
-        elif isinstance(spec, str) and "=" in spec:
-            name, path = spec.split("=", 1)
-            base = None
-        else:
-            raise ValueError(f"lora module {spec!r}: expected name=path or a JSON object")
-        try:
-            check_adapter_name(name)
-        except InvalidRequestError as e:
-            raise ValueError(f"lora module {name!r}: {e}") from None
-        if not path:
-            raise ValueError(f"lora module {name!r}: the path is empty")
-        return cls(name, path, str(base) if base else None)
+        name, path, base = parse_lora_module(spec)
+        return cls(name, path, base or None)
 
 
 class LocalAdapterSource:

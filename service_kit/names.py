@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 # One optional "org/" prefix, then the name; each part starts alphanumeric, so "." and ".." cannot be a part.
@@ -18,3 +19,31 @@ def name_problem(name: object) -> str | None:
         return (f"{shown!r} is not a valid adapter name: use letters, digits, '.', '_' and '-' (at most 128, "
                 "starting with a letter or digit, no '..'), with at most one 'org/' prefix; a name is never a path")
     return None
+
+
+def parse_lora_module(spec: str | dict, value: str = "path") -> tuple[str, str, str]:
+    """One vLLM-style `--lora-modules` entry, `name=path` or {"name", "path", "base_model_name"} (a dict or
+    JSON text) -> (name, path, base_model_name or ""). ValueError naming the entry and the expected forms;
+    `value` names the right-hand side in messages ("path", or "uri" where sources are URIs)."""
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"lora module {spec!r} is not valid JSON ({e})") from None
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"name", "path", "base_model_name"}
+        if unknown or not spec.get("name") or not spec.get("path"):
+            raise ValueError(f'lora module {spec!r}: expected {{"name": ..., "path": ..., '
+                             '"base_model_name": ... (optional)}')
+        name, path, base = str(spec["name"]), str(spec["path"]), str(spec.get("base_model_name") or "")
+    elif isinstance(spec, str) and "=" in spec:
+        name, path = spec.split("=", 1)
+        base = ""
+    else:
+        raise ValueError(f"lora module {spec!r}: expected name={value} or a JSON object")
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(f"lora module {name!r}: {problem}")
+    if not path:
+        raise ValueError(f"lora module {name!r}: the path is empty")
+    return name, path, base
