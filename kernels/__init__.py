@@ -1,7 +1,7 @@
 """Triton multi-LoRA kernels: shrink (x @ A) and expand (out += y @ B) over tokens grouped by adapter.
 
     meta = LoRAKernelMeta(max_tokens, max_slots, device)            # once
-    meta.prepare(token_slots)                                       # once per engine step
+    meta.prepare(token_slots, distinct)                             # once per engine step
     y = lora_shrink(x, a, ranks, meta)                              # per layer and projection
     lora_expand(y, b, out, ranks, meta, slice_offsets)
 
@@ -11,7 +11,7 @@ See README.md for the design; reference.py holds the plain-torch semantics.
 from ._common import KernelConfig
 from .engine_backend import TritonLoRA
 from .lora_expand import expand_config, lora_expand
-from .lora_shrink import lora_shrink, shrink_config
+from .lora_shrink import lora_shrink, shrink_config, shrink_workspace
 from .metadata import LoRAKernelMeta, prepare_reference
 from .reference import lora_expand_ref, lora_gather_bmm, lora_loop, lora_ref, lora_shrink_ref
 
@@ -29,4 +29,5 @@ __all__ = [
     "lora_shrink_ref",
     "prepare_reference",
     "shrink_config",
+    "shrink_workspace",
 ]

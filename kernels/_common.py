@@ -37,6 +37,9 @@ class KernelConfig:
     # most about one wave, ~1-2 us, instead of vLLM's grid over every slot (max_loras + 1 programs per
     # tile, almost all exiting at once: thousands of empty CTAs at 128 slots).
     programs_per_sm: int = 16
+    # Expand only: at most this many programs share one row tile's output columns (0: one per column
+    # tile). Fewer means each program loops over several column tiles, whose loads then pipeline.
+    col_programs: int = 0
 
     def with_(self, **kw) -> KernelConfig:
         return replace(self, **kw)

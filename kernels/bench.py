@@ -5,6 +5,8 @@
     OUT=/some/dir python3 -m kernels.bench           # also writes $OUT/kernels_bench.csv
     PYTHONPATH=. python3 -m kernels.bench --sweep --groups qkv --ranks 64 --tokens 8192 --adapters 1
                                                      # times alternative launch configs instead
+    PYTHONPATH=. python3 -m kernels.bench --sweep --cases qkv:16:2048:128,down:64:16:8
+                                                     # the same for a list of group:rank:tokens:adapters
 
 For every (projection, rank, tokens, distinct adapters):
   * correctness: the Triton result against a float64 reference, on this GPU, before any timing;
@@ -12,6 +14,9 @@ For every (projection, rank, tokens, distinct adapters):
     inputs (x, out, and for few adapters different slots, so different weights), enough to exceed 4x
     the L2 size: weights and activations come from HBM, as they do in a model where 32 layers' adapters
     do not fit in L2;
+  * layout: tokens grouped by slot, as the engine lays them out; past 256 tokens (eager prefill steps) the
+    metadata gets the count of adapters present, as the engine passes it (`LoRAKernelMeta.prepare`'s
+    `distinct`); decode sizes get none, as a CUDA graph replayed for any batch cannot;
   * floor: bytes that must move (each distinct adapter's A and B once, x once, out read and written)
     over the device-to-device copy bandwidth measured in the same run; `floor%` = floor / time;
   * torch: the faster of a loop over adapters (TorchLoRA's algorithm) and a per-token gather + bmm,
@@ -36,8 +41,9 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from . import KernelConfig, LoRAKernelMeta, expand_config, lora_expand, lora_shrink, shrink_config
+from . import KernelConfig, LoRAKernelMeta, expand_config, lora_expand, lora_shrink, shrink_config, shrink_workspace
 from ._common import sm_count
+from .lora_shrink import MAX_SPLIT
 from .reference import gather_bmm_bytes, lora_gather_bmm, lora_loop, lora_ref
 
 # Llama-3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, intermediate 14336.
@@ -85,7 +91,9 @@ class Row:
 
 
 def cfg_str(c: KernelConfig) -> str:
-    return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/p{c.programs_per_sm}"
+    cols = f"/c{c.col_programs}" if c.col_programs else ""
+    return (f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/p{c.programs_per_sm}"
+            f"/st{c.num_stages}{cols}")
 
 
 def graph_time_us(fn: Callable[[], None], calls_per_replay: int, reps: int = 30, warm: int = 5) -> float:
@@ -182,7 +190,7 @@ def make_inputs(tokens: int, adapters: int, in_features: int, n_out: int, copy: 
         at += n
     token_slots = torch.tensor(ids, dtype=torch.int32, device=DEVICE)
     meta = LoRAKernelMeta(max_tokens=tokens, max_slots=NUM_SLOTS, device=DEVICE)
-    meta.prepare(token_slots)
+    meta.prepare(token_slots, adapters if tokens > DECODE_TOKENS else None)
     x = torch.randn(tokens, in_features, generator=g).to(DEVICE, DTYPE)
     out = torch.randn(tokens, n_out, generator=g).to(DEVICE, DTYPE)
     return Inputs(x, out, token_slots, segments, meta)
@@ -193,9 +201,6 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     in_features, widths = GROUPS[group]
     n_out = sum(widths)
     row = Row(group, rank, tokens, adapters)
-    sms = sm_count(torch.device(DEVICE))
-    row.shrink_cfg = cfg_str(shrink_config(tokens, in_features, len(widths) * rank, rank, sms))
-    row.expand_cfg = cfg_str(expand_config(tokens, rank, sms))
 
     act_bytes = tokens * (in_features + 2 * n_out) * 2
     moved = adapters * w.bytes_per_adapter() + act_bytes
@@ -205,6 +210,11 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     per_copy = min(adapters, NUM_SLOTS) * w.bytes_per_adapter() + act_bytes
     row.copies = max(1, min(MAX_COPIES, math.ceil(4 * l2 / per_copy)))
     copies = [make_inputs(tokens, adapters, in_features, n_out, c) for c in range(row.copies)]
+    sms = sm_count(torch.device(DEVICE))
+    m = copies[0].meta
+    row.shrink_cfg = cfg_str(shrink_config(tokens, m.distinct, m.rows_per_slot(), in_features,
+                                           len(widths) * rank, rank, sms))
+    row.expand_cfg = cfg_str(expand_config(tokens, m.rows_per_slot(), rank, sms))
 
     # Correctness first, on copy 0.
     c0 = copies[0]
@@ -222,10 +232,12 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
             lora_expand(y, w.b, c.out, w.ranks, c.meta, w.offsets)
 
     ys = [lora_shrink(c.x, w.a, w.ranks, c.meta) for c in copies]
+    scratch = torch.empty(max(1, shrink_workspace(copies[0].x, w.a, copies[0].meta)), dtype=torch.float32,
+                          device=DEVICE)
 
     def shrink_only():
         for c, y in zip(copies, ys):
-            lora_shrink(c.x, w.a, w.ranks, c.meta, y=y)
+            lora_shrink(c.x, w.a, w.ranks, c.meta, y=y, workspace=scratch)
 
     def expand_only():
         for c, y in zip(copies, ys):
@@ -267,40 +279,73 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     return row
 
 
+def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, n_total: int, rank: int, sms: int):
+    """Launch configs around the defaults: row tiles from 16 to twice the default, column tiles, K blocks,
+    splits of K, warps, programs per SM, and for expand the column programs per row tile and pipeline
+    depth. ~30-70 per op; each new one compiles (~1 s)."""
+    p2 = triton.next_power_of_2
+    tokens, rows = meta.num_tokens, meta.rows_per_slot()
+    ds = shrink_config(tokens, meta.distinct, rows, in_features, n_total, rank, sms)
+    de = expand_config(tokens, rows, rank, sms)
+    bms = [m for m in (16, 32, 64, 128) if m <= max(16, 2 * max(ds.block_m, de.block_m))]
+    bns = sorted({max(16, min(p2(rank), 64)), max(16, min(p2(n_total), 256))})
+    splits = sorted({max(1, ds.split_k // 4), max(1, ds.split_k // 2), ds.split_k, min(MAX_SPLIT, ds.split_k * 4)})
+    shrink = {ds}
+    for bm in bms:
+        for bn in bns:
+            for bk in (64, 128, 256):
+                if bk * (bm + bn) * 2 * 3 > 200 * 1024 or bm * bn > 128 * 256 or (bk == 256 and bm > 32):
+                    continue
+                for split in splits:
+                    if in_features // split < bk:
+                        continue
+                    for pps in (2, 16) if bm <= 32 else (2,):
+                        shrink.add(KernelConfig(bm, bn, bk, split, 8 if bm * bn >= 64 * 128 else 4, 3, pps))
+    expand = {de}
+    for bm in bms:
+        for bn in (64, 128, 256):
+            if bm * bn > 128 * 256:
+                continue
+            if bm <= 32:
+                for warps in (4, 8):
+                    for pps in (2, 16):
+                        expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, 2, pps))
+                continue
+            warps = 8 if bm * bn >= 128 * 256 else 4
+            expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, 2, 4, 8))
+            for cols in (0, 4, 8, 16):
+                for stages in (2, 3):
+                    expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, stages, 2, cols))
+    return ds, sorted(shrink, key=cfg_str), de, sorted(expand, key=cfg_str)
+
+
 def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, ops=("shrink", "expand")) -> None:
-    """Time alternative launch configs for one case, shrink and expand apart; print the best few. For
-    retuning `shrink_config` / `expand_config` on a new GPU (or a new Triton)."""
+    """Time alternative launch configs for one case, shrink and expand apart; print the default's time and
+    the best few. For retuning `shrink_config` / `expand_config` on a new GPU (or a new Triton)."""
     in_features, widths = GROUPS[group]
     c = make_inputs(tokens, adapters, in_features, sum(widths), 0)
-    n_total = len(widths) * rank
-    p2 = triton.next_power_of_2
-    bms = [m for m in (16, 32, 64, 128) if m <= max(16, p2(tokens))]
-    bns = sorted({max(16, min(p2(rank), 64)), max(16, min(p2(n_total), 128)), max(16, min(p2(n_total), 256))})
-    # ~100 shrink and ~12 expand configs; each new one compiles (~1 s): filter cases on the command line.
-    shrink_cands = [KernelConfig(bm, bn, bk, split, 8 if bm * bn >= 128 * 128 else 4, 3,
-                                 2 if bm * bn >= 128 * 128 else 16)
-                    for bm in bms for bn in bns for bk in (64, 128, 256) for split in (1, 4, 16)
-                    if bm * bn <= 128 * 256 and bk * (bm + bn) <= 256 * 128 and in_features // split >= bk]
-    expand_cands = [KernelConfig(bm, bn, max(16, min(p2(rank), 128)), 1, 8 if bm * bn >= 128 * 128 else 4, 2,
-                                 4 if bm * bn >= 128 * 128 else 16)
-                    for bm in bms for bn in (64, 128, 256) if bm * bn <= 128 * 256]
+    sms = sm_count(torch.device(DEVICE))
+    ds, shrink_cands, de, expand_cands = _sweep_candidates(c.meta, in_features, len(widths) * rank, rank, sms)
     y = lora_shrink(c.x, w.a, w.ranks, c.meta)
-    for name, cands, fn in (
-        ("shrink", shrink_cands, lambda cfg: lambda: lora_shrink(c.x, w.a, w.ranks, c.meta, y=y, config=cfg)),
-        ("expand", expand_cands, lambda cfg: lambda: lora_expand(y, w.b, c.out, w.ranks, c.meta, w.offsets,
-                                                                  config=cfg)),
+    ws = torch.empty(MAX_SPLIT * y.numel(), dtype=torch.float32, device=DEVICE)
+    for name, default, cands, fn in (
+        ("shrink", ds, shrink_cands,
+         lambda cfg: lambda: lora_shrink(c.x, w.a, w.ranks, c.meta, y=y, config=cfg, workspace=ws)),
+        ("expand", de, expand_cands,
+         lambda cfg: lambda: lora_expand(y, w.b, c.out, w.ranks, c.meta, w.offsets, config=cfg)),
     ):
         if name not in ops:
             continue
-        timed = []
+        timed = {}
         for cfg in cands:
             try:
-                timed.append((graph_time_us(fn(cfg), 1, reps=10, warm=2), cfg))
+                timed[cfg] = graph_time_us(fn(cfg), 1, reps=10, warm=2)
             except Exception as e:  # out of shared memory or registers for this tile: skip it
                 print(f"#   {name} {cfg_str(cfg)}: {type(e).__name__}", file=sys.stderr)
-        timed.sort(key=lambda x: x[0])
-        best = ", ".join(f"{cfg_str(cfg)} {us:.1f}us" for us, cfg in timed[:3])
-        print(f"# sweep {group} r{rank} T={tokens} n={adapters} {name} ({len(timed)} configs): {best}", flush=True)
+        best = sorted(timed.items(), key=lambda kv: kv[1])
+        top = ", ".join(f"{cfg_str(cfg)} {us:.1f}us" for cfg, us in best[:4])
+        print(f"# sweep {group} r{rank} T={tokens} n={adapters} {name} ({len(timed)} configs): default "
+              f"{cfg_str(default)} {timed.get(default, math.nan):.1f}us; best {top}", flush=True)
 
 
 def prepare_time_us(tokens: int) -> float:
@@ -367,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="instead of the table, time alternative launch configs per case (slow: filter cases)")
     p.add_argument("--sweep-ops", default="shrink,expand", help="which ops --sweep times (expand alone is quick)")
+    p.add_argument("--cases", default="", help="group:rank:tokens:adapters,... instead of the grid")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
@@ -388,24 +434,25 @@ def main(argv: list[str] | None = None) -> int:
     for t in tokens:
         print(f"# prepare() for {t} tokens, {NUM_SLOTS} slots: {prepare_time_us(t):.1f} us (graph)", flush=True)
 
+    if args.cases:
+        cases = [(g, int(r), int(t), int(n)) for g, r, t, n in (c.split(":") for c in args.cases.split(","))]
+    else:
+        cases = [(g, r, t, n) for g in groups for r in ranks for t in tokens for n in adapters if n <= t]
     rows: list[Row] = []
-    for group in groups:
+    for group in dict.fromkeys(g for g, *_ in cases):
         in_features, widths = GROUPS[group]
-        for rank in ranks:
+        for rank in dict.fromkeys(r for g, r, *_ in cases if g == group):
             w = Weights.make(in_features, widths, rank)
-            for t in tokens:
-                for n in adapters:
-                    if n > t:
-                        continue
-                    if args.sweep:
-                        sweep_case(group, rank, t, n, w, ops=args.sweep_ops.split(","))
-                        continue
-                    r = run_case(group, rank, t, n, w, bw, l2, not args.no_torch)
-                    rows.append(r)
-                    print(f"{group:8s} r{rank:<3d} T={t:<5d} n={n:<4d} pair {r.pair_us:8.1f} us  floor "
-                          f"{r.floor_us:8.1f} us ({r.floor_frac:5.0%})  torch {fmt(r.torch_us):>8s} us  "
-                          f"x{fmt(r.speedup):>6s}  err {r.rel_err:.1e}  {'met' if r.met else 'MISSED'}",
-                          flush=True)
+            for _, _, t, n in (c for c in cases if c[:2] == (group, rank)):
+                if args.sweep:
+                    sweep_case(group, rank, t, n, w, ops=args.sweep_ops.split(","))
+                    continue
+                r = run_case(group, rank, t, n, w, bw, l2, not args.no_torch)
+                rows.append(r)
+                print(f"{group:8s} r{rank:<3d} T={t:<5d} n={n:<4d} pair {r.pair_us:8.1f} us  floor "
+                      f"{r.floor_us:8.1f} us ({r.floor_frac:5.0%})  torch {fmt(r.torch_us):>8s} us  "
+                      f"x{fmt(r.speedup):>6s}  err {r.rel_err:.1e}  {'met' if r.met else 'MISSED'}",
+                      flush=True)
             del w
             torch.cuda.empty_cache()
 

@@ -2,7 +2,7 @@
 SlotBuffers, with the Triton kernels.
 
     meta = LoRAKernelMeta(max_tokens, max_loras, device)    # once, at engine start
-    meta.prepare(token_slots)                               # every step, before the forward
+    meta.prepare(token_slots, distinct)                     # every step, before the forward
     model.forward(..., lora=TritonLoRA(buffers, meta))      # cheap: allocates its y once per step
 """
 
@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from .lora_expand import lora_expand
-from .lora_shrink import lora_shrink
+from .lora_shrink import lora_shrink, shrink_workspace
 from .metadata import LoRAKernelMeta
 
 
@@ -36,22 +36,26 @@ class TritonLoRA:
     def __init__(self, buffers: SlotBuffersLike, meta: LoRAKernelMeta):
         self.buffers = buffers
         self.meta = meta
-        # One fp32 y for every projection of the step (they run one after another on one stream): one
-        # allocation per step instead of one per layer and projection.
-        self._widest = max((a.shape[1] * a.shape[2] for a in buffers.a[0].values()), default=0) if buffers.a else 0
+        # One fp32 y and one split-K scratch for every projection (they run one after another on one
+        # stream): they grow to the largest step seen, instead of an allocation per layer and projection.
         self._y: torch.Tensor | None = None
+        self._scratch: torch.Tensor | None = None
 
-    def prepare(self, token_slots: torch.Tensor) -> None:
-        """This step's tokens -> slots; call once per step before the forward."""
-        self.meta.prepare(token_slots)
+    def prepare(self, token_slots: torch.Tensor, distinct: int | None = None) -> None:
+        """This step's tokens -> slots; call once per step before the forward. distinct: how many slots
+        the step holds, when the caller knows it (not in a graph replayed for other batches)."""
+        self.meta.prepare(token_slots, distinct)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the adapters' contribution for projection `group` of `layer` into `out` in place."""
         a = self.buffers.a[layer][group]
-        t = x.shape[0]
-        if self._y is None or self._y.numel() < t * self._widest:
-            self._y = torch.empty(t * self._widest, dtype=torch.float32, device=x.device)
-        y = self._y[: t * a.shape[1] * a.shape[2]].view(t, a.shape[1], a.shape[2])
-        lora_shrink(x, a, self.buffers.ranks, self.meta, y=y)
+        t, s, r = x.shape[0], a.shape[1], a.shape[2]
+        if self._y is None or self._y.numel() < t * s * r:
+            self._y = torch.empty(t * s * r, dtype=torch.float32, device=x.device)
+        need = max(1, shrink_workspace(x, a, self.meta))
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.float32, device=x.device)
+        y = self._y[: t * s * r].view(t, s, r)
+        lora_shrink(x, a, self.buffers.ranks, self.meta, y=y, workspace=self._scratch)
         lora_expand(y, self.buffers.b[layer][group], out, self.buffers.ranks, self.meta,
                     slice_offsets=self.buffers.shapes[group].slice_offsets)

@@ -14,7 +14,6 @@ from ._common import (
     DOT_FP32,
     KernelConfig,
     dot_mode,
-    grid_size,
     locate,
     m_tiles_bound,
     pick,
@@ -57,14 +56,14 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, DOT: tl.constexpr,
 ):
+    # Grid: axis 1 walks row tiles (persistent), axis 0 splits each row tile's output columns. The
+    # segment lookup (reductions over the segment table) is paid once per row tile, not per output tile,
+    # and the column loop has no dependence between iterations, so its loads pipeline.
     i, slots, starts, lens, ranks, firsts, ends, m_tiles = segment_table(
         active_ptr, start_ptr, len_ptr, ranks_ptr, R, MAX_SLOTS, SLOTS_PAD, BLOCK_M)
     if HAS_SCALE:
         scales = tl.load(scale_ptr + slots, mask=slots >= 0, other=0.0)
-    # Neighbouring tile ids are the same rows across output columns: y's rows stay in L2.
-    for t in range(tl.program_id(0), m_tiles * n_tiles, tl.num_programs(0)):
-        tn = t % n_tiles
-        m = t // n_tiles
+    for m in range(tl.program_id(1), m_tiles, tl.num_programs(1)):
         seg = locate(m, i, ends)
         slot = pick(slots, i, seg).to(tl.int64)
         rank = pick(ranks, i, seg)
@@ -72,76 +71,88 @@ def _expand_kernel(
         # A rank-0 slot adds nothing: its rows are not even read (so -0.0 in out stays -0.0).
         row_ok = rows < tl.where(rank > 0, pick(lens, i, seg), 0)
         tok = tl.load(sorted_ptr + pick(starts, i, seg) + rows, mask=row_ok, other=0).to(tl.int64)
-
-        # Output tiles never straddle two slices: tiles [end_{s-1}, end_s) are slice s's columns.
-        s = 0
-        b_ptr = b0_ptr
-        stride_bs = stride_b0
-        width = w0
-        col = col0
-        first_tile = 0
-        if NUM_SLICES > 1:  # noqa: SIM102 (static: compiled out for fewer slices)
-            if tn >= end0:
-                s = 1
-                b_ptr = b1_ptr
-                stride_bs = stride_b1
-                width = w1
-                col = col1
-                first_tile = end0
-        if NUM_SLICES > 2:  # noqa: SIM102 (static: compiled out for fewer slices)
-            if tn >= end1:
-                s = 2
-                b_ptr = b2_ptr
-                stride_bs = stride_b2
-                width = w2
-                col = col2
-                first_tile = end1
-        if NUM_SLICES > 3:  # noqa: SIM102 (static: compiled out for fewer slices)
-            if tn >= end2:
-                s = 3
-                b_ptr = b3_ptr
-                stride_bs = stride_b3
-                width = w3
-                col = col3
-                first_tile = end2
-        cols = (tn - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < width
-
-        # The base output tile is loaded first, so its HBM latency overlaps the y and B loads (L2).
-        o_ptrs = out_ptr + tok[:, None] * stride_ot + (col + cols)[None, :].to(tl.int64) * stride_oc
-        o_mask = row_ok[:, None] & col_ok[None, :]
-        base = tl.load(o_ptrs, mask=o_mask, other=0.0)
-
-        y_rows = y_ptr + tok[:, None] * stride_yt + s * stride_ys
-        b_cols = b_ptr + slot * stride_bs + cols[None, :].to(tl.int64) * stride_bo
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # K is the rank: one block covers it when R <= 128 (no loop), else a loop that stops at the rank.
-        if ONE_K:
-            acc = _rank_block(acc, y_rows, b_cols, 0, rank, row_ok, col_ok, stride_br, BLOCK_K, DOT)
-        else:
-            for k0 in range(0, rank, BLOCK_K):
-                acc = _rank_block(acc, y_rows, b_cols, k0, rank, row_ok, col_ok, stride_br, BLOCK_K, DOT)
+        o_rows = out_ptr + tok[:, None] * stride_ot
+        y_base = y_ptr + tok[:, None] * stride_yt
         if HAS_SCALE:
-            acc = acc * pick(scales, i, seg)
-        res = base.to(tl.float32) + acc
-        if out_ptr.dtype.element_ty != tl.float32:
-            res = to_low(res, out_ptr.dtype.element_ty, DOT == DOT_EMULATED)
-        tl.store(o_ptrs, res, mask=o_mask)
+            factor = pick(scales, i, seg)
+
+        for tn in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            # Output tiles never straddle two slices: tiles [end_{s-1}, end_s) are slice s's columns.
+            s = 0
+            b_ptr = b0_ptr
+            stride_bs = stride_b0
+            width = w0
+            col = col0
+            first_tile = 0
+            if NUM_SLICES > 1:  # noqa: SIM102 (static: compiled out for fewer slices)
+                if tn >= end0:
+                    s = 1
+                    b_ptr = b1_ptr
+                    stride_bs = stride_b1
+                    width = w1
+                    col = col1
+                    first_tile = end0
+            if NUM_SLICES > 2:  # noqa: SIM102 (static: compiled out for fewer slices)
+                if tn >= end1:
+                    s = 2
+                    b_ptr = b2_ptr
+                    stride_bs = stride_b2
+                    width = w2
+                    col = col2
+                    first_tile = end1
+            if NUM_SLICES > 3:  # noqa: SIM102 (static: compiled out for fewer slices)
+                if tn >= end2:
+                    s = 3
+                    b_ptr = b3_ptr
+                    stride_bs = stride_b3
+                    width = w3
+                    col = col3
+                    first_tile = end2
+            cols = (tn - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < width
+
+            # The base output tile is loaded first, so its HBM latency overlaps the y and B loads (L2).
+            o_ptrs = o_rows + (col + cols)[None, :].to(tl.int64) * stride_oc
+            o_mask = row_ok[:, None] & col_ok[None, :]
+            base = tl.load(o_ptrs, mask=o_mask, other=0.0)
+
+            y_rows = y_base + s * stride_ys
+            b_cols = b_ptr + slot * stride_bs + cols[None, :].to(tl.int64) * stride_bo
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # K is the rank: one block covers it when R <= 128 (no loop), else a loop that stops at the rank.
+            if ONE_K:
+                acc = _rank_block(acc, y_rows, b_cols, 0, rank, row_ok, col_ok, stride_br, BLOCK_K, DOT)
+            else:
+                for k0 in range(0, rank, BLOCK_K):
+                    acc = _rank_block(acc, y_rows, b_cols, k0, rank, row_ok, col_ok, stride_br, BLOCK_K, DOT)
+            if HAS_SCALE:
+                acc = acc * factor
+            res = base.to(tl.float32) + acc
+            if out_ptr.dtype.element_ty != tl.float32:
+                res = to_low(res, out_ptr.dtype.element_ty, DOT == DOT_EMULATED)
+            tl.store(o_ptrs, res, mask=o_mask)
 
 
-def expand_config(num_tokens: int, max_rank: int, sms: int) -> KernelConfig:
-    """Launch parameters by batch size; the numbers are for H100. Expand is bound by reading B (decode)
-    or by reading and writing `out` (prefill: T x out_features x 2 bytes x 2)."""
-    bk = max(16, min(triton.next_power_of_2(max_rank), 128))
-    if num_tokens <= 64:
-        # 96 programs for qkv's 6144 columns even with one adapter; each reads a 64 x R tile of B.
-        return KernelConfig(16, 64, bk, num_warps=4, num_stages=2)
-    if num_tokens <= 1024:
-        return KernelConfig(32 if num_tokens <= 256 else 64, 128, bk, num_warps=4, num_stages=2)
-    # 128 x 256 tiles: y (fp32) and B re-reads from L2 shrink with the tile. Swept on an H100 (T = 2048, 8
-    # adapters): qkv r16 27.4 us vs 40.5 at 128 x 128, down r64 29.0 vs 37.4, gate_up r64 173 vs 190. Past rank
-    # 64 the 256-wide B tile no longer fits beside y in shared memory.
-    return KernelConfig(128, 256 if bk <= 64 else 128, bk, num_warps=8, num_stages=2, programs_per_sm=4)
+def expand_config(num_tokens: int, rows_per_slot: int, max_rank: int, sms: int) -> KernelConfig:
+    """Launch parameters from host ints: T, tokens per adapter (`LoRAKernelMeta.rows_per_slot`), the rank.
+    Expand is bound by reading B (decode, many adapters) or by reading and writing `out` (prefill: T x
+    out_features x 2 bytes x 2). Row tiles follow the tokens per adapter: 128-row tiles over 16-token
+    segments would be 7/8 masked. Tiles from sweeps on an H200 (`kernels.bench --sweep`): with 16-row
+    tiles, 256 columns beat 64 by 1.2-1.6x (gate_up r16, 256 tokens of 128 adapters: 123 vs 204 us); in
+    prefill at rank <= 32, 64 x 256 tiles, 4 column programs per row tile, each looping over its column
+    tiles three loads deep (gate_up r16, 2,048 tokens: 120 us against 179 with 128 x 128, 8 programs, two
+    deep); at rank 64, 128 x 256 tiles with no pipelining (three stages of out, B and y would not fit in
+    shared memory; qkv r64, 2,048 tokens: 34 us against 46 at 64 x 128 pipelined)."""
+    bk = max(16, triton.next_power_of_2(max_rank))
+    bm = max(16, min(triton.next_power_of_2(rows_per_slot), 128 if bk <= 64 else 32))
+    if num_tokens <= 64 or bm <= 32:
+        return KernelConfig(bm if num_tokens > 64 else 16, 256 if bk <= 64 else 128, min(bk, 128),
+                            num_warps=4, num_stages=2)
+    if bk <= 32:
+        return KernelConfig(64, 256, bk, num_warps=4, num_stages=3, programs_per_sm=2, col_programs=4)
+    if bm == 64 or num_tokens >= 4096:  # 8,192 tokens of gate_up r64: 504 us here, 632 at 128 x 256
+        return KernelConfig(64, 128, bk, num_warps=4, num_stages=3, programs_per_sm=2, col_programs=4)
+    return KernelConfig(128, 256, bk, num_warps=8, num_stages=1, programs_per_sm=2)
 
 
 def lora_expand(
@@ -172,9 +183,9 @@ def lora_expand(
         scale: optional [num_slots] float32 per-slot factor (None: 1; the engine folds it into B).
         config: launch parameters (default: `expand_config`).
     """
+    if y.dim() != 3 or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"y must be contiguous float32 [T, S, R], got {y.dtype} {tuple(y.shape)}")
     t, s, r = y.shape
-    if y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"y must be contiguous float32 [T, S, R], got {y.dtype}")
     if len(b) != s or not 1 <= s <= MAX_SLICES:
         raise ValueError(f"y has {s} slices, b has {len(b)} (1 to {MAX_SLICES} supported)")
     if out.dim() != 2 or out.shape[0] != t:
@@ -203,17 +214,23 @@ def lora_expand(
         raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, y has {t}")
     if t == 0:
         return
-    cfg = config or expand_config(t, r, sm_count(out.device))
+    cfg = config or expand_config(t, meta.rows_per_slot(), r, sm_count(out.device))
     ends = list(itertools.accumulate(triton.cdiv(w, cfg.block_n) for w in widths))
     pad = MAX_SLICES - s
     bp = list(b) + [b[0]] * pad
-    tiles = m_tiles_bound(t, meta.slots_bound(), cfg.block_m) * ends[-1]
-    _expand_kernel[(grid_size(tiles, cfg, out.device),)](
+    n_tiles = ends[-1]
+    # Column programs per row tile: enough for the whole grid to reach programs_per_sm x SMs when the
+    # row tiles are few (decode), one or a few when they are many (prefill: the column loop pipelines).
+    m_bound = m_tiles_bound(t, meta.slots_bound(), cfg.block_m)
+    programs = cfg.programs_per_sm * sm_count(out.device)
+    grid_n = min(n_tiles, cfg.col_programs) if cfg.col_programs else n_tiles
+    grid_m = max(1, min(m_bound, programs // grid_n))
+    _expand_kernel[(grid_n, grid_m)](
         y, out, ranks, scale if scale is not None else ranks,
         meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len,
         *bp, *[x.stride(0) for x in bp], b[0].stride(1), b[0].stride(2),
         *(widths + [0] * pad), *(list(slice_offsets) + [0] * pad), *(ends[:-1] + [ends[-1]] * (pad + 1))[:3],
-        ends[-1], r, y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+        n_tiles, r, y.stride(0), y.stride(1), out.stride(0), out.stride(1),
         MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_K=cfg.block_k >= r,
         HAS_SCALE=scale is not None, DOT=dot_mode(out),

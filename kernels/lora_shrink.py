@@ -23,10 +23,10 @@ from .metadata import LoRAKernelMeta
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, y_ptr, ranks_ptr,
+    x_ptr, a_ptr, y_ptr, part_ptr, sem_ptr, ranks_ptr,
     sorted_ptr, active_ptr, start_ptr, len_ptr,
     N, K, R, K_PER_SPLIT,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_yt,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_yt, stride_pp, stride_pt,
     MAX_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, DOT: tl.constexpr,
@@ -72,44 +72,94 @@ def _shrink_kernel(
             else:
                 acc = tl.dot(xt.to(tl.float32), tl.trans(at).to(tl.float32), acc, input_precision="ieee")
 
+        # Columns past the rank get the accumulator's zeros: y is fully written for every token that has
+        # an adapter.
+        mask = row_ok[:, None] & (rn[None, :] < N)
         y_ptrs = y_ptr + tok[:, None] * stride_yt + rn[None, :]
         if SPLIT_K == 1:
-            # Columns past the rank get the accumulator's zeros: y is fully written for every token
-            # that has an adapter.
-            tl.store(y_ptrs, acc, mask=row_ok[:, None] & (rn[None, :] < N))
+            tl.store(y_ptrs, acc, mask=mask)
         else:
-            # Partial sums over K meet in y (zeroed by the launcher). Relaxed: only the sum matters.
-            tl.atomic_add(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :], sem="relaxed")
+            # Split K, finished in the kernel: each split stores its partial sum, then counts itself in on
+            # the tile's semaphore; the split that arrives last adds every part (from L2), writes y and
+            # re-arms the semaphore to 0 for the next launch. No zeroed y, no atomics on y, no second
+            # launch, and expand reads a single y (the parts once re-read by every column tile of expand
+            # cost more than they saved: qkv r64, 2,048 tokens, 68 us against 34).
+            p_rows = part_ptr + tok[:, None] * stride_pt + rn[None, :]
+            tl.store(p_rows + ks * stride_pp, acc, mask=mask)
+            tl.debug_barrier()  # every thread's part is stored before the count (release below)
+            sem = sem_ptr + m * n_tiles + tn
+            arrived = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+            tl.debug_barrier()  # the acquire is seen by every thread before they read the parts
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for p in tl.static_range(SPLIT_K):
+                    total += tl.load(p_rows + p * stride_pp, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptrs, total, mask=mask)
+                tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
 
-def shrink_config(num_tokens: int, in_features: int, n_total: int, max_rank: int, sms: int) -> KernelConfig:
-    """Launch parameters by batch size; the numbers are for H100 (132 SMs, ~3 TB/s HBM, ~50 MB L2)."""
+MAX_SPLIT = 32  # 16 was slower on one-token shrinks (H200, down r64: 16.3 us vs 14.1 at 32, two runs)
+# Semaphores per launch: one per (row tile, column tile); LoRAKernelMeta holds them, sized by this bound.
+MAX_N_TILES = 64
+
+
+def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_features: int, n_total: int,
+                  max_rank: int, sms: int) -> KernelConfig:
+    """Launch parameters from host ints: T, the count of adapters present if known, tokens per adapter
+    (`LoRAKernelMeta.distinct` / `rows_per_slot`), the shape. Shrink is bound by reading x (prefill) or A
+    (decode, many adapters). Tiles from sweeps on an H200 (`kernels.bench --sweep`).
+
+    Row tiles follow the tokens per adapter. One column tile holds up to 64 of N = S*R: all three qkv
+    slices at rank 16 in one program (qkv r16, 2,048 tokens of 128 adapters: 25.6 us vs 30.2 with a tile
+    per slice)."""
     p2 = triton.next_power_of_2
-    if num_tokens <= 256:
-        # Decode: a GEMV per adapter, bound by reading A. 16 rows is tl.dot's smallest M. One slice's
-        # rank per N tile, so the three qkv slices are three programs; x is tiny and re-read from L2.
-        bn = max(16, min(p2(max_rank), 64))
-        cfg = KernelConfig(16, bn, 256 if bn <= 32 else 128, num_warps=4, num_stages=3)
-        min_iters = 1
-    elif num_tokens <= 1024:
-        cfg = KernelConfig(32, max(16, min(p2(n_total), 128)), 128, num_warps=4, num_stages=3)
-        min_iters = 2
+    bm = max(16, min(p2(rows_per_slot), 128))
+    bn = max(16, min(p2(n_total), 64))
+    if bm == 16:
+        # Decode: a GEMV per adapter, bound by reading A; 16 rows is tl.dot's smallest M.
+        cfg = KernelConfig(16, bn, 64 if bn >= 64 else 128, num_warps=4, num_stages=3)
+        min_blocks = 1
     else:
-        # Prefill: L2->SM traffic is x * n_tiles + A * (T / BLOCK_M). With N = 192 (qkv at rank 64)
-        # BLOCK 128 x 256 moves 2.5 x |x|, against 5 x |x| for 64 x 128: one N tile, and tall M tiles.
-        cfg = KernelConfig(128, max(16, min(p2(n_total), 256)), 64, num_warps=8, num_stages=3, programs_per_sm=2)
-        min_iters = 4
-    # Split K until the programs of a one-adapter batch (the fewest possible) fill the GPU twice over:
-    # decode down_proj (in 14336, one token) is otherwise one program reading 1.8 MB at rank 64.
-    # Capped so each split keeps min_iters K blocks and the fp32 atomics stay under T * N * 32.
-    # From T rounded up to a power of two: split_k is a compile-time constant, and this keeps the variants
-    # few and known, so an engine can compile them all at start (a compile inside a step stalled it 90 ms).
-    programs = triton.cdiv(p2(num_tokens), cfg.block_m) * triton.cdiv(n_total, cfg.block_n)
+        # Prefill: bound by reading x. Two programs per SM at most: with four, gate_up r16 at 2,048
+        # tokens took 19.3 us against 12.6. Splits keep >= 8 K blocks: each split's partial sum is a
+        # tile written and read back, and 16 splits of qkv r16 at 2,048 tokens took 35.6 us, 4 took 16.9.
+        cfg = KernelConfig(bm, bn, 128, num_warps=8 if bm * bn >= 64 * 128 else 4, num_stages=3,
+                           programs_per_sm=2)
+        min_blocks = 8
+    # Split K until the batch's programs fill the GPU twice over: decode down_proj (in 14336, one token)
+    # is otherwise one program reading 1.8 MB of A. The programs are counted as if the adapters present
+    # held as few row tiles as they can (a one-adapter batch must not run 16 long programs); a split too
+    # many for a batch of many adapters costs less than one too few. From T and the adapter count rounded
+    # up to powers of two: split_k is a compile-time constant, and this keeps the variants few and known,
+    # so an engine can compile them all at start (a compile inside a step stalled it 90 ms).
+    t2 = p2(num_tokens)
+    m_tiles = max(triton.cdiv(t2, cfg.block_m), p2(distinct) if distinct else 1)
+    programs = m_tiles * triton.cdiv(n_total, cfg.block_n)
     split = 1
-    while (programs * split * 2 <= 2 * sms and in_features // (split * 2) >= cfg.block_k * min_iters
-           and p2(num_tokens) * split * 2 <= 32768):
+    while (programs * split * 2 <= 2 * sms and in_features // (split * 2) >= cfg.block_k * min_blocks
+           and split * 2 <= MAX_SPLIT):
         split *= 2
     return cfg.with_(split_k=split)
+
+
+def _splits(k: int, cfg: KernelConfig) -> tuple[int, int]:
+    """(splits launched, K per split): every split gets whole K blocks; trailing empty ones are dropped."""
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def shrink_workspace(x: torch.Tensor, a: torch.Tensor, meta: LoRAKernelMeta,
+                     config: KernelConfig | None = None) -> int:
+    """float32 elements of scratch `lora_shrink` needs for these shapes (split K's partial sums; 0 when
+    K is not split)."""
+    cfg = config or _config(x, a, meta)
+    splits, _ = _splits(x.shape[1], cfg)
+    return 0 if splits == 1 else splits * x.shape[0] * a.shape[1] * a.shape[2]
+
+
+def _config(x: torch.Tensor, a: torch.Tensor, meta: LoRAKernelMeta) -> KernelConfig:
+    _, s, r, k = a.shape
+    return shrink_config(x.shape[0], meta.distinct, meta.rows_per_slot(), k, s * r, r, sm_count(x.device))
 
 
 def lora_shrink(
@@ -119,6 +169,7 @@ def lora_shrink(
     meta: LoRAKernelMeta,
     y: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Semantics:
         y[t, s, j] = sum_i x[t, i] * a[slot(t), s, j, i]    for j < ranks[slot(t)]
@@ -136,6 +187,8 @@ def lora_shrink(
         meta: prepared for these T tokens.
         y: optional output [T, S, R] float32, contiguous.
         config: launch parameters (default: `shrink_config`).
+        workspace: optional contiguous float32 scratch of at least `shrink_workspace(...)` elements, for
+           the partial sums of split K (default: allocated when needed).
     Returns:
         y [T, S, R] float32.
     """
@@ -154,27 +207,32 @@ def lora_shrink(
     if meta.num_tokens != t:
         raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, x has {t}")
     n = s * r
-    cfg = config or shrink_config(t, k, n, r, sm_count(x.device))
+    cfg = config or _config(x, a, meta)
     if y is None:
-        y = (torch.zeros if cfg.split_k > 1 else torch.empty)((t, s, r), dtype=torch.float32, device=x.device)
-    else:
-        if y.shape != (t, s, r) or y.dtype != torch.float32 or not y.is_contiguous():
-            raise ValueError(f"y must be contiguous float32 [{t}, {s}, {r}], got {y.dtype} {tuple(y.shape)}")
-        if cfg.split_k > 1:
-            y.zero_()
+        y = torch.empty((t, s, r), dtype=torch.float32, device=x.device)
+    elif y.shape != (t, s, r) or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"y must be contiguous float32 [{t}, {s}, {r}], got {y.dtype} {tuple(y.shape)}")
     if t == 0:
         return y
-    # Every split gets whole K blocks; trailing splits that would be empty are not launched.
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)
-    tiles = m_tiles_bound(t, meta.slots_bound(), cfg.block_m) * triton.cdiv(n, cfg.block_n) * split
-    _shrink_kernel[(grid_size(tiles, cfg, x.device),)](
-        x, a, y, ranks,
+    splits, k_per_split = _splits(k, cfg)
+    need = shrink_workspace(x, a, meta, cfg)
+    if workspace is None:
+        workspace = torch.empty(max(1, need), dtype=torch.float32, device=x.device)
+    elif workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
+        raise ValueError(f"workspace must be contiguous float32 with >= {need} elements, got "
+                         f"{workspace.dtype} {tuple(workspace.shape)}")
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    m_bound = m_tiles_bound(t, meta.slots_bound(), cfg.block_m)
+    if splits > 1 and m_bound * n_tiles > meta.semaphores.numel():
+        raise ValueError(f"{m_bound} x {n_tiles} tiles need more semaphores than the metadata holds "
+                         f"({meta.semaphores.numel()}): a column tile of {cfg.block_n} over N = {n}?")
+    _shrink_kernel[(grid_size(m_bound * n_tiles * splits, cfg, x.device),)](
+        x, a, y, workspace, meta.semaphores, ranks,
         meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len,
         n, k, r, k_per_split,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(2), a.stride(3), y.stride(0),
+        x.stride(0), x.stride(1), a.stride(0), a.stride(2), a.stride(3), y.stride(0), t * n, n,
         MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
         EVEN_K=k % cfg.block_k == 0, DOT=dot_mode(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

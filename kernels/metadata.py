@@ -87,7 +87,15 @@ class LoRAKernelMeta:
       seg_len[:S]        int32: how many tokens use active_slots[i] (0 past the end).
       num_active[0]      int32: how many slots are present (on device: kernels never need it on the host).
     `num_tokens` is T, a host int: the kernels size their grids from it, never from device data.
+    `distinct` is an optional host-side count of the slots present (the engine knows it from the batch it
+    schedules, without a sync): it tightens the grid bound and lets the launch configs pick row tiles that
+    fit each adapter's tokens (2,048 tokens over 128 adapters are 16 rows each, not 128-row tiles
+    that are 7/8 masked). It must not be smaller than the real count, or tiles would be skipped; a graph
+    captured once and replayed for other batches passes None (every slot may be present).
     `chunk` (a power of two) is how many tokens one program of the sort handles; tests shrink it.
+    `semaphores` is scratch for the kernels of the step, not metadata: int32 counters, zero between
+    launches, that split-K shrink uses to find the last split of each tile (it re-arms them itself). One
+    per (row tile, column tile) of a launch: (max_tokens // 16 + max_slots) x 64.
     """
 
     max_tokens: int
@@ -95,11 +103,13 @@ class LoRAKernelMeta:
     device: torch.device | str
     chunk: int = 1024
     num_tokens: int = field(default=0, init=False)
+    distinct: int | None = field(default=None, init=False)
     sorted_tokens: torch.Tensor = field(init=False)
     active_slots: torch.Tensor = field(init=False)
     seg_start: torch.Tensor = field(init=False)
     seg_len: torch.Tensor = field(init=False)
     num_active: torch.Tensor = field(init=False)
+    semaphores: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         if not 0 < self.max_slots <= _MAX_SLOTS:
@@ -121,11 +131,13 @@ class LoRAKernelMeta:
         self.seg_start = i32(self.max_slots, 0)
         self.seg_len = i32(self.max_slots, 0)
         self.num_active = i32(1, 0)
+        self.semaphores = i32((self.max_tokens // 16 + self.max_slots) * 64, 0)
 
-    def prepare(self, token_slots: torch.Tensor) -> None:
+    def prepare(self, token_slots: torch.Tensor, distinct: int | None = None) -> None:
         """Fill the buffers for this step's tokens. token_slots: [T] int32 on `device`, each in
         [-1, max_slots) (-1: no adapter; ids past max_slots are treated as -1: checking them would need
-        a host sync). Graph-capturable: one kernel launch, no sync, no allocation."""
+        a host sync). distinct: see the class doc (None: unknown). Graph-capturable: one kernel launch,
+        no sync, no allocation."""
         if token_slots.dim() != 1 or token_slots.dtype != torch.int32:
             raise ValueError(f"token_slots must be a 1-D int32 tensor, got {token_slots.dtype} "
                              f"{tuple(token_slots.shape)}")
@@ -134,7 +146,10 @@ class LoRAKernelMeta:
         t = token_slots.shape[0]
         if t > self.max_tokens:
             raise ValueError(f"{t} tokens, over max_tokens={self.max_tokens}")
+        if distinct is not None and distinct < 0:
+            raise ValueError(f"distinct must be >= 0, got {distinct}")
         self.num_tokens = t
+        self.distinct = distinct
         if t == 0:
             self.num_active.zero_()
             self.seg_len.zero_()
@@ -147,8 +162,17 @@ class LoRAKernelMeta:
         )
 
     def slots_bound(self) -> int:
-        """A host-side upper bound on how many slots one step can hold: at most one per token."""
-        return max(1, min(self.max_slots, self.num_tokens))
+        """A host-side upper bound on how many slots this step holds: at most one per token, at most
+        `distinct` when the caller said so."""
+        bound = min(self.max_slots, self.num_tokens)
+        if self.distinct is not None:
+            bound = min(bound, self.distinct)
+        return max(1, bound)
+
+    def rows_per_slot(self) -> int:
+        """Tokens per adapter if they were spread evenly over `slots_bound()` slots (a host int): what the
+        launch configs size their row tiles by."""
+        return -(-max(1, self.num_tokens) // self.slots_bound())
 
 
 def prepare_reference(token_slots: torch.Tensor, max_slots: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from gpu_worker.engine.lora.torch_backend import LoRABatch, TorchLoRA
 from kernels import (
     KernelConfig,
     LoRAKernelMeta,
+    expand_config,
     lora_expand,
     lora_expand_ref,
     lora_gather_bmm,
@@ -25,6 +26,8 @@ from kernels import (
     lora_shrink,
     lora_shrink_ref,
     prepare_reference,
+    shrink_config,
+    shrink_workspace,
 )
 from kernels.engine_backend import TritonLoRA
 
@@ -86,12 +89,16 @@ def check_shrink(c: Case, config: KernelConfig | None = None):
     x, a, _ = ref_inputs(c)
     t, (s, r) = c.x.shape[0], c.a.shape[1:3]
     y = torch.full((t, s, r), float("nan"), dtype=torch.float32, device=DEVICE)
-    lora_shrink(c.x, c.a, c.ranks, c.meta, y=y, config=config)
+    # Split K's partial sums go through a poisoned scratch too: only what a split wrote may be read back.
+    scratch = torch.full((shrink_workspace(c.x, c.a, c.meta, config) + 7,), float("nan"), device=DEVICE)
+    lora_shrink(c.x, c.a, c.ranks, c.meta, y=y, config=config, workspace=scratch)
     ref = lora_shrink_ref(x, a, c.ranks, c.token_slots)
     has = c.token_slots >= 0
     if has.any():
         assert not y[has].isnan().any()
         assert rel_err(y[has], ref[has]) <= TOLERANCE[c.x.dtype]
+    # The semaphores of split K are re-armed by the kernel for the next launch.
+    assert not c.meta.semaphores.any()
     return ref
 
 
@@ -163,12 +170,15 @@ def test_slices_of_different_widths_at_offsets(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_split_k_and_persistent_loop(dtype):
-    """Small blocks force the paths real shapes take on a GPU: K split over programs (fp32 atomics into y),
-    several tiles per program, rank and K longer than one block, four slices."""
+    """Small blocks force the paths real shapes take on a GPU: K split over programs (partial sums that
+    the last split of each tile adds up), several tiles per program, rank and K longer than one block,
+    four slices."""
     c = make_case(random_slots(24, 5, 0.2), [16, 3, 9, 16, 12], widths=(8, 16, 24, 8), in_features=40,
                   dtype=dtype)
-    check_both(c, KernelConfig(16, 16, 16, split_k=4, programs_per_sm=1),
-               KernelConfig(16, 16, 16, programs_per_sm=1))
+    cfg = KernelConfig(16, 16, 16, split_k=4, programs_per_sm=1)
+    # K = 40 in 16-wide blocks: 3 splits (the 4th would be empty), each with its part of every row.
+    assert shrink_workspace(c.x, c.a, c.meta, cfg) == 3 * 24 * 4 * 16
+    check_both(c, cfg, KernelConfig(16, 16, 16, programs_per_sm=1))
     # R = 32 over 16-wide rank blocks: the expand loop that stops at each slot's rank.
     c = make_case(random_slots(12, 3, 0.2), [32, 17, 5], r=32, widths=(16, 8), in_features=32, dtype=dtype)
     check_expand(c, lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots).float(),
@@ -197,6 +207,28 @@ def test_token_order_does_not_matter():
     torch.testing.assert_close(y2[has], y1[perm][has], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_distinct_hint_picks_taller_tiles_and_same_result(dtype):
+    """With the count of slots present (the engine knows it), row tiles follow the tokens per adapter;
+    results equal the unhinted ones. Tiles of 32 rows over 40 tokens of 2 adapters: partly masked tiles,
+    a segment spanning two tiles, and a split of K into parts."""
+    slots = [1] * 26 + [-1] * 3 + [3] * 14
+    c = make_case(slots, [16, 9, 4, 12], in_features=64)
+    ts = c.token_slots
+    meta = LoRAKernelMeta(max_tokens=64, max_slots=4, device=DEVICE, chunk=16)
+    meta.prepare(ts, distinct=2)
+    assert meta.slots_bound() == 2 and meta.rows_per_slot() == 22
+    assert shrink_config(43, meta.distinct, meta.rows_per_slot(), 64, 48, 16, 132).block_m == 32
+    assert expand_config(1000, meta.rows_per_slot(), 16, 132).block_m == 32  # 43 tokens: decode tiles
+    hinted = Case(c.x, c.a, c.b, c.ranks, ts, c.offsets, meta)
+    # Expand: 3 column tiles (one per slice) over 2 column programs, each looping over its tiles.
+    check_both(hinted, KernelConfig(32, 64, 16, split_k=2, num_warps=4, programs_per_sm=1),
+               KernelConfig(32, 32, 16, programs_per_sm=1, col_programs=2))
+    check_both(hinted)
+    with pytest.raises(ValueError, match="distinct"):
+        meta.prepare(ts, distinct=-1)
+
+
 def test_input_checks():
     c = make_case([0, 1], [16, 16])
     with pytest.raises(ValueError, match="prepared for 2 tokens"):
@@ -205,6 +237,9 @@ def test_input_checks():
         lora_shrink(c.x.double(), c.a, c.ranks, c.meta)
     with pytest.raises(ValueError, match="do not fit"):
         lora_expand(torch.zeros(2, 3, 16, device=DEVICE), c.b, torch.zeros(2, 8, device=DEVICE), c.ranks, c.meta)
+    with pytest.raises(ValueError, match="workspace"):
+        lora_shrink(c.x, c.a, c.ranks, c.meta, config=KernelConfig(16, 16, 16, split_k=2),
+                    workspace=torch.zeros(3, device=DEVICE))
     with pytest.raises(ValueError, match="max_tokens"):
         c.meta.prepare(torch.zeros(65, dtype=torch.int32, device=DEVICE))
 
