@@ -24,10 +24,10 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from adapter_store.hashing import ADAPTER_FILES, file_digests, is_content_hash
+from adapter_store.hashing import ADAPTER_FILES, chunk_root, file_digests, is_content_hash
 from adapter_store.manifest import Manifest
 from adapter_store.names import NAME_PATTERN
 
@@ -112,12 +112,16 @@ class DiskCache:
                   and path == self.root / name / digest
                   and sorted(f.path for f in manifest.files) == sorted(ADAPTER_FILES)
                   and all((path / f.path).stat().st_size == f.size for f in manifest.files))
+            chunks = data["chunks"]
             if ok and verify:
-                ok = all(file_digests(path / f.path)[0] == f.sha256 for f in manifest.files)
+                ok = all(file_digests(path / f.path) == (f.sha256, chunks[f.path]) for f in manifest.files)
                 if ok:
                     self._sync_files(path)
             if ok:
-                entry = Entry(manifest, path, data["chunks"], float(data["created"]), float(data["created"]))
+                # Entries written before manifests carried chunk roots get theirs from the kept digests.
+                manifest = replace(manifest, files=tuple(
+                    f if f.chunk_root else replace(f, chunk_root=chunk_root(chunks[f.path])) for f in manifest.files))
+                entry = Entry(manifest, path, chunks, float(data["created"]), float(data["created"]))
                 entry.synced = True
                 return entry
             why = "inconsistent with its path or files" + (" or their sha256" if verify else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from adapter_store.hashing import CHUNK_BYTES
 from adapter_store.manifest import Manifest, State
 from loraserve.v1 import adapter_store_pb2, common_pb2
 
@@ -21,7 +22,8 @@ def manifest(m: Manifest) -> common_pb2.AdapterManifest:
         source_uri=m.source_uri,
         source_version=m.source_version,
         base_model_name=m.base_model_name,
-        files=[common_pb2.FileInfo(path=f.path, size=f.size, sha256=f.sha256) for f in m.files],
+        files=[common_pb2.FileInfo(path=f.path, size=f.size, sha256=f.sha256, chunk_root=f.chunk_root,
+                                   chunk_size=CHUNK_BYTES if f.chunk_root else 0) for f in m.files],
         total_size=m.total_size,
         state=_STATES[m.state],
         error=m.error,

@@ -63,6 +63,12 @@ class DigestingWriter:
         return self._f.write(data)
 
 
+def chunk_root(chunk_digests: list[str]) -> str:
+    """sha256 over the concatenated raw digests of a file's chunks: what a manifest's FileInfo.chunk_root
+    holds, so a client can check a whole file from the chunk digests it verified on the way in."""
+    return hashlib.sha256(b"".join(bytes.fromhex(d) for d in chunk_digests)).hexdigest()
+
+
 def file_digests(path: Path) -> tuple[str, list[str]]:
     """(sha256 of the file, sha256 of each CHUNK_BYTES chunk) in one read pass."""
     digester = Digester()

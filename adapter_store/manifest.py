@@ -37,6 +37,8 @@ class FileEntry:
     path: str
     size: int
     sha256: str
+    # sha256 over the raw digests of the file's CHUNK_BYTES chunks (hashing.chunk_root); "" if unknown.
+    chunk_root: str = ""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from adapter_store.errors import (
     OutOfRangeError,
     StoreError,
 )
-from adapter_store.hashing import ADAPTER_FILES, CHUNK_BYTES, content_hash, file_digests, is_content_hash
+from adapter_store.hashing import ADAPTER_FILES, CHUNK_BYTES, chunk_root, content_hash, file_digests, is_content_hash
 from adapter_store.manifest import FileEntry, Manifest, State
 from adapter_store.names import check_name
 from adapter_store.progress import Progress
@@ -95,7 +95,7 @@ class AdapterStore:
             files, chunks = [], {}
             for path in ADAPTER_FILES:  # whatever else a source wrote is not part of the adapter
                 sha, chunks[path] = fetched.digests.get(path) or file_digests(tmp / path)
-                files.append(FileEntry(path, (tmp / path).stat().st_size, sha))
+                files.append(FileEntry(path, (tmp / path).stat().st_size, sha, chunk_root(chunks[path])))
             digest = content_hash({f.path: f.sha256 for f in files})
             manifest = Manifest(name=name, content_hash=digest, source_uri=source.uri, source_version=fetched.version,
                                 base_model_name=registered_base or summary.base_model_name_or_path, config=summary,

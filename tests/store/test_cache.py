@@ -72,6 +72,23 @@ def test_restart_keeps_the_cache(store_loop, tmp_path, adapter_copy):
         assert [(m.ref.name, m.state) for m in listed] == [("kept", common_pb2.ADAPTER_STATE_READY)]
 
 
+def test_entries_from_before_chunk_roots_get_them_on_start(store_loop, tmp_path, adapter_copy):
+    """A cache written before manifests carried chunk roots: the root comes from the kept chunk digests."""
+    src = adapter_copy("code-lora", "older")
+    cache = tmp_path / "cache"
+    config = store_config(cache, lora_root=str(src.parent))
+    with running_store(store_loop, config) as server, store_stub(server) as stub:
+        first = resolve(stub, "older")
+    assert all(f.chunk_root and f.chunk_size for f in first.files)
+    manifest_file = cache / "older" / first.ref.content_hash / "manifest.json"
+    data = json.loads(manifest_file.read_text())
+    for f in data["manifest"]["files"]:
+        del f["chunk_root"]
+    manifest_file.write_text(json.dumps(data))
+    with running_store(store_loop, config) as server, store_stub(server) as stub:
+        assert resolve(stub, "older") == first
+
+
 def test_lru_by_bytes_under_the_cap(store_loop, tmp_path, adapters_root, tiny_adapters):
     size = {n: sum(f.stat().st_size for f in p.iterdir()) for n, p in tiny_adapters.items()}
     cap = size["chat-lora"] + size["code-lora"]  # sql-lora joining them does not fit; math-lora fits for code-lora

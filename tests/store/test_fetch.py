@@ -4,6 +4,7 @@ stream cut mid-way from the last verified offset, and a partial file left by an 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import socket
@@ -13,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapter_store.hashing import CHUNK_BYTES
-from gpu_worker.store_client import StoreClient
+from adapter_store.hashing import CHUNK_BYTES, chunk_root
+from gpu_worker.store_client import StoreClient, StoreClientError
 from loraserve.v1 import adapter_store_pb2, common_pb2
 
 from .conftest import fetch_bytes, resolve, running_store, store_config, store_stub
@@ -147,13 +148,40 @@ def test_a_partial_file_from_an_earlier_run_is_resumed_and_verified(store, big, 
         partial.mkdir(parents=True)
         (partial / WEIGHTS).write_bytes(want[: 2 * CHUNK_BYTES + 100])  # a good prefix
         local = client.download("big", tmp_path / "w")
-        assert local.stats.resumed_at == [2 * CHUNK_BYTES + 100]
-        assert local.stats.bytes_received == len(want) - (2 * CHUNK_BYTES + 100) + adapter.files[0].size
+        # Checked by chunks (the manifest has the chunk roots): the 100 bytes past the last whole chunk
+        # are fetched again, so the fetch resumes on the store's chunk grid.
+        assert local.stats.resumed_at == [2 * CHUNK_BYTES]
+        assert local.stats.bytes_received == len(want) - 2 * CHUNK_BYTES + adapter.files[0].size
         assert (local.path / WEIGHTS).read_bytes() == want
 
         partial = tmp_path / "w2" / ".partial" / adapter.content_hash
         partial.mkdir(parents=True)
-        (partial / WEIGHTS).write_bytes(b"\0" * 1000)  # a corrupt prefix: caught by the file's sha256, refetched
+        # A corrupt first chunk: caught by the chunk root at the end, and the file fetched again from zero.
+        (partial / WEIGHTS).write_bytes(b"\0" * (CHUNK_BYTES + 1000))
         local = client.download("big", tmp_path / "w2")
+        assert local.stats.resumed_at == [CHUNK_BYTES]
         assert (local.path / WEIGHTS).read_bytes() == want
         assert not client.download("big", tmp_path / "w2").fetched  # whole already: nothing to fetch
+
+
+def test_files_are_checked_by_chunk_root_or_by_sha256(store, big, tmp_path):
+    """The manifest's chunk root is sha256 over the raw digests of the file's 1 MiB chunks; fetched in those
+    chunks, a file is checked against it (each byte hashed once), in other chunk sizes against its sha256.
+    A file that fails its check is fetched once more, then the fetch fails with DATA_LOSS."""
+    want = (big / WEIGHTS).read_bytes()
+    digests = [hashlib.sha256(want[i:i + CHUNK_BYTES]).hexdigest() for i in range(0, len(want), CHUNK_BYTES)]
+    with StoreClient(f"127.0.0.1:{store.port}") as client:
+        adapter = client.resolve("big")
+        weights = next(f for f in adapter.files if f.path == WEIGHTS)
+        assert (weights.chunk_size, weights.chunk_root) == (CHUNK_BYTES, chunk_root(digests))
+        assert weights.sha256 == hashlib.sha256(want).hexdigest()
+
+        for at, chunk_size in (("root", 0), ("sha", 300_000)):
+            client.fetch_file(adapter, weights, tmp_path / at / WEIGHTS, chunk_size=chunk_size)
+            assert (tmp_path / at / WEIGHTS).read_bytes() == want
+
+        for field, chunk_size in (("chunk_root", 0), ("sha256", 300_000)):
+            lying = dataclasses.replace(weights, **{field: "0" * 64})
+            with pytest.raises(StoreClientError) as e:
+                client.fetch_file(adapter, lying, tmp_path / f"bad-{field}" / WEIGHTS, chunk_size=chunk_size)
+            assert e.value.code == grpc.StatusCode.DATA_LOSS and "after two complete fetches" in str(e.value)
