@@ -55,8 +55,11 @@ class WorkerConfig:
     # adapter_cache_dir (default: <tmp>/loraserve-worker-adapters; workers on one host may share it).
     adapter_store: str = ""
     adapter_cache_dir: str = ""
-    # The worker registry (router issue): accepted and kept, not used yet.
+    # The worker registry: with a Redis URL the worker registers itself (record `<prefix>worker:<id>` with
+    # a TTL, refreshed every ttl / 3) once it serves, and leaves it the moment it starts draining.
     redis_url: str = ""
+    registry_prefix: str = "loraserve:"
+    registry_ttl_s: float = 10.0
     drain_timeout_s: float = 30.0
     status_interval_ms: int = 500
     log_level: str = "info"
@@ -66,6 +69,9 @@ class WorkerConfig:
             (0 <= self.port <= 65535, f"port must be in [0, 65535], not {self.port}"),
             (self.max_queue >= 1, f"max_queue must be >= 1, not {self.max_queue}"),
             (self.drain_timeout_s >= 0, f"drain_timeout_s must be >= 0, not {self.drain_timeout_s}"),
+            (self.registry_ttl_s > 0, f"registry_ttl_s must be > 0, not {self.registry_ttl_s}"),
+            (not self.redis_url or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+             f"redis_url must be redis://, rediss:// or unix://, not {self.redis_url!r}"),
             (self.status_interval_ms >= 1, f"status_interval_ms must be >= 1, not {self.status_interval_ms}"),
             (self.enable_lora or not self.lora_modules, "lora_modules were given but enable_lora is off"),
             (Path(self.model_dir).is_dir(), f"model_dir {self.model_dir!r} is not a directory"),
@@ -142,7 +148,7 @@ def _from_env(name: str, raw: str):
             return int(raw)
         except ValueError:
             raise ValueError("not an integer") from None
-    if name == "drain_timeout_s":
+    if name in ("drain_timeout_s", "registry_ttl_s"):
         return float(raw)
     if name == "enable_lora":
         low = raw.strip().lower()
@@ -191,7 +197,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"adapter store host:port (env {ENV_PREFIX}STORE_ADDRESS): names not found locally resolve there")
     add("--adapter-cache-dir", help="where adapters fetched from the store are kept "
         "(default <tmp>/loraserve-worker-adapters)")
-    add("--redis-url", help="worker registry (used once the router registers workers)")
+    add("--redis-url", help="worker registry: the worker registers itself there while it serves (routers that "
+        "share the URL and prefix find it)")
+    add("--registry-prefix", help="key prefix in Redis, the same as the routers' (default loraserve:)")
+    add("--registry-ttl-s", type=float, help="a record lives this long after the last heartbeat (default 10)")
     add("--drain-timeout-s", type=float, help="on SIGTERM, how long in-flight requests may finish (default 30)")
     add("--status-interval-ms", type=int, help="WatchStatus's default least interval (default 500)")
     add("--log-level", choices=["debug", "info", "warning", "error"], help="default info")

@@ -8,6 +8,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from gpu_worker.engine.sampling_params import SamplingParams
 from gpu_worker.service import SERVICE_NAME, WorkerService, error_interceptor
 from gpu_worker.store_client import StoreClient
 from loraserve.v1 import worker_pb2_grpc
+from service_kit.worker_registry import RegistryMembership
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,15 @@ class StartupError(Exception):
     """The worker cannot start; the message says why and what to change."""
 
 
+@dataclass(frozen=True)
+class _Record:
+    """What the worker writes into the registry."""
+
+    worker_id: str
+    address: str
+    base_model: str
+
+
 class WorkerServer:
     def __init__(self, config: WorkerConfig, engine_factory: Callable[[], LLMEngine] | None = None):
         self.config = config
@@ -49,6 +60,7 @@ class WorkerServer:
             self.store_client = StoreClient(config.adapter_store)
             self.adapters = StoreAdapterSource(local, self.store_client, cache)
         self.health = health.aio.HealthServicer()
+        self.registry: RegistryMembership | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.worker_id = ""
@@ -98,6 +110,13 @@ class WorkerServer:
         self.engine.set_state("serving")
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, SERVING)
+        if cfg.redis_url:
+            # Registered only while serving: the heartbeat reads the state at every beat.
+            record = _Record(self.worker_id, self.address, info.served_model_name)
+            self.registry = RegistryMembership(cfg.redis_url, cfg.registry_prefix, cfg.registry_ttl_s)
+            self.registry.start(lambda: record if self.engine.state == "serving" else None)
+            log.info("worker %s registers as %s in %s (prefix %r)", self.worker_id, self.address, cfg.redis_url,
+                     cfg.registry_prefix)
         log.info("worker %s ready in %.1fs: %s on %s, %d KV blocks, adapters pre-loaded: %s", self.worker_id,
                  time.perf_counter() - t0, info.served_model_name, info.device, info.kv_blocks_total,
                  [m.name for m in cfg.lora_modules] or "none")
@@ -121,6 +140,10 @@ class WorkerServer:
         if self.engine.state == "serving":
             self.engine.set_state("draining")
         await self.health.enter_graceful_shutdown()
+        if self.registry is not None:
+            # Routers stop sending new work at their next poll; streams already running keep their channel.
+            await self.registry.close()
+            self.registry = None
         log.info("worker %s draining (up to %.0fs)", self.worker_id, timeout)
         if not await self.engine.wait_idle(timeout):
             log.warning("worker %s: requests still running after %.0fs; aborting them", self.worker_id, timeout)

@@ -6,6 +6,7 @@ store with an in-place reload, NOT_FOUND."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import shutil
@@ -14,15 +15,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
-from loraserve.v1 import common_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
+from loraserve.v1 import common_pb2, inference_pb2
 from router.policy import preference
-from router.registry_redis import heartbeat
+from tests import services
 from tests.router.conftest import (
     ADMIN_TOKEN,
     admin_metadata,
@@ -75,16 +77,18 @@ def ready(proc: Proc, lines: queue.Queue, log_dir: Path, timeout: float = 90) ->
     return proc
 
 
-def worker_cmd(worker_id: str, model_dir: Path, store: str, cache: Path) -> list[str]:
+def worker_cmd(worker_id: str, model_dir: Path, store: str, cache: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gpu_worker", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
             "--worker-id", worker_id, "--adapter-store", store, "--adapter-cache-dir", str(cache), "--max-loras", "2",
             "--max-cpu-loras", "8", "--num-kv-blocks", "128", "--drain-timeout-s", "0", "--status-interval-ms", "10",
-            "--log-level", "warning"]
+            "--log-level", "warning", *extra]
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model_dir, tiny_adapters, tmp_path_factory):
+def stack(tiny_model_dir, tiny_adapters, tmp_path_factory, redis_url):
+    """The store and two workers, which register themselves in Redis under a prefix of the module's own."""
     tmp = tmp_path_factory.mktemp("router-cluster")
+    prefix = f"test:{uuid.uuid4().hex}:"
     root = tmp / "adapters"
     for name, path in tiny_adapters.items():
         shutil.copytree(path, root / name)
@@ -97,14 +101,18 @@ def stack(tiny_model_dir, tiny_adapters, tmp_path_factory):
     procs = [store]
     try:
         ready(store, store_lines, tmp)
-        started = [spawn(wid, worker_cmd(wid, tiny_model_dir, store.address, tmp / f"cache-{wid}"), tmp)
+        started = [spawn(wid, worker_cmd(wid, tiny_model_dir, store.address, tmp / f"cache-{wid}", "--redis-url",
+                                          redis_url, "--registry-prefix", prefix, "--registry-ttl-s", "3"), tmp)
                    for wid in ("wk-a", "wk-b")]
         procs += [p for p, _ in started]
         workers = [ready(p, lines, tmp) for p, lines in started]
-        yield Stack(tmp, tiny_model_dir, store, workers, root)
+        yield Stack(tmp, tiny_model_dir, store, workers, root, redis_url, prefix)
     finally:
         for p in procs:
             p.stop()
+        client = services.connect_redis(redis_url)
+        services.delete_prefix(client, prefix)
+        client.close()
 
 
 @dataclass
@@ -114,6 +122,8 @@ class Stack:
     store: Proc
     workers: list[Proc]
     root: Path
+    redis_url: str
+    registry_prefix: str
 
     def config(self, workers: tuple[str, ...] | None = None, **kw):
         kw.setdefault("enable_runtime_lora_updating", True)
@@ -122,9 +132,9 @@ class Stack:
                              store_address=self.store.address, **kw)
 
     @contextlib.contextmanager
-    def victim(self, worker_id: str):
+    def victim(self, worker_id: str, *extra: str):
         proc, lines = spawn(worker_id, worker_cmd(worker_id, self.model_dir, self.store.address,
-                                                  self.tmp / f"cache-{worker_id}"), self.tmp)
+                                                  self.tmp / f"cache-{worker_id}", *extra), self.tmp)
         try:
             yield ready(proc, lines, self.tmp)
         finally:
@@ -227,35 +237,36 @@ def test_a_worker_killed_mid_stream_ends_it_with_unavailable(loop, stack):
         assert got[0].served_by.worker_id == "wk-m" and got[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
 
 
-def test_two_routers_share_the_redis_registry(loop, stack, redis_url, redis_prefix, redis_client):
-    import redis.asyncio as aioredis
+def test_two_routers_share_the_redis_registry(loop, stack):
+    """The workers registered themselves (--redis-url): two routers with only the registry see both, and
+    place a cold adapter alike."""
+    config = stack.config(workers=(), redis_url=stack.redis_url, redis_prefix=stack.registry_prefix)
+    with running_router(loop, config) as r1, running_router(loop, config) as r2, \
+            router_stub(r1) as s1, router_stub(r2) as s2:
+        ids = lambda s: sorted(w.worker_id for w in s.GetClusterStatus(  # noqa: E731
+            inference_pb2.GetClusterStatusRequest(), timeout=5).workers)
+        assert wait_until(lambda: ids(s1) == ids(s2) == ["wk-a", "wk-b"], 15)
+        name = "extra-7"
+        want = s1.Generate(gen_request(name, max_tokens=2), timeout=60).served_by.worker_id
+        assert s2.Generate(gen_request(name, max_tokens=2), timeout=60).served_by.worker_id == want
 
-    async def connect():
-        return aioredis.Redis.from_url(redis_url, decode_responses=True)
 
-    client = loop.run(connect())
-    statuses = {}
-    for w in stack.workers:
-        with grpc.insecure_channel(w.address) as ch:
-            statuses[w.name] = worker_pb2_grpc.WorkerServiceStub(ch).GetStatus(worker_pb2.GetStatusRequest(),
-                                                                               timeout=10).status
-    # what a worker's heartbeat would do (gpu_worker does not register itself yet: see router/README.md)
-    beats = [loop.submit(heartbeat(client, redis_prefix, (lambda s=s: s), ttl_s=3, interval_s=0.2))
-             for s in statuses.values()]
-    config = stack.config(workers=(), redis_url=redis_url, redis_prefix=redis_prefix)
-    try:
-        with running_router(loop, config) as r1, running_router(loop, config) as r2, \
-                router_stub(r1) as s1, router_stub(r2) as s2:
-            ids = lambda s: sorted(w.worker_id for w in s.GetClusterStatus(  # noqa: E731
-                inference_pb2.GetClusterStatusRequest(), timeout=5).workers)
-            assert wait_until(lambda: ids(s1) == ids(s2) == ["wk-a", "wk-b"], 15)
-            name = "extra-7"
-            want = s1.Generate(gen_request(name, max_tokens=2), timeout=60).served_by.worker_id
-            assert s2.Generate(gen_request(name, max_tokens=2), timeout=60).served_by.worker_id == want
-    finally:
-        for b in beats:
-            b.cancel()
-        loop.run(client.aclose())
+def test_a_draining_worker_leaves_the_registry_at_once(loop, stack, redis_prefix, redis_client):
+    """Registered with its advertised address and base model while it serves; on SIGTERM the record goes
+    at once (the TTL is 60 s: expiry cannot explain it), and the worker exits 0."""
+    extra = ("--redis-url", stack.redis_url, "--registry-prefix", redis_prefix, "--registry-ttl-s", "60")
+    with stack.victim("wk-r", *extra) as worker:
+        key = f"{redis_prefix}worker:wk-r"
+        assert wait_until(lambda: redis_client.get(key) is not None, 10)
+        record = json.loads(redis_client.get(key))
+        assert record["address"] == worker.address and record["base_model"]
+        assert redis_client.smembers(f"{redis_prefix}workers") == {b"wk-r"}
+        assert 0 < redis_client.pttl(key) <= 60_000
+        t0 = time.monotonic()
+        worker.popen.send_signal(signal.SIGTERM)
+        assert worker.popen.wait(15) == 0
+        assert redis_client.get(key) is None and not redis_client.smembers(f"{redis_prefix}workers")
+        assert time.monotonic() - t0 < 15
 
 
 def test_admin_rpcs_refused_when_disabled_or_without_the_token(loop, stack, stub):
