@@ -135,6 +135,19 @@ def test_load_and_unload_need_the_token(stack):
         assert info.value.code == grpc.StatusCode.NOT_FOUND
 
 
+def test_the_serving_example_runs_against_it(stack):
+    """examples/serving.py: models with lineage, pre-loaded adapters (both forms), resolvers, runtime load,
+    in-place reload (new requests get the new version), unload."""
+    _, address, demo, _ = stack
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ADMIN_TOKEN": TOKEN}
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "serving.py"), "--address", address, "--adapters",
+                          str(demo / "adapters")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "math-lora" in out and "of demo-llama" in out and "no-such-adapter: NOT_FOUND" in out
+    assert "reloaded in place as" in out and "unloaded; listed: False" in out
+
+
 def test_ctrl_c_stops_every_service(stack):
     proc, _, demo, _ = stack
     proc.send_signal(signal.SIGINT)
