@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_worker.engine.errors import AdapterError, EngineError
+from gpu_worker.engine.errors import AdapterError, EngineError, InvalidRequestError
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora_request import LoRARequest
 from gpu_worker.engine.outputs import RequestOutput
@@ -195,10 +195,22 @@ class AsyncEngine:
         if self._tokenizer is None:
             raise UnavailableError("the engine is not running yet")
         if isinstance(prompt, str):
-            if len(prompt) > INLINE_TOKENIZE_CHARS:
-                prompt = await asyncio.to_thread(encode_releasing_gil, self._tokenizer, prompt)
+            # Tokenized here (off the engine thread); the text goes along so the engine checks it as it
+            # checks a text prompt (an empty one is refused even though its token ids are a lone BOS).
+            text = prompt
+            if len(text) > INLINE_TOKENIZE_CHARS:
+                ids = await asyncio.to_thread(encode_releasing_gil, self._tokenizer, text)
             else:
-                prompt = self._tokenizer.encode(prompt)
+                ids = self._tokenizer.encode(text)
+            prompt = {"prompt": text, "prompt_token_ids": ids}
+        # A served request may not ask for more tokens than its context leaves (as vLLM's server answers
+        # 400); offline, the engine stops such a request at max_model_len instead.
+        n_prompt = len(prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt)
+        limit = self._info.max_model_len if self._info is not None else None
+        if limit is not None and n_prompt < limit and n_prompt + params.max_tokens > limit:
+            raise InvalidRequestError(f"max_tokens {params.max_tokens} with a prompt of {n_prompt} tokens is over "
+                                      f"this model's context of {limit} tokens: ask for at most "
+                                      f"{limit - n_prompt} new tokens")
         # Internal ids are unique whatever the client sends: a retry never collides with its own abort.
         rid = f"{request_id or 'req'}#{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()

@@ -8,41 +8,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-from pathlib import Path
 
 import grpc
 import pytest
 
 from loraserve_client import AsyncClient, Client, LoRAServeError
-
-ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "stack-test-token"
+from tests.stack_process import ROOT, TOKEN, running_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    demo = tmp_path_factory.mktemp("stack") / "demo"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ADMIN_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "stack", "--demo-dir", str(demo), "--port", "0", "--store-port", "0",
-                             "--worker-port", "0", "--log-level", "warning", "--device", "cpu"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    try:
-        first = lines.get(timeout=240)
-    except queue.Empty:
-        proc.kill()
-        pytest.fail(f"the stack did not start in 240 s:\n{proc.stderr.read()[-3000:]}")
-    assert first.startswith("loraserve stack serving on "), first
-    address = first.strip().rsplit(" ", 1)[1]
-    yield proc, address, demo, lines
-    if proc.poll() is None:
-        proc.kill()
+    with running_stack(tmp_path_factory.mktemp("stack") / "demo") as st:
+        yield st.proc, st.address, st.demo, st.lines
 
 
 def cli(address: str, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
@@ -57,8 +37,8 @@ def cli(address: str, *args: str, token: str | None = TOKEN) -> subprocess.Compl
 def test_the_banner_says_what_to_try(stack):
     _, address, _, lines = stack
     banner = []
-    while not lines.empty():
-        banner.append(lines.get())
+    while not banner or "Ctrl-C" not in banner[-1]:  # the banner ends with the Ctrl-C line
+        banner.append(lines.get(timeout=30))
     text = "".join(banner)
     assert f"--address {address} generate --model sql-lora" in text and "Ctrl-C" in text
     assert f"export LORASERVE_ADMIN_TOKEN={TOKEN}" in text
