@@ -4,7 +4,9 @@ Plain dataclasses with a JSON form (the cache keeps one per entry); convert.py m
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+
+from service_kit.peft_config import ConfigSummary
 
 
 class State(enum.Enum):
@@ -12,24 +14,6 @@ class State(enum.Enum):
     DOWNLOADING = "downloading"
     READY = "ready"  # validated and cached
     FAILED = "failed"  # the last attempt failed; `error` says why
-
-
-@dataclass(frozen=True)
-class ConfigSummary:
-    """What adapter_config.json declares, as validated."""
-
-    peft_type: str
-    rank: int
-    lora_alpha: float
-    target_modules: tuple[str, ...]
-    use_rslora: bool
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    base_model_name_or_path: str = ""
-    # Largest rank of any module, rank_pattern and the tensors included.
-    max_rank: int = 0
-    # target_modules was one string: a regex over module paths (or "all-linear"), not a list of names.
-    targets_are_regex: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ disagree with the base model, ranks over max_lora_rank.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from service_kit.peft_config import ConfigSummary, PeftConfigError, parse_peft_config, pattern_value
 
 from ..errors import AdapterError
 from ..model.config import ModelConfig
@@ -57,38 +58,15 @@ def missing_weights(root: Path, name: str) -> AdapterError:
     return AdapterError("not_found", f"adapter {name!r}: {WEIGHTS_FILE} is missing in {root}{why}")
 
 
-def _pattern_value(patterns: dict, module_path: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path ending in it."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
-            return value
-    return default
-
-
-def read_config(adapter_dir: Path, name: str) -> dict:
+def read_config(adapter_dir: Path, name: str) -> ConfigSummary:
+    """adapter_config.json, parsed and checked as the adapter store checks it (service_kit.peft_config)."""
     path = adapter_dir / CONFIG_FILE
     if not path.is_file():
         raise AdapterError("not_found", f"adapter {name!r}: {CONFIG_FILE} is missing in {adapter_dir}")
     try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError("invalid", f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError("invalid", f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise AdapterError("unsupported", f"adapter {name!r} is peft_type {peft_type or 'unset'}; only LORA is served")
-    refusals = [
-        (cfg.get("use_dora"), "uses DoRA (use_dora=true), which this engine does not apply"),
-        (cfg.get("modules_to_save"),
-         f"has modules_to_save {cfg.get('modules_to_save')}: fully trained modules are not applied"),
-        (cfg.get("bias", "none") != "none", f"trains biases (bias={cfg.get('bias')!r}); only bias='none' is served"),
-        (cfg.get("fan_in_fan_out"), "uses fan_in_fan_out (Conv1D layout), which Llama models do not have"),
-    ]
-    for bad, why in refusals:
-        if bad:
-            raise AdapterError("unsupported", f"adapter {name!r} {why}")
-    return cfg
+        return parse_peft_config(path.read_bytes(), f"adapter {name!r}")
+    except PeftConfigError as e:
+        raise AdapterError(e.kind, str(e)) from None
 
 
 def load_adapter(
@@ -111,8 +89,7 @@ def load_adapter(
     if size > max_bytes:
         raise AdapterError("too_large", f"adapter {name!r} is {size} bytes, over the limit of {max_bytes}")
 
-    alpha = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
+    alpha, rslora = cfg.lora_alpha, cfg.use_rslora
     out = AdapterWeights(name=name, content_hash=digest or content_hash(root))
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
@@ -147,11 +124,11 @@ def load_adapter(
                                f"{max_lora_rank}: start the worker with --max-lora-rank {r} or more")
         block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
         path = f"model.layers.{layer}.{block}.{module}"
-        declared = _pattern_value(cfg.get("rank_pattern"), path, cfg.get("r"))
-        if declared is not None and int(declared) != r:
+        declared = pattern_value(cfg.rank_pattern, path, cfg.rank)
+        if declared != r:
             raise AdapterError("mismatch", f"adapter {name!r}: layer {layer} {module} has rank {r} but its config "
                                f"declares {declared}")
-        mod_alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, alpha))
+        mod_alpha = pattern_value(cfg.alpha_pattern, path, alpha)
         scale = mod_alpha / (math.sqrt(r) if rslora else r)
         a32, b32 = a.float(), b.float() * scale
         if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
