@@ -132,3 +132,34 @@ def test_fuzzed_requests_get_ok_or_an_actionable_status(stub, prompt, model, sam
 
 def test_after_the_fuzzing_nothing_is_held(stub):
     assert_nothing_held(stub)
+
+
+def test_bounded_load_of_mixed_adapters_has_no_errors_and_leaves_nothing_held(stub):
+    """8 clients x 12 requests, base and four adapters mixed (pre-loaded, resolved from disk and from the
+    Hub cache), unary and streaming: every one OK, then the counters are back at rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = ["", "sql-lora", "math-lora", "code-lora", "demo-org/chat-lora"]
+
+    def client(c: int) -> list[str]:
+        codes = []
+        for i in range(12):
+            model = models[(c + i) % len(models)]
+            try:
+                if i % 3 == 0:
+                    req = inference_pb2.GenerateStreamRequest(
+                        model=model, prompt=common_pb2.Prompt(text=f"client {c} request {i}"),
+                        sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0.7, seed=c * 100 + i))
+                    last = list(stub.GenerateStream(req, timeout=120))[-1]
+                    codes.append("OK" if last.finish_reason else "NO_FINISH")
+                else:
+                    reply = stub.Generate(request(f"client {c} request {i}", model=model, max_tokens=6), timeout=120)
+                    codes.append("OK" if reply.usage.completion_tokens == 6 else "SHORT")
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+        return codes
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = [c for cs in pool.map(client, range(8)) for c in cs]
+    assert codes == ["OK"] * 96, {c: codes.count(c) for c in set(codes)}
+    assert_nothing_held(stub)

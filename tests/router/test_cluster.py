@@ -237,6 +237,78 @@ def test_a_worker_killed_mid_stream_ends_it_with_unavailable(loop, stack):
         assert got[0].served_by.worker_id == "wk-m" and got[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
 
 
+def test_a_worker_killed_under_concurrent_streams(loop, stack):
+    """#8's fault: SIGKILL a worker while 6 streams run (the policy puts most on it) and 4 requests that have
+    not started wait on it (it is frozen first). Counted: the 4 finish on the other worker (retried), the
+    streams on the victim end with UNAVAILABLE and those elsewhere finish, none outlives its deadline, the
+    router drops the worker and takes it back when it returns on its address, and the surviving worker holds
+    nothing afterwards."""
+    with stack.victim("wk-k") as victim, \
+            running_router(loop, stack.config((stack.workers[0].address, victim.address))) as router, \
+            router_stub(router) as stub:
+        assert wait_until(lambda: len(router.registry.routable()) == 2, 30)
+        on_victim = [n for n in EXTRA if preference(n, ("wk-a", "wk-k"))[0] == "wk-k"]
+        assert on_victim
+        name = on_victim[0]  # one adapter: affinity keeps every request on the victim (under its load cap)
+        outcomes: dict[str, list] = {"streams": [], "queued": []}
+        streaming = threading.Semaphore(0)
+
+        def stream(i: int) -> None:
+            req = stream_request(name, max_tokens=400)
+            req.sampling.ignore_eos = True
+            got, worker = 0, ""
+            try:
+                for m in stub.GenerateStream(req, timeout=60):
+                    got += 1
+                    if got == 1:
+                        worker = m.served_by.worker_id
+                        streaming.release()
+                outcomes["streams"].append(("OK", worker, got))
+            except grpc.RpcError as e:
+                outcomes["streams"].append((e.code().name, worker, got))
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        assert all(streaming.acquire(timeout=30) for _ in threads)
+        victim.popen.send_signal(signal.SIGSTOP)
+        queued = [stub.Generate.future(gen_request(name, max_tokens=3), timeout=60) for _ in range(4)]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        victim.popen.kill()
+        victim.popen.wait()
+        for t in threads:
+            t.join(60)
+        for f in queued:
+            try:
+                outcomes["queued"].append(("OK", f.result(timeout=60).served_by.worker_id))
+            except grpc.RpcError as e:
+                outcomes["queued"].append((e.code().name, ""))
+        assert time.monotonic() - t0 < 30 and not any(t.is_alive() for t in threads)
+        assert outcomes["queued"] == [("OK", "wk-a")] * 4, outcomes  # retried on the survivor
+        # every stream was running; those on the victim end UNAVAILABLE, those the policy put on wk-a finish
+        assert all(got >= 1 for *_, got in outcomes["streams"]), outcomes
+        assert sorted((code, worker) for code, worker, _ in outcomes["streams"]) == sorted(
+            ("UNAVAILABLE" if worker == "wk-k" else "OK", worker) for _, worker, _ in outcomes["streams"]), outcomes
+        assert any(worker == "wk-k" for _, worker, _ in outcomes["streams"]), outcomes
+        assert wait_until(lambda: [w.worker_id for w in router.registry.published] == ["wk-a"], 10)
+
+        # back on the same address: the router dials it again
+        port = victim.address.rsplit(":", 1)[1]
+        proc, lines = spawn("wk-k2", worker_cmd("wk-k", stack.model_dir, stack.store.address,
+                                                stack.tmp / "cache-wk-k", "--port", port), stack.tmp)
+        try:
+            ready(proc, lines, stack.tmp)
+            assert wait_until(lambda: sorted(w.worker_id for w in router.registry.published) == ["wk-a", "wk-k"], 30)
+            assert len(router.registry.routable()) == 2
+        finally:
+            proc.stop(signal.SIGKILL)
+        survivor = next(s for s in router.registry.published if s.worker_id == "wk-a")
+        assert wait_until(lambda: all(
+            s.running_requests == s.waiting_requests == 0 and s.kv_blocks_free == s.kv_blocks_total
+            for s in router.registry.published if s.worker_id == "wk-a"), 10), survivor
+
+
 def test_two_routers_share_the_redis_registry(loop, stack):
     """The workers registered themselves (--redis-url): two routers with only the registry see both, and
     place a cold adapter alike."""
