@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import queue
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -35,53 +32,10 @@ from tests.router.conftest import (
     stream_request,
     wait_until,
 )
+from tests.router.processes import Proc, ready, spawn, worker_cmd
 
-ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = ("sql-lora", "chat-lora", "code-lora", "math-lora")
 EXTRA = tuple(f"extra-{i}" for i in range(8))  # more names the store resolves from its root (copies of sql-lora)
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    address: str = ""
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def spawn(name: str, cmd: list[str], log_dir: Path, env: dict | None = None) -> tuple[Proc, queue.Queue]:
-    log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-    popen = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                             stdout=subprocess.PIPE, stderr=log, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in popen.stdout], daemon=True).start()
-    return Proc(name, popen), lines
-
-
-def ready(proc: Proc, lines: queue.Queue, log_dir: Path, timeout: float = 90) -> Proc:
-    try:
-        line = lines.get(timeout=timeout)
-    except queue.Empty:
-        proc.stop(signal.SIGKILL)
-        pytest.fail(f"{proc.name} printed no ready line in {timeout}s:\n{(log_dir / f'{proc.name}.log').read_text()}")
-    assert " serving on " in line, line
-    proc.address = line.strip().rsplit(" ", 1)[1]
-    return proc
-
-
-def worker_cmd(worker_id: str, model_dir: Path, store: str, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gpu_worker", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-            "--worker-id", worker_id, "--adapter-store", store, "--adapter-cache-dir", str(cache), "--max-loras", "2",
-            "--max-cpu-loras", "8", "--num-kv-blocks", "128", "--drain-timeout-s", "0", "--status-interval-ms", "10",
-            "--log-level", "warning", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -247,9 +201,11 @@ def test_a_worker_killed_under_concurrent_streams(loop, stack):
             running_router(loop, stack.config((stack.workers[0].address, victim.address))) as router, \
             router_stub(router) as stub:
         assert wait_until(lambda: len(router.registry.routable()) == 2, 30)
-        on_victim = [n for n in EXTRA if preference(n, ("wk-a", "wk-k"))[0] == "wk-k"]
-        assert on_victim
-        name = on_victim[0]  # one adapter: affinity keeps every request on the victim (under its load cap)
+        # A name no worker has seen (earlier tests left EXTRA names resident on wk-a, which affinity would
+        # follow), placed on the victim by the hash: one adapter, so affinity keeps its requests there.
+        name = next(n for n in (f"fault-{uuid.uuid4().hex[:8]}" for _ in range(100))
+                    if preference(n, ("wk-a", "wk-k"))[0] == "wk-k")
+        shutil.copytree(stack.root / "sql-lora", stack.root / name)
         outcomes: dict[str, list] = {"streams": [], "queued": []}
         streaming = threading.Semaphore(0)
 
