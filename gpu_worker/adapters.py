@@ -15,9 +15,10 @@ import grpc
 
 from gpu_worker.async_engine import UnavailableError
 from gpu_worker.engine.errors import AdapterError, InvalidRequestError
+from gpu_worker.engine.lora.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
 from gpu_worker.engine.lora_request import LoRARequest
 from gpu_worker.store_client import StoreClient, StoreClientError
-from service_kit.names import name_problem, parse_lora_module
+from service_kit.names import escape_from_root, name_problem, parse_lora_module
 
 
 def check_adapter_name(name: str) -> str:
@@ -61,6 +62,10 @@ class LocalAdapterSource:
         if self.lora_root is not None:
             path = self.lora_root / name
             if path.is_dir():
+                escape = escape_from_root(self.lora_root, path, (CONFIG_FILE, WEIGHTS_FILE))
+                if escape:
+                    raise AdapterError("invalid", f"adapter {name!r}: {escape}; put the adapter's files under "
+                                       "--lora-root")
                 return LoRARequest(name, self.adapter_id(name), str(path))
         where = ", ".join(sorted(self.modules)) or "none"
         root = f" and no directory {name!r} under {self.lora_root}" if self.lora_root else " (and no --lora-root)"

@@ -47,3 +47,17 @@ def parse_lora_module(spec: str | dict, value: str = "path") -> tuple[str, str, 
     if not path:
         raise ValueError(f"lora module {name!r}: the path is empty")
     return name, path, base
+
+
+def escape_from_root(root, path, files=()) -> str | None:
+    """None when `path` (a directory under `root`, looked up by an adapter's name) and the given files in it
+    resolve, symlinks followed, to places inside `root`; else which one leaves it. A resolver root is a place
+    where adapters are dropped: a symlink in it must not make a name serve bytes from elsewhere (/etc, another
+    tenant's directory)."""
+    from pathlib import Path
+
+    real_root = Path(root).resolve()
+    for p in [Path(path), *(Path(path) / f for f in files)]:
+        if p.exists() and not p.resolve().is_relative_to(real_root):
+            return f"{p} resolves to {p.resolve()}, outside the adapters root {real_root}"
+    return None

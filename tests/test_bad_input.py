@@ -149,11 +149,13 @@ def test_bounded_load_of_mixed_adapters_has_no_errors_and_leaves_nothing_held(st
                 if i % 3 == 0:
                     req = inference_pb2.GenerateStreamRequest(
                         model=model, prompt=common_pb2.Prompt(text=f"client {c} request {i}"),
-                        sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0.7, seed=c * 100 + i))
+                        sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0.7, seed=c * 100 + i,
+                                                           ignore_eos=True))
                     last = list(stub.GenerateStream(req, timeout=120))[-1]
                     codes.append("OK" if last.finish_reason else "NO_FINISH")
                 else:
-                    reply = stub.Generate(request(f"client {c} request {i}", model=model, max_tokens=6), timeout=120)
+                    reply = stub.Generate(request(f"client {c} request {i}", model=model, max_tokens=6, ignore_eos=True),
+                                          timeout=120)
                     codes.append("OK" if reply.usage.completion_tokens == 6 else "SHORT")
             except grpc.RpcError as e:
                 codes.append(e.code().name)

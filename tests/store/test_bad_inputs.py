@@ -48,6 +48,15 @@ def bad_store(store_loop, tmp_path_factory, tiny_adapters, tiny_model_dir):
     shutil.copytree(tiny_adapters["code-lora"], root / "rank-16")  # over max_lora_rank
     write_adapter(root / "oversized", layers=2, hidden=256, rank=32, modules=("q_proj",))  # 131 KB
     shutil.copytree(tiny_adapters["sql-lora"], root / "fine")
+    # symlinks out of the root: the directory itself, and one file of a directory inside it
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(tiny_adapters["sql-lora"], outside / "elsewhere")
+    (root / "link-out").symlink_to(outside / "elsewhere", target_is_directory=True)
+    shutil.copytree(tiny_adapters["sql-lora"], root / "file-out")
+    (root / "file-out" / "adapter_model.safetensors").unlink()
+    (root / "file-out" / "adapter_model.safetensors").symlink_to(outside / "elsewhere" / "adapter_model.safetensors")
+    # a symlink that stays inside the root is followed (an operator's alias)
+    (root / "alias").symlink_to(root / "fine", target_is_directory=True)
     cache = tmp_path_factory.mktemp("bad-cache")
     config = store_config(cache, lora_root=str(root), max_adapter_bytes=MAX_BYTES, max_lora_rank=MAX_RANK,
                           base_model_config=str(tiny_model_dir / "config.json"))
@@ -96,11 +105,28 @@ def test_names_that_are_not_names(bad_store, name):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("name", ["link-out", "file-out"])
+def test_symlinks_out_of_the_root_are_refused(bad_store, name):
+    stub, cache = bad_store
+    with pytest.raises(grpc.RpcError) as info:
+        resolve(stub, name)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "outside the adapters root" in info.value.details()
+    _no_cache_entry(cache, name)
+
+
+def test_a_symlink_inside_the_root_is_followed(bad_store):
+    stub, _ = bad_store
+    assert resolve(stub, "alias").ref.content_hash == resolve(stub, "fine").ref.content_hash
+
+
 def test_a_good_adapter_next_to_them_is_served(bad_store):
     stub, cache = bad_store
     m = resolve(stub, "fine")
     assert m.state == common_pb2.ADAPTER_STATE_READY
-    assert cache_entries(cache) == [f"fine@{m.ref.content_hash}"]
+    # only the good ones ever became entries (and "alias", the same adapter through a symlink in the root)
+    assert f"fine@{m.ref.content_hash}" in cache_entries(cache)
+    assert set(cache_entries(cache)) <= {f"fine@{m.ref.content_hash}", f"alias@{m.ref.content_hash}"}
 
 
 def test_failures_of_registered_names_show_in_list(store_loop, tmp_path, adapter_copy):

@@ -91,6 +91,28 @@ def test_lora_root_lookup(tiny_adapters):
     assert info.value.kind == "not_found"
 
 
+def test_lora_root_refuses_symlinks_out_of_it(tiny_adapters, tmp_path):
+    """A name under --lora-root may not serve bytes from outside it (the directory or one of its files
+    linked elsewhere); a link that stays inside the root is followed."""
+    import shutil
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(tiny_adapters["sql-lora"], outside / "x")
+    root.mkdir()
+    (root / "dir-out").symlink_to(outside / "x", target_is_directory=True)
+    shutil.copytree(tiny_adapters["sql-lora"], root / "file-out")
+    (root / "file-out" / "adapter_config.json").unlink()
+    (root / "file-out" / "adapter_config.json").symlink_to(outside / "x" / "adapter_config.json")
+    shutil.copytree(tiny_adapters["sql-lora"], root / "fine")
+    (root / "alias").symlink_to(root / "fine", target_is_directory=True)
+    source = LocalAdapterSource([], root)
+    for name in ("dir-out", "file-out"):
+        with pytest.raises(AdapterError) as info:
+            source.lookup(name)
+        assert info.value.kind == "invalid" and "outside the adapters root" in str(info.value)
+    assert source.lookup("alias").lora_path == str(root / "alias")
+
+
 def test_sampling_params_unset_fields_take_vllm_defaults():
     assert convert.sampling_params(common_pb2.SamplingParams()) == SamplingParams()
     got = convert.sampling_params(common_pb2.SamplingParams(
