@@ -154,8 +154,8 @@ def test_bounded_load_of_mixed_adapters_has_no_errors_and_leaves_nothing_held(st
                     last = list(stub.GenerateStream(req, timeout=120))[-1]
                     codes.append("OK" if last.finish_reason else "NO_FINISH")
                 else:
-                    reply = stub.Generate(request(f"client {c} request {i}", model=model, max_tokens=6, ignore_eos=True),
-                                          timeout=120)
+                    req = request(f"client {c} request {i}", model=model, max_tokens=6, ignore_eos=True)
+                    reply = stub.Generate(req, timeout=120)
                     codes.append("OK" if reply.usage.completion_tokens == 6 else "SHORT")
             except grpc.RpcError as e:
                 codes.append(e.code().name)
