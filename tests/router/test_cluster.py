@@ -265,6 +265,36 @@ def test_a_worker_killed_under_concurrent_streams(loop, stack):
             for s in router.registry.published if s.worker_id == "wk-a"), 10), survivor
 
 
+def test_a_hung_worker_holds_up_only_its_own_requests(loop, stack):
+    """#8's slow or hung worker (frozen with SIGSTOP while it holds a running stream): the deadline of a
+    request stuck on it holds, and requests for an adapter on the other worker are served meanwhile."""
+    with stack.victim("wk-h") as victim, \
+            running_router(loop, stack.config((stack.workers[0].address, victim.address))) as router, \
+            router_stub(router) as stub:
+        assert wait_until(lambda: len(router.registry.routable()) == 2, 30)
+        stuck = next(n for n in (f"hung-{uuid.uuid4().hex[:8]}" for _ in range(100))
+                     if preference(n, ("wk-a", "wk-h"))[0] == "wk-h")
+        shutil.copytree(stack.root / "sql-lora", stack.root / stuck)
+        req = stream_request(stuck, max_tokens=400)
+        req.sampling.ignore_eos = True
+        stream = stub.GenerateStream(req, timeout=3)
+        first = next(stream)
+        assert first.served_by.worker_id == "wk-h"
+        victim.popen.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            others = [stub.Generate(gen_request("sql-lora", max_tokens=2), timeout=20) for _ in range(3)]
+            assert all(r.served_by.worker_id == "wk-a" for r in others)
+            assert time.monotonic() - t0 < 10
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stream:
+                    pass
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - t0 < 5  # the 3 s deadline held (from before the freeze)
+        finally:
+            victim.popen.send_signal(signal.SIGCONT)
+
+
 def test_two_routers_share_the_redis_registry(loop, stack):
     """The workers registered themselves (--redis-url): two routers with only the registry see both, and
     place a cold adapter alike."""
