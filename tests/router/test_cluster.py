@@ -85,6 +85,15 @@ class Stack:
         return router_config(workers=workers if workers is not None else tuple(w.address for w in self.workers),
                              store_address=self.store.address, **kw)
 
+    def cold_adapter_on(self, worker_id: str) -> str:
+        """A new adapter name (a copy of sql-lora in the store's root) that no worker has seen, which the
+        policy's hash places on `worker_id` first, against wk-a: earlier tests leave names resident on wk-a,
+        and affinity would follow them."""
+        name = next(n for n in (f"cold-{uuid.uuid4().hex[:8]}" for _ in range(100))
+                    if preference(n, ("wk-a", worker_id))[0] == worker_id)
+        shutil.copytree(self.root / "sql-lora", self.root / name)
+        return name
+
     @contextlib.contextmanager
     def victim(self, worker_id: str, *extra: str):
         proc, lines = spawn(worker_id, worker_cmd(worker_id, self.model_dir, self.store.address,
@@ -201,11 +210,7 @@ def test_a_worker_killed_under_concurrent_streams(loop, stack):
             running_router(loop, stack.config((stack.workers[0].address, victim.address))) as router, \
             router_stub(router) as stub:
         assert wait_until(lambda: len(router.registry.routable()) == 2, 30)
-        # A name no worker has seen (earlier tests left EXTRA names resident on wk-a, which affinity would
-        # follow), placed on the victim by the hash: one adapter, so affinity keeps its requests there.
-        name = next(n for n in (f"fault-{uuid.uuid4().hex[:8]}" for _ in range(100))
-                    if preference(n, ("wk-a", "wk-k"))[0] == "wk-k")
-        shutil.copytree(stack.root / "sql-lora", stack.root / name)
+        name = stack.cold_adapter_on("wk-k")  # one adapter: affinity keeps its requests on the victim
         outcomes: dict[str, list] = {"streams": [], "queued": []}
         streaming = threading.Semaphore(0)
 
@@ -272,9 +277,7 @@ def test_a_hung_worker_holds_up_only_its_own_requests(loop, stack):
             running_router(loop, stack.config((stack.workers[0].address, victim.address))) as router, \
             router_stub(router) as stub:
         assert wait_until(lambda: len(router.registry.routable()) == 2, 30)
-        stuck = next(n for n in (f"hung-{uuid.uuid4().hex[:8]}" for _ in range(100))
-                     if preference(n, ("wk-a", "wk-h"))[0] == "wk-h")
-        shutil.copytree(stack.root / "sql-lora", stack.root / stuck)
+        stuck = stack.cold_adapter_on("wk-h")
         req = stream_request(stuck, max_tokens=400)
         req.sampling.ignore_eos = True
         stream = stub.GenerateStream(req, timeout=3)

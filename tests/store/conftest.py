@@ -103,3 +103,14 @@ def adapter_copy(tmp_path, tiny_adapters):
         return dst
 
     return copy
+
+
+def install_plugin(site: Path, package_dir: Path, dist: str, entry_point: str, monkeypatch) -> None:
+    """A resolver plugin as `pip install` leaves it: its package importable (from `package_dir`) and a
+    dist-info in `site` declaring `entry_point` ("name = module:factory") in the store's group."""
+    info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[loraserve.adapter_resolvers]\n{entry_point}\n")
+    monkeypatch.syspath_prepend(str(package_dir))
+    monkeypatch.syspath_prepend(str(site))

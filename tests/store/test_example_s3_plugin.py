@@ -14,7 +14,7 @@ import pytest
 from gpu_worker.engine.lora.peft_adapter import content_hash as engine_content_hash
 from tests import services
 
-from .conftest import resolve, running_store, store_config, store_stub
+from .conftest import install_plugin, resolve, running_store, store_config, store_stub
 
 PLUGIN_DIR = Path(__file__).resolve().parents[2] / "examples" / "s3_resolver_plugin"
 
@@ -23,14 +23,8 @@ PLUGIN_DIR = Path(__file__).resolve().parents[2] / "examples" / "s3_resolver_plu
 def plugin_installed(tmp_path, monkeypatch):
     """The plugin as `pip install ./examples/s3_resolver_plugin` leaves it: the package importable and a
     dist-info declaring its entry point."""
-    site = tmp_path / "site"
-    info = site / "loraserve_s3_versions-0.1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: loraserve-s3-versions\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text(
-        "[loraserve.adapter_resolvers]\ns3-versions = loraserve_s3_versions:make_resolver\n")
-    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
-    monkeypatch.syspath_prepend(str(site))
+    install_plugin(tmp_path / "site", PLUGIN_DIR, "loraserve-s3-versions",
+                   "s3-versions = loraserve_s3_versions:make_resolver", monkeypatch)
     yield
     sys.modules.pop("loraserve_s3_versions", None)
 

@@ -20,7 +20,7 @@ from gpu_worker.store_client import StoreClient, StoreClientError
 from loraserve.v1 import common_pb2
 from tests import services
 
-from .conftest import resolve, running_store, store_config, store_stub
+from .conftest import install_plugin, resolve, running_store, store_config, store_stub
 
 PLUGIN_DIR = Path(__file__).parent / "example_plugin"
 
@@ -122,14 +122,8 @@ def test_hub_through_the_offline_cache(store_loop, tmp_path, hub_cache, tiny_ada
 @pytest.fixture
 def example_plugin_installed(tmp_path, monkeypatch):
     """The example plugin as if pip-installed: its package on sys.path and a dist-info with its entry point."""
-    site = tmp_path / "site"
-    info = site / "loraserve_example_resolver-0.1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: loraserve-example-resolver\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text(
-        "[loraserve.adapter_resolvers]\nversioned-dir = loraserve_example_resolver:make_resolver\n")
-    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
-    monkeypatch.syspath_prepend(str(site))
+    install_plugin(tmp_path / "site", PLUGIN_DIR, "loraserve-example-resolver",
+                   "versioned-dir = loraserve_example_resolver:make_resolver", monkeypatch)
     yield
     sys.modules.pop("loraserve_example_resolver", None)
 
