@@ -23,6 +23,7 @@ from gpu_worker.engine.sampling_params import SamplingParams
 from gpu_worker.service import SERVICE_NAME, WorkerService, error_interceptor
 from gpu_worker.store_client import StoreClient
 from loraserve.v1 import worker_pb2_grpc
+from service_kit import keepalive
 from service_kit.worker_registry import RegistryMembership
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class WorkerServer:
         # so_reuseport off: a second worker on a taken port must fail, not silently share it.
         server = grpc.aio.server(
             interceptors=[error_interceptor()],
-            options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), ("grpc.so_reuseport", 0)],
+            options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), ("grpc.so_reuseport", 0),
+                     *keepalive.server_options()],
         )
         host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
         try:

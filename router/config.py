@@ -47,6 +47,9 @@ class RouterConfig:
     metrics_port: int = 9091
     # WatchStatus interval asked of each worker.
     status_interval_ms: int = 50
+    # HTTP/2 keepalive pings on each worker's channel: a worker that stops answering (a vanished host, a
+    # frozen process) is marked down after about twice this. 0: off.
+    worker_keepalive_s: float = 10.0
     # Routing policy (router/policy.py).
     load_factor: float = 1.25
     spill_load: int = 32
@@ -69,6 +72,8 @@ class RouterConfig:
             (self.registry_poll_s > 0, f"registry_poll_s must be > 0, not {self.registry_poll_s}"),
             (self.catalog_refresh_s > 0, f"catalog_refresh_s must be > 0, not {self.catalog_refresh_s}"),
             (self.status_interval_ms >= 10, f"status_interval_ms must be >= 10, not {self.status_interval_ms}"),
+            (self.worker_keepalive_s == 0 or self.worker_keepalive_s >= 0.5,
+             f"worker_keepalive_s must be 0 (off) or >= 0.5, not {self.worker_keepalive_s}"),
             (self.max_attempts >= 1, f"max_attempts must be >= 1, not {self.max_attempts}"),
             (self.drain_timeout_s >= 0, f"drain_timeout_s must be >= 0, not {self.drain_timeout_s}"),
             (not self.enable_runtime_lora_updating or self.admin_token,
@@ -122,7 +127,8 @@ def _env_names(name: str) -> tuple[str, ...]:
 
 
 _INTS = {"port", "metrics_port", "status_interval_ms", "spill_load", "max_load", "max_attempts"}
-_FLOATS = {"registry_poll_s", "catalog_refresh_s", "load_factor", "prefetch_fraction", "drain_timeout_s"}
+_FLOATS = {"registry_poll_s", "catalog_refresh_s", "load_factor", "prefetch_fraction", "drain_timeout_s",
+           "worker_keepalive_s"}
 
 
 def _convert(name: str, raw: str):
@@ -167,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
         help=f"allow LoadAdapter / UnloadAdapter, with the bearer token from ${ADMIN_TOKEN_ENV} (default off)")
     add("--metrics-port", type=int, help="Prometheus /metrics port; 0: off (default 9091)")
     add("--status-interval-ms", type=int, help="least interval of each worker's status stream (default 50)")
+    add("--worker-keepalive-s", type=float, help="keepalive pings to each worker: one unanswered this long marks "
+        "it down (default 10; 0: off)")
     add("--load-factor", type=float, help="bounded-load slack over the average load (default 1.25)")
     add("--spill-load", type=int, help="load below which a worker keeps its adapters' requests (default 32)")
     add("--max-load", type=int, help="hard cap of requests per worker (default 256)")

@@ -5,6 +5,7 @@ shutdown refuse new calls, let running ones finish (drain), then stop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import grpc
@@ -22,6 +23,7 @@ from router.registry import WorkerRegistry
 from router.registry_redis import RedisMembership
 from router.service import SERVICE_NAME, InferenceService
 from router.store_client import StoreClient
+from router.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ class RouterServer:
     def __init__(self, config: RouterConfig):
         self.config = config
         self.health = health.aio.HealthServicer()
-        self.registry = WorkerRegistry(status_interval_ms=config.status_interval_ms, on_change=self._workers_changed)
+        self.registry = WorkerRegistry(functools.partial(WorkerClient, keepalive_s=config.worker_keepalive_s),
+                                       status_interval_ms=config.status_interval_ms, on_change=self._workers_changed)
         self.metrics = RouterMetrics(lambda: self.registry.published)
         self.store = StoreClient(config.store_address) if config.store_address else None
         self.catalog = AdapterCatalog(self.registry, self.store, config.catalog_refresh_s)

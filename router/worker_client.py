@@ -10,6 +10,7 @@ import grpc
 from loraserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from router import convert
 from router.domain import AdapterRef, Delta, Payload, Residency, WorkerStatus
+from service_kit import keepalive
 
 # Replies are small; this only bounds what a confused peer can make us buffer.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -18,13 +19,14 @@ _STATUS_REQUEST = worker_pb2.GetStatusRequest()
 
 
 class WorkerClient:
-    def __init__(self, address: str):
+    def __init__(self, address: str, keepalive_s: float = 0.0):
         self.address = address
         self._channel = grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             # a worker that restarts on the same address is dialled again at once, not after a long backoff
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            *keepalive.client_options(keepalive_s),
         ])
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
 

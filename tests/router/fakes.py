@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from loraserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from service_kit import keepalive
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
@@ -208,7 +209,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
 @contextlib.asynccontextmanager
 async def serving(worker: FakeWorker, host: str = "127.0.0.1", port: int = 0):
     """Serve `worker` on `port` (0: a free one; sets worker.address); yields the grpc server."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=keepalive.server_options())  # as the real worker
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker, server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
