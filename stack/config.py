@@ -52,8 +52,8 @@ class StackConfig:
             raise ValueError(f"model_dir {self.model_dir!r} has no config.json: give a Hugging Face model directory")
         if self.adapters_dir and not Path(self.adapters_dir).is_dir():
             raise ValueError(f"adapters_dir {self.adapters_dir!r} is not a directory")
-        if bool(self.s3_bucket) != bool(self.s3_endpoint_url or self.s3_bucket):
-            raise ValueError("s3_endpoint_url needs s3_bucket")
+        if self.s3_endpoint_url and not self.s3_bucket:
+            raise ValueError("s3_endpoint_url needs s3_bucket (the S3 resolver's bucket)")
         if self.start_timeout_s <= 0:
             raise ValueError(f"start_timeout_s must be > 0, not {self.start_timeout_s}")
 
