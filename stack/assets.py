@@ -36,6 +36,8 @@ def ensure_demo(root: Path) -> DemoAssets:
     except (OSError, ValueError):
         pass
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # peft looks the base model up on the Hub otherwise
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from demo import build_default_adapters, build_llama, fill_hub_cache  # transformers + peft: only here
 
     log.info("building the demo model and adapters into %s (once)", root)
