@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from .lora_expand import lora_expand
-from .lora_shrink import lora_shrink, shrink_workspace
+from .lora_shrink import default_config, lora_shrink, shrink_workspace
 from .metadata import LoRAKernelMeta
 
 
@@ -52,10 +52,11 @@ class TritonLoRA:
         t, s, r = x.shape[0], a.shape[1], a.shape[2]
         if self._y is None or self._y.numel() < t * s * r:
             self._y = torch.empty(t * s * r, dtype=torch.float32, device=x.device)
-        need = max(1, shrink_workspace(x, a, self.meta))
+        cfg = default_config(x, a, self.meta)  # once per call: the scratch size and the launch share it
+        need = max(1, shrink_workspace(x, a, self.meta, cfg))
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.float32, device=x.device)
         y = self._y[: t * s * r].view(t, s, r)
-        lora_shrink(x, a, self.buffers.ranks, self.meta, y=y, workspace=self._scratch)
+        lora_shrink(x, a, self.buffers.ranks, self.meta, y=y, config=cfg, workspace=self._scratch)
         lora_expand(y, self.buffers.b[layer][group], out, self.buffers.ranks, self.meta,
                     slice_offsets=self.buffers.shapes[group].slice_offsets)

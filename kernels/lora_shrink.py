@@ -152,12 +152,13 @@ def shrink_workspace(x: torch.Tensor, a: torch.Tensor, meta: LoRAKernelMeta,
                      config: KernelConfig | None = None) -> int:
     """float32 elements of scratch `lora_shrink` needs for these shapes (split K's partial sums; 0 when
     K is not split)."""
-    cfg = config or _config(x, a, meta)
+    cfg = config or default_config(x, a, meta)
     splits, _ = _splits(x.shape[1], cfg)
     return 0 if splits == 1 else splits * x.shape[0] * a.shape[1] * a.shape[2]
 
 
-def _config(x: torch.Tensor, a: torch.Tensor, meta: LoRAKernelMeta) -> KernelConfig:
+def default_config(x: torch.Tensor, a: torch.Tensor, meta: LoRAKernelMeta) -> KernelConfig:
+    """`shrink_config` for these tensors and this step's metadata."""
     _, s, r, k = a.shape
     return shrink_config(x.shape[0], meta.distinct, meta.rows_per_slot(), k, s * r, r, sm_count(x.device))
 
@@ -207,7 +208,7 @@ def lora_shrink(
     if meta.num_tokens != t:
         raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, x has {t}")
     n = s * r
-    cfg = config or _config(x, a, meta)
+    cfg = config or default_config(x, a, meta)
     if y is None:
         y = torch.empty((t, s, r), dtype=torch.float32, device=x.device)
     elif y.shape != (t, s, r) or y.dtype != torch.float32 or not y.is_contiguous():
