@@ -10,7 +10,7 @@ PROTO_SRC := $(sort $(wildcard protos/loraserve/v1/*.proto))
 PROTO_STAMP := loraserve/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-router bench-routing bench-gpu
+.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-router bench-routing bench-cluster bench-gpu
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -68,6 +68,12 @@ bench-router: setup
 
 bench-routing: setup
 	PYTHONPATH=. $(BIN)/python -m benchmarks.routing $(BENCH_ARGS)
+
+# The store, the router and two workers, one per GPU (a machine with two GPUs; with one they share it, and
+# the output says so): one worker vs two round-robin vs two with affinity routing, then a worker killed
+# mid-run. BENCH_ARGS="--quick" runs the tiny model on the CPU.
+bench-cluster:
+	PYTHONPATH=. $(BENCH_PY) -m benchmarks.cluster $(BENCH_ARGS)
 
 # Everything that needs the GPU, in one call: GPU tests, then both benchmarks.
 bench-gpu:

@@ -11,3 +11,8 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
 python3 -m kernels.bench ${KERNEL_BENCH_ARGS:-} 2>&1 | tee "$out/bench_kernels.log" | tail -n 80
 python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30
+# The cluster bench needs two GPUs and ~8 minutes (over the device tool's budget for one call together with
+# the above): BENCH_CLUSTER=1 adds it.
+if [ "${BENCH_CLUSTER:-0}" = 1 ]; then
+  python3 -m benchmarks.cluster --out "$out" ${CLUSTER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_cluster.log" | tail -n 20
+fi

@@ -16,17 +16,20 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gpu_worker.adapter_stager import AdapterStager
 from gpu_worker.engine.errors import AdapterError, EngineError, InvalidRequestError
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora_request import LoRARequest
 from gpu_worker.engine.outputs import RequestOutput
 from gpu_worker.engine.sampling_params import SamplingParams
 from gpu_worker.engine.tokenizer import Tokenizer
+from gpu_worker.step_stats import StepStats
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +134,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._tokenizer: Tokenizer | None = None
-        # LoRAManager.stage, once the engine exists: adapters are read from disk on a pool thread.
-        self._stage: Callable[[LoRARequest], None] | None = None
+        # Reads cold adapters off the step loop, once the engine exists (none when LoRA is off).
+        self._stager: AdapterStager | None = None
         # Owned by the engine thread: where each live request's outputs go, and its adapter.
         self._queues: dict[str, asyncio.Queue] = {}
         self._keys: dict[str, AdapterKey | None] = {}
@@ -172,6 +175,8 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._commands.put((_STOP, None))
             await asyncio.to_thread(self._thread.join)
+        if self._stager is not None:
+            self._stager.close()
         self.set_state("stopped")
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -244,9 +249,9 @@ class AsyncEngine:
         return await self._call(prefetch)
 
     async def _stage_adapter(self, lora_request: LoRARequest | None) -> None:
-        """Read a cold adapter on a pool thread, so the engine thread only files it (no stalled steps)."""
-        if lora_request is not None and self._stage is not None:
-            await asyncio.to_thread(self._stage, lora_request)
+        """Read a cold adapter off the step loop (AdapterStager), so the engine thread only files it."""
+        if lora_request is not None and self._stager is not None:
+            await self._stager.stage(lora_request)
 
     async def evict(self, name: str, content_hash: str = "") -> int:
         return await self._call(lambda engine: engine.lora.evict(name, content_hash or None) if engine.lora else 0)
@@ -306,7 +311,8 @@ class AsyncEngine:
                     raise AdapterError(e.kind, f"pre-loaded adapter {lora.lora_name!r} ({lora.lora_path}) cannot be "
                                        f"served: {e}") from None
             info = _info(engine)
-            self._stage = engine.lora.stage if engine.lora is not None else None
+            stats = StepStats(log)
+            self._stager = AdapterStager(engine.lora, stats) if engine.lora is not None else None
         except BaseException as e:  # handed to start('s caller)
             self._post([lambda error=e: ready.done() or ready.set_exception(error)])
             return
@@ -315,7 +321,9 @@ class AsyncEngine:
         while not stopping:
             busy = engine.has_unfinished_requests()
             posts: list[Callable[[], None]] = []
-            for fn, future in self._take(None if not busy else STALL_WAIT_S if stalled else 0):
+            commands = self._take(None if not busy else STALL_WAIT_S if stalled else 0)
+            t0 = time.perf_counter()
+            for fn, future in commands:
                 if fn is _STOP:
                     stopping = True
                     continue
@@ -323,10 +331,14 @@ class AsyncEngine:
                     posts.append(_resolver(future, fn(engine), None))
                 except Exception as e:  # the caller's error: add_request, resolve, ...
                     posts.append(_resolver(future, None, e))
+            if commands:
+                stats.commands(time.perf_counter() - t0)
             stalled = False
             if engine.has_unfinished_requests() and not stopping:
                 try:
+                    t0 = time.perf_counter()
                     outputs = engine.step()
+                    stats.step(time.perf_counter() - t0, len(outputs))
                 except Exception as e:  # a failed step must not take the worker down: fail its requests
                     log.exception("engine step failed; failing %d requests", len(self._queues))
                     outputs = []
@@ -337,6 +349,7 @@ class AsyncEngine:
             if stopping:
                 self._fail_all(engine, posts, UnavailableError("the worker stopped before the request finished"))
             load = _load(engine, self._keys)
+            stats.maybe_log(load.waiting, load.running)
             if load != last_load:
                 last_load = load
                 posts.insert(0, lambda load=load: self._set_load(load))

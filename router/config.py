@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
-from router.policy import PolicyParams
+from router.policy import ROUTINGS, PolicyParams
 
 ENV_PREFIX = "LORASERVE_ROUTER_"
 ADMIN_TOKEN_ENV = "LORASERVE_ADMIN_TOKEN"
@@ -50,7 +50,8 @@ class RouterConfig:
     # HTTP/2 keepalive pings on each worker's channel: a worker that stops answering (a vanished host, a
     # frozen process) is marked down after about twice this. 0: off.
     worker_keepalive_s: float = 10.0
-    # Routing policy (router/policy.py).
+    # Routing policy (router/policy.py): "affinity" (ours), or a baseline: "round-robin", "least-loaded".
+    routing: str = "affinity"
     load_factor: float = 1.25
     spill_load: int = 32
     max_load: int = 256
@@ -74,6 +75,7 @@ class RouterConfig:
             (self.status_interval_ms >= 10, f"status_interval_ms must be >= 10, not {self.status_interval_ms}"),
             (self.worker_keepalive_s == 0 or self.worker_keepalive_s >= 0.5,
              f"worker_keepalive_s must be 0 (off) or >= 0.5, not {self.worker_keepalive_s}"),
+            (self.routing in ROUTINGS, f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}"),
             (self.max_attempts >= 1, f"max_attempts must be >= 1, not {self.max_attempts}"),
             (self.drain_timeout_s >= 0, f"drain_timeout_s must be >= 0, not {self.drain_timeout_s}"),
             (not self.enable_runtime_lora_updating or self.admin_token,
@@ -175,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--status-interval-ms", type=int, help="least interval of each worker's status stream (default 50)")
     add("--worker-keepalive-s", type=float, help="keepalive pings to each worker: one unanswered this long marks "
         "it down (default 10; 0: off)")
+    add("--routing", help="affinity (default: adapter affinity with bounded loads), or a baseline for "
+        "comparison: round-robin, least-loaded")
     add("--load-factor", type=float, help="bounded-load slack over the average load (default 1.25)")
     add("--spill-load", type=int, help="load below which a worker keeps its adapters' requests (default 32)")
     add("--max-load", type=int, help="hard cap of requests per worker (default 256)")

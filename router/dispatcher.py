@@ -69,7 +69,11 @@ class Prefetcher:
 
 class Dispatcher:
     def __init__(self, registry: WorkerRegistry, catalog: AdapterCatalog, params: policy.PolicyParams,
-                 metrics: RouterMetrics, max_attempts: int = 3):
+                 metrics: RouterMetrics, max_attempts: int = 3, routing: str = "affinity"):
+        if routing not in policy.ROUTINGS:
+            raise ValueError(f"routing must be one of {policy.ROUTINGS}, not {routing!r}")
+        self.routing = routing
+        self._turn = 0  # round-robin's counter
         self.registry = registry
         self.catalog = catalog
         self.params = params
@@ -115,7 +119,7 @@ class Dispatcher:
         while attempt < self.max_attempts:
             attempt += 1
             snap = self.registry.snapshot()
-            decision = policy.choose(snap, name, self.params, frozenset(tried))
+            decision = self._decide(snap, name, frozenset(tried))
             if decision is None:
                 raise self._no_worker(snap, failures)
             self.metrics.decided(decision.tier)
@@ -165,6 +169,12 @@ class Dispatcher:
                 self.registry.release(entry, name)
         raise errors.UnavailableError(f"no worker could serve the request after {len(failures)} attempts: "
                                       + "; ".join(failures))
+
+    def _decide(self, snap: policy.Snapshot, name: str | None, tried: frozenset[str]) -> policy.Decision | None:
+        if self.routing == "affinity":
+            return policy.choose(snap, name, self.params, tried)
+        self._turn += 1
+        return policy.choose_baseline(self.routing, snap, name, self._turn, self.params, tried)
 
     def _no_worker(self, snap: policy.Snapshot, failures: list[str]) -> errors.RouterError:
         if failures:

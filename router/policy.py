@@ -27,6 +27,11 @@ target, so the spill finds it there instead of paying the cold load on the reque
 
 A base-model request goes to the least loaded worker (ties: the most free KV cache, then the id). Every
 worker also has a hard cap (max_load): a worker at its cap takes nothing.
+
+Two baselines stand beside it (the router's --routing flag; `make bench-cluster` compares them on real GPUs):
+round-robin (the next live worker in turn, whatever it holds) and least-loaded (the least loaded live
+worker). They honour the hard cap and the failover exclusions, and their decisions carry the tier the chosen
+worker is in for the adapter, so the cold-load and affinity metrics mean the same under every routing.
 """
 
 from __future__ import annotations
@@ -160,14 +165,8 @@ def choose(snapshot: Snapshot, adapter: str | None, params: PolicyParams,
             key = (3, w.load, rank[w.worker_id])
         if best_key is None or key < best_key:
             best, best_key = w, key
-    if best_key[0] == 0:
-        tier = Tier.GPU
-    elif best_key[0] == 1:
-        tier = Tier.HOST
-    else:
-        resident = any(adapter in w.gpu or adapter in w.host or adapter in w.demand for w in snapshot.workers)
-        tier = Tier.SPILL if resident else Tier.COLD
-    return Decision(best.worker_id, tier, _prefetch(adapter, best, under, order, limit, params))
+    return Decision(best.worker_id, tier_on(snapshot, best, adapter),
+                    _prefetch(adapter, best, under, order, limit, params))
 
 
 def _prefetch(adapter: str, chosen: WorkerView, under: list[WorkerView], order: tuple[str, ...], limit: int,
@@ -182,6 +181,37 @@ def _prefetch(adapter: str, chosen: WorkerView, under: list[WorkerView], order: 
             continue
         return (wid,)
     return ()
+
+
+ROUTINGS = ("affinity", "round-robin", "least-loaded")
+
+
+def choose_baseline(routing: str, snapshot: Snapshot, adapter: str | None, turn: int, params: PolicyParams,
+                    exclude: frozenset[str] = frozenset()) -> Decision | None:
+    """A baseline routing's choice: "round-robin" takes live worker number `turn` (mod their count; the
+    caller counts turns), "least-loaded" the least loaded (ties: the id). None when no worker can take it."""
+    live = [w for w in snapshot.workers if w.worker_id not in exclude and w.load < params.max_load]
+    if not live:
+        return None
+    if routing == "round-robin":
+        chosen = live[turn % len(live)]
+    elif routing == "least-loaded":
+        chosen = min(live, key=lambda w: (w.load, w.worker_id))
+    else:
+        raise ValueError(f"unknown baseline routing {routing!r}; one of {ROUTINGS[1:]}")
+    return Decision(chosen.worker_id, tier_on(snapshot, chosen, adapter))
+
+
+def tier_on(snapshot: Snapshot, worker: WorkerView, adapter: str | None) -> Tier:
+    """The tier a request for `adapter` lands in on `worker` (as choose() names its own decisions)."""
+    if adapter is None:
+        return Tier.BASE
+    if adapter in worker.gpu or adapter in worker.demand:
+        return Tier.GPU
+    if adapter in worker.host:
+        return Tier.HOST
+    resident = any(adapter in w.gpu or adapter in w.host or adapter in w.demand for w in snapshot.workers)
+    return Tier.SPILL if resident else Tier.COLD
 
 
 @functools.lru_cache(maxsize=65536)

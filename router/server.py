@@ -45,7 +45,8 @@ class RouterServer:
         self.metrics = RouterMetrics(lambda: self.registry.published)
         self.store = StoreClient(config.store_address) if config.store_address else None
         self.catalog = AdapterCatalog(self.registry, self.store, config.catalog_refresh_s)
-        self.dispatcher = Dispatcher(self.registry, self.catalog, config.policy(), self.metrics, config.max_attempts)
+        self.dispatcher = Dispatcher(self.registry, self.catalog, config.policy(), self.metrics, config.max_attempts,
+                                     config.routing)
         self.admin = AdapterAdmin(AdminGuard(config.enable_runtime_lora_updating, config.admin_token), self.catalog,
                                   self.registry)
         self.membership: RedisMembership | None = None

@@ -58,6 +58,11 @@ class Service:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def kill(self) -> None:
+        """SIGKILL, no drain (a crash, for failover tests and benchmarks)."""
+        if self.running():
+            self._proc.kill()
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM (the services drain), then SIGKILL after `timeout_s`; the exit status."""
         if self._proc is None:

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from demo.adapters import build_lora_adapter
 from demo.model import build_llama
@@ -67,6 +68,14 @@ def refusal_cases(adapters, tmp):
     data = (truncated / "adapter_model.safetensors").read_bytes()
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     yield "invalid", "truncated", truncated, "safetensors"
+    for bad in ("nan", "inf"):
+        poisoned = copy_adapter(adapters["sql-lora"], tmp / f"poisoned-{bad}")
+        tensors = load_file(poisoned / "adapter_model.safetensors")
+        victim = sorted(k for k in tensors if "lora_B" in k)[-1]
+        tensors[victim].view(-1)[3] = float(bad)
+        save_file(tensors, str(poisoned / "adapter_model.safetensors"))
+        layer, module = victim.split(".layers.")[1].split(".")[0], victim.split(".")[-3]
+        yield "invalid", f"poisoned-{bad}", poisoned, f"layer {layer} {module} holds NaN or infinite"
     other_base = build_llama(tmp / "other-base", hidden_size=32, num_heads=2, num_kv_heads=1)
     yield "mismatch", "other", build_lora_adapter(other_base, tmp / "other-lora", r=4, lora_alpha=8,
                                                   target_modules=["q_proj"], seed=9), "base model"

@@ -12,7 +12,8 @@ from tests.test_compose import COMPOSE_FILE, with_defaults
 def test_defaults_and_flags():
     cfg = RouterConfig.from_args(["--workers", "a:1, b:2", "--port", "0"], environ={})
     assert cfg.workers == ("a:1", "b:2") and cfg.port == 0 and cfg.metrics_port == 9091
-    assert not cfg.enable_runtime_lora_updating and cfg.policy().spill_load == 32
+    assert not cfg.enable_runtime_lora_updating and cfg.policy().spill_load == 32 and cfg.routing == "affinity"
+    assert RouterConfig.from_args(["--workers", "a:1", "--routing", "round-robin"], environ={}).routing == "round-robin"
 
 
 def test_environment_fallbacks_and_flags_win():
@@ -42,6 +43,7 @@ def test_the_stack_wide_admin_switch():
     (["--workers", "a:1,a:1"], {}, "duplicates"),
     (["--redis-url", "http://x"], {}, "redis_url must start with"),
     (["--workers", "a:1", "--load-factor", "0.5"], {}, "load_factor"),
+    (["--workers", "a:1", "--routing", "random"], {}, "routing must be one of affinity, round-robin"),
     (["--workers", "a:1"], {"LORASERVE_ROUTER_PORT": "x"}, "LORASERVE_ROUTER_PORT='x': not an integer"),
 ])
 def test_bad_configs_exit_with_a_message(argv, env, words, capsys):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.policy import PolicyParams, Snapshot, Tier, WorkerView, bound, choose, preference
+from router.policy import PolicyParams, Snapshot, Tier, WorkerView, bound, choose, choose_baseline, preference
 
 P = PolicyParams(load_factor=1.25, spill_load=4, max_load=16, prefetch_fraction=0.5)
 
@@ -151,3 +152,25 @@ def test_never_past_the_bound_nor_the_cap(loads, holders, adapter):
     if adapter is not None and any(w.load < bound(s, P) for w in ws):
         assert chosen.load < bound(s, P)
     assert choose(Snapshot.of(reversed(ws)), adapter, P) == d  # order-independent
+
+
+def test_round_robin_takes_turns_whatever_the_workers_hold():
+    ws = [WorkerView("w0", gpu=frozenset({"a"})), WorkerView("w1"), WorkerView("w2", load=16)]  # w2 at the cap
+    picks = [choose_baseline("round-robin", snap(*ws), "a", turn, P) for turn in range(4)]
+    assert [d.worker_id for d in picks] == ["w0", "w1", "w0", "w1"]
+    # the tier names where the adapter is on the chosen worker, as choose() does: the metrics compare
+    assert [d.tier for d in picks] == [Tier.GPU, Tier.SPILL, Tier.GPU, Tier.SPILL]
+    assert choose_baseline("round-robin", snap(*ws), "b", 1, P).tier is Tier.COLD
+    assert choose_baseline("round-robin", snap(*ws), None, 1, P).tier is Tier.BASE
+    assert choose_baseline("round-robin", snap(*ws), "a", 0, P, exclude=frozenset({"w0"})).worker_id == "w1"
+    assert choose_baseline("round-robin", snap(*ws), "a", 0, P, exclude=frozenset({"w0", "w1"})) is None
+
+
+def test_least_loaded_ignores_residency():
+    ws = [WorkerView("w0", load=3, gpu=frozenset({"a"})), WorkerView("w1", load=1, host=frozenset({"a"})),
+          WorkerView("w2", load=1)]
+    d = choose_baseline("least-loaded", snap(*ws), "a", 0, P)
+    assert (d.worker_id, d.tier) == ("w1", Tier.HOST)
+    assert choose_baseline("least-loaded", snap(*ws), "a", 0, P, exclude=frozenset({"w1"})).worker_id == "w2"
+    with pytest.raises(ValueError, match="unknown baseline routing"):
+        choose_baseline("affinity", snap(*ws), "a", 0, P)

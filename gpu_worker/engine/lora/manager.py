@@ -87,19 +87,31 @@ class LoRAManager:
             raise AdapterError("mismatch", f"adapter {request.lora_name!r} is for base model "
                                f"{request.base_model_name!r}; this worker serves {self.served_model_name!r}")
 
-    def stage(self, request: LoRARequest) -> None:
+    def stage(self, request: LoRARequest) -> bool:
         """Read, check and pack an adapter ahead of resolve(), from any thread: the disk read and the
-        packing (~100 ms for 22 MB) then never stall the engine's step loop. Raises what resolve() would."""
+        packing (~100 ms for 22 MB) then never stall the engine's step loop. Raises what resolve() would.
+        True when it read the adapter; False when it was already in host memory or staged."""
         self._check_base(request)
         root = Path(request.lora_path)
         key = (request.lora_name, self._content_hash(root, request.lora_name))
         if key in self.host or key in self._staged:
-            return
+            return False
         entry = self._read(key, root)
         with self._staged_lock:
             self._staged[key] = entry
             while len(self._staged) > self.host.capacity:  # staged but never resolved: drop the oldest
                 self._staged.popitem(last=False)
+        return True
+
+    def is_staged(self, request: LoRARequest) -> bool:
+        """Whether stage() would do nothing: the adapter's current files are hashed already and it is in host
+        memory or staged. Cheap (two stats, no read), for the event loop to skip a thread hop."""
+        try:
+            digest = self._hashes.get(self._stamp(Path(request.lora_path)))
+        except OSError:
+            return False
+        key = (request.lora_name, digest)
+        return digest is not None and (key in self.host or key in self._staged)
 
     def pin(self, key: AdapterKey) -> None:
         """Keep the adapter in host memory while a request for it is unfinished."""
@@ -110,19 +122,24 @@ class LoRAManager:
 
     def _content_hash(self, root: Path, name: str) -> str:
         try:
-            # Both files: the content hash covers the config too (alpha lives there).
-            stats = [os.stat(root / f) for f in (WEIGHTS_FILE, CONFIG_FILE)]
+            stamp = self._stamp(root)
         except OSError:
             if not root.is_dir():
                 raise AdapterError("not_found", f"adapter {name!r}: {root} is not a directory") from None
             raise missing_weights(root, name) from None
-        stamp = (str(root.resolve()), *((st.st_size, st.st_mtime_ns) for st in stats))
         if stamp not in self._hashes:
             try:
                 self._hashes[stamp] = content_hash(root)
             except OSError as e:
                 raise AdapterError("not_found", f"adapter {name!r}: {e}") from None
         return self._hashes[stamp]
+
+    @staticmethod
+    def _stamp(root: Path) -> tuple:
+        """(path, (size, mtime) of each file): a file version. Both files: the content hash covers the config
+        too (alpha lives there). Raises OSError when one is missing."""
+        stats = [os.stat(root / f) for f in (WEIGHTS_FILE, CONFIG_FILE)]
+        return (str(root.resolve()), *((st.st_size, st.st_mtime_ns) for st in stats))
 
     def _read(self, key: AdapterKey, root: Path) -> HostAdapter:
         weights = load_adapter(root, key[0], self.cfg, self.max_lora_rank, self.dtype, self.max_adapter_bytes, key[1])

@@ -130,12 +130,34 @@ def load_adapter(
                                f"declares {declared}")
         mod_alpha = pattern_value(cfg.alpha_pattern, path, alpha)
         scale = mod_alpha / (math.sqrt(r) if rslora else r)
-        a32, b32 = a.float(), b.float() * scale
-        if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
-            raise AdapterError("invalid", f"adapter {name!r}: layer {layer} {module} holds NaN or infinite values")
-        out.modules[(layer, module)] = (a32.to(dtype).contiguous(), b32.to(dtype).contiguous())
+        out.modules[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
         out.max_rank = max(out.max_rank, r)
         out.nbytes += (a.numel() + b.numel()) * torch.finfo(dtype).bits // 8
     if not out.modules:
         raise AdapterError("invalid", f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA tensors")
+    _check_finite(name, out)
     return out
+
+
+def _check_finite(name: str, out: AdapterWeights) -> None:
+    """NaN or infinity anywhere in the weights as served (conversion keeps a NaN or an infinity read from the
+    file, and scaling or a narrower dtype can overflow) -> AdapterError naming the module. One pass over the
+    bit patterns of every tensor at once: a check per tensor, or isfinite on bf16, cost more than the read."""
+    tensors = [t.reshape(-1) for pair in out.modules.values() for t in pair]
+    if not _any_nonfinite(torch.cat(tensors)):
+        return
+    for (layer, module), pair in sorted(out.modules.items()):
+        if any(_any_nonfinite(t.reshape(-1)) for t in pair):
+            raise AdapterError("invalid", f"adapter {name!r}: layer {layer} {module} holds NaN or infinite values")
+
+
+# An IEEE float is NaN or infinite exactly when its exponent bits are all ones.
+_EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+             torch.float32: (torch.int32, 0x7F800000)}
+
+
+def _any_nonfinite(t: torch.Tensor) -> bool:
+    if t.dtype not in _EXPONENT:
+        return not bool(torch.isfinite(t).all())
+    int_dtype, mask = _EXPONENT[t.dtype]
+    return bool(((t.view(int_dtype) & mask) == mask).any())
