@@ -18,7 +18,7 @@ Then the failover run, on setup 3's cluster: the lowest rate again (one worker c
 one worker is SIGKILLed a third of the way in. Requests lost before their first token must be 0 (the router
 retries them on the other worker); streams cut mid-way end with UNAVAILABLE and are reported.
 
-With fewer than two GPUs the two workers share GPU 0 (each gets half its memory for the KV cache); every
+With fewer than two GPUs the two workers share GPU 0 (each with --shared-kv-blocks KV blocks); every
 line of the output says so. Results: a table on stdout and `cluster.json` under --out.
 """
 
