@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]" --config-settings editable_mode=compat
 	touch $@
 
-# Debian packages the tests use: redis-server (a real Redis), docker-compose (checks the compose file).
+# Debian packages the tests use: redis-server (a real Redis), docker-compose (checks the compose file), curl
+# (the HTTP API's tests run the documented curl commands).
 # Installed only when missing and when apt is there to install them.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

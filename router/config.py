@@ -45,6 +45,8 @@ class RouterConfig:
     admin_token: str = field(default="", repr=False)
     # Prometheus /metrics on this port; 0: off.
     metrics_port: int = 9091
+    # The OpenAI-compatible HTTP front (router/http_front.py) on this port, on `host`; 0: off.
+    http_port: int = 0
     # WatchStatus interval asked of each worker.
     status_interval_ms: int = 50
     # HTTP/2 keepalive pings on each worker's channel: a worker that stops answering (a vanished host, a
@@ -65,6 +67,7 @@ class RouterConfig:
         checks = [
             (0 <= self.port <= 65535, f"port must be in [0, 65535], not {self.port}"),
             (0 <= self.metrics_port <= 65535, f"metrics_port must be in [0, 65535], not {self.metrics_port}"),
+            (0 <= self.http_port <= 65535, f"http_port must be in [0, 65535], not {self.http_port}"),
             (bool(self.workers or self.redis_url),
              "no workers: give --workers host:port,... (LORASERVE_ROUTER_WORKERS) or --redis-url "
              "(LORASERVE_ROUTER_REDIS_URL) for the worker registry"),
@@ -128,7 +131,7 @@ def _env_names(name: str) -> tuple[str, ...]:
     return (own, SHARED_ADMIN_ENV) if name == "enable_runtime_lora_updating" else (own,)
 
 
-_INTS = {"port", "metrics_port", "status_interval_ms", "spill_load", "max_load", "max_attempts"}
+_INTS = {"port", "metrics_port", "http_port", "status_interval_ms", "spill_load", "max_load", "max_attempts"}
 _FLOATS = {"registry_poll_s", "catalog_refresh_s", "load_factor", "prefetch_fraction", "drain_timeout_s",
            "worker_keepalive_s"}
 
@@ -174,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--enable-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=None,
         help=f"allow LoadAdapter / UnloadAdapter, with the bearer token from ${ADMIN_TOKEN_ENV} (default off)")
     add("--metrics-port", type=int, help="Prometheus /metrics port; 0: off (default 9091)")
+    add("--http-port", type=int, help="OpenAI-compatible HTTP API (/v1/completions, /v1/models, ...) on this "
+        "port; 0: off (default 0; `make run` serves it on 8000)")
     add("--status-interval-ms", type=int, help="least interval of each worker's status stream (default 50)")
     add("--worker-keepalive-s", type=float, help="keepalive pings to each worker: one unanswered this long marks "
         "it down (default 10; 0: off)")

@@ -4,6 +4,7 @@ load and resident adapters in the spirit of vLLM's `vllm:lora_requests_info`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
@@ -127,3 +128,19 @@ class _WorkerCollector:
         yield load
         yield kv
         yield info
+        yield _vllm_lora_info(statuses)
+
+
+def _vllm_lora_info(statuses: tuple[WorkerStatus, ...]) -> GaugeMetricFamily:
+    """vLLM's `vllm:lora_requests_info`, which inference gateways (the Gateway API Inference Extension's endpoint
+    picker) read: one series, value the scrape time, labels max_lora and the adapters with requests running
+    (in a GPU slot) and waiting (not yet in one). This router fronts several workers, so max_lora is their
+    slots together and the lists are the union over them."""
+    running = sorted({a.ref.name for s in statuses for a in s.adapters
+                      if a.active_requests and a.residency is Residency.GPU_SLOT})
+    waiting = sorted({a.ref.name for s in statuses for a in s.adapters
+                      if a.active_requests and a.residency is not Residency.GPU_SLOT} - set(running))
+    info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests (vLLM-compatible)",
+                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    info.add_metric([str(sum(s.max_loras for s in statuses)), ",".join(running), ",".join(waiting)], time.time())
+    return info

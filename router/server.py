@@ -17,6 +17,7 @@ from router.admin import AdapterAdmin, AdminGuard
 from router.catalog import AdapterCatalog
 from router.config import RouterConfig
 from router.dispatcher import Dispatcher
+from router.http_front import HttpFront
 from router.interceptor import error_interceptor
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
@@ -56,6 +57,7 @@ class RouterServer:
         self.serving = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._metrics_server = None
+        self.http: HttpFront | None = None
         self._health_state = NOT_SERVING
         self._stopping = False
 
@@ -71,8 +73,8 @@ class RouterServer:
         except RuntimeError as e:
             raise StartupError(f"cannot listen on {host}:{cfg.port} ({e}); is the port taken?") from None
         self.listen_address = f"{host}:{self.port}"
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.dispatcher, self.catalog, self.admin, self.registry), server)
+        service = InferenceService(self.dispatcher, self.catalog, self.admin, self.registry)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, NOT_SERVING)
@@ -82,6 +84,13 @@ class RouterServer:
                 self._metrics_server = self.metrics.serve(cfg.metrics_port, cfg.host)
             except OSError as e:
                 raise StartupError(f"cannot serve metrics on port {cfg.metrics_port} ({e}); is it taken?") from None
+        if cfg.http_port:
+            self.http = HttpFront(service, self.dispatcher, self.catalog, self.admin, self.registry, self.metrics)
+            try:
+                port = await self.http.start(cfg.host, cfg.http_port)
+            except OSError as e:
+                raise StartupError(f"cannot serve HTTP on port {cfg.http_port} ({e}); is it taken?") from None
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", host, port)
         self.server = server
         await server.start()
         log.info("router listening on %s (NOT_SERVING until a worker is up); workers: %s%s%s", self.listen_address,
@@ -117,7 +126,7 @@ class RouterServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             log.info("router draining (up to %.0fs)", timeout)
-            await self.server.stop(timeout)
+            await asyncio.gather(self.server.stop(timeout), *([self.http.stop(timeout)] if self.http else []))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

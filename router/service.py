@@ -68,6 +68,10 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         return convert.cluster_status(ClusterStatus(self.registry.published, self.catalog.base_model()))
 
     def _generation(self, request, context, buffered: bool) -> GenerationRequest:
+        return self.generation_request(request, context.time_remaining(), buffered)
+
+    def generation_request(self, request, timeout: float | None, buffered: bool) -> GenerationRequest:
+        """A GenerateRequest (from gRPC, or from the HTTP front) checked and given an id."""
         if request.prompt.WhichOneof("kind") is None:
             raise errors.InvalidArgumentError("prompt is required: set prompt.text or prompt.token_ids")
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
@@ -75,7 +79,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                                               f"{MAX_REQUEST_ID_CHARS}")
         request_id = request.request_id or f"{_ID_PREFIX}-{next(self._ids)}"
         return GenerationRequest(request_id=request_id, model=request.model,
-                                 payload=Payload(request.prompt, request.sampling), timeout=context.time_remaining(),
+                                 payload=Payload(request.prompt, request.sampling), timeout=timeout,
                                  buffered=buffered)
 
 

@@ -101,6 +101,7 @@ class Plan:
                 "--drain-timeout-s", "10", "--workers", worker, "--store-address", store]
         args += ["--redis-url", cfg.redis_url] if cfg.redis_url else []
         args += ["--enable-runtime-lora-updating"] if cfg.enable_admin else []
+        args += ["--http-port", str(cfg.http_port)] if cfg.http_port else []
         return Service("router", args, self.logs / "router.log", self._admin_env())
 
 
@@ -125,6 +126,13 @@ def banner(router: str, plan: Plan) -> str:
     if cfg.enable_admin:
         lines += [f"  export LORASERVE_ADMIN_TOKEN={plan.token}",
                   f"  {cli} load my-lora {plan.adapters_dir}/chat-lora"]
+    if cfg.http_port:
+        http = f"http://{cfg.host}:{cfg.http_port}"
+        model = PRELOADED if demo else "<adapter>"
+        lines += ["", f"  OpenAI-compatible HTTP API on {http}/v1 (vLLM's curl workflows work unchanged):",
+                  f"  curl {http}/v1/models",
+                  f"  curl {http}/v1/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", "
+                  f"\"prompt\": \"San Francisco is a\", \"max_tokens\": 7, \"temperature\": 0}}'"]
     lines += [f"  grpcurl -plaintext -d '{{\"model\": \"{PRELOADED}\", \"prompt\": {{\"text\": \"Hello\"}}, "
               f"\"sampling\": {{\"max_tokens\": 16}}}}' {router} loraserve.v1.InferenceService/Generate",
               "", "Ctrl-C stops the router, the worker and the store.", ""]

@@ -26,6 +26,8 @@ class StackConfig:
     worker_port: int = 50053
     # Prometheus /metrics of the router; 0: off.
     metrics_port: int = 0
+    # The router's OpenAI-compatible HTTP API (vLLM's curl workflows); 0: off.
+    http_port: int = 8000
     device: str = "auto"
     max_loras: int = 2
     max_cpu_loras: int = 4
@@ -44,7 +46,7 @@ class StackConfig:
     log_level: str = "info"
 
     def __post_init__(self):
-        for name in ("port", "store_port", "worker_port", "metrics_port"):
+        for name in ("port", "store_port", "worker_port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], not {value}")
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--store-port", help="the adapter store's port (default 50052)")
     add("--worker-port", help="the worker's port (default 50053)")
     add("--metrics-port", help="the router's Prometheus port (default 0: off)")
+    add("--http-port", help="the router's OpenAI-compatible HTTP API (default 8000; 0: off)")
     add("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     add("--max-loras", help="adapters in device slots at once (default 2)")
     add("--max-cpu-loras", help="adapters kept in host memory (default 4)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -23,14 +24,23 @@ class RunningStack:
     proc: subprocess.Popen
     address: str
     demo: Path
+    http: str  # the OpenAI-compatible HTTP API, http://127.0.0.1:<port>
     lines: queue.Queue  # stdout after the first line (the banner)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def running_stack(demo: Path, *extra: str) -> Iterator[RunningStack]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ADMIN_TOKEN": TOKEN}
+    http_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stack", "--demo-dir", str(demo), "--port", "0", "--store-port", "0",
-                             "--worker-port", "0", "--log-level", "warning", "--device", "cpu", *extra],
+                             "--worker-port", "0", "--http-port", str(http_port), "--log-level", "warning",
+                             "--device", "cpu", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
@@ -41,7 +51,7 @@ def running_stack(demo: Path, *extra: str) -> Iterator[RunningStack]:
             proc.kill()
             pytest.fail(f"the stack did not start in 240 s:\n{proc.stderr.read()[-3000:]}")
         assert first.startswith("loraserve stack serving on "), first
-        yield RunningStack(proc, first.strip().rsplit(" ", 1)[1], demo, lines)
+        yield RunningStack(proc, first.strip().rsplit(" ", 1)[1], demo, f"http://127.0.0.1:{http_port}", lines)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -118,7 +118,8 @@ def test_grpc_services_use_the_probe_on_their_port(services):
         svc = services[name]
         assert svc["healthcheck"]["test"][1:] == ["python", "deploy/healthcheck.py", f"localhost:{port}"]
         assert any(with_defaults(p).endswith(f":{port}") for p in svc["ports"]), name
-        ports = [v for k, v in env_of(svc).items() if re.fullmatch(r"LORASERVE_\w+_PORT", k)]
+        # the gRPC port is LORASERVE_<SERVICE>_PORT (the router's HTTP API, LORASERVE_ROUTER_HTTP_PORT, is another)
+        ports = [v for k, v in env_of(svc).items() if re.fullmatch(r"LORASERVE_[A-Z]+_PORT", k)]
         assert ports == [str(port)], f"{name} listens on {ports}, probed on {port}"
 
 
@@ -227,3 +228,9 @@ def test_probe_gives_up_after_3_seconds():
 
 def test_probe_usage_error_exits_1():
     assert probe("a:1", "svc", "extra").returncode == 1
+
+
+def test_the_router_serves_its_http_api_on_the_published_port(services):
+    router = services["router"]
+    assert env_of(router)["LORASERVE_ROUTER_HTTP_PORT"] == "8000"
+    assert any(with_defaults(p).endswith(":8000") for p in router["ports"])

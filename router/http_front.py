@@ -1,0 +1,186 @@
+"""The router's OpenAI-compatible HTTP front (`--http-port`): vLLM's curl workflows, unchanged.
+
+    POST /v1/completions               (stream: server-sent events; stream_options.include_usage)
+    GET  /v1/models                    (adapters carry `parent` = the base model)
+    POST /v1/load_lora_adapter         (admin: off unless enabled, then `Authorization: Bearer <token>`)
+    POST /v1/unload_lora_adapter
+    GET  /health                       (200 while a worker is routable, else 503)
+    GET  /metrics                      (the router's Prometheus metrics, vllm:lora_requests_info among them)
+
+aiohttp, because it is a mature asyncio server that runs in the router's own event loop beside grpc.aio: the
+handlers call the same Dispatcher, catalogue and admin objects the gRPC servicer calls, with no thread hop,
+no second process and no ASGI stack (FastAPI would bring uvicorn, starlette and pydantic for the same job).
+Every request becomes the GenerateRequest a gRPC client would send (router/openai_api.py); errors come back
+in OpenAI's JSON error shape with the HTTP status matching the gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from router import errors, openai_api
+from router.admin import AdapterAdmin
+from router.catalog import AdapterCatalog
+from router.dispatcher import Dispatcher
+from router.domain import LoadRequest
+from router.metrics import RouterMetrics
+from router.registry import WorkerRegistry
+from router.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # as the gRPC server's max receive size
+
+
+class HttpFront:
+    def __init__(self, service: InferenceService, dispatcher: Dispatcher, catalog: AdapterCatalog,
+                 admin: AdapterAdmin, registry: WorkerRegistry, metrics: RouterMetrics):
+        self.service, self.dispatcher, self.catalog = service, dispatcher, catalog
+        self.admin, self.registry, self.metrics = admin, registry, metrics
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/load_lora_adapter", self.load_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", self.unload_adapter)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        if self._runner is not None:
+            self._runner.server.shutdown_timeout = drain_timeout_s
+            await self._runner.cleanup()
+
+    # -- handlers -------------------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await _json(request)
+        pb, stream, include_usage = openai_api.completion_request(body, request.headers.get("x-request-id", ""))
+        gen = self.service.generation_request(pb, timeout=None, buffered=not stream)
+        with_logprobs = pb.sampling.HasField("logprobs")
+        if not stream:
+            deltas = await self.dispatcher.generate(gen)
+            return web.json_response(openai_api.completion(gen.request_id, pb.model, deltas, with_logprobs))
+        created = int(time.time())
+        deltas = self.dispatcher.stream(gen)
+        # The first delta before any byte goes out: a request refused up front (unknown model, bad
+        # parameters, no worker) still gets its status code and error object rather than a 200 stream.
+        first = await anext(deltas, None)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        seen = []
+        try:
+            if first is not None:
+                seen.append(first)
+                await _event(response, openai_api.completion_chunk(gen.request_id, pb.model, created, first,
+                                                                   with_logprobs))
+                async for d in deltas:
+                    seen.append(d)
+                    await _event(response, openai_api.completion_chunk(gen.request_id, pb.model, created, d,
+                                                                       with_logprobs))
+            if include_usage:
+                await _event(response, openai_api.usage_chunk(gen.request_id, pb.model, created,
+                                                              openai_api.usage(seen)))
+        except errors.RouterError as e:  # after the 200: the error goes as an event, as vLLM sends it
+            await _event(response, openai_api.error_body(openai_api.HTTP_STATUS.get(e.code, 500), str(e)))
+        finally:
+            await deltas.aclose()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        models = await self.catalog.list_models()
+        return web.json_response({"object": "list", "data": [openai_api.model_card(m) for m in models]})
+
+    async def load_adapter(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        inplace, base = body.get("load_inplace", False), body.get("base_model_name", "")
+        if not isinstance(name, str) or not name:
+            raise _param("lora_name is required", "lora_name")
+        if not isinstance(path, str) or not path:
+            raise _param("lora_path is required: where the adapter's files are (a directory, hf://, s3://)",
+                         "lora_path")
+        if not isinstance(inplace, bool) or not isinstance(base, str):
+            raise _param("load_inplace must be true or false and base_model_name a string")
+        await self.admin.load(LoadRequest(name, path, base, inplace), request.headers.get("Authorization"))
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_adapter(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            raise _param("lora_name is required", "lora_name")
+        await self.admin.unload(name, request.headers.get("Authorization"))
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.registry.routable():
+            return web.Response(text="")
+        return _error(503, "no worker is routable")
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        data = await asyncio.get_running_loop().run_in_executor(None, self.metrics.exposition)
+        return web.Response(body=data, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    # -- errors ---------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except errors.RouterError as e:
+            return _error(openai_api.HTTP_STATUS.get(e.code, 500), str(e), getattr(e, "param", None))
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        except web.HTTPException as e:  # 404 unknown path, 405 wrong method
+            return _error(e.status, f"{request.method} {request.path}: {e.reason}")
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            return _error(500, "internal error in the router; see its log")
+
+
+def _error(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.json_response(openai_api.error_body(status, message, param), status=status)
+
+
+def _param(message: str, param: str | None = None) -> errors.InvalidArgumentError:
+    e = errors.InvalidArgumentError(message)
+    e.param = param
+    return e
+
+
+async def _json(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _param(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise _param("the request body must be a JSON object")
+    return body
+
+
+async def _event(response: web.StreamResponse, obj: dict) -> None:
+    """One server-sent event. A client gone raises ConnectionResetError: the stream's generator is closed,
+    which cancels the worker's call."""
+    await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")

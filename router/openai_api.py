@@ -1,0 +1,231 @@
+"""OpenAI-compatible request and response shapes, as vLLM's server speaks them, mapped onto the gRPC API.
+
+Pure functions, no I/O: a JSON body becomes the same GenerateRequest a gRPC client would send (so the
+router and the worker check it exactly as they check gRPC requests: nothing is validated twice or
+differently), and the router's deltas become completion objects or server-sent-event chunks. What the API
+has and we cannot honour (n > 1, best_of, echo, suffix, logit_bias, several prompts in one request) is
+refused with a 400 that says so, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+from loraserve.v1 import common_pb2, inference_pb2
+from router import errors
+from router.domain import Delta, ModelEntry
+
+OWNED_BY = "loraserve"
+# HTTP status for each gRPC status name (errors.RouterError.code), as vLLM's server answers.
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499, "INTERNAL": 500,
+}
+_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
+_FINISH = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    kind = _ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+# -- requests -----------------------------------------------------------------------------------------
+
+def completion_request(body: object, request_id: str) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
+    """/v1/completions body -> (GenerateRequest, stream, include_usage)."""
+    body = _object(body)
+    _refuse_unsupported(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        pb_prompt = common_pb2.Prompt(text=prompt)
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        pb_prompt = common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt))
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise _bad("prompt holds several prompts; this server takes one per request: send them as separate "
+                   "requests (they are batched on the GPU anyway)", "prompt")
+    else:
+        raise _bad("prompt must be a string or a list of token ids", "prompt")
+    sampling = sampling_params(body, logprobs=_opt_int(body, "logprobs", 0, 20))
+    stream, include_usage = _stream_flags(body)
+    return inference_pb2.GenerateRequest(request_id=request_id, model=_model(body), prompt=pb_prompt,
+                                         sampling=sampling), stream, include_usage
+
+
+def sampling_params(body: dict, logprobs: int | None = None, max_tokens_key: str = "max_tokens") -> \
+        common_pb2.SamplingParams:
+    """The SamplingParams fields, from OpenAI's names and vLLM's extra ones (top_k, min_p, ...). Types are
+    checked here; ranges by the worker, as for a gRPC request."""
+    sp = common_pb2.SamplingParams()
+    max_tokens = _opt_int(body, max_tokens_key, 1, 2**31)
+    if max_tokens is not None:
+        sp.max_tokens = max_tokens
+    for key in ("temperature", "top_p", "repetition_penalty"):
+        value = _opt_float(body, key)
+        if value is not None:
+            setattr(sp, key, value)
+    for key in ("min_p", "presence_penalty", "frequency_penalty"):
+        value = _opt_float(body, key)
+        if value is not None:
+            setattr(sp, key, value)
+    for key, low in (("top_k", -1), ("min_tokens", 0)):
+        value = _opt_int(body, key, low, 2**31)
+        if value is not None:
+            setattr(sp, key, max(value, 0))  # vLLM's top_k -1 means "all", as 0 does here
+    seed = _opt_int(body, "seed", -(2**63), 2**64)
+    if seed is not None:
+        sp.seed = seed % 2**64
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        sp.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        sp.stop.extend(stop)
+    elif stop is not None:
+        raise _bad("stop must be a string or a list of strings", "stop")
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not (isinstance(ids, list) and all(_is_int(i) and i >= 0 for i in ids)):
+            raise _bad("stop_token_ids must be a list of token ids", "stop_token_ids")
+        sp.stop_token_ids.extend(ids)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos must be true or false", "ignore_eos")
+    sp.ignore_eos = ignore_eos
+    if logprobs is not None:
+        sp.logprobs = logprobs
+    return sp
+
+
+def _refuse_unsupported(body: dict) -> None:
+    n = body.get("n", 1)
+    if n != 1:
+        raise _bad(f"n={n}: this server returns one choice per request; send n requests", "n")
+    if body.get("best_of") not in (None, 1):
+        raise _bad("best_of is not supported; send several requests and pick", "best_of")
+    if body.get("echo"):
+        raise _bad("echo is not supported", "echo")
+    if body.get("suffix"):
+        raise _bad("suffix is not supported", "suffix")
+    if body.get("logit_bias"):
+        raise _bad("logit_bias is not supported", "logit_bias")
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise _bad("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+    if not stream:
+        raise _bad("stream_options is only allowed when stream is true", "stream_options")
+    return stream, options.get("include_usage", False)
+
+
+def _model(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model is required: the base model's name or an adapter's (GET /v1/models lists them)", "model")
+    return model
+
+
+def _object(body: object) -> dict:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    return body
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_int(body: dict, key: str, low: int, high: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not _is_int(v) or not low <= v < high:
+        raise _bad(f"{key} must be an integer in [{low}, {high})", key)
+    return v
+
+
+def _opt_float(body: dict, key: str) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(f"{key} must be a number", key)
+    return float(v)
+
+
+def _bad(message: str, param: str | None = None) -> errors.InvalidArgumentError:
+    e = errors.InvalidArgumentError(message)
+    e.param = param
+    return e
+
+
+# -- responses ----------------------------------------------------------------------------------------
+
+def completion_id(request_id: str) -> str:
+    return f"cmpl-{request_id}"
+
+
+def usage(deltas: Sequence[Delta]) -> dict | None:
+    last = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
+    if last is None:
+        return None
+    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+            "total_tokens": last.prompt_tokens + last.completion_tokens}
+
+
+def completion(request_id: str, model: str, deltas: Sequence[Delta], with_logprobs: bool) -> dict:
+    last = deltas[-1] if deltas else Delta()
+    return {
+        "id": completion_id(request_id), "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": "".join(d.text for d in deltas),
+                     "logprobs": completion_logprobs(deltas) if with_logprobs else None,
+                     "finish_reason": _FINISH.get(last.finish_reason), "stop_reason": last.stop_reason or None}],
+        "usage": usage(deltas),
+    }
+
+
+def completion_chunk(request_id: str, model: str, created: int, d: Delta, with_logprobs: bool) -> dict:
+    return {
+        "id": completion_id(request_id), "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": d.text, "logprobs": completion_logprobs([d]) if with_logprobs else None,
+                     "finish_reason": _FINISH.get(d.finish_reason),
+                     "stop_reason": (d.stop_reason or None) if d.finish_reason else None}],
+    }
+
+
+def usage_chunk(request_id: str, model: str, created: int, deltas_usage: dict | None) -> dict:
+    return {"id": completion_id(request_id), "object": "text_completion", "created": created, "model": model,
+            "choices": [], "usage": deltas_usage}
+
+
+def completion_logprobs(deltas: Sequence[Delta]) -> dict:
+    """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs (text -> logprob)."""
+    tokens, token_lps, tops = [], [], []
+    for d in deltas:
+        for lp in d.logprobs:
+            texts = {t.token_id: t.text for t in lp.top}
+            tokens.append(texts.get(lp.token_id, f"token_id:{lp.token_id}"))
+            token_lps.append(lp.logprob)
+            tops.append({t.text or f"token_id:{t.token_id}": t.logprob for t in lp.top})
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": []}
+
+
+def model_card(m: ModelEntry) -> dict:
+    """One entry of /v1/models in vLLM's shape: an adapter's parent is its base model."""
+    a = m.adapter
+    return {"id": m.id, "object": "model", "created": a.created if a and a.created else int(time.time()),
+            "owned_by": OWNED_BY, "root": (a.source_uri or m.id) if a else m.base_model,
+            "parent": m.base_model if a else None, "max_model_len": m.max_model_len or None, "permission": []}

@@ -1,0 +1,138 @@
+"""The router's OpenAI-compatible HTTP front against the stack as `make run` starts it (tiny demo model): the
+curl commands of vLLM's "Serving with API" and "Dynamic adapter loading" sections, unchanged; the official
+`openai` client; errors in OpenAI's shape with the HTTP status matching the gRPC one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import openai
+import pytest
+
+from loraserve_client import Client
+from tests.stack_process import TOKEN, running_stack
+
+BASE = "demo-llama"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with running_stack(tmp_path_factory.mktemp("openai") / "demo") as st:
+        yield st
+
+
+def curl(*args: str) -> tuple[int, str]:
+    """curl as the docs run it; (HTTP status, body)."""
+    out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    body, _, status = out.rpartition("\n")
+    return int(status), body
+
+
+def post(url: str, body: dict, *headers: str) -> tuple[int, str]:
+    hs = [a for h in headers for a in ("-H", h)]
+    return curl(url, "-H", "Content-Type: application/json", *hs, "-d", json.dumps(body))
+
+
+def sse(body: str) -> list:
+    events = [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_models_list_the_base_model_and_adapters_with_their_parent(stack):
+    status, body = curl(f"{stack.http}/v1/models")
+    assert status == 200
+    listing = json.loads(body)
+    cards = {m["id"]: m for m in listing["data"]}
+    assert listing["object"] == "list" and cards[BASE]["parent"] is None and cards[BASE]["object"] == "model"
+    assert cards["sql-lora"]["parent"] == BASE and cards["sql-lora"]["root"]
+
+
+def test_the_docs_completion_request_and_its_stream(stack):
+    request = {"model": "sql-lora", "prompt": "San Francisco is a", "max_tokens": 7, "temperature": 0}
+    status, body = post(f"{stack.http}/v1/completions", request)
+    assert status == 200, body
+    done = json.loads(body)
+    choice = done["choices"][0]
+    assert done["object"] == "text_completion" and done["model"] == "sql-lora" and choice["index"] == 0
+    assert choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)
+    assert 1 <= done["usage"]["completion_tokens"] <= 7
+    assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + done["usage"]["completion_tokens"]
+    # the same request through gRPC gives the same greedy text: one path, not two
+    with Client(stack.address) as c:
+        assert c.generate("San Francisco is a", model="sql-lora", max_tokens=7, temperature=0).text == choice["text"]
+
+    status, body = post(f"{stack.http}/v1/completions",
+                        {**request, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200
+    chunks = sse(body)
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == choice["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == done["usage"]
+    assert all("usage" not in c for c in chunks[:-1]) and len({c["id"] for c in chunks}) == 1
+
+
+def test_dynamic_adapter_loading_needs_the_token_and_then_works(stack):
+    url, source = stack.http, str(stack.demo / "adapters" / "chat-lora")
+    load = {"lora_name": "sql_adapter", "lora_path": source}
+    status, body = post(f"{url}/v1/load_lora_adapter", load)
+    assert status == 401 and json.loads(body)["error"]["code"] == 401 and "Bearer" in body
+    auth = f"Authorization: Bearer {TOKEN}"
+    status, body = post(f"{url}/v1/load_lora_adapter", load, auth)
+    assert status == 200 and body == "Success: LoRA adapter 'sql_adapter' added successfully."
+    assert "sql_adapter" in {m["id"] for m in json.loads(curl(f"{url}/v1/models")[1])["data"]}
+    ask = {"model": "sql_adapter", "prompt": "SELECT", "max_tokens": 3, "temperature": 0}
+    assert post(f"{url}/v1/completions", ask)[0] == 200
+    status, body = post(f"{url}/v1/load_lora_adapter", {**load, "load_inplace": True}, auth)
+    assert status == 200, body
+    status, body = post(f"{url}/v1/unload_lora_adapter", {"lora_name": "sql_adapter"}, auth)
+    assert status == 200 and body == "Success: LoRA adapter 'sql_adapter' removed successfully."
+    status, body = post(f"{url}/v1/completions", ask)
+    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+
+
+def test_the_openai_client_works_unchanged(stack):
+    client = openai.OpenAI(base_url=f"{stack.http}/v1", api_key="unused", max_retries=0)
+    assert {"sql-lora", BASE} <= {m.id for m in client.models.list()}
+    done = client.completions.create(model="sql-lora", prompt="Hello", max_tokens=5, temperature=0)
+    assert done.usage.completion_tokens >= 1 and done.choices[0].finish_reason in ("length", "stop")
+    chunks = list(client.completions.create(model="sql-lora", prompt="Hello", max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    with pytest.raises(openai.NotFoundError, match="ghost"):
+        client.completions.create(model="ghost", prompt="Hello", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n=2"):
+        client.completions.create(model="sql-lora", prompt="Hello", max_tokens=2, n=2)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"prompt": "hi"}, 400, "model is required"),
+    ({"model": "sql-lora", "prompt": "hi", "temperature": "hot"}, 400, "temperature must be a number"),
+    ({"model": "sql-lora", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "sql-lora", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": "sql-lora", "prompt": ["a", "b"]}, 400, "one per request"),
+    ({"model": "sql-lora", "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream is true"),
+    ({"model": "../etc/passwd", "prompt": "hi"}, 400, "name"),
+    ({"model": "ghost", "prompt": "hi", "stream": True}, 404, "ghost"),
+])
+def test_bad_requests_get_openai_errors(stack, body, status, words):
+    got, text = post(f"{stack.http}/v1/completions", body)
+    error = json.loads(text)["error"]
+    assert got == status and error["code"] == status and words in error["message"], text
+
+
+def test_malformed_bodies_paths_health_and_metrics(stack):
+    status, body = curl(f"{stack.http}/v1/completions", "-H", "Content-Type: application/json", "-d", "{not json")
+    assert status == 400 and "not valid JSON" in json.loads(body)["error"]["message"]
+    status, body = curl(f"{stack.http}/v1/nothing")
+    assert status == 404 and json.loads(body)["error"]["code"] == 404
+    assert curl(f"{stack.http}/health") == (200, "")
+    post(f"{stack.http}/v1/completions", {"model": "sql-lora", "prompt": "hi", "max_tokens": 2})
+    status, body = curl(f"{stack.http}/metrics")
+    assert status == 200 and 'vllm:lora_requests_info{max_lora="2"' in body
+    assert 'loraserve_router_requests_total{code="OK",kind="adapter",rpc="Generate"}' in body
+    with Client(stack.address) as c:  # the gRPC API is untouched by the HTTP front
+        assert c.generate("hi", max_tokens=1).text is not None
