@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpu_worker.adapter_stager import AdapterStager
+from gpu_worker.engine.chat_template import ChatPrompt
 from gpu_worker.engine.errors import AdapterError, EngineError, InvalidRequestError
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora_request import LoRARequest
@@ -189,7 +190,7 @@ class AsyncEngine:
 
     async def generate(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | ChatPrompt,
         params: SamplingParams,
         lora_request: LoRARequest | None = None,
         content_hash: str = "",
@@ -199,7 +200,14 @@ class AsyncEngine:
         A non-empty `content_hash` must equal the resolved adapter's, else AdapterError(mismatch)."""
         if self._tokenizer is None:
             raise UnavailableError("the engine is not running yet")
-        if isinstance(prompt, str):
+        if isinstance(prompt, ChatPrompt):
+            text = self._tokenizer.render_chat(list(prompt.messages), prompt.continue_final_message)
+            if len(text) > INLINE_TOKENIZE_CHARS:
+                ids = await asyncio.to_thread(self._tokenizer.encode_rendered, text)
+            else:
+                ids = self._tokenizer.encode_rendered(text)
+            prompt = {"prompt": text, "prompt_token_ids": ids}
+        elif isinstance(prompt, str):
             # Tokenized here (off the engine thread); the text goes along so the engine checks it as it
             # checks a text prompt (an empty one is refused even though its token ids are a lone BOS).
             text = prompt

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpu_worker.async_engine import AdapterResidency, EngineStatus
+from gpu_worker.engine.chat_template import ChatPrompt
 from gpu_worker.engine.errors import InvalidRequestError
 from gpu_worker.engine.outputs import RequestOutput
 from gpu_worker.engine.sampling_params import SamplingParams
 from loraserve.v1 import common_pb2, worker_pb2
 
 MAX_PROMPT_BYTES = 1024 * 1024
+MAX_CHAT_MESSAGES = 4096
 MAX_REQUEST_ID_CHARS = 256
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 # proto3 `optional` fields: unset takes SamplingParams' default (vLLM's).
@@ -65,7 +67,7 @@ def _f32(value: float) -> float:
     return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
-def prompt(pb: common_pb2.Prompt, max_model_len: int) -> str | list[int]:
+def prompt(pb: common_pb2.Prompt, max_model_len: int) -> str | list[int] | ChatPrompt:
     kind = pb.WhichOneof("kind")
     if kind == "text":
         text = pb.text
@@ -79,7 +81,25 @@ def prompt(pb: common_pb2.Prompt, max_model_len: int) -> str | list[int]:
             raise InvalidRequestError(f"prompt.token_ids has {len(ids)} ids; this worker's max_model_len is "
                                       f"{max_model_len}")
         return list(ids)
-    raise InvalidRequestError("prompt is required: set prompt.text or prompt.token_ids")
+    if kind == "messages":
+        return chat_prompt(pb.messages)
+    raise InvalidRequestError("prompt is required: set prompt.text, prompt.token_ids or prompt.messages")
+
+
+def chat_prompt(pb: common_pb2.ChatMessages) -> ChatPrompt:
+    if not pb.messages:
+        raise InvalidRequestError("prompt.messages is empty: send at least one message")
+    if len(pb.messages) > MAX_CHAT_MESSAGES:
+        raise InvalidRequestError(f"prompt.messages has {len(pb.messages)} messages; at most {MAX_CHAT_MESSAGES}")
+    size = 0
+    for i, m in enumerate(pb.messages):
+        if not m.role or len(m.role) > 64:
+            raise InvalidRequestError(f"prompt.messages[{i}].role must be a name like user, assistant or system")
+        size += len(m.content.encode()) + len(m.role)
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidRequestError(f"prompt.messages hold over {MAX_PROMPT_BYTES} bytes; send at most 1 MiB of text")
+    return ChatPrompt(tuple({"role": m.role, "content": m.content} for m in pb.messages),
+                      pb.continue_final_message)
 
 
 def adapter_ref(pb, where: str = "adapter.") -> AdapterRef:

@@ -1,6 +1,7 @@
 """The router's OpenAI-compatible HTTP front (`--http-port`): vLLM's curl workflows, unchanged.
 
     POST /v1/completions               (stream: server-sent events; stream_options.include_usage)
+    POST /v1/chat/completions          (the same; the worker renders the model's chat template)
     GET  /v1/models                    (adapters carry `parent` = the base model)
     POST /v1/load_lora_adapter         (admin: off unless enabled, then `Authorization: Bearer <token>`)
     POST /v1/unload_lora_adapter
@@ -48,6 +49,7 @@ class HttpFront:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/load_lora_adapter", self.load_adapter)
         app.router.add_post("/v1/unload_lora_adapter", self.unload_adapter)
@@ -71,37 +73,41 @@ class HttpFront:
     # -- handlers -------------------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _json(request)
-        pb, stream, include_usage = openai_api.completion_request(body, request.headers.get("x-request-id", ""))
+        pb, stream, include_usage = openai_api.completion_request(await _json(request), _request_id(request))
+        return await self._generate(request, pb, stream, include_usage, openai_api.COMPLETION)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        pb, stream, include_usage = openai_api.chat_request(await _json(request), _request_id(request))
+        return await self._generate(request, pb, stream, include_usage, openai_api.CHAT)
+
+    async def _generate(self, request: web.Request, pb, stream: bool, include_usage: bool,
+                        shapes: openai_api.Shapes) -> web.StreamResponse:
         gen = self.service.generation_request(pb, timeout=None, buffered=not stream)
-        with_logprobs = pb.sampling.HasField("logprobs")
+        rid, model, with_logprobs = gen.request_id, pb.model, pb.sampling.HasField("logprobs")
         if not stream:
-            deltas = await self.dispatcher.generate(gen)
-            return web.json_response(openai_api.completion(gen.request_id, pb.model, deltas, with_logprobs))
+            return web.json_response(shapes.whole(rid, model, await self.dispatcher.generate(gen), with_logprobs))
         created = int(time.time())
         deltas = self.dispatcher.stream(gen)
-        # The first delta before any byte goes out: a request refused up front (unknown model, bad
-        # parameters, no worker) still gets its status code and error object rather than a 200 stream.
-        first = await anext(deltas, None)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        seen = []
         try:
-            if first is not None:
-                seen.append(first)
-                await _event(response, openai_api.completion_chunk(gen.request_id, pb.model, created, first,
-                                                                   with_logprobs))
-                async for d in deltas:
-                    seen.append(d)
-                    await _event(response, openai_api.completion_chunk(gen.request_id, pb.model, created, d,
-                                                                       with_logprobs))
-            if include_usage:
-                await _event(response, openai_api.usage_chunk(gen.request_id, pb.model, created,
-                                                              openai_api.usage(seen)))
-        except errors.RouterError as e:  # after the 200: the error goes as an event, as vLLM sends it
-            await _event(response, openai_api.error_body(openai_api.HTTP_STATUS.get(e.code, 500), str(e)))
+            # The first delta before any byte goes out: a request refused up front (unknown model, bad
+            # parameters, no worker) still gets its status code and error object rather than a 200 stream.
+            first = await anext(deltas, None)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            seen = []
+            try:
+                if first is not None:
+                    seen.append(first)
+                    await _event(response, shapes.chunk(rid, model, created, first, True, with_logprobs))
+                    async for d in deltas:
+                        seen.append(d)
+                        await _event(response, shapes.chunk(rid, model, created, d, False, with_logprobs))
+                if include_usage:
+                    await _event(response, shapes.usage_chunk(rid, model, created, openai_api.usage(seen)))
+            except errors.RouterError as e:  # after the 200: the error goes as an event, as vLLM sends it
+                await _event(response, openai_api.error_body(openai_api.HTTP_STATUS.get(e.code, 500), str(e)))
         finally:
-            await deltas.aclose()
+            await deltas.aclose()  # a client gone mid-stream cancels the worker's call
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -158,6 +164,12 @@ class HttpFront:
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
             return _error(500, "internal error in the router; see its log")
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's X-Request-Id (kept when it fits, as the gRPC API's request_id), else the router assigns one."""
+    rid = request.headers.get("X-Request-Id", "")
+    return rid if len(rid) <= 128 and rid.isprintable() else ""
 
 
 def _error(status: int, message: str, param: str | None = None) -> web.Response:

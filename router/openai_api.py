@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from loraserve.v1 import common_pb2, inference_pb2
 from router import errors
@@ -53,10 +54,58 @@ def completion_request(body: object, request_id: str) -> tuple[inference_pb2.Gen
                    "requests (they are batched on the GPU anyway)", "prompt")
     else:
         raise _bad("prompt must be a string or a list of token ids", "prompt")
-    sampling = sampling_params(body, logprobs=_opt_int(body, "logprobs", 0, 20))
+    sampling = sampling_params(body, logprobs=_opt_int(body, "logprobs", 0, 21))
     stream, include_usage = _stream_flags(body)
     return inference_pb2.GenerateRequest(request_id=request_id, model=_model(body), prompt=pb_prompt,
                                          sampling=sampling), stream, include_usage
+
+
+def chat_request(body: object, request_id: str) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
+    """/v1/chat/completions body -> (GenerateRequest, stream, include_usage). The messages go to the worker,
+    which renders them with the model's chat template."""
+    body = _object(body)
+    _refuse_unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    pb_messages = common_pb2.ChatMessages()
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad(f"messages[{i}] must be an object with a role and a content", "messages")
+        pb_messages.messages.add(role=m["role"], content=_content(m.get("content"), i))
+    cont = body.get("continue_final_message", False)
+    if not isinstance(cont, bool) or body.get("add_generation_prompt", not cont) is cont:
+        raise _bad("continue_final_message must be true or false (and add_generation_prompt its opposite)",
+                   "continue_final_message")
+    pb_messages.continue_final_message = cont
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    top = _opt_int(body, "top_logprobs", 0, 21)
+    want = body.get("logprobs", False)
+    if not isinstance(want, bool):
+        raise _bad("logprobs must be true or false (top_logprobs says how many alternatives)", "logprobs")
+    if top and not want:
+        raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+    sampling = sampling_params(body, logprobs=(top or 0) if want else None, max_tokens_key=key)
+    stream, include_usage = _stream_flags(body)
+    return inference_pb2.GenerateRequest(request_id=request_id, model=_model(body), prompt=common_pb2.Prompt(
+        messages=pb_messages), sampling=sampling), stream, include_usage
+
+
+def _content(content: object, i: int) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{i}].content: only text parts are supported (this model reads text)",
+                           "messages")
+            parts.append(part["text"])
+        return "\n".join(parts)
+    raise _bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
 def sampling_params(body: dict, logprobs: int | None = None, max_tokens_key: str = "max_tokens") -> \
@@ -197,7 +246,7 @@ def completion(request_id: str, model: str, deltas: Sequence[Delta], with_logpro
     }
 
 
-def completion_chunk(request_id: str, model: str, created: int, d: Delta, with_logprobs: bool) -> dict:
+def completion_chunk(request_id: str, model: str, created: int, d: Delta, first: bool, with_logprobs: bool) -> dict:
     return {
         "id": completion_id(request_id), "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": d.text, "logprobs": completion_logprobs([d]) if with_logprobs else None,
@@ -206,7 +255,7 @@ def completion_chunk(request_id: str, model: str, created: int, d: Delta, with_l
     }
 
 
-def usage_chunk(request_id: str, model: str, created: int, deltas_usage: dict | None) -> dict:
+def completion_usage_chunk(request_id: str, model: str, created: int, deltas_usage: dict | None) -> dict:
     return {"id": completion_id(request_id), "object": "text_completion", "created": created, "model": model,
             "choices": [], "usage": deltas_usage}
 
@@ -216,8 +265,7 @@ def completion_logprobs(deltas: Sequence[Delta]) -> dict:
     tokens, token_lps, tops = [], [], []
     for d in deltas:
         for lp in d.logprobs:
-            texts = {t.token_id: t.text for t in lp.top}
-            tokens.append(texts.get(lp.token_id, f"token_id:{lp.token_id}"))
+            tokens.append(_token_text(d, lp))
             token_lps.append(lp.logprob)
             tops.append({t.text or f"token_id:{t.token_id}": t.logprob for t in lp.top})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": []}
@@ -229,3 +277,69 @@ def model_card(m: ModelEntry) -> dict:
     return {"id": m.id, "object": "model", "created": a.created if a and a.created else int(time.time()),
             "owned_by": OWNED_BY, "root": (a.source_uri or m.id) if a else m.base_model,
             "parent": m.base_model if a else None, "max_model_len": m.max_model_len or None, "permission": []}
+
+
+def chat_id(request_id: str) -> str:
+    return f"chatcmpl-{request_id}"
+
+
+def chat_completion(request_id: str, model: str, deltas: Sequence[Delta], with_logprobs: bool) -> dict:
+    last = deltas[-1] if deltas else Delta()
+    return {
+        "id": chat_id(request_id), "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
+                     "logprobs": chat_logprobs(deltas) if with_logprobs else None,
+                     "finish_reason": _FINISH.get(last.finish_reason), "stop_reason": last.stop_reason or None}],
+        "usage": usage(deltas),
+    }
+
+
+def chat_chunk(request_id: str, model: str, created: int, d: Delta, first: bool, with_logprobs: bool) -> dict:
+    delta = {"role": "assistant", "content": d.text} if first else ({"content": d.text} if d.text else {})
+    return {
+        "id": chat_id(request_id), "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": chat_logprobs([d]) if with_logprobs else None,
+                     "finish_reason": _FINISH.get(d.finish_reason),
+                     "stop_reason": (d.stop_reason or None) if d.finish_reason else None}],
+    }
+
+
+def chat_usage_chunk(request_id: str, model: str, created: int, deltas_usage: dict | None) -> dict:
+    return {"id": chat_id(request_id), "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": deltas_usage}
+
+
+def chat_logprobs(deltas: Sequence[Delta]) -> dict:
+    """The chat logprobs object: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
+    content = []
+    for d in deltas:
+        for lp in d.logprobs:
+            token = _token_text(d, lp)
+            content.append({"token": token, "logprob": lp.logprob, "bytes": list(token.encode()),
+                            "top_logprobs": [{"token": t.text or f"token_id:{t.token_id}", "logprob": t.logprob,
+                                              "bytes": list(t.text.encode())} for t in lp.top]})
+    return {"content": content}
+
+
+def _token_text(d: Delta, lp) -> str:
+    """A sampled token's text: from the alternatives when it is among them, else the delta's text when the
+    delta is that one token, else its id."""
+    for t in lp.top:
+        if t.token_id == lp.token_id and t.text:
+            return t.text
+    if len(d.logprobs) == 1 and len(d.token_ids) == 1:
+        return d.text
+    return f"token_id:{lp.token_id}"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """How one endpoint writes its answer: whole, a streamed chunk, the closing usage chunk."""
+
+    whole: Callable[[str, str, Sequence[Delta], bool], dict]
+    chunk: Callable[[str, str, int, Delta, bool, bool], dict]
+    usage_chunk: Callable[[str, str, int, dict | None], dict]
+
+
+COMPLETION = Shapes(completion, completion_chunk, completion_usage_chunk)
+CHAT = Shapes(chat_completion, chat_chunk, chat_usage_chunk)

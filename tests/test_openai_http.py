@@ -9,6 +9,7 @@ import subprocess
 
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from loraserve_client import Client
 from tests.stack_process import TOKEN, running_stack
@@ -72,6 +73,54 @@ def test_the_docs_completion_request_and_its_stream(stack):
     assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == done["usage"]
     assert all("usage" not in c for c in chunks[:-1]) and len({c["id"] for c in chunks}) == 1
+
+
+CHAT = [{"role": "system", "content": "You write SQL."}, {"role": "user", "content": "All users?"}]
+
+
+def test_chat_completions_render_the_models_template_on_the_worker(stack):
+    request = {"model": "sql-lora", "messages": CHAT, "max_tokens": 6, "temperature": 0}
+    status, body = post(f"{stack.http}/v1/chat/completions", request)
+    assert status == 200, body
+    done = json.loads(body)
+    message = done["choices"][0]["message"]
+    assert done["object"] == "chat.completion" and message["role"] == "assistant"
+    # the oracle: transformers renders the same model directory's template; the same tokens through gRPC
+    # give the same greedy text
+    hf = AutoTokenizer.from_pretrained(stack.demo / "model")
+    ids = hf.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    assert done["usage"]["prompt_tokens"] == len(ids)
+    with Client(stack.address) as c:
+        assert c.generate(list(ids), model="sql-lora", max_tokens=6, temperature=0).text == message["content"]
+
+    status, body = post(f"{stack.http}/v1/chat/completions",
+                        {**request, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = sse(body)
+    assert status == 200 and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == message["content"]
+    assert chunks[-1]["usage"] == done["usage"]
+
+    client = openai.OpenAI(base_url=f"{stack.http}/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model="sql-lora", messages=CHAT, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=2)
+    assert answer.choices[0].message.content == message["content"]
+    assert len(answer.choices[0].logprobs.content) == answer.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in answer.choices[0].logprobs.content)
+    streamed = client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=4, temperature=0, stream=True)
+    assert sum(1 for c in streamed if c.choices and c.choices[0].delta.content) >= 1
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"model": "sql-lora", "messages": []}, "non-empty list"),
+    ({"model": "sql-lora", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
+    ({"model": "sql-lora", "messages": CHAT, "continue_final_message": True}, "assistant message last"),
+    ({"model": "sql-lora", "messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs"),
+])
+def test_bad_chat_requests_get_openai_errors(stack, body, words):
+    status, text = post(f"{stack.http}/v1/chat/completions", body)
+    assert status == 400 and words in json.loads(text)["error"]["message"], text
 
 
 def test_dynamic_adapter_loading_needs_the_token_and_then_works(stack):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from .chat_template import ChatTemplate
 from .errors import InvalidRequestError
 
 
@@ -25,6 +26,7 @@ class Tokenizer:
         # prepend it here so prompts match what transformers' AutoTokenizer feeds the model.
         self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_token_id is not None
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self.chat_template = ChatTemplate.from_dir(root, self.config)
 
     def _token_id(self, token) -> int | None:
         if isinstance(token, dict):
@@ -41,3 +43,22 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, str]], continue_final_message: bool = False) -> str:
+        """The conversation as the model's chat template writes it; InvalidRequestError when the model has no
+        template or the template refuses the conversation."""
+        if self.chat_template is None:
+            raise InvalidRequestError("this model has no chat template (tokenizer_config.json has no chat_template "
+                                      "and there is no chat_template.jinja): send a text prompt instead")
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise InvalidRequestError("continue_final_message needs an assistant message last")
+        text = self.chat_template.render(messages, add_generation_prompt=not continue_final_message)
+        if continue_final_message:  # the template closed the last turn: cut back to the end of its text
+            last = messages[-1]["content"]
+            end = text.rfind(last)
+            text = text[: end + len(last)] if last and end >= 0 else text
+        return text
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a rendered chat: the template wrote the special tokens itself, none are added."""
+        return self.hf.encode(text, add_special_tokens=False).ids
