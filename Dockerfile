@@ -11,6 +11,8 @@ FROM python:3.11-slim
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # A pin, like the Makefile's TORCH_SPEC (e.g. torch==2.13.0); pyproject needs torch>=2.4.
 ARG TORCH_SPEC=torch
+# Optional extras, e.g. "[demo]" for the image the Kubernetes cpu-demo overlay builds the demo model with.
+ARG PIP_EXTRAS=""
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -25,7 +27,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 
 # Runtime deps from pyproject.toml (grpcio-tools among them), then `make protos` into ./loraserve/v1.
 COPY . .
-RUN pip install . \
+RUN pip install ".${PIP_EXTRAS}" \
  && python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. \
         protos/loraserve/v1/*.proto
 

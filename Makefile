@@ -24,12 +24,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Debian packages the tests use: redis-server (a real Redis), docker-compose (checks the compose file), curl
-# (the HTTP API's tests run the documented curl commands).
+# (the HTTP API's tests run the documented curl commands), kubectl (renders deploy/k8s with its kustomize;
+# Debian's package is kubernetes-client).
 # Installed only when missing and when apt is there to install them.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

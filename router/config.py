@@ -22,6 +22,8 @@ ENV_PREFIX = "LORASERVE_ROUTER_"
 ADMIN_TOKEN_ENV = "LORASERVE_ADMIN_TOKEN"
 SHARED_ADMIN_ENV = "LORASERVE_ENABLE_RUNTIME_LORA_UPDATING"
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
+# a proxyless-mesh target, resolved through the xDS control plane (service_kit/channels.py)
+_XDS_TARGET = re.compile(r"^xds:///[A-Za-z0-9_.-]+(:\d{1,5})?$")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -34,9 +36,15 @@ class RouterConfig:
     workers: tuple[str, ...] = ()
     redis_url: str = ""
     redis_prefix: str = "loraserve:"
+    # ... or DNS names (host:port) whose every address is a worker (a headless Service), re-resolved every
+    # dns_refresh_s; through dns_nameserver (host:port) when set, else the system resolver.
+    workers_dns: tuple[str, ...] = ()
+    dns_refresh_s: float = 5.0
+    dns_nameserver: str = ""
     # How often the Redis registry is read (a worker's record lives worker_ttl_s after its last heartbeat).
     registry_poll_s: float = 1.0
-    # The adapter store (host:port): the adapter catalogue, LoadAdapter / UnloadAdapter. Optional.
+    # The adapter store (host:port, or xds:///name[:port] in a proxyless mesh): the adapter catalogue,
+    # LoadAdapter / UnloadAdapter. Optional.
     store_address: str = ""
     # Re-read the store's adapter list this often (reloads made through another router replica show up).
     catalog_refresh_s: float = 5.0
@@ -68,9 +76,10 @@ class RouterConfig:
             (0 <= self.port <= 65535, f"port must be in [0, 65535], not {self.port}"),
             (0 <= self.metrics_port <= 65535, f"metrics_port must be in [0, 65535], not {self.metrics_port}"),
             (0 <= self.http_port <= 65535, f"http_port must be in [0, 65535], not {self.http_port}"),
-            (bool(self.workers or self.redis_url),
-             "no workers: give --workers host:port,... (LORASERVE_ROUTER_WORKERS) or --redis-url "
-             "(LORASERVE_ROUTER_REDIS_URL) for the worker registry"),
+            (bool(self.workers or self.redis_url or self.workers_dns),
+             "no workers: give --workers host:port,... (LORASERVE_ROUTER_WORKERS), --workers-dns name:port "
+             "(a headless Service) or --redis-url (LORASERVE_ROUTER_REDIS_URL) for the worker registry"),
+            (self.dns_refresh_s > 0, f"dns_refresh_s must be > 0, not {self.dns_refresh_s}"),
             (not self.redis_url or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
              f"redis_url must start with redis://, rediss:// or unix://, not {self.redis_url!r}"),
             (self.registry_poll_s > 0, f"registry_poll_s must be > 0, not {self.registry_poll_s}"),
@@ -87,9 +96,11 @@ class RouterConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        for address in (*self.workers, *((self.store_address,) if self.store_address else ())):
+        for address in (*self.workers, *self.workers_dns, *((self.dns_nameserver,) if self.dns_nameserver else ())):
             if not _ADDRESS.match(address):
                 raise ValueError(f"{address!r} is not host:port")
+        if self.store_address and not (_ADDRESS.match(self.store_address) or _XDS_TARGET.match(self.store_address)):
+            raise ValueError(f"store_address {self.store_address!r} is neither host:port nor xds:///name[:port]")
         if len(set(self.workers)) != len(self.workers):
             raise ValueError(f"workers has duplicates: {list(self.workers)}")
         self.policy()  # PolicyParams checks its own fields
@@ -118,7 +129,7 @@ class RouterConfig:
                 except ValueError as e:
                     parser.error(f"{var}={environ[var]!r}: {e}")
             else:
-                values[f.name] = _convert(f.name, raw) if isinstance(raw, str) and f.name == "workers" else raw
+                values[f.name] = _convert(f.name, raw) if isinstance(raw, str) and f.name in _LISTS else raw
         values["admin_token"] = environ.get(ADMIN_TOKEN_ENV, "")
         try:
             return cls(**values)
@@ -132,8 +143,9 @@ def _env_names(name: str) -> tuple[str, ...]:
 
 
 _INTS = {"port", "metrics_port", "http_port", "status_interval_ms", "spill_load", "max_load", "max_attempts"}
-_FLOATS = {"registry_poll_s", "catalog_refresh_s", "load_factor", "prefetch_fraction", "drain_timeout_s",
-           "worker_keepalive_s"}
+_FLOATS = {"dns_refresh_s", "registry_poll_s", "catalog_refresh_s", "load_factor", "prefetch_fraction",
+           "drain_timeout_s", "worker_keepalive_s"}
+_LISTS = {"workers", "workers_dns"}
 
 
 def _convert(name: str, raw: str):
@@ -152,7 +164,7 @@ def _convert(name: str, raw: str):
         if low not in _TRUE + _FALSE:
             raise ValueError("not a boolean (true/false)")
         return low in _TRUE
-    if name == "workers":
+    if name in _LISTS:
         return tuple(w.strip() for w in raw.split(",") if w.strip())
     return raw
 
@@ -169,6 +181,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--port", type=int, help="port to listen on; 0 picks a free one (default 50051)")
     add("--workers", help="static workers: host:port,host:port,...")
     add("--redis-url", help="worker registry: redis://host:port/db (workers heartbeat there)")
+    add("--workers-dns", help="DNS names name:port,... whose every address is a worker (a Kubernetes headless "
+        "Service), re-resolved every --dns-refresh-s")
+    add("--dns-refresh-s", type=float, help="how often --workers-dns names are resolved again (default 5)")
+    add("--dns-nameserver", help="ask this DNS server (host:port) for --workers-dns instead of the system resolver")
     add("--redis-prefix", help="key prefix in Redis (default loraserve:)")
     add("--registry-poll-s", type=float, help="how often the Redis registry is read (default 1)")
     add("--store-address", "--adapter-store", dest="store_address",

@@ -21,6 +21,7 @@ from router.http_front import HttpFront
 from router.interceptor import error_interceptor
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
+from router.registry_dns import DnsMembership
 from router.registry_redis import RedisMembership
 from router.service import SERVICE_NAME, InferenceService
 from router.store_client import StoreClient
@@ -93,14 +94,19 @@ class RouterServer:
             log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", host, port)
         self.server = server
         await server.start()
-        log.info("router listening on %s (NOT_SERVING until a worker is up); workers: %s%s%s", self.listen_address,
+        log.info("router listening on %s (NOT_SERVING until a worker is up); workers: %s%s%s%s", self.listen_address,
                  ", ".join(cfg.workers) or "none listed", f"; registry {cfg.redis_url}" if cfg.redis_url else "",
+                 f"; DNS {', '.join(cfg.workers_dns)}" if cfg.workers_dns else "",
                  f"; adapter store {cfg.store_address}" if cfg.store_address else "; no adapter store")
         self.registry.set_members("static", set(cfg.workers))
         if cfg.redis_url:
             self.membership = RedisMembership(cfg.redis_url, cfg.redis_prefix, cfg.registry_poll_s,
                                               lambda addresses: self.registry.set_members("redis", addresses))
             self._tasks.append(asyncio.create_task(self.membership.run(), name="redis registry"))
+        if cfg.workers_dns:
+            dns = DnsMembership(cfg.workers_dns, cfg.dns_refresh_s,
+                                lambda addresses: self.registry.set_members("dns", addresses), cfg.dns_nameserver)
+            self._tasks.append(asyncio.create_task(dns.run(), name="dns discovery"))
         if self.store is not None:
             self._tasks.append(asyncio.create_task(self.catalog.run(), name="adapter catalogue"))
 

@@ -8,6 +8,7 @@ import grpc
 from loraserve.v1 import adapter_store_pb2, adapter_store_pb2_grpc
 from router import convert, errors
 from router.domain import AdapterInfo
+from service_kit.channels import aio_channel
 
 # Resolve and Register may download and validate an adapter (S3, the Hub): give them time.
 DOWNLOAD_TIMEOUT_S = 300.0
@@ -17,7 +18,7 @@ LIST_TIMEOUT_S = 10.0
 class StoreClient:
     def __init__(self, address: str):
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=[
+        self._channel = aio_channel(address, options=[  # host:port, or xds:///name (proxyless mesh)
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000)])
         self._stub = adapter_store_pb2_grpc.AdapterStoreServiceStub(self._channel)
 

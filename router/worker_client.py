@@ -56,7 +56,7 @@ class WorkerClient:
         """Stream one request's deltas. Leaving the iteration early (the client cancelled, or a deadline)
         cancels the worker's call, which aborts the request there and frees its KV blocks and slot."""
         call = self._stub.StreamGenerate(convert.stream_generate_request(request_id, payload, adapter),
-                                         timeout=timeout)
+                                         timeout=timeout, metadata=mesh_metadata(request_id, adapter))
         try:
             async for msg in call:
                 yield convert.delta(msg)
@@ -83,3 +83,17 @@ class WorkerClient:
         except grpc.RpcError as e:
             raise convert.error_from_rpc(e, f"worker {self.address}") from None
         return reply.evicted
+
+
+ADAPTER_HEADER = "x-lora-adapter"
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def mesh_metadata(request_id: str, adapter: AdapterRef | None) -> tuple[tuple[str, str], ...]:
+    """What a service mesh sees on each call to a worker: the request id, and the adapter's name (none for a
+    base-model request, so a mesh's consistent hash on it spreads those). The router builds these itself;
+    nothing a client sent is passed on, so a client cannot steer a worker choice made on the header. A mesh
+    may hash on it for locality (docs: deploy/README.md); it must not authorize on it."""
+    if adapter is None:
+        return ((REQUEST_ID_HEADER, request_id),)
+    return ((REQUEST_ID_HEADER, request_id), (ADAPTER_HEADER, adapter.name))

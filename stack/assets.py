@@ -52,3 +52,12 @@ def ensure_demo(root: Path) -> DemoAssets:
     building.rename(root)
     stamp.write_text(json.dumps({"version": VERSION, "adapters": sorted(adapters)}))
     return assets
+
+
+if __name__ == "__main__":  # python -m stack.assets DIR: build the demo there (an init container's job)
+    import sys
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m stack.assets DIR")
+    print(ensure_demo(Path(sys.argv[1])).model_dir)

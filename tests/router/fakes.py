@@ -37,6 +37,7 @@ class Seen:
     request_id: str
     adapter: tuple[str, str] | None
     time_remaining: float | None
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,7 +82,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
     async def StreamGenerate(self, request, context):
         key = self._adapter_key(request)
         if self.track:
-            self.seen.append(Seen(request.request_id, key, context.time_remaining()))
+            self.seen.append(Seen(request.request_id, key, context.time_remaining(),
+                                  dict(context.invocation_metadata() or ())))
         f = self.faults
         if f.unavailable_before_first:
             f.unavailable_before_first -= 1

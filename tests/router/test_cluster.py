@@ -18,8 +18,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.v1 import common_pb2, inference_pb2
+from loraserve.v1 import common_pb2, inference_pb2, worker_pb2, worker_pb2_grpc
 from router.policy import preference
 from tests import services
 from tests.router.conftest import (
@@ -333,6 +334,37 @@ def test_a_draining_worker_leaves_the_registry_at_once(loop, stack, redis_prefix
         assert worker.popen.wait(15) == 0
         assert redis_client.get(key) is None and not redis_client.smembers(f"{redis_prefix}workers")
         assert time.monotonic() - t0 < 15
+
+
+def test_sigterm_under_streams_truncates_none_and_leaves_the_registry(loop, stack, redis_prefix, redis_client):
+    """SIGTERM to a worker serving N streams: health NOT_SERVING at once, new work refused, every stream runs
+    to its last token within the drain timeout, the registry record goes, exit 0."""
+    extra = ("--redis-url", stack.redis_url, "--registry-prefix", redis_prefix, "--registry-ttl-s", "60",
+             "--drain-timeout-s", "60")
+    n, tokens = 6, 160  # long enough that every stream is still running when SIGTERM comes
+    with stack.victim("wk-drain", *extra) as worker, grpc.insecure_channel(worker.address) as channel:
+        key = f"{redis_prefix}worker:wk-drain"
+        assert wait_until(lambda: redis_client.get(key) is not None, 10)
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        calls = [stub.StreamGenerate(worker_pb2.StreamGenerateRequest(
+            request_id=f"drain-{i}", prompt=common_pb2.Prompt(text=f"stream {i}"),
+            sampling=common_pb2.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)), timeout=120)
+            for i in range(n)]
+        firsts = [next(c) for c in calls]  # every stream is running
+        worker.popen.send_signal(signal.SIGTERM)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                          == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+        with pytest.raises(grpc.RpcError) as refused:  # no new work while draining
+            next(stub.StreamGenerate(worker_pb2.StreamGenerateRequest(prompt=common_pb2.Prompt(text="late")),
+                                     timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        for first, call in zip(firsts, calls):
+            rest = list(call)
+            got = len(first.token_ids) + sum(len(m.token_ids) for m in rest)
+            assert got == tokens and rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert worker.popen.wait(30) == 0
+        assert redis_client.get(key) is None
 
 
 def test_admin_rpcs_refused_when_disabled_or_without_the_token(loop, stack, stub):
