@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -93,6 +94,15 @@ class EngineStatus:
     version: int
 
 
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """`later` with `earlier`'s deltas in front: two consecutive outputs of one request as one."""
+    a, b = earlier.outputs[0], later.outputs[0]
+    merged = dataclasses.replace(b, delta_text=a.delta_text + b.delta_text,
+                                 delta_token_ids=[*a.delta_token_ids, *b.delta_token_ids],
+                                 delta_logprobs=[*a.delta_logprobs, *b.delta_logprobs])
+    return dataclasses.replace(later, outputs=[merged])
+
+
 class RequestStream:
     """One request's outputs, as they come. `close()` (always call it) aborts the request if unfinished."""
 
@@ -103,17 +113,30 @@ class RequestStream:
         self._outputs = outputs
         self._done = False
         self._closed = False
+        self._error: BaseException | None = None
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        if self._error is not None:
+            error, self._error, self._done = self._error, None, True
+            raise error
         if self._done:
             raise StopAsyncIteration
         item = await self._outputs.get()
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        # A reader that fell behind (a busy event loop, a slow client) takes every output already queued as
+        # one: fewer, fuller messages exactly when the loop has the least time for them (vLLM's stream
+        # interval, adaptive). An error queued behind them is raised on the next call.
+        while not item.finished and not self._outputs.empty():
+            more = self._outputs.get_nowait()
+            if isinstance(more, BaseException):
+                self._error = more
+                break
+            item = merge_outputs(item, more)
         self._done = item.finished
         return item
 
