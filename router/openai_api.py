@@ -247,17 +247,24 @@ def completion(request_id: str, model: str, deltas: Sequence[Delta], with_logpro
 
 
 def completion_chunk(request_id: str, model: str, created: int, d: Delta, first: bool, with_logprobs: bool) -> dict:
-    return {
-        "id": completion_id(request_id), "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": d.text, "logprobs": completion_logprobs([d]) if with_logprobs else None,
-                     "finish_reason": _FINISH.get(d.finish_reason),
-                     "stop_reason": (d.stop_reason or None) if d.finish_reason else None}],
-    }
+    choice = {"index": 0, "text": d.text, "logprobs": completion_logprobs([d]) if with_logprobs else None}
+    return _chunk(completion_id(request_id), "text_completion", created, model, choice, d)
 
 
 def completion_usage_chunk(request_id: str, model: str, created: int, deltas_usage: dict | None) -> dict:
-    return {"id": completion_id(request_id), "object": "text_completion", "created": created, "model": model,
-            "choices": [], "usage": deltas_usage}
+    return _usage_chunk(completion_id(request_id), "text_completion", created, model, deltas_usage)
+
+
+def _chunk(chunk_id: str, kind: str, created: int, model: str, choice: dict, d: Delta) -> dict:
+    """One streamed chunk: the choice, with its finish and stop reasons once the delta ends the request."""
+    choice = {**choice, "finish_reason": _FINISH.get(d.finish_reason),
+              "stop_reason": (d.stop_reason or None) if d.finish_reason else None}
+    return {"id": chunk_id, "object": kind, "created": created, "model": model, "choices": [choice]}
+
+
+def _usage_chunk(chunk_id: str, kind: str, created: int, model: str, deltas_usage: dict | None) -> dict:
+    """The last chunk when stream_options.include_usage: no choices, the usage."""
+    return {"id": chunk_id, "object": kind, "created": created, "model": model, "choices": [], "usage": deltas_usage}
 
 
 def completion_logprobs(deltas: Sequence[Delta]) -> dict:
@@ -296,17 +303,12 @@ def chat_completion(request_id: str, model: str, deltas: Sequence[Delta], with_l
 
 def chat_chunk(request_id: str, model: str, created: int, d: Delta, first: bool, with_logprobs: bool) -> dict:
     delta = {"role": "assistant", "content": d.text} if first else ({"content": d.text} if d.text else {})
-    return {
-        "id": chat_id(request_id), "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": chat_logprobs([d]) if with_logprobs else None,
-                     "finish_reason": _FINISH.get(d.finish_reason),
-                     "stop_reason": (d.stop_reason or None) if d.finish_reason else None}],
-    }
+    choice = {"index": 0, "delta": delta, "logprobs": chat_logprobs([d]) if with_logprobs else None}
+    return _chunk(chat_id(request_id), "chat.completion.chunk", created, model, choice, d)
 
 
 def chat_usage_chunk(request_id: str, model: str, created: int, deltas_usage: dict | None) -> dict:
-    return {"id": chat_id(request_id), "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": deltas_usage}
+    return _usage_chunk(chat_id(request_id), "chat.completion.chunk", created, model, deltas_usage)
 
 
 def chat_logprobs(deltas: Sequence[Delta]) -> dict:
