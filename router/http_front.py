@@ -57,17 +57,19 @@ class HttpFront:
         app.router.add_get("/metrics", self.prometheus)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+    async def start(self, host: str, port: int, drain_timeout_s: float = 30.0) -> int:
+        """Listen; on stop(), requests in flight get `drain_timeout_s` to finish."""
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                     shutdown_timeout=drain_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         return self.port
 
-    async def stop(self, drain_timeout_s: float) -> None:
+    async def stop(self) -> None:
+        """Stop listening, let requests in flight finish (up to the drain timeout), close."""
         if self._runner is not None:
-            self._runner.server.shutdown_timeout = drain_timeout_s
             await self._runner.cleanup()
 
     # -- handlers -------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class RouterServer:
         if cfg.http_port:
             self.http = HttpFront(service, self.dispatcher, self.catalog, self.admin, self.registry, self.metrics)
             try:
-                port = await self.http.start(cfg.host, cfg.http_port)
+                port = await self.http.start(cfg.host, cfg.http_port, cfg.drain_timeout_s)
             except OSError as e:
                 raise StartupError(f"cannot serve HTTP on port {cfg.http_port} ({e}); is it taken?") from None
             log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", host, port)
@@ -132,7 +132,7 @@ class RouterServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             log.info("router draining (up to %.0fs)", timeout)
-            await asyncio.gather(self.server.stop(timeout), *([self.http.stop(timeout)] if self.http else []))
+            await asyncio.gather(self.server.stop(timeout), *([self.http.stop()] if self.http else []))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -356,3 +356,41 @@ def test_python_m_router_serves_and_exits_0_on_sigterm(loop):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_sigterm_lets_streams_in_flight_finish_on_both_apis(loop):
+    """SIGTERM to a router carrying gRPC and HTTP streams: NOT_SERVING, no new calls, every stream runs to its
+    last token within the drain timeout, exit 0."""
+    w = FakeWorker("drain-w", adapters=dict(ADAPTERS), tokens=20, token_delay_s=0.05)  # ~1 s a stream
+    with fake_workers(loop, w):
+        http_port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ROUTER_WORKERS": w.address}
+        proc = subprocess.Popen([sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0",
+                                 "--metrics-port", "0", "--http-port", str(http_port), "--drain-timeout-s", "20"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            address = proc.stdout.readline().split()[-1]
+            with grpc.insecure_channel(address) as ch:
+                stub = inference_pb2_grpc.InferenceServiceStub(ch)
+                calls = [stub.GenerateStream(stream_request("sql-lora", max_tokens=20), timeout=30) for _ in range(3)]
+                firsts = [next(c) for c in calls]
+                http = subprocess.Popen(["curl", "-sS", "-N", f"http://127.0.0.1:{http_port}/v1/completions",
+                                         "-H", "Content-Type: application/json", "-d",
+                                         '{"model": "sql-lora", "prompt": "hi", "max_tokens": 20, "stream": true}'],
+                                        stdout=subprocess.PIPE, text=True)
+                assert http.stdout.readline().startswith("data: ")  # streaming
+                proc.send_signal(signal.SIGTERM)
+                health = health_pb2_grpc.HealthStub(ch)
+                assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                                  == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+                for first, call in zip(firsts, calls):
+                    rest = list(call)
+                    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 20
+                    assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+                body = http.communicate(timeout=30)[0]
+                assert body.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in body
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
