@@ -4,7 +4,6 @@ load and resident adapters in the spirit of vLLM's `vllm:lora_requests_info`."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
@@ -12,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from router.domain import Residency, WorkerStatus
 from router.policy import AFFINITY_HITS, Tier
+from router.vllm_metrics import VllmMetrics
 
 P = "loraserve_router_"
 # Latency buckets: a CPU echo hop is ~1 ms, a cold adapter ~0.2-1 s, a long generation tens of seconds.
@@ -46,6 +46,7 @@ class RouterMetrics:
         Gauge(P + "affinity_hit_ratio", "Adapter requests routed to a worker already holding the adapter "
               "(GPU slot or host memory), over all adapter requests", registry=r).set_function(self.hit_ratio)
         r.register(_WorkerCollector(statuses))
+        self.vllm = VllmMetrics(r, statuses)  # vLLM's names for dashboards and gateways built for vLLM
 
     def _child(self, metric, *labels):
         key = (metric, *labels)
@@ -78,9 +79,12 @@ class RouterMetrics:
             self.prompt_tokens.inc(prompt_tokens)
         if generated_tokens:
             self.generated_tokens.inc(generated_tokens)
+        if code == "OK":
+            self.vllm.finished(seconds, prompt_tokens, generated_tokens)
 
     def first_token(self, adapter: str | None, seconds: float) -> None:
         self._child(self.ttft, "base" if adapter is None else "adapter").observe(seconds)
+        self.vllm.first_token(seconds)
 
     def forget_adapter(self, adapter: str) -> None:
         """Drop an unloaded adapter's series (names come and go at runtime; their series should not pile up)."""
@@ -128,19 +132,4 @@ class _WorkerCollector:
         yield load
         yield kv
         yield info
-        yield _vllm_lora_info(statuses)
 
-
-def _vllm_lora_info(statuses: tuple[WorkerStatus, ...]) -> GaugeMetricFamily:
-    """vLLM's `vllm:lora_requests_info`, which inference gateways (the Gateway API Inference Extension's endpoint
-    picker) read: one series, value the scrape time, labels max_lora and the adapters with requests running
-    (in a GPU slot) and waiting (not yet in one). This router fronts several workers, so max_lora is their
-    slots together and the lists are the union over them."""
-    running = sorted({a.ref.name for s in statuses for a in s.adapters
-                      if a.active_requests and a.residency is Residency.GPU_SLOT})
-    waiting = sorted({a.ref.name for s in statuses for a in s.adapters
-                      if a.active_requests and a.residency is not Residency.GPU_SLOT} - set(running))
-    info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests (vLLM-compatible)",
-                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-    info.add_metric([str(sum(s.max_loras for s in statuses)), ",".join(running), ",".join(waiting)], time.time())
-    return info

@@ -182,6 +182,14 @@ def test_malformed_bodies_paths_health_and_metrics(stack):
     post(f"{stack.http}/v1/completions", {"model": "sql-lora", "prompt": "hi", "max_tokens": 2})
     status, body = curl(f"{stack.http}/metrics")
     assert status == 200 and 'vllm:lora_requests_info{max_lora="2"' in body
+    # vLLM's names, as its dashboards and the Gateway API Inference Extension read them
+    for series in ('vllm:num_requests_waiting{model_name="demo-llama"}', 'vllm:gpu_cache_usage_perc{model_name=',
+                   'vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="demo-llama"}',
+                   'vllm:e2e_request_latency_seconds_count{model_name="demo-llama"}'):
+        assert series in body, series
+    generated = next(float(line.split()[-1]) for line in body.splitlines()
+                     if line.startswith('vllm:generation_tokens_total{model_name="demo-llama"}'))
+    assert generated >= 2
     assert 'loraserve_router_requests_total{code="OK",kind="adapter",rpc="Generate"}' in body
     with Client(stack.address) as c:  # the gRPC API is untouched by the HTTP front
         assert c.generate("hi", max_tokens=1).text is not None
