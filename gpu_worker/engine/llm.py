@@ -2,6 +2,7 @@
 
     llm = LLM(model="path/to/model", enable_lora=True, max_loras=2, max_lora_rank=16)
     outs = llm.generate(prompts, SamplingParams(max_tokens=32), lora_request=LoRARequest("sql", 1, path))
+    outs = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=32))
 """
 
 from __future__ import annotations
@@ -53,6 +54,24 @@ class LLM:
                 if out.finished:
                     finished[out.request_id] = out
         return [finished[rid] for rid in sorted(order, key=order.get)]
+
+
+    def chat(
+        self,
+        messages: Sequence[dict] | Sequence[Sequence[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        continue_final_message: bool = False,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One conversation ([{"role", "content"}, ...]) or a list of them, rendered with the model's chat
+        template (as the worker renders /v1/chat/completions), then generated as `generate` does."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            text = self.engine.tokenizer.render_chat(list(conversation), continue_final_message)
+            prompts.append({"prompt": text, "prompt_token_ids": self.engine.tokenizer.encode_rendered(text)})
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
 
 def _per_prompt(value, n: int, name: str) -> list:

@@ -65,3 +65,20 @@ def test_refusals_and_the_sandbox(tmp_path):
     escape = ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}", {})
     with pytest.raises(InvalidRequestError, match="cannot render"):
         escape.render(CONVERSATION, True)
+
+
+def test_llm_chat_is_generate_on_the_rendered_conversation(tiny_model_dir, tiny_adapters):
+    from gpu_worker.engine import LLM, LoRARequest, SamplingParams
+
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=8, num_kv_blocks=64)
+    hf = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = hf.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    sql = LoRARequest("sql-lora", 1, str(tiny_adapters["sql-lora"]))
+    chats = llm.chat([CONVERSATION, CONVERSATION[:2]], greedy, lora_request=[sql, None])
+    plain = llm.generate([list(ids)], greedy, lora_request=sql)
+    assert chats[0].prompt_token_ids == list(ids)
+    assert chats[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert chats[1].prompt_token_ids != chats[0].prompt_token_ids and len(chats[1].outputs[0].token_ids) == 6
+    assert llm.chat(CONVERSATION, greedy)[0].prompt_token_ids == list(ids)  # one conversation alone
