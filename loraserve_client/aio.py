@@ -28,7 +28,7 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def generate(self, prompt: str | list[int], model: str = "", request_id: str = "",
+    async def generate(self, prompt: t.PromptLike, model: str = "", request_id: str = "",
                        **sampling) -> t.Completion:
         try:
             return t.completion(await self._stub.Generate(t.generate_request(prompt, model, request_id, sampling),
@@ -36,7 +36,7 @@ class AsyncClient:
         except grpc.RpcError as e:
             raise t.error(e) from None
 
-    async def stream(self, prompt: str | list[int], model: str = "", request_id: str = "",
+    async def stream(self, prompt: t.PromptLike, model: str = "", request_id: str = "",
                      **sampling) -> AsyncIterator[t.Chunk]:
         call = self._stub.GenerateStream(t.stream_request(prompt, model, request_id, sampling), timeout=self.timeout)
         try:

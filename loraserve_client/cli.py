@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", default="", help="an adapter's name, or the base model's (default: the base)")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user message, rendered with the "
+                   "model's chat template")
+    g.add_argument("--system", help="with --chat: a system message first")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
@@ -49,12 +52,15 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(c: Client, a: argparse.Namespace) -> None:
     params = {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
               "seed": a.seed, "stop": a.stop}
+    prompt = a.prompt
+    if a.chat:
+        prompt = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
     if a.stream:
-        for chunk in c.stream(a.prompt, model=a.model, **params):
+        for chunk in c.stream(prompt, model=a.model, **params):
             print(chunk.text, end="", flush=True)
         print()
         return
-    out = c.generate(a.prompt, model=a.model, **params)
+    out = c.generate(prompt, model=a.model, **params)
     if a.json:
         print(json.dumps(out.__dict__))
     else:

@@ -30,16 +30,17 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate(self, prompt: str | list[int], model: str = "", request_id: str = "", **sampling) -> t.Completion:
-        """One completion. `model`: an adapter's name, or the base model's (or "" for the base). `sampling`:
-        SamplingParams fields by vLLM's names (max_tokens, temperature, top_p, stop, seed, ...)."""
+    def generate(self, prompt: t.PromptLike, model: str = "", request_id: str = "", **sampling) -> t.Completion:
+        """One completion. `prompt`: text, token ids, or a conversation [{"role", "content"}, ...] (rendered with
+        the model's chat template). `model`: an adapter's name, or the base model's (or "" for the base).
+        `sampling`: SamplingParams fields by vLLM's names (max_tokens, temperature, top_p, stop, seed, ...)."""
         try:
             return t.completion(self._stub.Generate(t.generate_request(prompt, model, request_id, sampling),
                                                     timeout=self.timeout))
         except grpc.RpcError as e:
             raise t.error(e) from None
 
-    def stream(self, prompt: str | list[int], model: str = "", request_id: str = "", **sampling) -> Iterator[t.Chunk]:
+    def stream(self, prompt: t.PromptLike, model: str = "", request_id: str = "", **sampling) -> Iterator[t.Chunk]:
         """The completion as it is generated: text deltas (the last chunk has the finish reason)."""
         call = self._stub.GenerateStream(t.stream_request(prompt, model, request_id, sampling), timeout=self.timeout)
         try:

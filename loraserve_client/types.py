@@ -73,10 +73,20 @@ def error(e: grpc.RpcError) -> LoRAServeError:
     return LoRAServeError(e.code(), e.details() or "")
 
 
-def prompt(value: str | list[int]) -> common_pb2.Prompt:
+# text, token ids, or a conversation [{"role": ..., "content": ...}, ...]
+PromptLike = str | list[int] | list[dict]
+
+
+def prompt(value: PromptLike) -> common_pb2.Prompt:
+    """Text, token ids, or a conversation [{"role", "content"}, ...] (the worker renders it with the model's
+    chat template, as /v1/chat/completions does)."""
     if isinstance(value, str):
         return common_pb2.Prompt(text=value)
-    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(value)))
+    value = list(value)
+    if value and isinstance(value[0], dict):
+        return common_pb2.Prompt(messages=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in value]))
+    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=value))
 
 
 def sampling(params: dict) -> common_pb2.SamplingParams:
@@ -86,12 +96,12 @@ def sampling(params: dict) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(**{k: v for k, v in params.items() if v is not None})
 
 
-def generate_request(text: str | list[int], model: str, request_id: str, params: dict):
+def generate_request(text: PromptLike, model: str, request_id: str, params: dict):
     return inference_pb2.GenerateRequest(request_id=request_id, model=model, prompt=prompt(text),
                                          sampling=sampling(params))
 
 
-def stream_request(text: str | list[int], model: str, request_id: str, params: dict):
+def stream_request(text: PromptLike, model: str, request_id: str, params: dict):
     return inference_pb2.GenerateStreamRequest(request_id=request_id, model=model, prompt=prompt(text),
                                                sampling=sampling(params))
 

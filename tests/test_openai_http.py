@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import openai
 import pytest
@@ -93,6 +94,12 @@ def test_chat_completions_render_the_models_template_on_the_worker(stack):
     assert done["usage"]["prompt_tokens"] == len(ids)
     with Client(stack.address) as c:
         assert c.generate(list(ids), model="sql-lora", max_tokens=6, temperature=0).text == message["content"]
+        # the gRPC API takes the conversation itself (the worker renders it): the same answer
+        assert c.generate(CHAT, model="sql-lora", max_tokens=6, temperature=0).text == message["content"]
+    cli = subprocess.run([sys.executable, "-m", "loraserve_client", "--address", stack.address, "generate", "--chat",
+                          "--system", CHAT[0]["content"], "--model", "sql-lora", "--max-tokens", "6",
+                          "--temperature", "0", CHAT[1]["content"]], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and cli.stdout.rstrip("\n") == message["content"], cli.stderr
 
     status, body = post(f"{stack.http}/v1/chat/completions",
                         {**request, "stream": True, "stream_options": {"include_usage": True}})
