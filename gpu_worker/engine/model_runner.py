@@ -8,8 +8,9 @@ import torch
 
 from .decode_graphs import DecodeGraphs
 from .lora.backends import LoRABackend
-from .model.attention import AttentionMetadata, DecodeMetadata
+from .model.attention import DecodeMetadata
 from .model.llama import LlamaModel
+from .model.mixed_attention import MixedMetadata
 from .sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 from .scheduler import ScheduledChunk
 
@@ -76,13 +77,14 @@ class ModelRunner:
         if decode:
             meta = self._decode_metadata(chunks, positions)
         else:
-            meta = AttentionMetadata.build(
+            meta = MixedMetadata.build(
                 [c.start for c in chunks],
                 [c.num_tokens for c in chunks],
                 [c.seq.block_table for c in chunks],
                 self.block_size,
                 self.device,
                 self.model.cfg.sliding_window,
+                self.fused_decode,
             )
         hook = self.lora.bind([(c.seq.slot, c.num_tokens) for c in chunks]) if with_lora else None
         if not completed:

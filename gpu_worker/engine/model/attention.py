@@ -102,6 +102,16 @@ def paged_attention(
         from kernels.paged_attention import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    if isinstance(meta, AttentionMetadata):
+        return dense_attention(q, k_cache, v_cache, meta, scale)
+    from .mixed_attention import mixed_attention
+
+    return mixed_attention(q, k_cache, v_cache, meta, scale)
+
+
+def dense_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """The padded, masked path: every sequence's keys gathered into one batch, one SDPA call."""
     T, H, D = q.shape
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])

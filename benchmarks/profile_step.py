@@ -1,0 +1,117 @@
+"""Where an engine step's time goes, on the GPU: a graphed decode step and an eager mixed step (one prompt
+joining running decodes, as every arrival makes in serving), with and without adapters, timed and then
+profiled with torch.profiler (host and device time per op, the top rows printed).
+
+    python3 -m benchmarks.profile_step [--batch 32] [--prompt 128] [--rows 25]
+
+Llama-3.2-1B shape, random bf16 weights, rank-16 adapters on all seven projections (benchmarks/synthetic.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.synthetic import LLAMA_3_2_1B, write_adapter, write_model
+
+
+@contextlib.contextmanager
+def dense_mixed_attention(on: bool):
+    """While on, mixed steps use the padded, masked attention over every row (the path MixedMetadata replaced),
+    for a side-by-side timing."""
+    from gpu_worker.engine import model_runner
+    from gpu_worker.engine.model.attention import AttentionMetadata
+
+    if not on:
+        yield
+        return
+    split = model_runner.MixedMetadata
+
+    class Dense:
+        @staticmethod
+        def build(starts, lengths, tables, block_size, device, sliding_window, fused_decode):
+            return AttentionMetadata.build(starts, lengths, tables, block_size, device, sliding_window)
+
+    model_runner.MixedMetadata = Dense
+    try:
+        yield
+    finally:
+        model_runner.MixedMetadata = split
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--compare-dense", action="store_true", help="time the mixed step with the padded, masked "
+                   "attention (AttentionMetadata for every row, the path before MixedMetadata) too, side by side; "
+                   "no profiles")
+    args = p.parse_args(argv)
+    from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
+
+    root = Path(tempfile.mkdtemp(prefix="profile-step-"))
+    cfg = LLAMA_3_2_1B
+    model = write_model(root / "model", cfg, "cuda")
+    loras = [LoRARequest(f"a{i}", i + 1, str(write_adapter(root / f"a{i}", cfg, 16, seed=i))) for i in range(8)]
+    engine = LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
+                                  enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16))
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    counter = iter(range(10**9))
+
+    def prompt(n):
+        return torch.randint(10, 128000, (n,), generator=g).tolist()
+
+    def timed() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t)
+
+    for with_lora in (False, True):
+        for i in range(args.batch):
+            engine.add_request(f"d{next(counter)}", prompt(args.prompt), params,
+                               lora_request=loras[i % len(loras)] if with_lora else None)
+        for _ in range(6):  # prefill, then decode steps
+            engine.step()
+        label = "8 adapters" if with_lora else "base"
+        decode = sorted(timed() for _ in range(20))[10]
+        for path in (("dense", "split") if args.compare_dense else ("split",)):
+            mixed = []
+            with dense_mixed_attention(path == "dense"):
+                for _ in range(7):
+                    engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
+                                       lora_request=loras[0] if with_lora else None)
+                    mixed.append(timed())
+                    for _ in range(2):
+                        engine.step()
+            print(f"{label}: batch {args.batch}, decode step {decode:.2f} ms (median of 20); mixed step (one "
+                  f"{args.prompt}-token prompt joins), {path} attention: {sorted(mixed)[3]:.2f} ms (median of 7: "
+                  f"{[round(m, 1) for m in mixed]})", flush=True)
+        for kind in (() if args.compare_dense else ("decode", "mixed")):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                if kind == "mixed":
+                    engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
+                                       lora_request=loras[0] if with_lora else None)
+                timed()
+            print(f"--- {label}, {kind} step: top ops by host time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                            max_name_column_width=60))
+            if kind == "mixed":
+                print(f"--- {label}, {kind} step: top ops by device time")
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12,
+                                                max_name_column_width=60))
+        engine.abort_request([r for r in list(engine._seqs)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

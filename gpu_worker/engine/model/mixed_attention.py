@@ -1,0 +1,115 @@
+"""Attention for a step that is not pure decode: prompts (or prompt chunks) joining running decodes, as every
+arrival makes in serving.
+
+Padding every sequence to the longest prompt chunk and masking (AttentionMetadata) cost a 1B model ~25-45 ms
+a step on an H200 for one 128-token prompt among 32 decodes: the mask built on the host (B x Q x K), and a
+mask that rules out the fast SDPA backends, so the math backend ran in float32. Here the step's rows are
+split instead:
+- decode rows (one new token each) go to the fused paged-decode kernel on CUDA (the torch gather path over
+  those rows alone, one query each, elsewhere);
+- each prompt chunk attends on its own: a first chunk (no cached prefix) is plain causal attention over its
+  own keys, which SDPA runs with its flash backend; a later chunk (its prefix in the cache), or a model with a
+  sliding window, gets the masked path for that one sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from .attention import _BACKENDS, AttentionMetadata, DecodeMetadata, dense_attention
+
+
+@dataclass
+class PromptPart:
+    """One sequence's prompt chunk: rows [lo, hi) of the step's tokens, queries at positions start..."""
+
+    lo: int
+    hi: int
+    start: int
+    # The masked single-sequence path, when the chunk has a cached prefix or the model a sliding window.
+    dense: AttentionMetadata | None = None
+
+
+@dataclass
+class MixedMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V go (write_kv)
+    decode_rows: torch.Tensor | None  # [Bd] int64: the rows of one-token chunks
+    decode: DecodeMetadata | AttentionMetadata | None  # the fused kernel's (CUDA), else the gather path's
+    prompts: list[PromptPart]
+
+    @classmethod
+    def build(cls, starts: list[int], lengths: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device, sliding_window: int | None, fused_decode: bool) -> MixedMetadata:
+        """Chunks in row order: tokens [starts[b], starts[b] + lengths[b]) of sequence b."""
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_seqs: list[int] = []
+        prompts: list[PromptPart] = []
+        row = 0
+        for b, (start, n, table) in enumerate(zip(starts, lengths, block_tables)):
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+            if n == 1:
+                decode_rows.append(row)
+                decode_seqs.append(b)
+            else:
+                dense = None
+                if start > 0 or sliding_window is not None:
+                    dense = AttentionMetadata.build([start], [n], [table], block_size, device, sliding_window)
+                prompts.append(PromptPart(row, row + n, start, dense))
+            row += n
+        decode = None
+        if decode_seqs:
+            tables = [block_tables[b] for b in decode_seqs]
+            if fused_decode:
+                width = max(len(t) for t in tables)
+                decode = DecodeMetadata(
+                    slot_mapping=torch.tensor([slots[r] for r in decode_rows], dtype=torch.int64).to(device),
+                    block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32
+                                              ).to(device),
+                    context_lens=torch.tensor([starts[b] + 1 for b in decode_seqs], dtype=torch.int32).to(device),
+                )
+            else:
+                decode = AttentionMetadata.build([starts[b] for b in decode_seqs], [1] * len(decode_seqs), tables,
+                                                 block_size, device, sliding_window)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.int64).to(device) if decode_rows else None,
+            decode=decode,
+            prompts=prompts,
+        )
+
+
+def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: MixedMetadata,
+                    scale: float) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D]; the step's K/V are already in the cache (write_kv)."""
+    out = torch.empty_like(q)
+    if meta.decode is not None:
+        qd = q[meta.decode_rows]
+        if isinstance(meta.decode, DecodeMetadata):
+            from kernels.paged_attention import paged_decode_attention
+
+            out[meta.decode_rows] = paged_decode_attention(qd, k_cache, v_cache, meta.decode.block_tables,
+                                                           meta.decode.context_lens, scale)
+        else:
+            out[meta.decode_rows] = dense_attention(qd, k_cache, v_cache, meta.decode, scale)
+    for part in meta.prompts:
+        qp = q[part.lo:part.hi]
+        if part.dense is not None:
+            out[part.lo:part.hi] = dense_attention(qp, k_cache, v_cache, part.dense, scale)
+            continue
+        # A first chunk: its keys are its own, just written at its rows' slots.
+        rows = meta.slot_mapping[part.lo:part.hi]
+        k = k_cache.view(-1, *k_cache.shape[2:])[rows]  # [n, KVH, D]
+        v = v_cache.view(-1, *v_cache.shape[2:])[rows]
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        with sdpa_kernel(_BACKENDS):
+            o = F.scaled_dot_product_attention(qp.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], is_causal=True, scale=scale)
+        out[part.lo:part.hi] = o[0].transpose(0, 1)
+    return out
