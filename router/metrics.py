@@ -9,6 +9,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from router import vllm_metrics
 from router.domain import Residency, WorkerStatus
 from router.policy import AFFINITY_HITS, Tier
 from router.vllm_metrics import VllmMetrics
@@ -132,4 +133,5 @@ class _WorkerCollector:
         yield load
         yield kv
         yield info
+        yield from vllm_metrics.gauges(statuses)  # the same seen through vLLM's names
 

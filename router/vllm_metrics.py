@@ -36,7 +36,6 @@ class VllmMetrics:
                                      registry=registry)
         self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.", label,
                                          registry=registry)
-        registry.register(_VllmGauges(statuses))
         self._model = ""
         self._children: tuple = ()
 
@@ -62,33 +61,24 @@ class VllmMetrics:
             generated.inc(generated_tokens)
 
 
-class _VllmGauges:
-    """Read from the workers' last statuses at scrape time."""
-
-    def __init__(self, statuses: Callable[[], tuple[WorkerStatus, ...]]):
-        self._statuses = statuses
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        statuses = self._statuses()  # an immutable tuple the event loop publishes: safe on this thread
-        model = statuses[0].base_model if statuses else ""
-        running = GaugeMetricFamily("vllm:num_requests_running", "Number of requests in model execution batches.",
-                                    labels=["model_name"])
-        running.add_metric([model], sum(s.running_requests for s in statuses))
-        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-                                    labels=["model_name"])
-        waiting.add_metric([model], sum(s.waiting_requests for s in statuses))
-        total = sum(s.kv_blocks_total for s in statuses)
-        used = total - sum(s.kv_blocks_free for s in statuses)
-        cache = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-                                  labels=["model_name"])
-        cache.add_metric([model], used / total if total else 0.0)
-        yield running
-        yield waiting
-        yield cache
-        yield lora_requests_info(statuses)
+def gauges(statuses: tuple[WorkerStatus, ...]):
+    """The gauges, from the workers' last statuses (called at scrape time by the router's worker collector)."""
+    model = statuses[0].base_model if statuses else ""
+    running = GaugeMetricFamily("vllm:num_requests_running", "Number of requests in model execution batches.",
+                                labels=["model_name"])
+    running.add_metric([model], sum(s.running_requests for s in statuses))
+    waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                                labels=["model_name"])
+    waiting.add_metric([model], sum(s.waiting_requests for s in statuses))
+    total = sum(s.kv_blocks_total for s in statuses)
+    used = total - sum(s.kv_blocks_free for s in statuses)
+    cache = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                              labels=["model_name"])
+    cache.add_metric([model], used / total if total else 0.0)
+    yield running
+    yield waiting
+    yield cache
+    yield lora_requests_info(statuses)
 
 
 def lora_requests_info(statuses: tuple[WorkerStatus, ...]) -> GaugeMetricFamily:
