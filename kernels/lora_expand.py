@@ -13,9 +13,11 @@ from ._common import (
     DOT_EMULATED,
     DOT_FP32,
     KernelConfig,
+    cdiv,
     dot_mode,
     locate,
     m_tiles_bound,
+    next_pow2,
     pick,
     segment_table,
     slots_pad,
@@ -143,8 +145,8 @@ def expand_config(num_tokens: int, rows_per_slot: int, max_rank: int, sms: int) 
     tiles three loads deep (gate_up r16, 2,048 tokens: 120 us against 179 with 128 x 128, 8 programs, two
     deep); at rank 64, 128 x 256 tiles with no pipelining (three stages of out, B and y would not fit in
     shared memory; qkv r64, 2,048 tokens: 34 us against 46 at 64 x 128 pipelined)."""
-    bk = max(16, triton.next_power_of_2(max_rank))
-    bm = max(16, min(triton.next_power_of_2(rows_per_slot), 128 if bk <= 64 else 32))
+    bk = max(16, next_pow2(max_rank))
+    bm = max(16, min(next_pow2(rows_per_slot), 128 if bk <= 64 else 32))
     if num_tokens <= 64 or bm <= 32:
         return KernelConfig(bm if num_tokens > 64 else 16, 256 if bk <= 64 else 128, min(bk, 128),
                             num_warps=4, num_stages=2)
@@ -215,7 +217,7 @@ def lora_expand(
     if t == 0:
         return
     cfg = config or expand_config(t, meta.rows_per_slot(), r, sm_count(out.device))
-    ends = list(itertools.accumulate(triton.cdiv(w, cfg.block_n) for w in widths))
+    ends = list(itertools.accumulate(cdiv(w, cfg.block_n) for w in widths))
     pad = MAX_SLICES - s
     bp = list(b) + [b[0]] * pad
     n_tiles = ends[-1]

@@ -9,10 +9,12 @@ import triton.language as tl
 from ._common import (
     DOT_NATIVE,
     KernelConfig,
+    cdiv,
     dot_mode,
     grid_size,
     locate,
     m_tiles_bound,
+    next_pow2,
     pick,
     segment_table,
     slots_pad,
@@ -112,7 +114,7 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
     Row tiles follow the tokens per adapter. One column tile holds up to 64 of N = S*R: all three qkv
     slices at rank 16 in one program (qkv r16, 2,048 tokens of 128 adapters: 25.6 us vs 30.2 with a tile
     per slice)."""
-    p2 = triton.next_power_of_2
+    p2 = next_pow2
     bm = max(16, min(p2(rows_per_slot), 128))
     bn = max(16, min(p2(n_total), 64))
     if bm == 16:
@@ -133,8 +135,8 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
     # up to powers of two: split_k is a compile-time constant, and this keeps the variants few and known,
     # so an engine can compile them all at start (a compile inside a step stalled it 90 ms).
     t2 = p2(num_tokens)
-    m_tiles = max(triton.cdiv(t2, cfg.block_m), p2(distinct) if distinct else 1)
-    programs = m_tiles * triton.cdiv(n_total, cfg.block_n)
+    m_tiles = max(cdiv(t2, cfg.block_m), p2(distinct) if distinct else 1)
+    programs = m_tiles * cdiv(n_total, cfg.block_n)
     split = 1
     while (programs * split * 2 <= 2 * sms and in_features // (split * 2) >= cfg.block_k * min_blocks
            and split * 2 <= MAX_SPLIT):
@@ -144,8 +146,8 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
 
 def _splits(k: int, cfg: KernelConfig) -> tuple[int, int]:
     """(splits launched, K per split): every split gets whole K blocks; trailing empty ones are dropped."""
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    return triton.cdiv(k, k_per_split), k_per_split
+    k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    return cdiv(k, k_per_split), k_per_split
 
 
 def shrink_workspace(x: torch.Tensor, a: torch.Tensor, meta: LoRAKernelMeta,
@@ -222,7 +224,7 @@ def lora_shrink(
     elif workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
         raise ValueError(f"workspace must be contiguous float32 with >= {need} elements, got "
                          f"{workspace.dtype} {tuple(workspace.shape)}")
-    n_tiles = triton.cdiv(n, cfg.block_n)
+    n_tiles = cdiv(n, cfg.block_n)
     m_bound = m_tiles_bound(t, meta.slots_bound(), cfg.block_m)
     if splits > 1 and m_bound * n_tiles > meta.semaphores.numel():
         raise ValueError(f"{m_bound} x {n_tiles} tiles need more semaphores than the metadata holds "

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv, next_pow2
+
 # The composite sort key is (key << 16 | position in chunk) in int32: chunks up to 2**16 tokens and keys
 # (slot ids, plus two reserved bins) below 2**15.
 _MAX_CHUNK = 1 << 16
@@ -121,7 +123,7 @@ class LoRAKernelMeta:
         self.device = torch.device(self.device)
         if self.device.type == "cuda" and self.device.index is None:  # tensors report cuda:N
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.chunk = min(self.chunk, max(16, triton.next_power_of_2(self.max_tokens)))
+        self.chunk = min(self.chunk, max(16, next_pow2(self.max_tokens)))
 
         def i32(n: int, fill: int) -> torch.Tensor:
             return torch.full((n,), fill, dtype=torch.int32, device=self.device)
@@ -155,8 +157,8 @@ class LoRAKernelMeta:
             self.seg_len.zero_()
             self.active_slots.fill_(-1)
             return
-        bins = triton.next_power_of_2(self.max_slots + 2)
-        _prepare_kernel[(triton.cdiv(t, self.chunk),)](
+        bins = next_pow2(self.max_slots + 2)
+        _prepare_kernel[(cdiv(t, self.chunk),)](
             token_slots.contiguous(), self.sorted_tokens, self.active_slots, self.seg_start, self.seg_len,
             self.num_active, t, MAX_SLOTS=self.max_slots, BINS=bins, CHUNK=self.chunk,
         )

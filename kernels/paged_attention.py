@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import next_pow2
+
 
 @triton.jit
 def _decode_kernel(
@@ -92,7 +94,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK=block_size, TILE=tile,
+        G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK=block_size, TILE=tile,
         # A float32 cache keeps float32 products (tf32 would cost ~1e-3); 16-bit caches lose nothing to tf32.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
