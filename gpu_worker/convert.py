@@ -59,7 +59,8 @@ def sampling_params(pb: common_pb2.SamplingParams) -> SamplingParams:
         kwargs[name] = _f32(kwargs[name])
     kwargs["stop"] = list(pb.stop)
     kwargs["stop_token_ids"] = list(pb.stop_token_ids)
-    return SamplingParams(**kwargs)
+    # A stream sends deltas and the totals once, at the end: no per-step copy of the growing output.
+    return SamplingParams(**kwargs, output_kind="delta")
 
 
 def _f32(value: float) -> float:

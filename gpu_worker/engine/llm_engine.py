@@ -248,12 +248,13 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         st: RequestState = seq.state
+        whole = seq.finish_reason is not None or seq.params.output_kind == "cumulative"
         completion = CompletionOutput(
             index=0,
             text=st.text,
-            token_ids=list(seq.output_token_ids),
+            token_ids=list(seq.output_token_ids) if whole else [],
             cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
-            logprobs=list(st.logprobs) if st.logprobs is not None else None,
+            logprobs=(list(st.logprobs) if whole else []) if st.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             delta_text=st.delta_text,

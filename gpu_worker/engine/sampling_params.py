@@ -51,6 +51,10 @@ class SamplingParams:
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # What each RequestOutput before the last carries, as vLLM's RequestOutputKind: "cumulative" (every
+    # token and the text so far, plus the deltas) or "delta" (only the deltas: no per-step copy of a growing
+    # list, which costs O(tokens) a step per request; the last output is always cumulative).
+    output_kind: str = "cumulative"
 
     # Limits bound the per-step work one request can cause (stop-string scans, top-k gathers).
     MAX_STOP_STRINGS: ClassVar[int] = 16
@@ -145,3 +149,5 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, "a bool", getattr(self, name))
+        if self.output_kind not in ("cumulative", "delta"):
+            raise _fail("output_kind", '"cumulative" or "delta"', self.output_kind)

@@ -205,3 +205,22 @@ def test_staged_adapter_is_read_once_off_thread(tiny_model_dir, tiny_adapters):
                                                   num_kv_blocks=8))
     with pytest.raises(AdapterError, match="max_lora_rank"):
         small.lora.stage(LoRARequest("big", 3, str(tiny_adapters["code-lora"])))
+
+
+def test_delta_outputs_carry_only_what_is_new_and_the_last_carries_all(engine, tiny_adapters):
+    """output_kind="delta" (what the worker's streams use): no per-step copy of the growing output; the deltas
+    add up to the last output's totals, which match a cumulative request's."""
+    params = dict(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
+    engine.add_request("cum", "hello there", SamplingParams(**params))
+    engine.add_request("delta", "hello there", SamplingParams(**params, output_kind="delta"))
+    seen = {"cum": [], "delta": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    *middle, last = seen["delta"]
+    assert middle and all(o.outputs[0].token_ids == [] and o.outputs[0].logprobs == [] for o in middle)
+    assert [t for o in seen["delta"] for t in o.outputs[0].delta_token_ids] == last.outputs[0].token_ids
+    assert last.outputs[0].token_ids == seen["cum"][-1].outputs[0].token_ids and len(last.outputs[0].logprobs) == 6
+    assert seen["cum"][0].outputs[0].token_ids  # cumulative: every output holds the tokens so far
+    with pytest.raises(InvalidRequestError, match="output_kind"):
+        SamplingParams(output_kind="final")

@@ -114,12 +114,13 @@ def test_lora_root_refuses_symlinks_out_of_it(tiny_adapters, tmp_path):
 
 
 def test_sampling_params_unset_fields_take_vllm_defaults():
-    assert convert.sampling_params(common_pb2.SamplingParams()) == SamplingParams()
+    # the served form: vLLM's defaults, and delta outputs (a stream sends deltas; totals once, at the end)
+    assert convert.sampling_params(common_pb2.SamplingParams()) == SamplingParams(output_kind="delta")
     got = convert.sampling_params(common_pb2.SamplingParams(
         max_tokens=7, temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=["\n"], stop_token_ids=[2],
         repetition_penalty=1.1, logprobs=0, min_tokens=1, ignore_eos=True))
     want = SamplingParams(max_tokens=7, temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=["\n"], stop_token_ids=[2],
-                          repetition_penalty=1.1, logprobs=0, min_tokens=1, ignore_eos=True)
+                          repetition_penalty=1.1, logprobs=0, min_tokens=1, ignore_eos=True, output_kind="delta")
     assert got == want  # float32 on the wire, the client's decimal here
     assert convert.sampling_params(common_pb2.SamplingParams(temperature=0.0)).is_greedy
 
