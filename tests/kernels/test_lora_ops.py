@@ -336,8 +336,18 @@ def test_triton_backend_matches_torch_backend_tiny():
     _compare_backends(buffers, batch, meta, TINY, torch.float32)
 
 
-def _compare_backends(buffers, batch, meta, shapes, dtype):
+def test_one_triton_hook_across_steps_of_other_shapes():
+    """The hook works out launch configs once per group and step: a later step with other tokens and other
+    adapters gets its own, never the last step's."""
+    buffers, _ = _engine_case(TINY, [16, 0, 7, 12], [(0, 1)], 16, torch.float32)
+    meta = LoRAKernelMeta(max_tokens=64, max_slots=4, device=DEVICE)
     hook = TritonLoRA(buffers, meta)
+    for runs in ([(2, 2), (0, 3), (-1, 1)], [(1, 30), (3, 20)], [(3, 1)], [(0, 5), (2, 9), (-1, 4), (1, 7)]):
+        _compare_backends(buffers, LoRABatch.from_runs(runs, DEVICE), meta, TINY, torch.float32, hook)
+
+
+def _compare_backends(buffers, batch, meta, shapes, dtype, hook=None):
+    hook = hook or TritonLoRA(buffers, meta)
     hook.prepare(batch.token_slots)
     # The torch path in fp32 over the same (already rounded) weights and inputs.
     as_fp32 = SimpleNamespace(a=[{g: t.float() for g, t in layer.items()} for layer in buffers.a],
