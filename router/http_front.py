@@ -123,12 +123,12 @@ class HttpFront:
         name, path = body.get("lora_name"), body.get("lora_path")
         inplace, base = body.get("load_inplace", False), body.get("base_model_name", "")
         if not isinstance(name, str) or not name:
-            raise _param("lora_name is required", "lora_name")
+            raise openai_api.bad_request("lora_name is required", "lora_name")
         if not isinstance(path, str) or not path:
-            raise _param("lora_path is required: where the adapter's files are (a directory, hf://, s3://)",
+            raise openai_api.bad_request("lora_path is required: where the adapter's files are (a directory, hf://, s3://)",
                          "lora_path")
         if not isinstance(inplace, bool) or not isinstance(base, str):
-            raise _param("load_inplace must be true or false and base_model_name a string")
+            raise openai_api.bad_request("load_inplace must be true or false and base_model_name a string")
         await self.admin.load(LoadRequest(name, path, base, inplace), request.headers.get("Authorization"))
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -136,7 +136,7 @@ class HttpFront:
         body = await _json(request)
         name = body.get("lora_name")
         if not isinstance(name, str) or not name:
-            raise _param("lora_name is required", "lora_name")
+            raise openai_api.bad_request("lora_name is required", "lora_name")
         await self.admin.unload(name, request.headers.get("Authorization"))
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
@@ -178,19 +178,13 @@ def _error(status: int, message: str, param: str | None = None) -> web.Response:
     return web.json_response(openai_api.error_body(status, message, param), status=status)
 
 
-def _param(message: str, param: str | None = None) -> errors.InvalidArgumentError:
-    e = errors.InvalidArgumentError(message)
-    e.param = param
-    return e
-
-
 async def _json(request: web.Request) -> dict:
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _param(f"the request body is not valid JSON ({e})") from None
+        raise openai_api.bad_request(f"the request body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
-        raise _param("the request body must be a JSON object")
+        raise openai_api.bad_request("the request body must be a JSON object")
     return body
 
 

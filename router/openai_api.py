@@ -38,9 +38,8 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 # -- requests -----------------------------------------------------------------------------------------
 
-def completion_request(body: object, request_id: str) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
-    """/v1/completions body -> (GenerateRequest, stream, include_usage)."""
-    body = _object(body)
+def completion_request(body: dict, request_id: str) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
+    """/v1/completions body (a JSON object) -> (GenerateRequest, stream, include_usage)."""
     _refuse_unsupported(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -50,41 +49,40 @@ def completion_request(body: object, request_id: str) -> tuple[inference_pb2.Gen
     elif isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
         pb_prompt = common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt))
     elif isinstance(prompt, list) and len(prompt) > 1:
-        raise _bad("prompt holds several prompts; this server takes one per request: send them as separate "
+        raise bad_request("prompt holds several prompts; this server takes one per request: send them as separate "
                    "requests (they are batched on the GPU anyway)", "prompt")
     else:
-        raise _bad("prompt must be a string or a list of token ids", "prompt")
+        raise bad_request("prompt must be a string or a list of token ids", "prompt")
     sampling = sampling_params(body, logprobs=_opt_int(body, "logprobs", 0, 21))
     stream, include_usage = _stream_flags(body)
     return inference_pb2.GenerateRequest(request_id=request_id, model=_model(body), prompt=pb_prompt,
                                          sampling=sampling), stream, include_usage
 
 
-def chat_request(body: object, request_id: str) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
-    """/v1/chat/completions body -> (GenerateRequest, stream, include_usage). The messages go to the worker,
-    which renders them with the model's chat template."""
-    body = _object(body)
+def chat_request(body: dict, request_id: str) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
+    """/v1/chat/completions body (a JSON object) -> (GenerateRequest, stream, include_usage). The messages go
+    to the worker, which renders them with the model's chat template."""
     _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+        raise bad_request("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
     pb_messages = common_pb2.ChatMessages()
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad(f"messages[{i}] must be an object with a role and a content", "messages")
+            raise bad_request(f"messages[{i}] must be an object with a role and a content", "messages")
         pb_messages.messages.add(role=m["role"], content=_content(m.get("content"), i))
     cont = body.get("continue_final_message", False)
     if not isinstance(cont, bool) or body.get("add_generation_prompt", not cont) is cont:
-        raise _bad("continue_final_message must be true or false (and add_generation_prompt its opposite)",
+        raise bad_request("continue_final_message must be true or false (and add_generation_prompt its opposite)",
                    "continue_final_message")
     pb_messages.continue_final_message = cont
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     top = _opt_int(body, "top_logprobs", 0, 21)
     want = body.get("logprobs", False)
     if not isinstance(want, bool):
-        raise _bad("logprobs must be true or false (top_logprobs says how many alternatives)", "logprobs")
+        raise bad_request("logprobs must be true or false (top_logprobs says how many alternatives)", "logprobs")
     if top and not want:
-        raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     sampling = sampling_params(body, logprobs=(top or 0) if want else None, max_tokens_key=key)
     stream, include_usage = _stream_flags(body)
     return inference_pb2.GenerateRequest(request_id=request_id, model=_model(body), prompt=common_pb2.Prompt(
@@ -101,11 +99,11 @@ def _content(content: object, i: int) -> str:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"messages[{i}].content: only text parts are supported (this model reads text)",
+                raise bad_request(f"messages[{i}].content: only text parts are supported (this model reads text)",
                            "messages")
             parts.append(part["text"])
         return "\n".join(parts)
-    raise _bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
 def sampling_params(body: dict, logprobs: int | None = None, max_tokens_key: str = "max_tokens") -> \
@@ -137,15 +135,15 @@ def sampling_params(body: dict, logprobs: int | None = None, max_tokens_key: str
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         sp.stop.extend(stop)
     elif stop is not None:
-        raise _bad("stop must be a string or a list of strings", "stop")
+        raise bad_request("stop must be a string or a list of strings", "stop")
     ids = body.get("stop_token_ids")
     if ids is not None:
         if not (isinstance(ids, list) and all(_is_int(i) and i >= 0 for i in ids)):
-            raise _bad("stop_token_ids must be a list of token ids", "stop_token_ids")
+            raise bad_request("stop_token_ids must be a list of token ids", "stop_token_ids")
         sp.stop_token_ids.extend(ids)
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
-        raise _bad("ignore_eos must be true or false", "ignore_eos")
+        raise bad_request("ignore_eos must be true or false", "ignore_eos")
     sp.ignore_eos = ignore_eos
     if logprobs is not None:
         sp.logprobs = logprobs
@@ -155,42 +153,37 @@ def sampling_params(body: dict, logprobs: int | None = None, max_tokens_key: str
 def _refuse_unsupported(body: dict) -> None:
     n = body.get("n", 1)
     if n != 1:
-        raise _bad(f"n={n}: this server returns one choice per request; send n requests", "n")
+        raise bad_request(f"n={n}: this server returns one choice per request; send n requests", "n")
     if body.get("best_of") not in (None, 1):
-        raise _bad("best_of is not supported; send several requests and pick", "best_of")
+        raise bad_request("best_of is not supported; send several requests and pick", "best_of")
     if body.get("echo"):
-        raise _bad("echo is not supported", "echo")
+        raise bad_request("echo is not supported", "echo")
     if body.get("suffix"):
-        raise _bad("suffix is not supported", "suffix")
+        raise bad_request("suffix is not supported", "suffix")
     if body.get("logit_bias"):
-        raise _bad("logit_bias is not supported", "logit_bias")
+        raise bad_request("logit_bias is not supported", "logit_bias")
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad("stream must be true or false", "stream")
+        raise bad_request("stream must be true or false", "stream")
     options = body.get("stream_options")
     if options is None:
         return stream, False
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise _bad("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+        raise bad_request("stream_options must be an object like {\"include_usage\": true}", "stream_options")
     if not stream:
-        raise _bad("stream_options is only allowed when stream is true", "stream_options")
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     return stream, options.get("include_usage", False)
 
 
 def _model(body: dict) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise _bad("model is required: the base model's name or an adapter's (GET /v1/models lists them)", "model")
+        raise bad_request("model is required: the base model's name or an adapter's (GET /v1/models lists them)",
+                          "model")
     return model
-
-
-def _object(body: object) -> dict:
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    return body
 
 
 def _is_int(v: object) -> bool:
@@ -202,7 +195,7 @@ def _opt_int(body: dict, key: str, low: int, high: int) -> int | None:
     if v is None:
         return None
     if not _is_int(v) or not low <= v < high:
-        raise _bad(f"{key} must be an integer in [{low}, {high})", key)
+        raise bad_request(f"{key} must be an integer in [{low}, {high})", key)
     return v
 
 
@@ -211,11 +204,12 @@ def _opt_float(body: dict, key: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(f"{key} must be a number", key)
+        raise bad_request(f"{key} must be a number", key)
     return float(v)
 
 
-def _bad(message: str, param: str | None = None) -> errors.InvalidArgumentError:
+def bad_request(message: str, param: str | None = None) -> errors.InvalidArgumentError:
+    """INVALID_ARGUMENT (HTTP 400) naming the offending field as OpenAI's error object's `param`."""
     e = errors.InvalidArgumentError(message)
     e.param = param
     return e

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "stack-test-token"
@@ -26,12 +27,6 @@ class RunningStack:
     demo: Path
     http: str  # the OpenAI-compatible HTTP API, http://127.0.0.1:<port>
     lines: queue.Queue  # stdout after the first line (the banner)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -12,14 +12,17 @@ from gpu_worker.engine.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 class Owner:
+    """The AsyncEngine side of a stream: records the aborts close() submits and the streams it closes."""
+
     def __init__(self):
-        self.aborted, self.closed = [], 0
+        self.aborted: list[str] = []
+        self.closed = 0
 
     def _submit(self, fn):
-        self.aborted.append(fn)
+        fn(None)  # run the engine-thread command here: it calls _abort
 
     def _abort(self, engine, rid):
-        pass
+        self.aborted.append(rid)
 
     def _stream_closed(self):
         self.closed += 1
@@ -50,8 +53,11 @@ def test_queued_outputs_come_as_one_and_the_end_is_kept():
         assert last.finished and last.outputs[0].delta_token_ids == [103, 104]
         with pytest.raises(StopAsyncIteration):
             await stream.__anext__()
+        stream.close()
+        return stream._owner
 
-    asyncio.run(run())
+    owner = asyncio.run(run())
+    assert owner.aborted == [] and owner.closed == 1  # finished: nothing to abort
 
 
 def test_an_error_behind_queued_outputs_comes_next():
@@ -78,5 +84,9 @@ def test_an_output_alone_is_passed_as_it_is():
         o = out(0)
         q.put_nowait(o)
         assert await stream.__anext__() is o
+        stream.close()  # the reader left before the end: the request is aborted, once
+        stream.close()
+        return stream._owner
 
-    asyncio.run(run())
+    owner = asyncio.run(run())
+    assert owner.aborted == ["r"] and owner.closed == 1

@@ -45,17 +45,27 @@ class MixedMetadata:
     def build(cls, starts: list[int], lengths: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device, sliding_window: int | None, fused_decode: bool) -> MixedMetadata:
         """Chunks in row order: tokens [starts[b], starts[b] + lengths[b]) of sequence b."""
-        slots: list[int] = []
+        parts: list[torch.Tensor] = []  # the step's slots, in row order
+        ones: list[int] = []  # slots of one-token rows not yet in parts
         decode_rows: list[int] = []
         decode_seqs: list[int] = []
+        decode_slots: list[int] = []
         prompts: list[PromptPart] = []
         row = 0
         for b, (start, n, table) in enumerate(zip(starts, lengths, block_tables)):
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
             if n == 1:
+                slot = table[start // block_size] * block_size + start % block_size
+                ones.append(slot)
+                decode_slots.append(slot)
                 decode_rows.append(row)
                 decode_seqs.append(b)
-            else:
+            else:  # a prompt chunk may be thousands of tokens: its slots in torch, not a Python loop
+                if ones:
+                    parts.append(torch.tensor(ones, dtype=torch.int64))
+                    ones = []
+                pos = torch.arange(start, start + n)
+                parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size
+                             + pos % block_size)
                 dense = None
                 if start > 0 or sliding_window is not None:
                     dense = AttentionMetadata.build([start], [n], [table], block_size, device, sliding_window)
@@ -67,7 +77,7 @@ class MixedMetadata:
             if fused_decode:
                 width = max(len(t) for t in tables)
                 decode = DecodeMetadata(
-                    slot_mapping=torch.tensor([slots[r] for r in decode_rows], dtype=torch.int64).to(device),
+                    slot_mapping=torch.tensor(decode_slots, dtype=torch.int64).to(device),
                     block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32
                                               ).to(device),
                     context_lens=torch.tensor([starts[b] + 1 for b in decode_seqs], dtype=torch.int32).to(device),
@@ -75,8 +85,10 @@ class MixedMetadata:
             else:
                 decode = AttentionMetadata.build([starts[b] for b in decode_seqs], [1] * len(decode_seqs), tables,
                                                  block_size, device, sliding_window)
+        if ones:
+            parts.append(torch.tensor(ones, dtype=torch.int64))
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+            slot_mapping=(parts[0] if len(parts) == 1 else torch.cat(parts)).to(device),
             decode_rows=torch.tensor(decode_rows, dtype=torch.int64).to(device) if decode_rows else None,
             decode=decode,
             prompts=prompts,
