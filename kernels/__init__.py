@@ -8,7 +8,7 @@
 See README.md for the design; reference.py holds the plain-torch semantics.
 """
 
-from ._common import KernelConfig
+from ._common import FILL, KernelConfig
 from .engine_backend import TritonLoRA
 from .lora_expand import expand_config, lora_expand
 from .lora_shrink import lora_shrink, shrink_config, shrink_workspace
@@ -16,6 +16,7 @@ from .metadata import LoRAKernelMeta, prepare_reference
 from .reference import lora_expand_ref, lora_gather_bmm, lora_loop, lora_ref, lora_shrink_ref
 
 __all__ = [
+    "FILL",
     "KernelConfig",
     "LoRAKernelMeta",
     "TritonLoRA",

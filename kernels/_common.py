@@ -24,6 +24,9 @@ def dot_mode(t: torch.Tensor) -> int:
     return 0 if t.device.type == "cuda" else 2
 
 
+FILL = -1  # KernelConfig.col_programs: derived from the grid
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     block_m: int
@@ -38,7 +41,10 @@ class KernelConfig:
     # tile, almost all exiting at once: thousands of empty CTAs at 128 slots).
     programs_per_sm: int = 16
     # Expand only: at most this many programs share one row tile's output columns (0: one per column
-    # tile). Fewer means each program loops over several column tiles, whose loads then pipeline.
+    # tile; FILL: as many as reach programs_per_sm x SMs together with the row tiles, for prefill, where
+    # the row-tile bound is tight). Fewer means each program loops over several column tiles, whose loads
+    # then pipeline and reuse y's rows. In decode the bound counts every slot that could be present, so
+    # FILL would leave the GPU idle when a few adapters hold all tokens.
     col_programs: int = 0
 
     def with_(self, **kw) -> KernelConfig:

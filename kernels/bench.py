@@ -41,7 +41,16 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from . import KernelConfig, LoRAKernelMeta, expand_config, lora_expand, lora_shrink, shrink_config, shrink_workspace
+from . import (
+    FILL,
+    KernelConfig,
+    LoRAKernelMeta,
+    expand_config,
+    lora_expand,
+    lora_shrink,
+    shrink_config,
+    shrink_workspace,
+)
 from ._common import sm_count
 from .lora_shrink import MAX_SPLIT
 from .reference import gather_bmm_bytes, lora_gather_bmm, lora_loop, lora_ref
@@ -91,7 +100,7 @@ class Row:
 
 
 def cfg_str(c: KernelConfig) -> str:
-    cols = f"/c{c.col_programs}" if c.col_programs else ""
+    cols = "/cfill" if c.col_programs == FILL else (f"/c{c.col_programs}" if c.col_programs else "")
     return (f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/p{c.programs_per_sm}"
             f"/st{c.num_stages}{cols}")
 
@@ -313,7 +322,7 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, n_total: int, rank
                 continue
             warps = 8 if bm * bn >= 128 * 256 else 4
             expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, 2, 4, 8))
-            for cols in (0, 4, 8, 16):
+            for cols in (0, FILL, 4, 8, 16):
                 for stages in (2, 3):
                     expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, stages, 2, cols))
     return ds, sorted(shrink, key=cfg_str), de, sorted(expand, key=cfg_str)

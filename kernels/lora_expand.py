@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +10,8 @@ import triton.language as tl
 
 from ._common import (
     DOT_EMULATED,
-    DOT_FP32,
+    DOT_NATIVE,
+    FILL,
     KernelConfig,
     cdiv,
     dot_mode,
@@ -30,20 +30,28 @@ MAX_SLICES = 4  # qkv has 3; the kernel takes one pointer argument per slice
 
 
 @triton.jit
-def _rank_block(acc, y_rows, b_cols, k0, rank, row_ok, col_ok, stride_br, BLOCK_K: tl.constexpr,
-                DOT: tl.constexpr):
+def _y_block(y_rows, k0, rank, row_ok, BLOCK_K: tl.constexpr, LOW: tl.constexpr, DOT: tl.constexpr):
+    """Rows of y (fp32) for ranks [k0, k0 + BLOCK_K), as the MMA's left operand."""
     rk = k0 + tl.arange(0, BLOCK_K)
-    k_ok = rk < rank
-    yt = tl.load(y_rows + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    bt = tl.load(b_cols + rk[:, None] * stride_br, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-    if DOT == DOT_FP32:
-        return tl.dot(yt, bt, acc, input_precision="ieee")
+    yt = tl.load(y_rows + rk[None, :], mask=row_ok[:, None] & (rk < rank)[None, :], other=0.0)
     # y is fp32; bf16/fp16 operands run on the tensor cores at full rate, accumulating in fp32.
     # Rounding y costs ~2**-9 relative, as much as the bf16 output's own rounding.
-    yt = to_low(yt, bt.dtype, DOT == DOT_EMULATED)
-    if DOT == DOT_EMULATED:
-        return tl.dot(yt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(yt, bt, acc)
+    if DOT == DOT_NATIVE:
+        yt = yt.to(LOW)
+    elif DOT == DOT_EMULATED:
+        yt = to_low(yt, LOW, True).to(tl.float32)
+    return yt
+
+
+@triton.jit
+def _b_dot(acc, yt, b_cols, k0, rank, col_ok, stride_br, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    rk = k0 + tl.arange(0, BLOCK_K)
+    bt = tl.load(b_cols + rk[:, None] * stride_br, mask=(rk < rank)[:, None] & col_ok[None, :], other=0.0)
+    if DOT == DOT_NATIVE:  # noqa: SIM108 (a static branch: only one dot is compiled)
+        acc = tl.dot(yt, bt, acc)
+    else:
+        acc = tl.dot(yt, bt.to(tl.float32), acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -52,19 +60,24 @@ def _expand_kernel(
     sorted_ptr, active_ptr, start_ptr, len_ptr,
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,
     stride_b0, stride_b1, stride_b2, stride_b3, stride_bo, stride_br,
-    w0, w1, w2, w3, col0, col1, col2, col3, end0, end1, end2, n_tiles,
+    w0, w1, w2, w3, col0, col1, col2, col3,
     R, stride_yt, stride_ys, stride_ot, stride_oc,
     MAX_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, DOT: tl.constexpr,
 ):
     # Grid: axis 1 walks row tiles (persistent), axis 0 splits each row tile's output columns. The
-    # segment lookup (reductions over the segment table) is paid once per row tile, not per output tile,
-    # and the column loop has no dependence between iterations, so its loads pipeline.
+    # segment lookup (reductions over the segment table) is paid once per row tile, not per output tile;
+    # y's rows are loaded (and rounded) once per row tile and slice, not per output tile; and the column
+    # loop has no dependence between iterations, so its loads pipeline. Output tiles never straddle two
+    # slices; numbered across slices, tile t goes to program t % num_programs(0), as if flat.
+    LOW: tl.constexpr = out_ptr.dtype.element_ty
     i, slots, starts, lens, ranks, firsts, ends, m_tiles = segment_table(
         active_ptr, start_ptr, len_ptr, ranks_ptr, R, MAX_SLOTS, SLOTS_PAD, BLOCK_M)
     if HAS_SCALE:
         scales = tl.load(scale_ptr + slots, mask=slots >= 0, other=0.0)
+    pid_n = tl.program_id(0)
+    n_progs = tl.num_programs(0)
     for m in range(tl.program_id(1), m_tiles, tl.num_programs(1)):
         seg = locate(m, i, ends)
         slot = pick(slots, i, seg).to(tl.int64)
@@ -77,84 +90,67 @@ def _expand_kernel(
         y_base = y_ptr + tok[:, None] * stride_yt
         if HAS_SCALE:
             factor = pick(scales, i, seg)
-
-        for tn in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            # Output tiles never straddle two slices: tiles [end_{s-1}, end_s) are slice s's columns.
-            s = 0
-            b_ptr = b0_ptr
-            stride_bs = stride_b0
-            width = w0
-            col = col0
-            first_tile = 0
-            if NUM_SLICES > 1:  # noqa: SIM102 (static: compiled out for fewer slices)
-                if tn >= end0:
-                    s = 1
-                    b_ptr = b1_ptr
-                    stride_bs = stride_b1
-                    width = w1
-                    col = col1
-                    first_tile = end0
-            if NUM_SLICES > 2:  # noqa: SIM102 (static: compiled out for fewer slices)
-                if tn >= end1:
-                    s = 2
-                    b_ptr = b2_ptr
-                    stride_bs = stride_b2
-                    width = w2
-                    col = col2
-                    first_tile = end1
-            if NUM_SLICES > 3:  # noqa: SIM102 (static: compiled out for fewer slices)
-                if tn >= end2:
-                    s = 3
-                    b_ptr = b3_ptr
-                    stride_bs = stride_b3
-                    width = w3
-                    col = col3
-                    first_tile = end2
-            cols = (tn - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = cols < width
-
-            # The base output tile is loaded first, so its HBM latency overlaps the y and B loads (L2).
-            o_ptrs = o_rows + (col + cols)[None, :].to(tl.int64) * stride_oc
-            o_mask = row_ok[:, None] & col_ok[None, :]
-            base = tl.load(o_ptrs, mask=o_mask, other=0.0)
-
-            y_rows = y_base + s * stride_ys
-            b_cols = b_ptr + slot * stride_bs + cols[None, :].to(tl.int64) * stride_bo
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # K is the rank: one block covers it when R <= 128 (no loop), else a loop that stops at the rank.
-            if ONE_K:
-                acc = _rank_block(acc, y_rows, b_cols, 0, rank, row_ok, col_ok, stride_br, BLOCK_K, DOT)
+        first_tile = 0  # of this slice, numbered across slices
+        for s in tl.static_range(NUM_SLICES):
+            if s == 0:
+                b_ptr, stride_bs, width, col = b0_ptr, stride_b0, w0, col0
+            elif s == 1:
+                b_ptr, stride_bs, width, col = b1_ptr, stride_b1, w1, col1
+            elif s == 2:
+                b_ptr, stride_bs, width, col = b2_ptr, stride_b2, w2, col2
             else:
-                for k0 in range(0, rank, BLOCK_K):
-                    acc = _rank_block(acc, y_rows, b_cols, k0, rank, row_ok, col_ok, stride_br, BLOCK_K, DOT)
-            if HAS_SCALE:
-                acc = acc * factor
-            res = base.to(tl.float32) + acc
-            if out_ptr.dtype.element_ty != tl.float32:
-                res = to_low(res, out_ptr.dtype.element_ty, DOT == DOT_EMULATED)
-            tl.store(o_ptrs, res, mask=o_mask)
+                b_ptr, stride_bs, width, col = b3_ptr, stride_b3, w3, col3
+            tiles = (width + BLOCK_N - 1) // BLOCK_N
+            y_rows = y_base + s * stride_ys
+            if ONE_K:  # rank <= BLOCK_K: y's rows for this slice, once
+                yt = _y_block(y_rows, 0, rank, row_ok, BLOCK_K, LOW, DOT)
+            b_slot = b_ptr + slot * stride_bs
+            for j in range((pid_n - first_tile % n_progs + n_progs) % n_progs, tiles, n_progs):
+                cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_ok = cols < width
+                # The base output tile is loaded first, so its HBM latency overlaps the B loads (L2).
+                o_ptrs = o_rows + (col + cols)[None, :].to(tl.int64) * stride_oc
+                o_mask = row_ok[:, None] & col_ok[None, :]
+                base = tl.load(o_ptrs, mask=o_mask, other=0.0)
+                b_cols = b_slot + cols[None, :].to(tl.int64) * stride_bo
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                if ONE_K:
+                    acc = _b_dot(acc, yt, b_cols, 0, rank, col_ok, stride_br, BLOCK_K, DOT)
+                else:
+                    for k0 in range(0, rank, BLOCK_K):
+                        yk = _y_block(y_rows, k0, rank, row_ok, BLOCK_K, LOW, DOT)
+                        acc = _b_dot(acc, yk, b_cols, k0, rank, col_ok, stride_br, BLOCK_K, DOT)
+                if HAS_SCALE:
+                    acc = acc * factor
+                res = base.to(tl.float32) + acc
+                if out_ptr.dtype.element_ty != tl.float32:
+                    res = to_low(res, LOW, DOT == DOT_EMULATED)
+                tl.store(o_ptrs, res, mask=o_mask)
+            first_tile += tiles
 
 
 def expand_config(num_tokens: int, rows_per_slot: int, max_rank: int, sms: int) -> KernelConfig:
     """Launch parameters from host ints: T, tokens per adapter (`LoRAKernelMeta.rows_per_slot`), the rank.
     Expand is bound by reading B (decode, many adapters) or by reading and writing `out` (prefill: T x
     out_features x 2 bytes x 2). Row tiles follow the tokens per adapter: 128-row tiles over 16-token
-    segments would be 7/8 masked. Tiles from sweeps on an H200 (`kernels.bench --sweep`): with 16-row
-    tiles, 256 columns beat 64 by 1.2-1.6x (gate_up r16, 256 tokens of 128 adapters: 123 vs 204 us); in
-    prefill at rank <= 32, 64 x 256 tiles, 4 column programs per row tile, each looping over its column
-    tiles three loads deep (gate_up r16, 2,048 tokens: 120 us against 179 with 128 x 128, 8 programs, two
-    deep); at rank 64, 128 x 256 tiles with no pipelining (three stages of out, B and y would not fit in
-    shared memory; qkv r64, 2,048 tokens: 34 us against 46 at 64 x 128 pipelined)."""
+    segments would be 7/8 masked. Tiles from sweeps on an H200 (scratch sweeps of `kernels.bench --sweep`'s
+    kind): with 16-row tiles, 256 columns beat 64 by 1.2-1.6x (gate_up r16, 256 tokens of 128 adapters).
+    In prefill, the grid is about two programs per SM (the launcher splits columns so that row tiles x
+    column programs fill it), each looping over its column tiles with y's rows held: at rank <= 32,
+    32 x 256 tiles of 8 warps, three loads deep (gate_up r16, 2,048 tokens: 85 us against 110 with 64 x 256
+    of 4 warps); at rank 64, 128 x 128 tiles of 4 warps (gate_up r64, 8,192 tokens: 304 us against 380
+    with 64 x 128; down r64, 2,048 tokens: 21 against 25 with 128 x 256)."""
     bk = max(16, next_pow2(max_rank))
     bm = max(16, min(next_pow2(rows_per_slot), 128 if bk <= 64 else 32))
     if num_tokens <= 64 or bm <= 32:
         return KernelConfig(bm if num_tokens > 64 else 16, 256 if bk <= 64 else 128, min(bk, 128),
                             num_warps=4, num_stages=2)
     if bk <= 32:
-        return KernelConfig(64, 256, bk, num_warps=4, num_stages=3, programs_per_sm=2, col_programs=4)
-    if bm == 64 or num_tokens >= 4096:  # 8,192 tokens of gate_up r64: 504 us here, 632 at 128 x 256
-        return KernelConfig(64, 128, bk, num_warps=4, num_stages=3, programs_per_sm=2, col_programs=4)
-    return KernelConfig(128, 256, bk, num_warps=8, num_stages=1, programs_per_sm=2)
+        if num_tokens > 4096:  # gate_up r16, 8,192 tokens: 286 us against 310 with 32 x 256 of 8 warps
+            return KernelConfig(64, 256, bk, num_warps=4, num_stages=3, programs_per_sm=2, col_programs=4)
+        return KernelConfig(32, 256, bk, num_warps=8, num_stages=3, programs_per_sm=2, col_programs=FILL)
+    return KernelConfig(bm, 128, bk, num_warps=4, num_stages=2 if bm == 128 else 3, programs_per_sm=2,
+                        col_programs=FILL)
 
 
 def lora_expand(
@@ -217,22 +213,23 @@ def lora_expand(
     if t == 0:
         return
     cfg = config or expand_config(t, meta.rows_per_slot(), r, sm_count(out.device))
-    ends = list(itertools.accumulate(cdiv(w, cfg.block_n) for w in widths))
     pad = MAX_SLICES - s
     bp = list(b) + [b[0]] * pad
-    n_tiles = ends[-1]
-    # Column programs per row tile: enough for the whole grid to reach programs_per_sm x SMs when the
-    # row tiles are few (decode), one or a few when they are many (prefill: the column loop pipelines).
+    n_tiles = sum(cdiv(w, cfg.block_n) for w in widths)
+    # Column programs per row tile (see KernelConfig.col_programs); the row tiles take the rest of the grid.
     m_bound = m_tiles_bound(t, meta.slots_bound(), cfg.block_m)
     programs = cfg.programs_per_sm * sm_count(out.device)
-    grid_n = min(n_tiles, cfg.col_programs) if cfg.col_programs else n_tiles
+    if cfg.col_programs == FILL:
+        grid_n = max(1, min(n_tiles, programs // m_bound))
+    else:
+        grid_n = min(n_tiles, cfg.col_programs) if cfg.col_programs else n_tiles
     grid_m = max(1, min(m_bound, programs // grid_n))
     _expand_kernel[(grid_n, grid_m)](
         y, out, ranks, scale if scale is not None else ranks,
         meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len,
         *bp, *[x.stride(0) for x in bp], b[0].stride(1), b[0].stride(2),
-        *(widths + [0] * pad), *(list(slice_offsets) + [0] * pad), *(ends[:-1] + [ends[-1]] * (pad + 1))[:3],
-        n_tiles, r, y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+        *(widths + [0] * pad), *(list(slice_offsets) + [0] * pad),
+        r, y.stride(0), y.stride(1), out.stride(0), out.stride(1),
         MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_K=cfg.block_k >= r,
         HAS_SCALE=scale is not None, DOT=dot_mode(out),

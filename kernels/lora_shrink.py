@@ -118,28 +118,35 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
     bm = max(16, min(p2(rows_per_slot), 128))
     bn = max(16, min(p2(n_total), 64))
     if bm == 16:
-        # Decode: a GEMV per adapter, bound by reading A; 16 rows is tl.dot's smallest M.
-        cfg = KernelConfig(16, bn, 64 if bn >= 64 else 128, num_warps=4, num_stages=3)
-        min_blocks = 1
+        # Decode: a GEMV per adapter, bound by reading A; 16 rows is tl.dot's smallest M. Past one row
+        # tile of in <= 4096, two warps and at most 8 splits (qkv r64, 64 tokens of 32 adapters: 19.9 us
+        # against 26.3 with 4 warps and 16 splits); down_proj (in 14336) splits further: below.
+        many = num_tokens > 16 and in_features <= 4096
+        cfg = KernelConfig(16, bn, 64 if bn >= 64 else 128, num_warps=2 if many else 4, num_stages=3)
+        max_split, slots, min_blocks = (8 if many else MAX_SPLIT), 2 * sms, 1
     else:
-        # Prefill: bound by reading x. Two programs per SM at most: with four, gate_up r16 at 2,048
-        # tokens took 19.3 us against 12.6. Splits keep >= 8 K blocks: each split's partial sum is a
-        # tile written and read back, and 16 splits of qkv r16 at 2,048 tokens took 35.6 us, 4 took 16.9.
-        cfg = KernelConfig(bm, bn, 128, num_warps=8 if bm * bn >= 64 * 128 else 4, num_stages=3,
-                           programs_per_sm=2)
-        min_blocks = 8
-    # Split K until the batch's programs fill the GPU twice over: decode down_proj (in 14336, one token)
-    # is otherwise one program reading 1.8 MB of A. The programs are counted as if the adapters present
-    # held as few row tiles as they can (a one-adapter batch must not run 16 long programs); a split too
-    # many for a batch of many adapters costs less than one too few. From T and the adapter count rounded
-    # up to powers of two: split_k is a compile-time constant, and this keeps the variants few and known,
-    # so an engine can compile them all at start (a compile inside a step stalled it 90 ms).
+        # Prefill: bound by reading x. 64-row tiles, K blocks of 128, four loads deep, 8 warps (one program
+        # per SM: 131 KB of shared memory); past 4,096 tokens, 128-row tiles, K blocks of 64, 4 warps (two
+        # per SM). Splits of K until the programs reach 1.5 x the resident ones: qkv r16 at 2,048 tokens
+        # 12.8 us with 4 splits (15.7 before, 19.7 with 8); qkv r64 18.6 us with 2 (27.4 before); gate_up
+        # r64 at 8,192 tokens 35.0 us with 2 (44.1 before, 120 with 8).
+        if num_tokens > 4096 and bm == 128:
+            cfg, per_sm = KernelConfig(128, bn, 64, num_warps=4, num_stages=4, programs_per_sm=2), 2
+        else:
+            cfg, per_sm = KernelConfig(min(bm, 64), bn, 128, num_warps=8, num_stages=4, programs_per_sm=1), 1
+        max_split, slots, min_blocks = MAX_SPLIT, 3 * per_sm * sms // 2, 4
+    # Split K until the batch's programs fill the GPU: decode down_proj (in 14336, one token) is otherwise
+    # one program reading 1.8 MB of A. The programs are counted as if the adapters present held as few
+    # row tiles as they can (a one-adapter batch must not run 16 long programs); a split too many for a
+    # batch of many adapters costs less than one too few. From T and the adapter count rounded up to
+    # powers of two: split_k is a compile-time constant, and this keeps the variants few and known, so an
+    # engine can compile them all at start (a compile inside a step stalled it 90 ms).
     t2 = p2(num_tokens)
     m_tiles = max(cdiv(t2, cfg.block_m), p2(distinct) if distinct else 1)
     programs = m_tiles * cdiv(n_total, cfg.block_n)
     split = 1
-    while (programs * split * 2 <= 2 * sms and in_features // (split * 2) >= cfg.block_k * min_blocks
-           and split * 2 <= MAX_SPLIT):
+    while (programs * split * 2 <= slots and in_features // (split * 2) >= cfg.block_k * min_blocks
+           and split * 2 <= max_split):
         split *= 2
     return cfg.with_(split_k=split)
 

@@ -15,6 +15,7 @@ import torch
 from gpu_worker.engine.lora.layout import GroupShape
 from gpu_worker.engine.lora.torch_backend import LoRABatch, TorchLoRA
 from kernels import (
+    FILL,
     KernelConfig,
     LoRAKernelMeta,
     expand_config,
@@ -227,6 +228,22 @@ def test_distinct_hint_picks_taller_tiles_and_same_result(dtype):
     check_both(hinted)
     with pytest.raises(ValueError, match="distinct"):
         meta.prepare(ts, distinct=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expand_fills_the_grid_with_column_programs(dtype):
+    """Prefill expand (col_programs=FILL): column programs chosen from the grid, here 2 over 3 row tiles,
+    so each program walks column tiles across slices of 2, 1 and 3 tiles (a slice's first tile falls on
+    either program) with y's rows loaded once per row tile and slice."""
+    slots = [0] * 17 + [2] * 7
+    c = make_case(slots, [16, 9, 4], widths=(24, 8, 40), in_features=32, dtype=dtype)
+    meta = LoRAKernelMeta(max_tokens=32, max_slots=3, device=DEVICE, chunk=16)
+    meta.prepare(c.token_slots, distinct=2)
+    hinted = Case(c.x, c.a, c.b, c.ranks, c.token_slots, c.offsets, meta)
+    check_both(hinted, KernelConfig(16, 16, 16, programs_per_sm=1),
+               KernelConfig(16, 16, 16, programs_per_sm=3, col_programs=FILL))
+    assert expand_config(2048, 2048, 64, 132).col_programs == FILL  # prefill
+    assert expand_config(64, 1, 64, 132).col_programs == 0  # decode: one program per column tile
 
 
 def test_input_checks():
