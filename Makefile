@@ -10,7 +10,7 @@ PROTO_SRC := $(sort $(wildcard protos/loraserve/v1/*.proto))
 PROTO_STAMP := loraserve/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-router bench-routing bench-cluster bench-gpu
+.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-router bench-routing bench-cluster bench-engine-host bench-gpu
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -78,6 +78,10 @@ bench-routing: setup
 # mid-run. BENCH_ARGS="--quick" runs the tiny model on the CPU.
 bench-cluster:
 	PYTHONPATH=. $(BENCH_PY) -m benchmarks.cluster $(BENCH_ARGS)
+
+# Engine host time per decode step, model stubbed: runs on any CPU.
+bench-engine-host: setup
+	PYTHONPATH=. $(BIN)/python -m benchmarks.engine_host $(BENCH_ARGS)
 
 # Everything that needs the GPU, in one call: GPU tests, then both benchmarks.
 bench-gpu:

@@ -48,6 +48,12 @@ def running_stack(demo: Path, *extra: str) -> Iterator[RunningStack]:
         assert first.startswith("loraserve stack serving on "), first
         yield RunningStack(proc, first.strip().rsplit(" ", 1)[1], demo, f"http://127.0.0.1:{http_port}", lines)
     finally:
+        # SIGTERM: the supervisor stops router, worker and store (each in its own session, so a SIGKILL
+        # of the supervisor alone would leave them running after the tests); SIGKILL if it hangs.
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

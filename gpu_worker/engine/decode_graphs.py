@@ -89,7 +89,7 @@ class DecodeGraphs:
         pos = torch.tensor(positions, dtype=torch.int64)
         host = torch.stack([torch.tensor(ids, dtype=torch.int64), pos,
                             table[torch.arange(n), pos // bs].long() * bs + pos % bs, pos + 1])
-        host = host.pin_memory() if n > 8 else host
+        host = host.pin_memory() if n > 8 and self.ids.is_cuda else host
         dev = host.to(self.ids.device, non_blocking=True)
         self.ids[:n] = dev[0]
         self.positions[:n] = dev[1]
