@@ -53,6 +53,40 @@ def stub_gpu(engine: LLMEngine, max_batch: int) -> None:
     runner.graphs = graphs
 
 
+def ready_engine(demo, names: list[str], enable_lora: bool, batch: int, prompt: int, steps: int) -> LLMEngine:
+    """An engine with `batch` requests (cycling over base and `names`) past their prompts, decoding."""
+    engine = LLMEngine(EngineArgs(model=str(demo.model_dir), device="cpu", dtype="float32", enable_lora=enable_lora,
+                                  max_loras=max(1, len(names)), max_lora_rank=64, max_num_seqs=batch,
+                                  max_model_len=2048))
+    stub_gpu(engine, batch)
+    params = SamplingParams(max_tokens=steps + 10, ignore_eos=True, temperature=0.0, output_kind="delta")
+    g = torch.Generator().manual_seed(0)
+    for i in range(batch):
+        ids = torch.randint(10, 200, (prompt,), generator=g).tolist()
+        k = i % (len(names) + 1)
+        lora = LoRARequest(names[k - 1], k, str(demo.adapters_dir / names[k - 1])) if k else None
+        engine.add_request(f"r{i}", ids, params, lora_request=lora)
+    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in engine._seqs.values()):
+        engine.step()  # the prompts (eager steps, model stubbed)
+    for _ in range(5):
+        engine.step()
+    return engine
+
+
+def timed_steps(engine: LLMEngine, n: int, batch: int, prof: cProfile.Profile | None = None) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        outs = engine.step()
+        if prof:
+            prof.disable()
+        times.append(time.perf_counter() - t0)
+        assert len(outs) == batch, f"a step returned {len(outs)} outputs for {batch} requests"
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.engine_host", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -61,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--demo-dir", default=".demo/assets")
     p.add_argument("--profile", type=int, default=0, help="print the top N functions of cProfile over the steps")
+    p.add_argument("--compare-lora-off", action="store_true",
+                   help="base-only requests on an engine with LoRA enabled and one with it disabled, timed in "
+                        "alternating blocks of steps in one process")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # host work is single-threaded; intra-op threads on tiny ops only add noise
 
@@ -68,34 +105,23 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = ensure_demo(Path(args.demo_dir))
     adapters = sorted(d.name for d in demo.adapters_dir.iterdir() if d.is_dir())
-    engine = LLMEngine(EngineArgs(model=str(demo.model_dir), device="cpu", dtype="float32", enable_lora=True,
-                                  max_loras=max(1, min(args.adapters, len(adapters))), max_lora_rank=64,
-                                  max_num_seqs=args.batch, max_model_len=2048))
-    stub_gpu(engine, args.batch)
+    if args.compare_lora_off:
+        engines = {on: ready_engine(demo, [], on, args.batch, args.prompt, args.steps) for on in (True, False)}
+        n = args.batch
+        times: dict[bool, list[float]] = {True: [], False: []}
+        block = 10
+        for _ in range(0, args.steps, block):
+            for on, engine in engines.items():
+                times[on] += timed_steps(engine, block, n)
+        on_ms, off_ms = (statistics.median(times[k]) * 1e3 for k in (True, False))
+        print(f"engine host time per decode step, {n} base-only requests, {args.prompt}-token prompts, "
+              f"{len(times[True])} steps each in alternating blocks of {block}: LoRA enabled {on_ms:.3f} ms, "
+              f"disabled {off_ms:.3f} ms (enabled / disabled {on_ms / off_ms:.3f})")
+        return 0
     names = adapters[: args.adapters]
-    params = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True, temperature=0.0, output_kind="delta")
-    g = torch.Generator().manual_seed(0)
-    for i in range(args.batch):
-        prompt = torch.randint(10, 200, (args.prompt,), generator=g).tolist()
-        k = i % (len(names) + 1)
-        lora = LoRARequest(names[k - 1], k, str(demo.adapters_dir / names[k - 1])) if k else None
-        engine.add_request(f"r{i}", prompt, params, lora_request=lora)
-    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in engine._seqs.values()):
-        engine.step()  # the prompts (eager steps, model stubbed)
-    for _ in range(5):
-        engine.step()
-
+    engine = ready_engine(demo, names, True, args.batch, args.prompt, args.steps)
     prof = cProfile.Profile() if args.profile else None
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        if prof:
-            prof.enable()
-        outs = engine.step()
-        if prof:
-            prof.disable()
-        times.append(time.perf_counter() - t0)
-        assert len(outs) == args.batch, f"a step returned {len(outs)} outputs for {args.batch} requests"
+    times = timed_steps(engine, args.steps, args.batch, prof)
     med = statistics.median(times) * 1e3
     print(f"engine host time per decode step, batch {args.batch}, {len(names)} adapters + base, "
           f"{args.prompt}-token prompts: median {med:.3f} ms, p90 {sorted(times)[int(0.9 * len(times))] * 1e3:.3f} ms "

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-dense", action="store_true", help="time the mixed step with the padded, masked "
                    "attention (AttentionMetadata for every row, the path before MixedMetadata) too, side by side; "
                    "no profiles")
+    p.add_argument("--compare-fused", action="store_true", help="time the steps with the torch elementwise ops "
+                   "and with the fused Triton ones (EngineArgs.fused_elementwise), two engines side by side; "
+                   "no profiles")
     args = p.parse_args(argv)
     from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
 
@@ -59,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LLAMA_3_2_1B
     model = write_model(root / "model", cfg, "cuda")
     loras = [LoRARequest(f"a{i}", i + 1, str(write_adapter(root / f"a{i}", cfg, 16, seed=i))) for i in range(8)]
-    engine = LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
-                                  enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16))
+    variants = (False, True) if args.compare_fused else (False,)
+    engines = {fused: LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
+                                           enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16,
+                                           fused_elementwise=fused))
+               for fused in variants}
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     counter = iter(range(10**9))
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     def prompt(n):
         return torch.randint(10, 128000, (n,), generator=g).tolist()
 
-    def timed() -> float:
+    def timed(engine) -> float:
         torch.cuda.synchronize()
         t = time.perf_counter()
         engine.step()
@@ -76,40 +82,41 @@ def main(argv: list[str] | None = None) -> int:
         return 1e3 * (time.perf_counter() - t)
 
     for with_lora in (False, True):
-        for i in range(args.batch):
-            engine.add_request(f"d{next(counter)}", prompt(args.prompt), params,
-                               lora_request=loras[i % len(loras)] if with_lora else None)
-        for _ in range(6):  # prefill, then decode steps
-            engine.step()
-        label = "8 adapters" if with_lora else "base"
-        decode = sorted(timed() for _ in range(20))[10]
-        for path in (("dense", "split") if args.compare_dense else ("split",)):
-            mixed = []
-            with dense_mixed_attention(path == "dense"):
-                for _ in range(7):
-                    engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
-                                       lora_request=loras[0] if with_lora else None)
-                    mixed.append(timed())
-                    for _ in range(2):
-                        engine.step()
-            print(f"{label}: batch {args.batch}, decode step {decode:.2f} ms (median of 20); mixed step (one "
-                  f"{args.prompt}-token prompt joins), {path} attention: {sorted(mixed)[3]:.2f} ms (median of 7: "
-                  f"{[round(m, 1) for m in mixed]})", flush=True)
-        for kind in (() if args.compare_dense else ("decode", "mixed")):
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
-                if kind == "mixed":
-                    engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
-                                       lora_request=loras[0] if with_lora else None)
-                timed()
-            print(f"--- {label}, {kind} step: top ops by host time")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
-                                            max_name_column_width=60))
-            if kind == "mixed":
-                print(f"--- {label}, {kind} step: top ops by device time")
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12,
+        for fused, engine in engines.items():
+            for i in range(args.batch):
+                engine.add_request(f"d{next(counter)}", prompt(args.prompt), params,
+                                   lora_request=loras[i % len(loras)] if with_lora else None)
+            for _ in range(6):  # prefill, then decode steps
+                engine.step()
+            label = ("8 adapters" if with_lora else "base") + (", fused elementwise" if fused else "")
+            decode = sorted(timed(engine) for _ in range(20))[10]
+            for path in (("dense", "split") if args.compare_dense else ("split",)):
+                mixed = []
+                with dense_mixed_attention(path == "dense"):
+                    for _ in range(7):
+                        engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
+                                           lora_request=loras[0] if with_lora else None)
+                        mixed.append(timed(engine))
+                        for _ in range(2):
+                            engine.step()
+                print(f"{label}: batch {args.batch}, decode step {decode:.2f} ms (median of 20); mixed step (one "
+                      f"{args.prompt}-token prompt joins), {path} attention: {sorted(mixed)[3]:.2f} ms (median of 7: "
+                      f"{[round(m, 1) for m in mixed]})", flush=True)
+            for kind in (() if args.compare_dense or args.compare_fused else ("decode", "mixed")):
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    if kind == "mixed":
+                        engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
+                                           lora_request=loras[0] if with_lora else None)
+                    timed(engine)
+                print(f"--- {label}, {kind} step: top ops by host time")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                                 max_name_column_width=60))
-        engine.abort_request([r for r in list(engine._seqs)])
+                if kind == "mixed":
+                    print(f"--- {label}, {kind} step: top ops by device time")
+                    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12,
+                                                    max_name_column_width=60))
+            engine.abort_request([r for r in list(engine._seqs)])
     return 0
 
 

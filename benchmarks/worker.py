@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batch 32 only, no PEFT baseline")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--fused-elementwise", action="store_true", help="EngineArgs.fused_elementwise")
     args = ap.parse_args()
     from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest
 
@@ -172,7 +173,8 @@ def main() -> None:
     print(f"wrote model and 32 adapters in {time.perf_counter() - t:.0f}s", flush=True)
     bw = copy_bandwidth()
     common = dict(model=str(model_dir), dtype="bfloat16", num_kv_blocks=2400, max_num_seqs=64,
-                  max_num_batched_tokens=8192, lora_backend=args.lora_backend)
+                  max_num_batched_tokens=8192, lora_backend=args.lora_backend,
+                  fused_elementwise=args.fused_elementwise)
     batches = [32] if args.quick else [32, 64]
     rows = []
 

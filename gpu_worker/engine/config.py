@@ -37,6 +37,10 @@ class EngineArgs:
     lora_backend: str = "auto"
     # Decode steps run eagerly instead of from CUDA graphs (as vLLM's enforce_eager): for debugging.
     enforce_eager: bool = False
+    # The layers' elementwise work (RMSNorm + residual add, RoPE + KV-cache write, SiLU-and-multiply) as three
+    # fused Triton kernels instead of ~30 torch ops a layer (kernels/elementwise.py). Off by default until
+    # it is measured on a GPU; on the CPU it runs in Triton's interpreter (tests only).
+    fused_elementwise: bool = False
     # Largest adapter file accepted (bytes): an adapter is data from outside.
     max_adapter_bytes: int = 2 * 1024**3
 

@@ -84,7 +84,7 @@ class LLMEngine:
             min(eos) if eos else None)
 
         t0 = time.perf_counter()
-        self.model = LlamaModel(cfg, self.device, self.dtype, self.max_model_len)
+        self.model = LlamaModel(cfg, self.device, self.dtype, self.max_model_len, args.fused_elementwise)
         self.model.load(args.model)
         self.lora: LoRAManager | None = None
         if args.enable_lora:

@@ -25,7 +25,9 @@ def generate(llm, adapters, names, n=12):
 def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
     kw = dict(enable_lora=True, max_loras=4, max_lora_rank=16, num_kv_blocks=128, dtype="float32")
     eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", **kw)
-    fast = LLM(str(tiny_model_dir), lora_backend="triton", **kw)
+    # The GPU path in full: Triton LoRA kernels, CUDA graphs, fused elementwise kernels; the eager torch
+    # path (and transformers + PEFT) as references.
+    fast = LLM(str(tiny_model_dir), lora_backend="triton", fused_elementwise=True, **kw)
     assert fast.engine.runner.graphs is not None and fast.engine.runner.graphs.graphs
     a = generate(eager, tiny_adapters, NAMES)
     b = generate(fast, tiny_adapters, NAMES)

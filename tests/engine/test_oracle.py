@@ -76,3 +76,15 @@ def test_other_architectures(builder, tmp_path_factory):
     adapters = build_default_adapters(model_dir, root / "adapters")
     llm = LLM(str(model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64)
     _check(llm, model_dir, PROMPTS[:3], adapters, [None, "chat-lora", "sql-lora"])
+
+
+def test_fused_elementwise_kernels_match_peft(tiny_model_dir, tiny_adapters):
+    """fused_elementwise: the layers' RMSNorm + residual, RoPE + cache write and SiLU-and-multiply as Triton
+    kernels (on the CPU, Triton's interpreter): still transformers + PEFT's tokens and logprobs, base and
+    adapter requests mixed, and a prompt chunked over steps (cache writes at several offsets)."""
+    names = [None, "sql-lora", "chat-lora", None]
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
+              block_size=8, max_num_batched_tokens=16, fused_elementwise=True)
+    assert llm.engine.model.ops.__name__ == "FusedOps"
+    _check(llm, tiny_model_dir, PROMPTS[:4], tiny_adapters, names)
+    assert llm.engine.blocks.num_free == 64

@@ -13,8 +13,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionMetadata, paged_attention, write_kv
+from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, UnsupportedModelError
+from .layer_ops import FusedOps, TorchOps
 from .rope import RotaryEmbedding
 from .weights import iter_tensors
 
@@ -35,16 +36,12 @@ class LayerWeights:
     down: torch.Tensor  # [hidden, intermediate]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # In float32, as Hugging Face does, then back: bf16 variance loses ~3 digits.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int):
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int,
+                 fused_elementwise: bool = False):
         self.cfg = cfg
+        # The layers' RMSNorm + residual, RoPE + cache write and SiLU-and-multiply: fused Triton kernels or torch.
+        self.ops = FusedOps if fused_elementwise else TorchOps
         self.device = device
         self.dtype = dtype
         self.rope = RotaryEmbedding(cfg, max_positions, device, dtype)
@@ -109,8 +106,11 @@ class LlamaModel:
         cfg = self.cfg
         h = F.embedding(input_ids, self.embed)
         q_size, kv_size = cfg.q_size, cfg.kv_size
+        ops, eps = self.ops, cfg.rms_norm_eps
+        # Each sublayer's output is added to h by the next norm (one fused step with it on the GPU).
+        residual = None
         for i, w in enumerate(self.layers):
-            x = rms_norm(h, w.input_norm, cfg.rms_norm_eps)
+            x, h = ops.add_norm(h, residual, w.input_norm, eps)
             qkv = F.linear(x, w.qkv, w.qkv_bias)
             if lora is not None:
                 lora.apply(i, "qkv", x, qkv)
@@ -118,23 +118,20 @@ class LlamaModel:
             q = q.view(-1, cfg.num_heads, cfg.head_dim)
             k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
             v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-            q, k = self.rope.apply(q, k, positions)
             k_cache, v_cache = kv_caches[i]
-            write_kv(k_cache, v_cache, k, v, meta)
+            q = ops.rope_and_cache(q, k, v, positions, self.rope, k_cache, v_cache, meta)
             attn = paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(-1, q_size)
             o = F.linear(attn, w.o)
             if lora is not None:
                 lora.apply(i, "o", attn, o)
-            h = h + o
-            x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
+            x, h = ops.add_norm(h, o, w.post_norm, eps)
             gate_up = F.linear(x, w.gate_up)
             if lora is not None:
                 lora.apply(i, "gate_up", x, gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            down = F.linear(act, w.down)
+            act = ops.silu_mul(gate_up)
+            residual = F.linear(act, w.down)
             if lora is not None:
-                lora.apply(i, "down", act, down)
-            h = h + down
-        h = rms_norm(h[logits_indices], self.final_norm, cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+                lora.apply(i, "down", act, residual)
+        x, _ = ops.add_norm(h[logits_indices], None if residual is None else residual[logits_indices],
+                            self.final_norm, eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,64 @@
+"""The decoder layer's elementwise steps, in two interchangeable sets: plain torch (the CPU path and the
+reference) and the fused Triton kernels of kernels/elementwise.py (one launch each where torch runs 2-12,
+for the GPU). LlamaModel calls whichever it was built with; the projections and attention do not change.
+
+    x, h = ops.add_norm(h, residual, weight, eps)     # h + residual (None: h), and RMSNorm of it
+    q = ops.rope_and_cache(q, k, v, positions, rope, k_cache, v_cache, meta)   # rotated q; rotated k and v
+                                                      # written to the cache at meta.slot_mapping
+    act = ops.silu_mul(gate_up)                       # silu(gate) * up
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import write_kv
+from .rope import RotaryEmbedding
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In float32, as Hugging Face does, then back: bf16 variance loses ~3 digits.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class TorchOps:
+    @staticmethod
+    def add_norm(h, residual, weight, eps):
+        if residual is not None:
+            h = h + residual
+        return rms_norm(h, weight, eps), h
+
+    @staticmethod
+    def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta):
+        q, k = rope.apply(q, k, positions)
+        write_kv(k_cache, v_cache, k, v, meta)
+        return q
+
+    @staticmethod
+    def silu_mul(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class FusedOps:
+    @staticmethod
+    def add_norm(h, residual, weight, eps):
+        from kernels.elementwise import add_rms_norm
+
+        return add_rms_norm(h, residual, weight, eps)
+
+    @staticmethod
+    def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta):
+        from kernels.elementwise import rope_and_cache
+
+        rope_and_cache(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, meta.slot_mapping)
+        return q
+
+    @staticmethod
+    def silu_mul(gate_up):
+        from kernels.elementwise import silu_mul
+
+        return silu_mul(gate_up)

@@ -1,0 +1,167 @@
+"""The decoder layer's elementwise work, fused: one launch where the torch path runs 2-12.
+
+A Llama layer in plain torch is ~40 kernels, ~30 of them elementwise on a [tokens, hidden] or smaller
+tensor: RMSNorm alone is eight (float, pow, mean, add, rsqrt, mul, cast, weight mul), rotary embeddings
+twelve, SiLU-and-multiply two, the residual adds one each. At decode batch sizes each is a few microseconds of
+GPU time and one node of the step's CUDA graph, which the host pays for at every launch. Three kernels take
+their place:
+
+    x, h = add_rms_norm(h, residual, weight, eps)   # h + residual, then RMSNorm(h) * weight
+    rope_and_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)   # q, k rotated in place,
+                                                    # k and v written to their cache slots
+    act = silu_mul(gate_up)                         # silu(gate) * up
+
+Each rounds where the torch path rounds (a bf16 model's products and sums are rounded to bf16 after every
+op, as torch does), so results match it to the last bit except where a reduction's order or an exp differs
+(RMSNorm's mean, SiLU's sigmoid): there by at most one unit in the last place. The torch functions they
+replace (gpu_worker.engine.model: rms_norm, RotaryEmbedding.apply, write_kv, F.silu(g) * u) are their
+references.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import next_pow2, to_low
+
+
+def _emulated(t: torch.Tensor) -> bool:
+    """The CPU interpreter truncates fp32 -> bf16; `to_low` then rounds on the bits, as the GPU does."""
+    return t.device.type != "cuda"
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, N, eps,
+                         s_h, s_r, s_x, s_ho,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EMULATED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
+        h = to_low(h + r, dt, EMULATED).to(tl.float32)  # the sum in the model's dtype, as torch rounds it
+        tl.store(hout_ptr + row * s_ho + cols, h.to(dt), mask=ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
+    y = to_low(h * rstd, dt, EMULATED).to(tl.float32)  # normalized in fp32, then cast (Hugging Face's order)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * s_x + cols, to_low(w * y, dt, EMULATED), mask=ok)
+
+
+def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h + residual) * weight, h + residual) for h, residual [T, N] (rows contiguous), weight [N];
+    residual None: (RMSNorm(h) * weight, h)."""
+    t, n = h.shape
+    if h.stride(1) != 1 or weight.shape != (n,) or (residual is not None and (residual.shape != h.shape
+                                                                              or residual.stride(1) != 1)):
+        raise ValueError(f"h {tuple(h.shape)}, residual, weight {tuple(weight.shape)}: rows must be contiguous "
+                         "and the shapes agree")
+    x = torch.empty_like(h)
+    h_out = torch.empty_like(h) if residual is not None else h
+    if t:
+        r = residual if residual is not None else h
+        _add_rms_norm_kernel[(t,)](h, r, weight, x, h_out, n, eps, h.stride(0), r.stride(0), x.stride(0),
+                                   h_out.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
+                                   EMULATED=_emulated(h), num_warps=4 if n <= 4096 else 8)
+    return x, h_out
+
+
+@triton.jit
+def _rotate(x_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, sin2, n_heads, dt: tl.constexpr,
+            HALF: tl.constexpr, EMULATED: tl.constexpr):
+    """x[row, heads, :] <- x * cos + rotate_half(x) * sin, in place, with torch's roundings; returns the
+    rotated halves (for the cache)."""
+    ok = (heads < n_heads)[:, None]
+    base = x_ptr + row * s_t + heads[:, None] * s_h + d1[None, :]
+    x1 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=ok, other=0.0).to(tl.float32)
+    o1 = to_low(to_low(x1 * cos1, dt, EMULATED).to(tl.float32)
+                + to_low(-x2 * sin1, dt, EMULATED).to(tl.float32), dt, EMULATED)
+    o2 = to_low(to_low(x2 * cos2, dt, EMULATED).to(tl.float32)
+                + to_low(x1 * sin2, dt, EMULATED).to(tl.float32), dt, EMULATED)
+    tl.store(base, o1, mask=ok)
+    tl.store(base + HALF, o2, mask=ok)
+    return o1, o2
+
+
+@triton.jit
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
+                       H, KVH, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cs, s_ch,
+                       H_PAD: tl.constexpr, KVH_PAD: tl.constexpr, HALF: tl.constexpr,
+                       EMULATED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    dt: tl.constexpr = q_ptr.dtype.element_ty
+    d1 = tl.arange(0, HALF)
+    p = tl.load(pos_ptr + row)
+    cos1 = tl.load(cos_ptr + p * s_cos + d1).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_ptr + p * s_cos + HALF + d1).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_ptr + p * s_cos + d1).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_ptr + p * s_cos + HALF + d1).to(tl.float32)[None, :]
+    _rotate(q_ptr, row, tl.arange(0, H_PAD), s_qt, s_qh, d1, cos1, sin1, cos2, sin2, H, dt, HALF, EMULATED)
+    kvh = tl.arange(0, KVH_PAD)
+    k1, k2 = _rotate(k_ptr, row, kvh, s_kt, s_kh, d1, cos1, sin1, cos2, sin2, KVH, dt, HALF, EMULATED)
+    # The new key and value into their cache slot (the cache is [blocks * block_size, KVH, D] flat).
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    ok = (kvh < KVH)[:, None]
+    dst = slot * s_cs + kvh[:, None] * s_ch + d1[None, :]
+    tl.store(kc_ptr + dst, k1, mask=ok)
+    tl.store(kc_ptr + dst + HALF, k2, mask=ok)
+    v = v_ptr + row * s_vt + kvh[:, None] * s_vh + d1[None, :]
+    tl.store(vc_ptr + dst, tl.load(v, mask=ok, other=0.0), mask=ok)
+    tl.store(vc_ptr + dst + HALF, tl.load(v + HALF, mask=ok, other=0.0), mask=ok)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Rotary embedding (Hugging Face's rotate-half layout) applied to q [T, H, D] and k [T, KVH, D] in
+    place, from cos / sin tables [max_positions, D] at positions [T]; then k and v [T, KVH, D] written to
+    k_cache / v_cache [num_blocks, block_size, KVH, D] at the flat slots slot_mapping [T] (int64)."""
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    if (k.shape != (t, kvh, d) or v.shape != k.shape or d % 2 or d & (d - 1) or cos.shape != sin.shape
+            or cos.shape[1] != d or k_cache.shape[2:] != (kvh, d) or v_cache.shape != k_cache.shape):
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"cos {tuple(cos.shape)}, cache {tuple(k_cache.shape)} (head_dim a power of two)")
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or not k_cache.is_contiguous() \
+            or not v_cache.is_contiguous() or not cos.is_contiguous() or not sin.is_contiguous():
+        raise ValueError("head dimensions, caches and cos / sin tables must be contiguous")
+    if t == 0:
+        return
+    kc = k_cache.view(-1, kvh, d)
+    _rope_cache_kernel[(t,)](
+        q, k, v, positions, cos, sin, kc, v_cache.view(-1, kvh, d), slot_mapping,
+        h, kvh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        kc.stride(0), kc.stride(1),
+        H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2, EMULATED=_emulated(q), num_warps=4,
+    )
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, N, s_gu, s_o, BLOCK: tl.constexpr, EMULATED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * s_gu + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * s_gu + N + cols, mask=ok, other=0.0).to(tl.float32)
+    act = to_low(g / (1.0 + tl.exp(-g)), dt, EMULATED).to(tl.float32)  # F.silu, rounded as torch does
+    tl.store(out_ptr + row * s_o + cols, to_low(act * u, dt, EMULATED), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2N] (gate then up, rows contiguous) -> silu(gate) * up [T, N]."""
+    t, n2 = gate_up.shape
+    if n2 % 2 or gate_up.stride(1) != 1:
+        raise ValueError(f"gate_up must be [T, 2N] with contiguous rows, got {tuple(gate_up.shape)}")
+    n = n2 // 2
+    out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
+    if t:
+        block = min(1024, next_pow2(n))
+        _silu_mul_kernel[(t, -(-n // block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block,
+                                              EMULATED=_emulated(gate_up), num_warps=4)
+    return out
