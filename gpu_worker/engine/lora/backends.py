@@ -68,7 +68,8 @@ class TritonBackend:
                     self.hook.apply(0, group, x, out)
                     n += 1
             t = t * 2 if t * 2 <= self.meta.max_tokens or t == self.meta.max_tokens else self.meta.max_tokens
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         log.info("LoRA kernels compiled for %d shapes", n)
 
 

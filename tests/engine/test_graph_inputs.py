@@ -1,0 +1,55 @@
+"""The graphed decode path's host side on the CPU: DecodeGraphs.run stages a step's tokens, positions, slot
+mapping, block tables, context lengths and LoRA slots into the static buffers a captured graph reads, pads
+the batch to its bucket, and picks the graph with or without LoRA. Here each "replay" runs the model eagerly
+over those buffers (fused decode attention and the Triton LoRA kernels in Triton's interpreter), so wrong
+staging shows as wrong tokens against transformers + PEFT."""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_worker.engine import LLM
+from gpu_worker.engine.decode_graphs import DecodeGraphs
+
+from .test_oracle import PROMPTS, _check
+
+
+class EagerReplay:
+    """Stands in for a captured CUDA graph: replay() runs the forward on the static buffers now."""
+
+    def __init__(self, graphs: DecodeGraphs, batch: int, with_lora: bool, logits: torch.Tensor):
+        self.graphs, self.batch, self.with_lora, self.logits = graphs, batch, with_lora, logits
+
+    def replay(self) -> None:
+        self.logits.copy_(self.graphs._forward(self.batch, self.with_lora))
+
+
+def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, bool]]:
+    """Route the engine's decode steps through DecodeGraphs.run; returns the log of (bucket, with_lora) replayed."""
+    engine = llm.engine
+    runner = engine.runner
+    graphs = DecodeGraphs(engine.model, engine.kv_caches, engine.args.block_size, max_batch, engine.max_model_len,
+                          scratch_block=engine.blocks.num_blocks, lora=runner.lora)
+    replayed = []
+    vocab = engine.model_config.vocab_size
+    for b in graphs.buckets:
+        for with_lora in (False, True):
+            replay = EagerReplay(graphs, b, with_lora, torch.empty(b, vocab))
+            inner = replay.replay
+            replay.replay = lambda inner=inner, key=(b, with_lora): (replayed.append(key), inner())[1]
+            graphs.graphs[(b, with_lora)] = (replay, replay.logits)
+    runner.fused_decode, runner.graphs = True, graphs
+    return replayed
+
+
+def test_graph_inputs_staged_for_mixed_and_base_batches(tiny_model_dir, tiny_adapters):
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
+              lora_backend="triton", max_num_batched_tokens=64)
+    replayed = replay_eagerly(llm, max_batch=4)
+    # 3 requests (bucket 4: a padding row), base and adapters mixed; then base only (the graph without LoRA).
+    _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
+    assert (4, True) in replayed
+    replayed.clear()
+    _check(llm, tiny_model_dir, PROMPTS[3:5], tiny_adapters, [None, None])
+    assert replayed and set(replayed) == {(2, False)}
+    assert llm.engine.blocks.num_free == 64
