@@ -46,6 +46,8 @@ class WorkerConfig:
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
     block_size: int = 16
+    # The layers' elementwise work as fused Triton kernels on the GPU (EngineArgs.fused_elementwise).
+    fused_elementwise: bool = False
     # Requests waiting for the batch beyond this are refused (RESOURCE_EXHAUSTED) so the router tries elsewhere.
     max_queue: int = 1024
     # Adapters: pre-loaded modules, then <lora_root>/<name> on first request.
@@ -104,6 +106,7 @@ class WorkerConfig:
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=self.max_cpu_loras,
+            fused_elementwise=self.fused_elementwise,
         )
 
     @classmethod
@@ -142,6 +145,9 @@ _INT_FIELDS = {"port", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_s
                "num_kv_blocks", "max_model_len", "block_size", "max_queue", "status_interval_ms"}
 
 
+_BOOL_FIELDS = {"enable_lora", "fused_elementwise"}
+
+
 def _from_env(name: str, raw: str):
     if name in _INT_FIELDS:
         try:
@@ -150,7 +156,7 @@ def _from_env(name: str, raw: str):
             raise ValueError("not an integer") from None
     if name in ("drain_timeout_s", "registry_ttl_s"):
         return float(raw)
-    if name == "enable_lora":
+    if name in _BOOL_FIELDS:
         low = raw.strip().lower()
         if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise ValueError("not a boolean (true/false)")
@@ -189,6 +195,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--num-kv-blocks", type=int, help="KV cache blocks (default: sized from memory)")
     add("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     add("--block-size", type=int, help="tokens per KV block (default 16)")
+    add("--fused-elementwise", action=argparse.BooleanOptionalAction, default=None,
+        help="RMSNorm + residual, RoPE + KV write and SiLU-and-multiply as fused Triton kernels (GPU; default off)")
     add("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED (default 1024)")
     add("--lora-modules", nargs="+", metavar="SPEC",
         help='pre-loaded adapters: name=path or {"name": ..., "path": ..., "base_model_name": ...}')
