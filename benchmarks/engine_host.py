@@ -87,6 +87,11 @@ def timed_steps(engine: LLMEngine, n: int, batch: int, prof: cProfile.Profile | 
     return times
 
 
+def best_block_ms(times: list[float], block: int = 10) -> float:
+    """Mean of the fastest block of consecutive steps: on a shared VM, other tenants only ever add time."""
+    return min(statistics.fmean(times[i:i + block]) for i in range(0, max(1, len(times) - block + 1), block)) * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.engine_host", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -114,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             for on, engine in engines.items():
                 times[on] += timed_steps(engine, block, n)
         on_ms, off_ms = (statistics.median(times[k]) * 1e3 for k in (True, False))
+        on_best, off_best = (best_block_ms(times[k], block) for k in (True, False))
         print(f"engine host time per decode step, {n} base-only requests, {args.prompt}-token prompts, "
               f"{len(times[True])} steps each in alternating blocks of {block}: LoRA enabled {on_ms:.3f} ms, "
-              f"disabled {off_ms:.3f} ms (enabled / disabled {on_ms / off_ms:.3f})")
+              f"disabled {off_ms:.3f} ms (median; enabled / disabled {on_ms / off_ms:.3f}); best blocks "
+              f"{on_best:.3f} / {off_best:.3f} ms ({on_best / off_best:.3f})")
         return 0
     names = adapters[: args.adapters]
     engine = ready_engine(demo, names, True, args.batch, args.prompt, args.steps)
@@ -124,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     times = timed_steps(engine, args.steps, args.batch, prof)
     med = statistics.median(times) * 1e3
     print(f"engine host time per decode step, batch {args.batch}, {len(names)} adapters + base, "
-          f"{args.prompt}-token prompts: median {med:.3f} ms, p90 {sorted(times)[int(0.9 * len(times))] * 1e3:.3f} ms "
-          f"({args.steps} steps{', under cProfile' if prof else ''})")
+          f"{args.prompt}-token prompts: median {med:.3f} ms, p90 {sorted(times)[int(0.9 * len(times))] * 1e3:.3f} ms, "
+          f"best block of 10 {best_block_ms(times):.3f} ms ({args.steps} steps{', under cProfile' if prof else ''})")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     return 0
