@@ -48,6 +48,8 @@ class WorkerConfig:
     block_size: int = 16
     # The layers' elementwise work as fused Triton kernels on the GPU (EngineArgs.fused_elementwise).
     fused_elementwise: bool = False
+    # Reuse cached K/V of shared prompt prefixes (per adapter version) (EngineArgs.enable_prefix_caching).
+    enable_prefix_caching: bool = False
     # Requests waiting for the batch beyond this are refused (RESOURCE_EXHAUSTED) so the router tries elsewhere.
     max_queue: int = 1024
     # Adapters: pre-loaded modules, then <lora_root>/<name> on first request.
@@ -107,6 +109,7 @@ class WorkerConfig:
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=self.max_cpu_loras,
             fused_elementwise=self.fused_elementwise,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
 
     @classmethod
@@ -145,7 +148,7 @@ _INT_FIELDS = {"port", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_s
                "num_kv_blocks", "max_model_len", "block_size", "max_queue", "status_interval_ms"}
 
 
-_BOOL_FIELDS = {"enable_lora", "fused_elementwise"}
+_BOOL_FIELDS = {"enable_lora", "fused_elementwise", "enable_prefix_caching"}
 
 
 def _from_env(name: str, raw: str):
@@ -197,6 +200,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--block-size", type=int, help="tokens per KV block (default 16)")
     add("--fused-elementwise", action=argparse.BooleanOptionalAction, default=None,
         help="RMSNorm + residual, RoPE + KV write and SiLU-and-multiply as fused Triton kernels (GPU; default off)")
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+        help="reuse the K/V of prompt prefixes computed before, per adapter version (default off)")
     add("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED (default 1024)")
     add("--lora-modules", nargs="+", metavar="SPEC",
         help='pre-loaded adapters: name=path or {"name": ..., "path": ..., "base_model_name": ...}')

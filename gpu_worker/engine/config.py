@@ -41,6 +41,9 @@ class EngineArgs:
     # fused Triton kernels instead of ~30 torch ops a layer (kernels/elementwise.py). Off by default until
     # it is measured on a GPU; on the CPU it runs in Triton's interpreter (tests only).
     fused_elementwise: bool = False
+    # Reuse the K/V of full blocks whose tokens (and adapter, by content hash) a finished or running request
+    # computed already (vLLM's enable_prefix_caching): a shared system prompt is computed once.
+    enable_prefix_caching: bool = False
     # Largest adapter file accepted (bytes): an adapter is data from outside.
     max_adapter_bytes: int = 2 * 1024**3
 

@@ -94,7 +94,7 @@ class LLMEngine:
             cfg, args.block_size, self.dtype, self.device, args.gpu_memory_utilization, args.cpu_kv_cache_bytes)
         # One block more than the block manager hands out: the scratch block padded graph rows write to.
         self.kv_caches = allocate(cfg, num_blocks + 1, args.block_size, self.device, self.dtype)
-        self.blocks = BlockManager(num_blocks, args.block_size)
+        self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.lora.slots if self.lora else None,
                                    args.max_num_seqs, args.max_num_batched_tokens, loader=self.lora)
         backend = None
@@ -203,7 +203,7 @@ class LLMEngine:
             sched.chunks, {c.seq: sampling_row(c.seq, c.seq.state.generator, self.eos_list) for c in sched.chunks}
         )
         for c in sched.chunks:
-            c.seq.num_computed_tokens = c.start + c.num_tokens
+            self.scheduler.computed(c.seq, c.start + c.num_tokens)
         outputs = []
         if result.sampled is None:
             return outputs
@@ -287,6 +287,8 @@ class LLMEngine:
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_free": self.blocks.num_free,
             "kv_block_size": self.blocks.block_size,
+            "prefix_cache_queried_tokens": self.blocks.prefix_queried_tokens,
+            "prefix_cache_hit_tokens": self.blocks.prefix_hit_tokens,
             "adapters": self.lora.residency() if self.lora else [],
             "lora_slots_free": self.lora.slots.num_free if self.lora else 0,
         }

@@ -102,9 +102,15 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 return
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # Cached blocks of the prompt's (and, after preemption, the outputs') prefix are taken, not computed.
+            cached = []
+            if self.blocks.prefix_caching and not seq.block_table:
+                cached = self.blocks.match(seq.adapter_key, seq.token_ids(0, seq.num_tokens))
+            start = max(seq.num_computed_tokens, len(cached) * self.blocks.block_size)
+            n = min(seq.num_tokens - start, budget)
             # A prompt admitted in chunks needs blocks for its first chunk now; first come, first served.
-            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+            new_blocks = self.blocks.blocks_needed(start + n) - len(seq.block_table) - len(cached)
+            if new_blocks + self.blocks.extra_for(cached) > self.blocks.num_free:
                 return
             if seq.adapter_key is not None:
                 if seq.slot < 0:
@@ -118,17 +124,33 @@ class Scheduler:
                             continue  # the copy is in flight: hold the slot, let others run meanwhile
                 if self.loader is not None and not self.loader.ready(seq.adapter_key):
                     continue
-            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            if self.blocks.prefix_caching and not seq.block_table:
+                self.blocks.take_cached(seq.block_table, cached)
+                seq.num_computed_tokens = start
+                seq.prefix_known = len(cached)
+                seq.prefix_parent = self.blocks.serial(cached[-1]) if cached else 0
+                self.blocks.prefix_queried_tokens += seq.num_tokens
+                self.blocks.prefix_hit_tokens += start
+            self.blocks.grow(seq.block_table, start + n)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            out.chunks.append(ScheduledChunk(seq, start, n))
             budget -= n
+
+    def computed(self, seq: Sequence, num_computed: int) -> None:
+        """The step ran: `num_computed` of the sequence's tokens are in the cache; full blocks get cached."""
+        seq.num_computed_tokens = num_computed
+        if self.blocks.prefix_caching and num_computed // self.blocks.block_size > seq.prefix_known:
+            seq.prefix_known, seq.prefix_parent = self.blocks.register(
+                seq.block_table, seq.adapter_key, seq.token_ids(0, num_computed), num_computed,
+                seq.prefix_known, seq.prefix_parent)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free everything the sequence holds; it is recomputed from its prompt and outputs later."""
         self._release(seq)
         seq.num_computed_tokens = 0
+        seq.prefix_known = seq.prefix_parent = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 

@@ -32,6 +32,9 @@ class Sequence:
     slot: int = -1
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # Prefix cache: the leading blocks of block_table that are cached, and the serial of the last of them.
+    prefix_known: int = 0
+    prefix_parent: int = 0
     # Per-request state owned by the engine (detokenizer, RNG, stop matcher), opaque here.
     state: Any = None
 
