@@ -84,6 +84,8 @@ class EngineLoad:
     running: int
     kv_blocks_free: int
     adapters: tuple[AdapterResidency, ...]
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -500,4 +502,5 @@ def _load(engine: LLMEngine, keys: dict[str, AdapterKey | None]) -> EngineLoad:
     adapters = tuple(
         AdapterResidency(r.key[0], r.key[1], r.where, max(r.in_use, active[r.key]), r.rank) for r in stats["adapters"]
     )
-    return EngineLoad(stats["waiting"], stats["running"], stats["kv_blocks_free"], adapters)
+    return EngineLoad(stats["waiting"], stats["running"], stats["kv_blocks_free"], adapters,
+                      stats["prefix_cache_queried_tokens"], stats["prefix_cache_hit_tokens"])

@@ -187,5 +187,7 @@ def worker_status(st: EngineStatus, worker_id: str, address: str) -> common_pb2.
     if st.load is not None:
         load = st.load
         msg.waiting_requests, msg.running_requests, msg.kv_blocks_free = load.waiting, load.running, load.kv_blocks_free
+        msg.prefix_cache_queried_tokens = load.prefix_cache_queried_tokens
+        msg.prefix_cache_hit_tokens = load.prefix_cache_hit_tokens
         msg.adapters.extend(resident_adapter(r) for r in load.adapters)
     return msg

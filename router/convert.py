@@ -86,6 +86,7 @@ def worker_status(pb: common_pb2.WorkerStatus) -> WorkerStatus:
         running_requests=pb.running_requests, kv_blocks_total=pb.kv_blocks_total,
         kv_blocks_free=pb.kv_blocks_free, kv_block_size=pb.kv_block_size, max_loras=pb.max_loras,
         max_cpu_loras=pb.max_cpu_loras, max_lora_rank=pb.max_lora_rank, max_model_len=pb.max_model_len,
+        prefix_cache_queried_tokens=pb.prefix_cache_queried_tokens, prefix_cache_hit_tokens=pb.prefix_cache_hit_tokens,
         adapters=tuple(ResidentAdapter(adapter_ref(a.ref), _RESIDENCY.get(a.residency, Residency.LOADING),
                                        a.active_requests, a.rank) for a in pb.adapters),
     )
@@ -97,7 +98,8 @@ def worker_status_pb(s: WorkerStatus) -> common_pb2.WorkerStatus:
         device=s.device, waiting_requests=s.waiting_requests, running_requests=s.running_requests,
         kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free, kv_block_size=s.kv_block_size,
         max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, max_lora_rank=s.max_lora_rank,
-        max_model_len=s.max_model_len,
+        max_model_len=s.max_model_len, prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
+        prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
         adapters=[common_pb2.ResidentAdapter(
             ref=common_pb2.AdapterRef(name=a.ref.name, content_hash=a.ref.content_hash),
             residency=_RESIDENCY_PB[a.residency], active_requests=a.active_requests, rank=a.rank) for a in s.adapters],

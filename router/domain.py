@@ -63,6 +63,8 @@ class WorkerStatus:
     max_lora_rank: int = 0
     adapters: tuple[ResidentAdapter, ...] = ()
     max_model_len: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
 
 
 @dataclass(frozen=True)

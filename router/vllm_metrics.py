@@ -4,7 +4,8 @@ unchanged: the Gateway API Inference Extension's endpoint picker scrapes `vllm:n
 end-to-end latency and token counters. Every series carries `model_name` (the base model), as vLLM's do.
 
 The router fronts several workers, so the gauges are the cluster's: requests running and waiting summed, KV
-cache usage over all workers' blocks, LoRA slots summed and the adapters running or waiting in their union.
+cache usage over all workers' blocks, prefix-cache queries and hits summed, LoRA slots summed and the adapters
+running or waiting in their union.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from router.domain import Residency, WorkerStatus
 
@@ -78,6 +79,14 @@ def gauges(statuses: tuple[WorkerStatus, ...]):
     yield running
     yield waiting
     yield cache
+    # Counters summed over the workers' own (each since it started), as vLLM names them.
+    for name, doc, field in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in number of queried tokens.",
+             "prefix_cache_queried_tokens"),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in number of cached tokens.", "prefix_cache_hit_tokens")):
+        counter = CounterMetricFamily(name, doc, labels=["model_name"])
+        counter.add_metric([model], sum(getattr(s, field) for s in statuses))
+        yield counter
     yield lora_requests_info(statuses)
 
 

@@ -192,7 +192,9 @@ def test_malformed_bodies_paths_health_and_metrics(stack):
     # vLLM's names, as its dashboards and the Gateway API Inference Extension read them
     for series in ('vllm:num_requests_waiting{model_name="demo-llama"}', 'vllm:gpu_cache_usage_perc{model_name=',
                    'vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="demo-llama"}',
-                   'vllm:e2e_request_latency_seconds_count{model_name="demo-llama"}'):
+                   'vllm:e2e_request_latency_seconds_count{model_name="demo-llama"}',
+                   'vllm:prefix_cache_queries_total{model_name="demo-llama"}',
+                   'vllm:prefix_cache_hits_total{model_name="demo-llama"}'):
         assert series in body, series
     generated = next(float(line.split()[-1]) for line in body.splitlines()
                      if line.startswith('vllm:generation_tokens_total{model_name="demo-llama"}'))
