@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service_kit.worker_registry import set_key, worker_key
+from service_kit.worker_registry import raise_if_cancelled, set_key, worker_key
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class RedisMembership:
                 if not self._failing:
                     log.warning("cannot read the worker registry in Redis (%s); keeping the last view", e)
                 self._failing = True
+            raise_if_cancelled()
             await asyncio.sleep(self.poll_s)
 
     async def close(self) -> None:

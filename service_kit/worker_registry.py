@@ -64,6 +64,17 @@ async def deregister_worker(redis: aioredis.Redis, prefix: str, worker_id: str) 
         await pipe.execute()
 
 
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a Redis call swallowed. redis-py's asyncio client can eat the
+    CancelledError when the cancel lands inside a command (redis/redis-py#2028, #2551); a loop that only ever
+    awaits Redis and sleeps would then run on, and the shutdown that cancelled it would wait forever (seen: a
+    router's shutdown hung on its registry reader under load). The task still counts the request
+    (Task.cancelling()), so each loop checks after its Redis calls."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def heartbeat(redis: aioredis.Redis, prefix: str, current: Callable[[], Registrable | None],
                     ttl_s: float = DEFAULT_TTL_S, interval_s: float | None = None) -> None:
     """Register `current()` every interval (default ttl / 3) until cancelled; when it returns None (not
@@ -87,6 +98,7 @@ async def heartbeat(redis: aioredis.Redis, prefix: str, current: Callable[[], Re
             if not failing:
                 log.warning("worker registry heartbeat failed (%s); retrying every %.1fs", e, interval)
             failing = True
+        raise_if_cancelled()
         await asyncio.sleep(interval)
 
 

@@ -4,6 +4,7 @@ replicas sharing one view of fake workers (real workers: test_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -90,3 +91,62 @@ def test_redis_down_keeps_the_last_view(loop):
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(gen_request("sql-lora"), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class SwallowingRedis:
+    """Stands in for redis-py when a cancel lands inside a command and the client eats the CancelledError
+    (redis/redis-py#2028): every call waits a moment and, if cancelled meanwhile, returns as if nothing happened."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def _swallow(self):
+        self.calls += 1
+        with contextlib.suppress(asyncio.CancelledError):  # the bug being simulated
+            await asyncio.sleep(0.05)
+
+    async def smembers(self, key):
+        await self._swallow()
+        return set()
+
+    def pipeline(self, transaction=True):
+        outer = self
+
+        class Pipe:
+            async def __aenter__(self):
+                return self
+
+            async def __aexit__(self, *exc):
+                return False
+
+            def __getattr__(self, name):
+                return lambda *a, **k: None
+
+            async def execute(self):
+                await outer._swallow()
+
+        return Pipe()
+
+
+async def _cancel_soon(coro) -> str:
+    task = asyncio.create_task(coro)
+    await asyncio.sleep(0.02)  # inside the first Redis call
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2)  # (wait_for would cancel it again, and wait for that)
+    if not done:
+        return "still running"
+    return "cancelled" if task.cancelled() else "returned"
+
+
+def test_loops_end_when_redis_swallows_their_cancellation(loop):
+    """The registry reader and the heartbeat stop on cancel even if the Redis call under way ate it: a
+    router's or a worker's shutdown never waits on them forever."""
+    from router.registry_redis import RedisMembership
+
+    membership = RedisMembership("redis://127.0.0.1:1/0", "p:", 0.01, lambda addresses: None)
+    membership._redis = SwallowingRedis()
+    assert loop.run(_cancel_soon(membership.run())) == "cancelled"
+    w = WorkerStatus("w1", address="10.0.0.1:50053")
+    fake = SwallowingRedis()
+    assert loop.run(_cancel_soon(heartbeat(fake, "p:", lambda: w, ttl_s=0.03))) == "cancelled"
+    assert fake.calls == 1
