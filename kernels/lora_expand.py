@@ -133,8 +133,9 @@ def expand_config(num_tokens: int, rows_per_slot: int, max_rank: int, sms: int) 
     """Launch parameters from host ints: T, tokens per adapter (`LoRAKernelMeta.rows_per_slot`), the rank.
     Expand is bound by reading B (decode, many adapters) or by reading and writing `out` (prefill: T x
     out_features x 2 bytes x 2). Row tiles follow the tokens per adapter: 128-row tiles over 16-token
-    segments would be 7/8 masked. Tiles from sweeps on an H200 (scratch sweeps of `kernels.bench --sweep`'s
-    kind): with 16-row tiles, 256 columns beat 64 by 1.2-1.6x (gate_up r16, 256 tokens of 128 adapters).
+    segments would be 7/8 masked. Tiles from sweeps on an H200 (`kernels.bench --sweep`, and wider ones over
+    programs per SM and warps) and an ncu pass: with 16-row tiles, 256 columns beat 64 by 1.2-1.6x (gate_up
+    r16, 256 tokens of 128 adapters).
     In prefill, the grid is about two programs per SM (the launcher splits columns so that row tiles x
     column programs fill it), each looping over its column tiles with y's rows held: at rank <= 32,
     32 x 256 tiles of 8 warps, three loads deep (gate_up r16, 2,048 tokens: 85 us against 110 with 64 x 256
