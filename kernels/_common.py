@@ -18,10 +18,16 @@ DOT_FP32: tl.constexpr = tl.constexpr(1)
 DOT_EMULATED: tl.constexpr = tl.constexpr(2)
 
 
+def emulated(t: torch.Tensor) -> bool:
+    """Off CUDA the kernels run in Triton's interpreter, which multiplies bf16 as raw bits and truncates
+    fp32 -> bf16: they then widen operands and round on the bits (`to_low`), as the GPU does."""
+    return t.device.type != "cuda"
+
+
 def dot_mode(t: torch.Tensor) -> int:
     if t.dtype == torch.float32:
         return 1
-    return 0 if t.device.type == "cuda" else 2
+    return 2 if emulated(t) else 0
 
 
 FILL = -1  # KernelConfig.col_programs: derived from the grid

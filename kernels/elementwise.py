@@ -24,12 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, to_low
-
-
-def _emulated(t: torch.Tensor) -> bool:
-    """The CPU interpreter truncates fp32 -> bf16; `to_low` then rounds on the bits, as the GPU does."""
-    return t.device.type != "cuda"
+from ._common import emulated, next_pow2, to_low
 
 
 @triton.jit
@@ -66,7 +61,7 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         r = residual if residual is not None else h
         _add_rms_norm_kernel[(t,)](h, r, weight, x, h_out, n, eps, h.stride(0), r.stride(0), x.stride(0),
                                    h_out.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
-                                   EMULATED=_emulated(h), num_warps=4 if n <= 4096 else 8)
+                                   EMULATED=emulated(h), num_warps=4 if n <= 4096 else 8)
     return x, h_out
 
 
@@ -137,7 +132,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         q, k, v, positions, cos, sin, kc, v_cache.view(-1, kvh, d), slot_mapping,
         h, kvh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1),
-        H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2, EMULATED=_emulated(q), num_warps=4,
+        H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2, EMULATED=emulated(q), num_warps=4,
     )
 
 
@@ -163,5 +158,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if t:
         block = min(1024, next_pow2(n))
         _silu_mul_kernel[(t, -(-n // block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block,
-                                              EMULATED=_emulated(gate_up), num_warps=4)
+                                              EMULATED=emulated(gate_up), num_warps=4)
     return out

@@ -125,8 +125,8 @@ class HttpFront:
         if not isinstance(name, str) or not name:
             raise openai_api.bad_request("lora_name is required", "lora_name")
         if not isinstance(path, str) or not path:
-            raise openai_api.bad_request("lora_path is required: where the adapter's files are (a directory, hf://, s3://)",
-                         "lora_path")
+            raise openai_api.bad_request(
+                "lora_path is required: where the adapter's files are (a directory, hf://, s3://)", "lora_path")
         if not isinstance(inplace, bool) or not isinstance(base, str):
             raise openai_api.bad_request("load_inplace must be true or false and base_model_name a string")
         await self.admin.load(LoadRequest(name, path, base, inplace), request.headers.get("Authorization"))

@@ -73,7 +73,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def generation_request(self, request, timeout: float | None, buffered: bool) -> GenerationRequest:
         """A GenerateRequest (from gRPC, or from the HTTP front) checked and given an id."""
         if request.prompt.WhichOneof("kind") is None:
-            raise errors.InvalidArgumentError("prompt is required: set prompt.text or prompt.token_ids")
+            raise errors.InvalidArgumentError(
+                "prompt is required: set prompt.text, prompt.token_ids or prompt.messages")
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise errors.InvalidArgumentError(f"request_id has {len(request.request_id)} characters; at most "
                                               f"{MAX_REQUEST_ID_CHARS}")

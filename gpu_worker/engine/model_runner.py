@@ -75,7 +75,7 @@ class ModelRunner:
             batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
             return StepResult(completed, self.sampler(logits, batch))
         if decode:
-            meta = self._decode_metadata(chunks, positions)
+            meta = DecodeMetadata.build(positions, [c.seq.block_table for c in chunks], self.block_size, self.device)
         else:
             meta = MixedMetadata.build(
                 [c.start for c in chunks],
@@ -102,18 +102,6 @@ class ModelRunner:
             return StepResult([], None)
         batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
         return StepResult(completed, self.sampler(logits, batch))
-
-
-    def _decode_metadata(self, chunks: list[ScheduledChunk], positions: list[int]) -> DecodeMetadata:
-        bs = self.block_size
-        width = max(len(c.seq.block_table) for c in chunks)
-        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
-        slots = [c.seq.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
-        return DecodeMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True),
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(self.device, non_blocking=True),
-            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32).to(self.device, non_blocking=True),
-        )
 
 
 def sampling_row(seq, generator, eos_token_id) -> SamplingRow:

@@ -103,9 +103,8 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 return
             # Cached blocks of the prompt's (and, after preemption, the outputs') prefix are taken, not computed.
-            cached = []
-            if self.blocks.prefix_caching and not seq.block_table:
-                cached = self.blocks.match(seq.adapter_key, seq.token_ids(0, seq.num_tokens))
+            fresh = self.blocks.prefix_caching and not seq.block_table
+            cached = self.blocks.match(seq.adapter_key, seq.token_ids(0, seq.num_tokens)) if fresh else []
             start = max(seq.num_computed_tokens, len(cached) * self.blocks.block_size)
             n = min(seq.num_tokens - start, budget)
             # A prompt admitted in chunks needs blocks for its first chunk now; first come, first served.
@@ -124,7 +123,7 @@ class Scheduler:
                             continue  # the copy is in flight: hold the slot, let others run meanwhile
                 if self.loader is not None and not self.loader.ready(seq.adapter_key):
                     continue
-            if self.blocks.prefix_caching and not seq.block_table:
+            if fresh:
                 self.blocks.take_cached(seq.block_table, cached)
                 seq.num_computed_tokens = start
                 seq.prefix_known = len(cached)

@@ -87,6 +87,19 @@ class DecodeMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     context_lens: torch.Tensor  # [B] int32
 
+    @classmethod
+    def build(cls, positions: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device) -> DecodeMetadata:
+        """One new token per sequence, at positions[b] of sequence b (block tables padded to the longest)."""
+        width = max(len(t) for t in block_tables)
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
+        slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(block_tables, positions)]
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(device, non_blocking=True),
+            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32).to(device, non_blocking=True),
+        )
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
     """k, v [T, KVH, D] into the flat cache positions of meta.slot_mapping."""

@@ -49,14 +49,11 @@ class MixedMetadata:
         ones: list[int] = []  # slots of one-token rows not yet in parts
         decode_rows: list[int] = []
         decode_seqs: list[int] = []
-        decode_slots: list[int] = []
         prompts: list[PromptPart] = []
         row = 0
         for b, (start, n, table) in enumerate(zip(starts, lengths, block_tables)):
             if n == 1:
-                slot = table[start // block_size] * block_size + start % block_size
-                ones.append(slot)
-                decode_slots.append(slot)
+                ones.append(table[start // block_size] * block_size + start % block_size)
                 decode_rows.append(row)
                 decode_seqs.append(b)
             else:  # a prompt chunk may be thousands of tokens: its slots in torch, not a Python loop
@@ -75,13 +72,7 @@ class MixedMetadata:
         if decode_seqs:
             tables = [block_tables[b] for b in decode_seqs]
             if fused_decode:
-                width = max(len(t) for t in tables)
-                decode = DecodeMetadata(
-                    slot_mapping=torch.tensor(decode_slots, dtype=torch.int64).to(device),
-                    block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32
-                                              ).to(device),
-                    context_lens=torch.tensor([starts[b] + 1 for b in decode_seqs], dtype=torch.int32).to(device),
-                )
+                decode = DecodeMetadata.build([starts[b] for b in decode_seqs], tables, block_size, device)
             else:
                 decode = AttentionMetadata.build([starts[b] for b in decode_seqs], [1] * len(decode_seqs), tables,
                                                  block_size, device, sliding_window)
