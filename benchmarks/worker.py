@@ -161,7 +161,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batch 32 only, no PEFT baseline")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton"])
-    ap.add_argument("--fused-elementwise", action="store_true", help="EngineArgs.fused_elementwise")
+    ap.add_argument("--fused-elementwise", action=argparse.BooleanOptionalAction, default=None,
+                    help="EngineArgs.fused_elementwise (default: on with CUDA)")
     args = ap.parse_args()
     from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest
 

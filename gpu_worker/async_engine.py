@@ -376,7 +376,7 @@ class AsyncEngine:
                     log.exception("engine step failed; failing %d requests", len(self._queues))
                     outputs = []
                     self._fail_all(engine, posts, RuntimeError(f"the engine failed while running the request: {e}"))
-                stalled = not outputs
+                stalled = not outputs and not engine.step_in_flight()
                 for out in outputs:
                     self._route(out, posts)
             if stopping:

@@ -46,8 +46,10 @@ class WorkerConfig:
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
     block_size: int = 16
-    # The layers' elementwise work as fused Triton kernels on the GPU (EngineArgs.fused_elementwise).
-    fused_elementwise: bool = False
+    # The layers' elementwise work as fused Triton kernels (EngineArgs.fused_elementwise; None: on with CUDA).
+    fused_elementwise: bool | None = None
+    # Launch each step before handing out the last one's tokens (EngineArgs.async_scheduling; None: on with CUDA).
+    async_scheduling: bool | None = None
     # Reuse cached K/V of shared prompt prefixes (per adapter version) (EngineArgs.enable_prefix_caching).
     enable_prefix_caching: bool = False
     # Requests waiting for the batch beyond this are refused (RESOURCE_EXHAUSTED) so the router tries elsewhere.
@@ -109,6 +111,7 @@ class WorkerConfig:
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=self.max_cpu_loras,
             fused_elementwise=self.fused_elementwise,
+            async_scheduling=self.async_scheduling,
             enable_prefix_caching=self.enable_prefix_caching,
         )
 
@@ -148,7 +151,7 @@ _INT_FIELDS = {"port", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_s
                "num_kv_blocks", "max_model_len", "block_size", "max_queue", "status_interval_ms"}
 
 
-_BOOL_FIELDS = {"enable_lora", "fused_elementwise", "enable_prefix_caching"}
+_BOOL_FIELDS = {"enable_lora", "fused_elementwise", "async_scheduling", "enable_prefix_caching"}
 
 
 def _from_env(name: str, raw: str):
@@ -199,7 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     add("--block-size", type=int, help="tokens per KV block (default 16)")
     add("--fused-elementwise", action=argparse.BooleanOptionalAction, default=None,
-        help="RMSNorm + residual, RoPE + KV write and SiLU-and-multiply as fused Triton kernels (GPU; default off)")
+        help="RMSNorm + residual, RoPE + KV write and SiLU-and-multiply as fused Triton kernels (default: on with CUDA)")
+    add("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+        help="launch each step before handing out the last one's tokens, hiding host work (default: on with CUDA)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
         help="reuse the K/V of prompt prefixes computed before, per adapter version (default off)")
     add("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED (default 1024)")

@@ -79,8 +79,9 @@ class DecodeGraphs:
         return b is not None and (b, with_lora) in self.graphs
 
     def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
-            token_slots: list[int] | None) -> torch.Tensor:
-        """One decode step for len(ids) sequences -> logits [n, vocab] (a view into the graph's output)."""
+            token_slots: list[int] | None, patch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One decode step for len(ids) sequences -> logits [n, vocab] (a view into the graph's output).
+        patch: (rows, ids) on the device, tokens the host does not know yet (sampled by the step in flight)."""
         n = len(ids)
         b = self.bucket(n)
         bs = self.block_size
@@ -92,6 +93,8 @@ class DecodeGraphs:
         host = host.pin_memory() if n > 8 and self.ids.is_cuda else host
         dev = host.to(self.ids.device, non_blocking=True)
         self.ids[:n] = dev[0]
+        if patch is not None:
+            self.ids[patch[0]] = patch[1]
         self.positions[:n] = dev[1]
         self.slot_mapping[:n] = dev[2]
         self.context_lens[:n] = dev[3].to(torch.int32)

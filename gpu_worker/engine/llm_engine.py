@@ -19,8 +19,9 @@ from .lora.manager import LoRAManager
 from .lora_request import LoRARequest
 from .model.config import ModelConfig
 from .model.llama import LlamaModel
-from .model_runner import ModelRunner, sampling_row
+from .model_runner import ModelRunner, PendingTokens, StepResult, sampling_row
 from .outputs import CompletionOutput, Logprob, RequestOutput
+from .sampler import SamplerOutput, has_penalty
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -65,6 +66,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+@dataclass
+class InFlightStep:
+    """A launched step: its sampled tokens on the device, a host copy under way, and the event that ends it."""
+
+    result: StepResult
+    tokens: PendingTokens
+    host: SamplerOutput
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, result: StepResult) -> InFlightStep:
+        s = result.sampled
+        rows = {c.seq: i for i, c in enumerate(result.completed)}
+        if not s.token_ids.is_cuda:
+            return cls(result, PendingTokens(s.token_ids, rows), s, None)
+        # Copies queued behind the step (into pinned memory): waiting for them is waiting for this step only,
+        # not for the step launched after it.
+        host = SamplerOutput(*(None if t is None else t.to("cpu", non_blocking=True)
+                               for t in (s.token_ids, s.logprobs, s.top_token_ids, s.top_logprobs)))
+        done = torch.cuda.Event()
+        done.record()
+        return cls(result, PendingTokens(s.token_ids, rows), host, done)
+
+    def wait(self) -> SamplerOutput:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
@@ -96,7 +126,8 @@ class LLMEngine:
         self.kv_caches = allocate(cfg, num_blocks + 1, args.block_size, self.device, self.dtype)
         self.blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.lora.slots if self.lora else None,
-                                   args.max_num_seqs, args.max_num_batched_tokens, loader=self.lora)
+                                   args.max_num_seqs, args.max_num_batched_tokens, loader=self.lora,
+                                   max_model_len=self.max_model_len)
         backend = None
         if self.lora is not None:
             backend = make_backend(args.lora_backend, self.lora.buffers, self.device, args.max_num_batched_tokens)
@@ -106,6 +137,11 @@ class LLMEngine:
         if self.device.type == "cuda" and not args.enforce_eager:
             self.runner.enable_graphs(min(args.max_num_seqs, 256), self.max_model_len, scratch_block=num_blocks)
         self._seqs: dict[str, Sequence] = {}
+        # Async scheduling: the step launched last, whose tokens the next step() hands out while the device runs
+        # the one after it; and how many live requests have penalties (their steps cannot overlap).
+        self.async_scheduling = self.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
+        self._in_flight: InFlightStep | None = None
+        self._penalized = 0
         log.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, LoRA %s",
                  time.perf_counter() - t0, self.served_model_name, self.device, self.dtype, num_blocks,
                  args.block_size, f"on ({args.max_loras} slots, rank <= {args.max_lora_rank})" if self.lora else "off")
@@ -161,6 +197,7 @@ class LLMEngine:
             logprobs=[] if params.logprobs is not None else None,
         )
         self._seqs[request_id] = seq
+        self._penalized += has_penalty(params)
         self.scheduler.add(seq)
 
     def _prompt(self, prompt) -> tuple[str | None, list[int]]:
@@ -187,7 +224,12 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    def step_in_flight(self) -> bool:
+        """Whether a launched step's tokens are still to be handed out (async scheduling): the next step()
+        makes progress even if it returns nothing new now."""
+        return self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._seqs)
@@ -195,25 +237,60 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an output for every request that produced tokens or finished."""
-        sched = self.scheduler.schedule()
-        if not sched.chunks:
-            return []
-        result = self.runner.run(
-            sched.chunks, {c.seq: sampling_row(c.seq, c.seq.state.generator, self.eos_list) for c in sched.chunks}
-        )
+        """Run one batch; returns an output for every request that produced tokens or finished.
+
+        With async scheduling the batch is launched, then the previous step's tokens are handed out while the
+        device runs it: the host's work (scheduling, detokenizing, stop checks) hides behind the device's, and
+        the outputs of a step come back one step() later. Sequences whose last token is still on the device
+        are scheduled with it (it is copied on the device); one that stops on that token wastes one row, and
+        its result is dropped. Batches with penalties (which need every token id on the host) do not overlap.
+        """
+        outputs: list[RequestOutput] = []
+        pending, self._in_flight = self._in_flight, None
+        try:
+            if pending is not None and (self._penalized or not self.async_scheduling):
+                outputs += self._hand_out(pending)
+                pending = None
+            sched = self.scheduler.schedule()
+            launched = self._launch(sched, pending) if sched.chunks else None
+            if pending is not None:
+                outputs += self._hand_out(pending)
+        except BaseException:
+            if pending is not None:  # its sequences keep pending tokens that will never come: drop them
+                for c in pending.result.completed:
+                    c.seq.pending = 0
+            raise
+        if launched is not None:
+            if self.async_scheduling and not self._penalized:
+                self._in_flight = launched
+            else:
+                outputs += self._hand_out(launched)
+        return outputs
+
+    def _launch(self, sched, pending: InFlightStep | None) -> InFlightStep | None:
+        rows = {c.seq: sampling_row(c.seq, c.seq.state.generator, self.eos_list) for c in sched.chunks}
+        result = self.runner.run(sched.chunks, rows, pending.tokens if pending is not None else None)
         for c in sched.chunks:
             self.scheduler.computed(c.seq, c.start + c.num_tokens)
-        outputs = []
         if result.sampled is None:
-            return outputs
-        s = result.sampled
+            return None
+        for c in result.completed:
+            c.seq.pending += 1
+        return InFlightStep.start(result)
+
+    def _hand_out(self, step: InFlightStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and append them to their requests."""
+        s = step.wait()
         token_ids = s.token_ids.tolist()
         lps = s.logprobs.tolist() if s.logprobs is not None else None
         top_ids = s.top_token_ids.tolist() if s.top_token_ids is not None else None
         top_lps = s.top_logprobs.tolist() if s.top_logprobs is not None else None
-        for row, c in enumerate(result.completed):
+        outputs = []
+        for row, c in enumerate(step.result.completed):
             seq = c.seq
+            seq.pending -= 1
+            if seq.is_finished:
+                continue  # stopped (or aborted) on an earlier token while this step ran: a wasted row
             lp = None
             if seq.params.logprobs is not None and lps is not None:
                 k = seq.params.logprobs
@@ -243,7 +320,7 @@ class LLMEngine:
             st.delta_text += emit
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
-        if seq.finish_reason is None and (n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+        if seq.finish_reason is None and (n_out >= params.max_tokens or seq.num_known_tokens >= self.max_model_len):
             seq.finish_reason = "length"
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -273,6 +350,7 @@ class LLMEngine:
             st.text += rest
             st.delta_text += rest
         self.scheduler.finish(seq)
+        self._penalized -= has_penalty(seq.params)
         if seq.adapter_key is not None:
             self.lora.unpin(seq.adapter_key)
         del self._seqs[seq.request_id]

@@ -22,6 +22,21 @@ class StepResult:
     sampled: SamplerOutput | None
 
 
+@dataclass
+class PendingTokens:
+    """The token ids a step still in flight samples, on the device, and each sequence's row among them: the
+    next step's input for those sequences (async scheduling), copied on the device, never through the host."""
+
+    token_ids: torch.Tensor
+    row_of: dict
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 ids to `device`; on CUDA through pinned memory, so the host does not wait for the device."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -52,26 +67,39 @@ class ModelRunner:
         self.graphs.capture()
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], rows: dict) -> StepResult:
-        """rows: seq -> SamplingRow for every sequence that may be sampled this step."""
+    def run(self, chunks: list[ScheduledChunk], rows: dict, pending: PendingTokens | None = None) -> StepResult:
+        """rows: seq -> SamplingRow for every sequence that may be sampled this step. Returns without waiting
+        for the device. pending: the step in flight, whose sampled ids are some sequences' last token here."""
         # Group tokens by adapter slot, so each adapter's tokens are one contiguous segment.
         chunks = sorted(chunks, key=lambda c: c.seq.slot)
         ids: list[int] = []
         positions: list[int] = []
         logits_rows: list[int] = []
         completed: list[ScheduledChunk] = []
+        patch_rows: list[int] = []  # rows of `ids` whose token the step in flight samples
+        patch_src: list[int] = []  # ... and their rows in pending.token_ids
         for c in chunks:
-            ids.extend(c.seq.token_ids(c.start, c.start + c.num_tokens))
-            positions.extend(range(c.start, c.start + c.num_tokens))
+            end = c.start + c.num_tokens
+            known = c.seq.num_known_tokens
+            ids.extend(c.seq.token_ids(c.start, min(end, known)))
+            if end > known:  # only ever the last token, sampled by the previous step
+                patch_rows.append(len(ids))
+                patch_src.append(pending.row_of[c.seq])
+                ids.append(0)
+            positions.extend(range(c.start, end))
             if c.completes:
                 logits_rows.append(len(ids) - 1)
                 completed.append(c)
+        patch = None
+        if patch_rows:
+            index = to_device(patch_rows + patch_src, self.device).view(2, -1)
+            patch = (index[0], pending.token_ids.index_select(0, index[1]))
         # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on.
         with_lora = self.lora is not None and any(c.seq.slot >= 0 for c in chunks)
         decode = self.fused_decode and len(ids) == len(chunks) == len(completed)
         if decode and self.graphs is not None and self.graphs.has(len(ids), with_lora):
             logits = self.graphs.run(ids, positions, [c.seq.block_table for c in chunks],
-                                     [c.seq.slot for c in chunks] if with_lora else None)
+                                     [c.seq.slot for c in chunks] if with_lora else None, patch)
             batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
             return StepResult(completed, self.sampler(logits, batch))
         if decode:
@@ -90,14 +118,11 @@ class ModelRunner:
         if not completed:
             # Only partial prefill chunks: fill the cache, sample nothing.
             logits_rows = [len(ids) - 1]
-        logits = self.model.forward(
-            torch.tensor(ids, dtype=torch.int64, device=self.device),
-            torch.tensor(positions, dtype=torch.int64, device=self.device),
-            meta,
-            self.kv_caches,
-            torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
-            hook,
-        )
+        host = to_device(ids + positions + logits_rows, self.device)
+        input_ids, input_positions = host[:len(ids)], host[len(ids):2 * len(ids)]
+        if patch is not None:
+            input_ids[patch[0]] = patch[1]
+        logits = self.model.forward(input_ids, input_positions, meta, self.kv_caches, host[2 * len(ids):], hook)
         if not completed:
             return StepResult([], None)
         batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
@@ -111,4 +136,5 @@ def sampling_row(seq, generator, eos_token_id) -> SamplingRow:
         output_token_ids=seq.output_token_ids,
         generator=generator,
         eos_token_id=eos_token_id,
+        num_pending=seq.pending,
     )

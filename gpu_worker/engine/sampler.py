@@ -33,6 +33,9 @@ class SamplingRow:
     generator: torch.Generator | None = None
     # The model's EOS id, or all of them (Llama 3 ends turns with several): min_tokens blocks each.
     eos_token_id: int | Sequence[int] | None = None
+    # Output tokens sampled by a step in flight, not yet in output_token_ids (async scheduling); never with
+    # penalties, which need the ids (the engine waits for that step first).
+    num_pending: int = 0
 
 
 @dataclass
@@ -108,7 +111,7 @@ class SamplingBatch:
         mt_rows: list[int] = []
         mt_ids: list[int] = []
         for i, r in enumerate(rows):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            if len(r.output_token_ids) + r.num_pending < r.params.min_tokens:
                 blocked = set(r.params.stop_token_ids)
                 # vLLM: EOS is a stop token only without ignore_eos, so only then does min_tokens block it.
                 if r.eos_token_id is not None and not r.params.ignore_eos:
@@ -164,11 +167,11 @@ class Sampler:
         if batch.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
 
-        modifies = batch.penalties is not None or batch.min_tokens_rows is not None or not batch.all_greedy
-        if logits.dtype != torch.float32:
-            logits = logits.float()  # already a copy
-        elif modifies:
-            logits = logits.clone()  # never edit the caller's tensor
+        # A greedy batch with nothing to edit takes the argmax of the logits as they are: a float copy changes no
+        # argmax and costs more than the argmax itself on a large vocabulary.
+        if batch.penalties is not None or batch.min_tokens_rows is not None or not batch.all_greedy:
+            # float() copies; clone() when already float: never edit the caller's tensor.
+            logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
         apply_penalties(logits, batch)
         apply_min_tokens(logits, batch)
 
@@ -288,7 +291,7 @@ def _mask_outside_nucleus(sorted_logits: torch.Tensor, top_p: torch.Tensor) -> t
 def _build_penalties(
     rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
 ) -> PenaltyTensors | None:
-    penalized = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
+    penalized = [i for i, r in enumerate(rows) if has_penalty(r.params)]
     if not penalized:
         return None
     sel = [rows[i] for i in penalized]
@@ -318,7 +321,7 @@ def _build_penalties(
     )
 
 
-def _has_penalty(p: SamplingParams) -> bool:
+def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 

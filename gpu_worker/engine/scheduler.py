@@ -54,12 +54,13 @@ class AdapterLoader(Protocol):
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, slots: SlotTable | None, max_num_seqs: int, max_num_batched_tokens: int,
-                 loader: AdapterLoader | None = None):
+                 loader: AdapterLoader | None = None, max_model_len: int | None = None):
         self.blocks = blocks
         self.slots = slots
         self.loader = loader
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -79,8 +80,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted by an older sequence in this loop
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n <= 0:
-                continue
+            if n <= 0 or seq.pending and self._at_length_limit(seq):
+                continue  # (a sequence whose pending token is its last: nothing more to compute)
             while not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -137,13 +138,19 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, start, n))
             budget -= n
 
+    def _at_length_limit(self, seq: Sequence) -> bool:
+        """Its tokens (pending ones counted) reach max_tokens or max_model_len: it stops on its next token."""
+        return (len(seq.output_token_ids) + seq.pending >= seq.params.max_tokens
+                or self.max_model_len is not None and seq.num_tokens >= self.max_model_len)
+
     def computed(self, seq: Sequence, num_computed: int) -> None:
-        """The step ran: `num_computed` of the sequence's tokens are in the cache; full blocks get cached."""
+        """The step was launched: `num_computed` of the sequence's tokens are (or will be, in stream order) in
+        the cache; full blocks of tokens the host knows get cached (a pending token's block waits for its id)."""
         seq.num_computed_tokens = num_computed
-        if self.blocks.prefix_caching and num_computed // self.blocks.block_size > seq.prefix_known:
+        known = min(num_computed, seq.num_known_tokens)
+        if self.blocks.prefix_caching and known // self.blocks.block_size > seq.prefix_known:
             seq.prefix_known, seq.prefix_parent = self.blocks.register(
-                seq.block_table, seq.adapter_key, seq.token_ids(0, num_computed), num_computed,
-                seq.prefix_known, seq.prefix_parent)
+                seq.block_table, seq.adapter_key, seq.token_ids(0, known), known, seq.prefix_known, seq.prefix_parent)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free everything the sequence holds; it is recomputed from its prompt and outputs later."""

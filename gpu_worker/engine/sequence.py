@@ -32,6 +32,9 @@ class Sequence:
     slot: int = -1
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # Tokens sampled by a step still running on the device (async scheduling): counted in num_tokens, so the
+    # next step is scheduled before the host knows them; their ids come from the device (ModelRunner).
+    pending: int = 0
     # Prefix cache: the leading blocks of block_table that are cached, and the serial of the last of them.
     prefix_known: int = 0
     prefix_parent: int = 0
@@ -40,6 +43,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has: num_tokens less the pending ones."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -47,7 +55,7 @@ class Sequence:
         return len(self.prompt_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output."""
+        """Tokens [start, end) of prompt + output (end <= num_known_tokens)."""
         n_prompt = len(self.prompt_token_ids)
         if end <= n_prompt:
             return self.prompt_token_ids[start:end]

@@ -24,12 +24,13 @@ def generate(llm, adapters, names, n=12):
 
 def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
     kw = dict(enable_lora=True, max_loras=4, max_lora_rank=16, num_kv_blocks=128, dtype="float32")
-    eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", **kw)
+    eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
     # The GPU path in full: Triton LoRA kernels, CUDA graphs, fused elementwise kernels, the prefix cache (the
     # prompts come back below: their blocks are reused); the eager torch path (and transformers + PEFT) as
     # references.
-    fast = LLM(str(tiny_model_dir), lora_backend="triton", fused_elementwise=True, enable_prefix_caching=True, **kw)
+    fast = LLM(str(tiny_model_dir), lora_backend="triton", enable_prefix_caching=True, **kw)
     assert fast.engine.runner.graphs is not None and fast.engine.runner.graphs.graphs
+    assert fast.engine.model.ops.__name__ == "FusedOps" and eager.engine.model.ops.__name__ == "TorchOps"
     a = generate(eager, tiny_adapters, NAMES)
     b = generate(fast, tiny_adapters, NAMES)
     for name, x, y in zip(NAMES, a, b):

@@ -41,9 +41,12 @@ def _check(llm, model_dir, prompts, adapters, names):
             assert abs(lp.logprob - ref_lp[step][lp.token_id].item()) < 2e-4
 
 
-def test_mixed_batch_matches_peft(tiny_model_dir, tiny_adapters):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_mixed_batch_matches_peft(tiny_model_dir, tiny_adapters, async_scheduling):
     names = [None, "sql-lora", "chat-lora", "code-lora", "math-lora", None]
-    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=4, max_lora_rank=16, num_kv_blocks=128)
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=4, max_lora_rank=16, num_kv_blocks=128,
+              async_scheduling=async_scheduling)
+    assert llm.engine.model.ops.__name__ == "TorchOps"  # fused elementwise kernels are on with CUDA only
     _check(llm, tiny_model_dir, PROMPTS, tiny_adapters, names)
     # Base requests alone, adapter requests alone: same results as mixed.
     _check(llm, tiny_model_dir, PROMPTS[:2], tiny_adapters, [None, None])
@@ -59,12 +62,14 @@ def test_one_slot_three_adapters_queued(tiny_model_dir, tiny_adapters):
     assert llm.engine.lora.slots.in_use(next(iter(llm.engine.lora.slots.resident()))) == 0
 
 
-def test_chunked_prefill_and_preemption_keep_results(tiny_model_dir, tiny_adapters):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_chunked_prefill_and_preemption_keep_results(tiny_model_dir, tiny_adapters, async_scheduling):
     """A token budget smaller than the prompts (chunked prefill) and a KV cache so small that sequences are
-    preempted and recomputed: the tokens do not change."""
+    preempted and recomputed (async: some while their last token is still being sampled): the tokens do not
+    change."""
     names = ["chat-lora", None, "sql-lora", "math-lora"]
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8,
-              num_kv_blocks=7, max_num_batched_tokens=8)
+              num_kv_blocks=7, max_num_batched_tokens=8, async_scheduling=async_scheduling)
     _check(llm, tiny_model_dir, [PROMPTS[0], PROMPTS[5], PROMPTS[2], PROMPTS[3]], tiny_adapters, names)
     assert llm.engine.blocks.num_free == 7
 

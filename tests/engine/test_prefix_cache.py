@@ -5,6 +5,8 @@ engine with it gives transformers + PEFT's tokens and logprobs while computing l
 
 from __future__ import annotations
 
+import pytest
+
 from gpu_worker.engine import LLM, SamplingParams
 from gpu_worker.engine.block_manager import BlockManager
 
@@ -84,9 +86,10 @@ def test_off_by_default_nothing_is_cached():
     assert bm.match(BASE, [1, 2, 3, 4, 5]) == [] and bm.num_free == 4
 
 
-def test_engine_reuses_a_shared_prefix_and_still_matches_peft(tiny_model_dir, tiny_adapters):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_engine_reuses_a_shared_prefix_and_still_matches_peft(tiny_model_dir, tiny_adapters, async_scheduling):
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64, block_size=8,
-              enable_prefix_caching=True)
+              enable_prefix_caching=True, async_scheduling=async_scheduling)
     stats = llm.engine.stats
     system = "You are a careful assistant. Answer briefly and exactly, in one line. Question: "
     _check(llm, tiny_model_dir, [system + "what is two plus two?"], tiny_adapters, [None])

@@ -28,7 +28,8 @@ def test_flags_beat_environment_which_beats_defaults(tiny_model_dir):
     args = cfg.engine_args()
     assert (args.max_loras, args.max_cpu_loras, args.max_lora_rank, args.max_waiting_requests) == (8, 32, 32, 1024)
     assert WorkerConfig.from_args(["--model-dir", str(tiny_model_dir)], {}).port == 50053
-    assert not args.fused_elementwise
+    assert args.fused_elementwise is None and args.async_scheduling is None  # the engine's: on with CUDA
+    assert WorkerConfig.from_args(["--no-async-scheduling"], env).engine_args().async_scheduling is False
     fused = WorkerConfig.from_args(["--enable-prefix-caching"], {**env, "LORASERVE_WORKER_FUSED_ELEMENTWISE": "on"})
     assert fused.engine_args().fused_elementwise and fused.engine_args().enable_prefix_caching
     assert not args.enable_prefix_caching

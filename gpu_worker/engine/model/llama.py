@@ -38,10 +38,12 @@ class LayerWeights:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int,
-                 fused_elementwise: bool = False):
+                 fused_elementwise: bool | None = None):
         self.cfg = cfg
-        # The layers' RMSNorm + residual, RoPE + cache write and SiLU-and-multiply: fused Triton kernels or torch.
-        self.ops = FusedOps if fused_elementwise else TorchOps
+        # The layers' RMSNorm + residual, RoPE + cache write and SiLU-and-multiply: fused Triton kernels or torch
+        # (None: fused on CUDA).
+        fused = device.type == "cuda" if fused_elementwise is None else fused_elementwise
+        self.ops = FusedOps if fused else TorchOps
         self.device = device
         self.dtype = dtype
         self.rope = RotaryEmbedding(cfg, max_positions, device, dtype)
