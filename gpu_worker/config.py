@@ -202,7 +202,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     add("--block-size", type=int, help="tokens per KV block (default 16)")
     add("--fused-elementwise", action=argparse.BooleanOptionalAction, default=None,
-        help="RMSNorm + residual, RoPE + KV write and SiLU-and-multiply as fused Triton kernels (default: on with CUDA)")
+        help="RMSNorm + residual, RoPE + KV write and SiLU-and-multiply as fused Triton kernels "
+        "(default: on with CUDA)")
     add("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
         help="launch each step before handing out the last one's tokens, hiding host work (default: on with CUDA)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,

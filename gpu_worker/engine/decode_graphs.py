@@ -9,9 +9,11 @@ batches without one have separate graphs, so base-only traffic never runs a LoRA
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
+import numpy as np
 import torch
 
 from .model.attention import DecodeMetadata
@@ -40,6 +42,7 @@ class DecodeGraphs:
         self.token_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, device=dev)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._staging = PinnedStaging(n * (7 + self.max_blocks), dev)
         self._pool = None
 
     def bucket(self, n: int) -> int | None:
@@ -79,34 +82,81 @@ class DecodeGraphs:
         return b is not None and (b, with_lora) in self.graphs
 
     def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
-            token_slots: list[int] | None, patch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            token_slots: list[int] | None, patch: tuple[list[int], list[int], torch.Tensor] | None = None
+            ) -> torch.Tensor:
         """One decode step for len(ids) sequences -> logits [n, vocab] (a view into the graph's output).
-        patch: (rows, ids) on the device, tokens the host does not know yet (sampled by the step in flight)."""
+        patch: (rows, source rows, ids) for tokens the host does not know yet: ids[source rows] on the device,
+        sampled by the step in flight, go into those rows."""
         n = len(ids)
         b = self.bucket(n)
         bs = self.block_size
-        width = max(len(t) for t in block_tables)
-        table = torch.tensor([t + [t[-1]] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        host = torch.stack([torch.tensor(ids, dtype=torch.int64), pos,
-                            table[torch.arange(n), pos // bs].long() * bs + pos % bs, pos + 1])
-        host = host.pin_memory() if n > 8 and self.ids.is_cuda else host
-        dev = host.to(self.ids.device, non_blocking=True)
-        self.ids[:n] = dev[0]
-        if patch is not None:
-            self.ids[patch[0]] = patch[1]
-        self.positions[:n] = dev[1]
-        self.slot_mapping[:n] = dev[2]
-        self.context_lens[:n] = dev[3].to(torch.int32)
-        self.block_tables[:n, :width] = table.to(self.ids.device, non_blocking=True)
-        if b > n:  # padding rows: scratch block, one key
-            self.slot_mapping[n:b] = self.scratch_slot
-            self.context_lens[n:b] = 1
-            self.block_tables[n:b, 0] = self.scratch_slot // bs
+        # Every input in one int64 array, padded to the bucket on the host (padding rows: the scratch block,
+        # one key, no adapter), so one copy moves it: ids, positions, slots, context lengths, LoRA slots,
+        # patch rows and sources, then the block table.
+        lens = np.fromiter(map(len, block_tables), np.int64, n)
+        width = int(lens.max())
+        k = len(patch[0]) if patch is not None else 0
+        host = self._staging.next(5 * b + 2 * k + b * width)
+        cols = host[:5 * b].reshape(5, b)
+        table = host[5 * b + 2 * k:].reshape(b, width)
+        pos = np.asarray(positions, dtype=np.int64)
+        table.fill(self.scratch_slot // bs)
+        table[:n][np.arange(width) < lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(block_tables), np.int64, int(lens.sum()))
+        cols[0, :n] = ids
+        cols[0, n:] = 0
+        cols[1, :n] = pos
+        cols[1, n:] = 0
+        cols[2, :n] = table[np.arange(n), pos // bs] * bs + pos % bs
+        cols[2, n:] = self.scratch_slot
+        cols[3, :n] = pos + 1
+        cols[3, n:] = 1
+        cols[4, :n] = token_slots if token_slots is not None else -1
+        cols[4, n:] = -1
+        if k:
+            host[5 * b:5 * b + 2 * k] = patch[0] + patch[1]
+        dev = self._staging.to_device(host, self.ids.device)
+        self.ids[:b] = dev[:b]
+        self.positions[:b] = dev[b:2 * b]
+        self.slot_mapping[:b] = dev[2 * b:3 * b]
+        self.context_lens[:b] = dev[3 * b:4 * b]
         with_lora = token_slots is not None
         if with_lora:
-            self.token_slots[:n] = torch.tensor(token_slots, dtype=torch.int32).to(self.ids.device, non_blocking=True)
-            self.token_slots[n:b] = -1
+            self.token_slots[:b] = dev[4 * b:5 * b]
+        self.block_tables[:b, :width] = dev[5 * b + 2 * k:].view(b, width)
+        if k:
+            rows = dev[5 * b:5 * b + 2 * k]
+            self.ids.index_copy_(0, rows[:k], patch[2].index_select(0, rows[k:]))
         graph, logits = self.graphs[(b, with_lora)]
         graph.replay()
         return logits[:n]
+
+
+class PinnedStaging:
+    """Host buffers a step's inputs are written into and copied from, two in turn: pinned on CUDA so the copy
+    is asynchronous; a buffer is written again only after the copy out of it (two steps back) has run."""
+
+    def __init__(self, size: int, device: torch.device):
+        pinned = device.type == "cuda"
+        self._host = [torch.empty(size, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+        self._dev = torch.empty(size, dtype=torch.int64, device=device)
+        self._copied = [None, None]
+        self._turn = 0
+
+    def next(self, size: int) -> np.ndarray:
+        """The next buffer's first `size` entries, free to write."""
+        self._turn ^= 1
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()
+        return self._host[self._turn][:size].numpy()
+
+    def to_device(self, host: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Copy what next() handed out to the device (queued on the current stream); a view of the device copy."""
+        size = host.shape[0]
+        dev = self._dev[:size]
+        dev.copy_(self._host[self._turn][:size], non_blocking=True)
+        if dev.is_cuda:
+            event = self._copied[self._turn] or torch.cuda.Event()
+            event.record()
+            self._copied[self._turn] = event
+        return dev

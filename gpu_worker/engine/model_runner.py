@@ -90,14 +90,11 @@ class ModelRunner:
             if c.completes:
                 logits_rows.append(len(ids) - 1)
                 completed.append(c)
-        patch = None
-        if patch_rows:
-            index = to_device(patch_rows + patch_src, self.device).view(2, -1)
-            patch = (index[0], pending.token_ids.index_select(0, index[1]))
         # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on.
         with_lora = self.lora is not None and any(c.seq.slot >= 0 for c in chunks)
         decode = self.fused_decode and len(ids) == len(chunks) == len(completed)
         if decode and self.graphs is not None and self.graphs.has(len(ids), with_lora):
+            patch = (patch_rows, patch_src, pending.token_ids) if patch_rows else None
             logits = self.graphs.run(ids, positions, [c.seq.block_table for c in chunks],
                                      [c.seq.slot for c in chunks] if with_lora else None, patch)
             batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
@@ -118,11 +115,14 @@ class ModelRunner:
         if not completed:
             # Only partial prefill chunks: fill the cache, sample nothing.
             logits_rows = [len(ids) - 1]
-        host = to_device(ids + positions + logits_rows, self.device)
-        input_ids, input_positions = host[:len(ids)], host[len(ids):2 * len(ids)]
-        if patch is not None:
-            input_ids[patch[0]] = patch[1]
-        logits = self.model.forward(input_ids, input_positions, meta, self.kv_caches, host[2 * len(ids):], hook)
+        host = to_device(ids + positions + logits_rows + patch_rows + patch_src, self.device)
+        n, k = len(ids), len(patch_rows)
+        input_ids, input_positions = host[:n], host[n:2 * n]
+        if k:
+            index = host[-2 * k:]
+            input_ids.index_copy_(0, index[:k], pending.token_ids.index_select(0, index[k:]))
+        logits = self.model.forward(input_ids, input_positions, meta, self.kv_caches,
+                                    host[2 * n:2 * n + len(logits_rows)], hook)
         if not completed:
             return StepResult([], None)
         batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)

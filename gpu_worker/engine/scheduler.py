@@ -82,15 +82,16 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0 or seq.pending and self._at_length_limit(seq):
                 continue  # (a sequence whose pending token is its last: nothing more to compute)
-            while not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            if seq.num_computed_tokens + n > len(seq.block_table) * self.blocks.block_size:  # needs a block
+                while not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
 

@@ -27,7 +27,8 @@ def drain(engine) -> dict:
 
 def summary(outs) -> tuple:
     last = outs[-1].outputs[0]
-    return last.token_ids, last.text, last.finish_reason, last.stop_reason, [round(lp.logprob, 4) for lp in last.logprobs or []]
+    logprobs = [round(lp.logprob, 4) for lp in last.logprobs or []]
+    return last.token_ids, last.text, last.finish_reason, last.stop_reason, logprobs
 
 
 def requests(model_dir, adapters, engine) -> None:

@@ -6,6 +6,7 @@ staging shows as wrong tokens against transformers + PEFT."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gpu_worker.engine import LLM
@@ -42,9 +43,11 @@ def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, bool]]:
     return replayed
 
 
-def test_graph_inputs_staged_for_mixed_and_base_batches(tiny_model_dir, tiny_adapters):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_graph_inputs_staged_for_mixed_and_base_batches(tiny_model_dir, tiny_adapters, async_scheduling):
+    """async: each step's tokens come from the step before through the device (the patch rows)."""
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
-              lora_backend="triton", max_num_batched_tokens=64)
+              lora_backend="triton", max_num_batched_tokens=64, async_scheduling=async_scheduling)
     replayed = replay_eagerly(llm, max_batch=4)
     # 3 requests (bucket 4: a padding row), base and adapters mixed; then base only (the graph without LoRA).
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
