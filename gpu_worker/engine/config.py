@@ -41,6 +41,10 @@ class EngineArgs:
     # fused Triton kernels instead of ~30 torch ops a layer (kernels/elementwise.py). None: on with CUDA
     # (1.6x faster decode steps on an H200), torch elsewhere; True on the CPU runs Triton's interpreter (tests).
     fused_elementwise: bool | None = None
+    # Prompt chunks with a cached prefix (a later chunk of a long prompt, prefix-cache hits) attend through the
+    # paged prefill kernel (kernels/paged_prefill.py), one launch a layer for all of them, keys read in place,
+    # instead of a padded, masked attention per chunk. None: on with CUDA; True on the CPU runs the interpreter.
+    fused_prefill_attention: bool | None = None
     # Launch each step before handing out the previous one's tokens, so the host's work per step (scheduling,
     # detokenizing, stop checks) runs while the device computes (vLLM's async_scheduling). None: on with CUDA.
     # A step's outputs then come one step() later; a request that stops costs one wasted row.

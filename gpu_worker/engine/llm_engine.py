@@ -133,7 +133,8 @@ class LLMEngine:
             backend = make_backend(args.lora_backend, self.lora.buffers, self.device, args.max_num_batched_tokens)
             if hasattr(backend, "warmup"):
                 backend.warmup()
-        self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, backend, self.primary_eos)
+        self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, backend, self.primary_eos,
+                                  args.fused_prefill_attention)
         if self.device.type == "cuda" and not args.enforce_eager:
             self.runner.enable_graphs(min(args.max_num_seqs, 256), self.max_model_len, scratch_block=num_blocks)
         self._seqs: dict[str, Sequence] = {}

@@ -45,6 +45,7 @@ class ModelRunner:
         block_size: int,
         lora: LoRABackend | None,
         eos_token_id: int | None,
+        fused_prefill: bool | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -57,6 +58,9 @@ class ModelRunner:
         # The fused decode kernel wants power-of-2 blocks and head dims of at least 16, and CUDA.
         self.fused_decode = (model.device.type == "cuda" and block_size >= 16 and cfg.head_dim >= 16
                              and not cfg.head_dim & (cfg.head_dim - 1) and cfg.sliding_window is None)
+        # Chunks with a cached prefix through the paged prefill kernel (None: on CUDA, with no sliding window).
+        fits = cfg.head_dim >= 16 and not cfg.head_dim & (cfg.head_dim - 1) and cfg.sliding_window is None
+        self.fused_prefill = fits and (model.device.type == "cuda" if fused_prefill is None else fused_prefill)
         self.graphs: DecodeGraphs | None = None
 
     def enable_graphs(self, max_batch: int, max_model_len: int, scratch_block: int) -> None:
@@ -110,6 +114,7 @@ class ModelRunner:
                 self.device,
                 self.model.cfg.sliding_window,
                 self.fused_decode,
+                self.fused_prefill,
             )
         hook = self.lora.bind([(c.seq.slot, c.num_tokens) for c in chunks]) if with_lora else None
         if not completed:

@@ -93,3 +93,32 @@ def test_fused_elementwise_kernels_match_peft(tiny_model_dir, tiny_adapters):
     assert llm.engine.model.ops.__name__ == "FusedOps"
     _check(llm, tiny_model_dir, PROMPTS[:4], tiny_adapters, names)
     assert llm.engine.blocks.num_free == 64
+
+
+def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch):
+    """fused_prefill_attention: chunks with a cached prefix (later chunks of prompts split by a small token
+    budget, and prefix-cache hits) attend through the paged prefill kernel (Triton's interpreter here), one
+    launch for all of them, mixed with decode rows: still transformers + PEFT's tokens and logprobs."""
+    from kernels import paged_prefill
+
+    launches = []
+    kernel = paged_prefill.paged_prefill_attention
+
+    def counted(*args, **kwargs):
+        launches.append(len(args[4]))  # chunks in the launch
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(paged_prefill, "paged_prefill_attention", counted)
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8, num_kv_blocks=64,
+              max_num_batched_tokens=16, enable_prefix_caching=True, fused_prefill_attention=True)
+    assert llm.engine.runner.fused_prefill
+    # Prompts longer than the budget: their later chunks have a cached prefix; adapter and base mixed.
+    _check(llm, tiny_model_dir, [PROMPTS[0], PROMPTS[5]], tiny_adapters, ["chat-lora", None])
+    assert launches
+    # The same prompts again, and one that shares the first: prefix-cache hits, several chunks in one launch.
+    launches.clear()
+    _check(llm, tiny_model_dir, [PROMPTS[5], PROMPTS[0], PROMPTS[5] + " 13 14"], tiny_adapters,
+           [None, "chat-lora", None])
+    assert max(launches) >= 2, launches
+    assert llm.engine.stats()["prefix_cache_hit_tokens"] > 0
+    assert llm.engine.blocks.num_free == 64

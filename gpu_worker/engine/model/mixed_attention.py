@@ -8,8 +8,10 @@ split instead:
 - decode rows (one new token each) go to the fused paged-decode kernel on CUDA (the torch gather path over
   those rows alone, one query each, elsewhere);
 - each prompt chunk attends on its own: a first chunk (no cached prefix) is plain causal attention over its
-  own keys, which SDPA runs with its flash backend; a later chunk (its prefix in the cache), or a model with a
-  sliding window, gets the masked path for that one sequence.
+  own keys, which SDPA runs with its flash backend; chunks with a cached prefix (a later chunk of a long
+  prompt, or blocks from the prefix cache) all go to one launch of the paged prefill kernel on CUDA, which reads
+  their keys in place (kernels/paged_prefill.py); elsewhere, or with a sliding window, each gets the masked
+  path for its one sequence.
 """
 
 from __future__ import annotations
@@ -35,21 +37,37 @@ class PromptPart:
 
 
 @dataclass
+class PrefixChunks:
+    """Prompt chunks with a cached prefix, for one paged-prefill launch: their rows in the step, lengths,
+    first positions and block tables."""
+
+    rows: list[int]
+    lens: list[int]
+    starts: list[int]
+    block_tables: torch.Tensor  # [P, max_blocks] int32
+
+
+@dataclass
 class MixedMetadata:
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V go (write_kv)
     decode_rows: torch.Tensor | None  # [Bd] int64: the rows of one-token chunks
     decode: DecodeMetadata | AttentionMetadata | None  # the fused kernel's (CUDA), else the gather path's
     prompts: list[PromptPart]
+    prefix_chunks: PrefixChunks | None = None
 
     @classmethod
     def build(cls, starts: list[int], lengths: list[int], block_tables: list[list[int]], block_size: int,
-              device: torch.device, sliding_window: int | None, fused_decode: bool) -> MixedMetadata:
+              device: torch.device, sliding_window: int | None, fused_decode: bool,
+              fused_prefill: bool = False) -> MixedMetadata:
+        """fused_prefill: chunks with a cached prefix go to the paged prefill kernel (no sliding window)."""
         """Chunks in row order: tokens [starts[b], starts[b] + lengths[b]) of sequence b."""
         parts: list[torch.Tensor] = []  # the step's slots, in row order
         ones: list[int] = []  # slots of one-token rows not yet in parts
         decode_rows: list[int] = []
         decode_seqs: list[int] = []
         prompts: list[PromptPart] = []
+        prefixed: list[int] = []  # chunks for the paged prefill kernel, by index b
+        prefixed_rows: list[int] = []
         row = 0
         for b, (start, n, table) in enumerate(zip(starts, lengths, block_tables)):
             if n == 1:
@@ -63,10 +81,14 @@ class MixedMetadata:
                 pos = torch.arange(start, start + n)
                 parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size
                              + pos % block_size)
-                dense = None
-                if start > 0 or sliding_window is not None:
-                    dense = AttentionMetadata.build([start], [n], [table], block_size, device, sliding_window)
-                prompts.append(PromptPart(row, row + n, start, dense))
+                if start > 0 and fused_prefill and sliding_window is None:
+                    prefixed.append(b)
+                    prefixed_rows.append(row)
+                else:
+                    dense = None
+                    if start > 0 or sliding_window is not None:
+                        dense = AttentionMetadata.build([start], [n], [table], block_size, device, sliding_window)
+                    prompts.append(PromptPart(row, row + n, start, dense))
             row += n
         decode = None
         if decode_seqs:
@@ -78,11 +100,20 @@ class MixedMetadata:
                                                  block_size, device, sliding_window)
         if ones:
             parts.append(torch.tensor(ones, dtype=torch.int64))
+        prefix_chunks = None
+        if prefixed:
+            width = max(len(block_tables[b]) for b in prefixed)
+            tables = torch.tensor([block_tables[b] + [0] * (width - len(block_tables[b])) for b in prefixed],
+                                  dtype=torch.int32)
+            prefix_chunks = PrefixChunks(prefixed_rows, [lengths[b] for b in prefixed], [starts[b] for b in prefixed],
+                                         (tables.pin_memory() if device.type == "cuda" else tables).to(
+                                             device, non_blocking=True))
         return cls(
             slot_mapping=(parts[0] if len(parts) == 1 else torch.cat(parts)).to(device),
             decode_rows=torch.tensor(decode_rows, dtype=torch.int64).to(device) if decode_rows else None,
             decode=decode,
             prompts=prompts,
+            prefix_chunks=prefix_chunks,
         )
 
 
@@ -99,6 +130,11 @@ def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                            meta.decode.context_lens, scale)
         else:
             out[meta.decode_rows] = dense_attention(qd, k_cache, v_cache, meta.decode, scale)
+    if meta.prefix_chunks is not None:
+        from kernels.paged_prefill import paged_prefill_attention
+
+        p = meta.prefix_chunks
+        paged_prefill_attention(q, k_cache, v_cache, p.block_tables, p.rows, p.lens, p.starts, scale, out=out)
     for part in meta.prompts:
         qp = q[part.lo:part.hi]
         if part.dense is not None:
