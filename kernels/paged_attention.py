@@ -27,6 +27,28 @@ from ._common import next_pow2
 
 
 @triton.jit
+def attend_tile(q, k_ptr, v_ptr, table_ptr, kpos, valid, allowed, kvh, s_kb, s_kt, s_kh, d, m, l_sum, acc,
+                BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """One step of the online softmax over the keys at positions kpos (a tile) of one sequence, read through
+    its block-table row `table_ptr` from kv head kvh: q [R, D] fp32 (scaled), `allowed` [R or 1, TILE] which
+    keys each row may see; returns the updated (running max, sum, unnormalized output)."""
+    blk = tl.load(table_ptr + kpos // BLOCK, mask=valid, other=0).to(tl.int64)
+    at = blk * s_kb + (kpos % BLOCK) * s_kt + kvh * s_kh
+    k = tl.load(k_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)  # [R, TILE]
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # A row with no key allowed yet keeps m = -inf: exp(-inf - -inf) would be NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, scale,
     s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ob, s_oh,
@@ -50,18 +72,8 @@ def _decode_kernel(
     for start in tl.range(0, ctx, TILE, num_stages=STAGES):
         pos = start + t
         valid = pos < ctx
-        blk = tl.load(bt_ptr + b * s_btb + pos // BLOCK, mask=valid, other=0).to(tl.int64)
-        row = blk * s_kb + (pos % BLOCK) * s_kt + kvh * s_kh
-        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)  # [G_PAD, TILE]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = attend_tile(q, k_ptr, v_ptr, bt_ptr + b * s_btb, pos, valid, valid[None, :], kvh,
+                                    s_kb, s_kt, s_kh, d, m, l_sum, acc, BLOCK, PRECISION)
     out = acc / l_sum[:, None]
     tl.store(out_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(g < G)[:, None])

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2
+from .paged_attention import attend_tile
 
 
 @triton.jit
@@ -66,20 +67,9 @@ def _prefill_kernel(
     for start in range(0, end, BLOCK_N):
         kpos = start + t
         valid = kpos < end
-        blk = tl.load(bt_ptr + seq * s_btb + kpos // BLOCK, mask=valid, other=0).to(tl.int64)
-        at = blk * s_kb + (kpos % BLOCK) * s_kt + kvh * s_kh
-        k = tl.load(k_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)  # [M*G, BLOCK_N]
-        s = tl.where(valid[None, :] & (kpos[None, :] <= qpos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(mx, tl.max(s, 1))
-        # Rows with no key yet (all -inf so far) keep m_new = -inf: exp(-inf - -inf) would be NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(mx - m_safe)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
-        mx = m_new
+        mx, l_sum, acc = attend_tile(q, k_ptr, v_ptr, bt_ptr + seq * s_btb, kpos, valid,
+                                     valid[None, :] & (kpos[None, :] <= qpos[:, None]), kvh, s_kb, s_kt, s_kh, d,
+                                     mx, l_sum, acc, BLOCK, PRECISION)
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * s_ot + heads[:, None] * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=ok[:, None])
