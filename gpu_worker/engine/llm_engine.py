@@ -248,6 +248,7 @@ class LLMEngine:
         """
         outputs: list[RequestOutput] = []
         pending, self._in_flight = self._in_flight, None
+        launched = None
         try:
             if pending is not None and (self._penalized or not self.async_scheduling):
                 outputs += self._hand_out(pending)
@@ -257,9 +258,12 @@ class LLMEngine:
             if pending is not None:
                 outputs += self._hand_out(pending)
         except BaseException:
-            if pending is not None:  # its sequences keep pending tokens that will never come: drop them
-                for c in pending.result.completed:
-                    c.seq.pending = 0
+            # Tokens that will never be handed out: their sequences step back one token and compute it again.
+            for step in (pending, launched):
+                if step is not None:
+                    for c in step.result.completed:
+                        c.seq.pending = 0
+                        c.seq.num_computed_tokens = min(c.seq.num_computed_tokens, c.seq.num_known_tokens - 1)
             raise
         if launched is not None:
             if self.async_scheduling and not self._penalized:

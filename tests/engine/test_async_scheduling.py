@@ -16,12 +16,16 @@ def make(model_dir, async_scheduling: bool, **kw) -> LLMEngine:
                                 num_kv_blocks=64, block_size=8, async_scheduling=async_scheduling, seed=0, **kw))
 
 
-def drain(engine) -> dict:
-    """request id -> its outputs, step by step, until nothing is left."""
+def drain(engine, max_steps: int = 500) -> dict:
+    """request id -> its outputs, step by step, until nothing is left (a request that stops progressing fails
+    the test instead of hanging it)."""
     seen: dict[str, list] = {}
-    while engine.has_unfinished_requests():
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
         for out in engine.step():
             seen.setdefault(out.request_id, []).append(out)
+    assert not engine.has_unfinished_requests(), f"still unfinished after {max_steps} steps"
     return seen
 
 
@@ -112,10 +116,18 @@ def test_penalties_need_the_ids_so_their_steps_do_not_overlap(tiny_model_dir):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_a_failed_launch_leaves_nothing_pending(tiny_model_dir, async_scheduling):
+def test_a_failed_step_loses_no_token(tiny_model_dir, async_scheduling):
+    """A launch that raises (as a CUDA error would) after the previous step's tokens were sampled but not
+    handed out: those sequences step back one token, and the requests still end with the tokens of a run
+    that never failed; nothing is held afterwards."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    clean = make(tiny_model_dir, async_scheduling)
+    clean.add_request("a", "hello there", params)
+    want = drain(clean)["a"][-1].outputs[0].token_ids
+
     engine = make(tiny_model_dir, async_scheduling)
-    engine.add_request("a", "hello", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    engine.step()
+    engine.add_request("a", "hello there", params)
+    seen = engine.step() + engine.step()
     run = engine.runner.run
 
     def boom(*a, **k):
@@ -126,5 +138,6 @@ def test_a_failed_launch_leaves_nothing_pending(tiny_model_dir, async_scheduling
         engine.step()
     engine.runner.run = run
     assert not engine.step_in_flight() and engine._seqs["a"].pending == 0
-    engine.abort_request("a")
+    outs = seen + [o for outs in drain(engine).values() for o in outs]
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == want
     assert engine.blocks.num_free == 64 and not engine.has_unfinished_requests()
