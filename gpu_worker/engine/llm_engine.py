@@ -19,9 +19,9 @@ from .lora.manager import LoRAManager
 from .lora_request import LoRARequest
 from .model.config import ModelConfig
 from .model.llama import LlamaModel
-from .model_runner import ModelRunner, PendingTokens, StepResult, sampling_row
+from .model_runner import ModelRunner, PendingTokens, StepResult
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampler import SamplerOutput, has_penalty
+from .sampler import SamplerOutput, SamplingRow, has_penalty
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -39,6 +39,8 @@ class RequestState:
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
     generator: torch.Generator | None
+    # The request's input to every sampling step (made once; its token lists are the sequence's own).
+    row: SamplingRow | None = None
     text: str = ""
     logprobs: list[Logprob] | None = None
     cumulative_logprob: float = 0.0
@@ -197,6 +199,7 @@ class LLMEngine:
             generator=generator,
             logprobs=[] if params.logprobs is not None else None,
         )
+        seq.state.row = SamplingRow(params, seq.prompt_token_ids, seq.output_token_ids, generator, self.eos_list)
         self._seqs[request_id] = seq
         self._penalized += has_penalty(params)
         self.scheduler.add(seq)
@@ -273,7 +276,10 @@ class LLMEngine:
         return outputs
 
     def _launch(self, sched, pending: InFlightStep | None) -> InFlightStep | None:
-        rows = {c.seq: sampling_row(c.seq, c.seq.state.generator, self.eos_list) for c in sched.chunks}
+        rows = {}
+        for c in sched.chunks:
+            row = rows[c.seq] = c.seq.state.row
+            row.num_pending = c.seq.pending
         result = self.runner.run(sched.chunks, rows, pending.tokens if pending is not None else None)
         for c in sched.chunks:
             self.scheduler.computed(c.seq, c.start + c.num_tokens)

@@ -11,7 +11,7 @@ from .lora.backends import LoRABackend
 from .model.attention import DecodeMetadata
 from .model.llama import LlamaModel
 from .model.mixed_attention import MixedMetadata
-from .sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
+from .sampler import Sampler, SamplerOutput, SamplingBatch
 from .scheduler import ScheduledChunk
 
 
@@ -133,13 +133,3 @@ class ModelRunner:
         batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
         return StepResult(completed, self.sampler(logits, batch))
 
-
-def sampling_row(seq, generator, eos_token_id) -> SamplingRow:
-    return SamplingRow(
-        params=seq.params,
-        prompt_token_ids=seq.prompt_token_ids,
-        output_token_ids=seq.output_token_ids,
-        generator=generator,
-        eos_token_id=eos_token_id,
-        num_pending=seq.pending,
-    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ from gpu_worker.engine.sampling_params import SamplingParams
 
 @dataclass
 class SamplingRow:
-    """One request's input to a sampling step; the engine makes one per running sequence."""
+    """One request's input to a sampling step; the engine makes one per request and reuses it every step (the
+    token lists are the request's own, growing in place)."""
 
     params: SamplingParams
     prompt_token_ids: list[int]
@@ -36,6 +37,13 @@ class SamplingRow:
     # Output tokens sampled by a step in flight, not yet in output_token_ids (async scheduling); never with
     # penalties, which need the ids (the engine waits for that step first).
     num_pending: int = 0
+    # Greedy with nothing to apply or report (no penalty, min_tokens or logprobs): a batch of only such rows is
+    # one argmax, built without looking at anything else.
+    plain: bool = field(init=False)
+
+    def __post_init__(self):
+        p = self.params
+        self.plain = p.is_greedy and p.logprobs is None and p.min_tokens == 0 and not has_penalty(p)
 
 
 @dataclass
@@ -87,6 +95,11 @@ class SamplingBatch:
     def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str) -> SamplingBatch:
         device = torch.device(device)
         n = len(rows)
+        if all(r.plain for r in rows):
+            return cls(num_rows=n, vocab_size=vocab_size, all_greedy=True, greedy_mask=None, temperatures=None,
+                       top_k=None, max_top_k=0, top_p=None, top_p_within_top_k=True, min_p=None, penalties=None,
+                       min_tokens_rows=None, min_tokens_ids=None, seeded=[], needs_shared_noise=False,
+                       max_num_logprobs=None)
         greedy = [r.params.is_greedy for r in rows]
         random_rows = [(i, r) for i, r in enumerate(rows) if not greedy[i]]
         all_greedy = not random_rows
