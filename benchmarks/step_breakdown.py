@@ -1,0 +1,106 @@
+"""Where a graphed decode step's wall time goes, on the GPU: the step as the engine runs it (async scheduling, CUDA
+graphs, steps back to back), the GPU time of its graph replay alone, and the host time of each phase.
+
+    python3 -m benchmarks.step_breakdown [--batches 32,64] [--steps 50]
+
+When the step takes about as long as its replay, the engine is GPU-bound; when it takes longer, the host's
+phases (which with async scheduling overlap the replay) are the limit. Llama-3.2-1B shape, random bf16
+weights, 128-token prompts, base-only and 8 rank-16 adapters mixed (benchmarks/synthetic.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.synthetic import LLAMA_3_2_1B, write_adapter, write_model
+
+# (object attribute holding it, method name, label): the host phases timed per step.
+PHASES = [
+    ("scheduler", "schedule", "schedule"),
+    ("runner", "run", "runner.run (inputs, launch, sampler launch)"),
+    ("graphs", "run", "  DecodeGraphs.run (staging, replay launch)"),
+    ("engine", "_hand_out", "hand-out (wait, detokenize, outputs)"),
+]
+
+
+def timed(fn, key: str, totals: dict):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - t
+    return wrapper
+
+
+def replay_ms(graph, reps: int = 20) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m benchmarks.step_breakdown", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="32,64")
+    p.add_argument("--steps", type=int, default=50)
+    args = p.parse_args(argv)
+    from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
+
+    root = Path(tempfile.mkdtemp(prefix="step-breakdown-"))
+    cfg = LLAMA_3_2_1B
+    model = write_model(root / "model", cfg, "cuda")
+    loras = [LoRARequest(f"a{i}", i + 1, str(write_adapter(root / f"a{i}", cfg, 16, seed=i))) for i in range(8)]
+    engine = LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
+                                  enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16))
+    totals: dict[str, float] = defaultdict(float)
+    owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,
+              "engine": engine}
+    for owner, name, label in PHASES:
+        setattr(owners[owner], name, timed(getattr(owners[owner], name), label, totals))
+    params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    count = 0
+    print(f"{torch.cuda.get_device_name()}; async scheduling {engine.async_scheduling}, "
+          f"elementwise {engine.model.ops.__name__}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        for with_lora in (False, True):
+            for i in range(batch):
+                engine.add_request(f"r{count}", torch.randint(10, 128000, (128,), generator=g).tolist(), params,
+                                   lora_request=loras[i % len(loras)] if with_lora else None)
+                count += 1
+            for _ in range(8):  # the prompts, then a few decode steps
+                engine.step()
+            torch.cuda.synchronize()
+            totals.clear()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+            step = (time.perf_counter() - t) / args.steps * 1e3
+            graphs = engine.runner.graphs
+            graph, _ = graphs.graphs[(graphs.bucket(batch), with_lora)]
+            gpu = replay_ms(graph)
+            label = "8 adapters" if with_lora else "base"
+            print(f"batch {batch}, {label}: step {step:.3f} ms, graph replay alone {gpu:.3f} ms on the GPU "
+                  f"({'GPU' if step < 1.1 * gpu else 'host'}-bound)")
+            for key, total in totals.items():
+                print(f"    {key:44s} {total / args.steps * 1e3:.3f} ms/step")
+            engine.abort_request(list(engine._seqs))
+            while engine.has_unfinished_requests():
+                engine.step()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
