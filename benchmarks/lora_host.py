@@ -1,7 +1,7 @@
 """Host time our code spends around each LoRA kernel launch: `TritonLoRA.apply` (configs, checks, grids) with
 the Triton launches themselves replaced by no-ops, so it runs anywhere (no GPU) and measures only Python.
 
-    python3 -m benchmarks.lora_host [--tokens 33] [--calls 400]
+    python3 -m benchmarks.lora_host [--tokens 33] [--calls 640]
 
 Llama-3.2-1B projection shapes, 16 slots of rank 16, 8 adapters in the step. An eager step (one that cannot
 replay a CUDA graph: any step with a prompt in it) makes 4 such calls per layer, 64 for 16 layers.
@@ -44,7 +44,7 @@ def launches_stubbed():
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.lora_host", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=33)
-    p.add_argument("--calls", type=int, default=400)
+    p.add_argument("--calls", type=int, default=640, help="apply calls timed, in steps of 64")
     args = p.parse_args(argv)
     from kernels.engine_backend import TritonLoRA
     from kernels.metadata import LoRAKernelMeta
@@ -61,18 +61,19 @@ def main(argv: list[str] | None = None) -> int:
 
     x = {g: torch.zeros(args.tokens, k, dtype=torch.bfloat16) for g, (k, w) in groups.items()}
     out = {g: torch.zeros(args.tokens, sum(w), dtype=torch.bfloat16) for g, (k, w) in groups.items()}
+    token_slots = torch.randint(0, 8, (args.tokens,), dtype=torch.int32)
+    steps = max(1, args.calls // 64)
     with launches_stubbed():
         hook = TritonLoRA(Buffers(), LoRAKernelMeta(256, slots, torch.device("cpu")))
-        hook.prepare(torch.randint(0, 8, (args.tokens,), dtype=torch.int32), 8)
-        for g in groups:
-            hook.apply(0, g, x[g], out[g])
         t = time.perf_counter()
-        for i in range(args.calls):
-            g = list(groups)[i % len(groups)]
-            hook.apply(0, g, x[g], out[g])
-        per_call = (time.perf_counter() - t) / args.calls
-    print(f"TritonLoRA.apply, host time around the launches: {per_call * 1e6:.1f} us a call, "
-          f"{per_call * 64 * 1e3:.2f} ms for the 64 calls of a 16-layer eager step ({args.tokens} tokens)")
+        for _ in range(steps):  # a 16-layer eager step: prepare, then 4 projections a layer
+            hook.prepare(token_slots, 8)
+            for _layer in range(16):
+                for g in groups:
+                    hook.apply(0, g, x[g], out[g])
+        per_step = (time.perf_counter() - t) / steps
+    print(f"TritonLoRA.apply, host time around the launches: {per_step / 64 * 1e6:.1f} us a call, "
+          f"{per_step * 1e3:.2f} ms for the prepare + 64 calls of a 16-layer eager step ({args.tokens} tokens)")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -182,6 +182,21 @@ def lora_expand(
         scale: optional [num_slots] float32 per-slot factor (None: 1; the engine folds it into B).
         config: launch parameters (default: `expand_config`).
     """
+    expand_launch(y, b, out, ranks, meta, slice_offsets, scale, config)(y, b, out)
+
+
+def expand_launch(
+    y: torch.Tensor,
+    b: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: LoRAKernelMeta,
+    slice_offsets: Sequence[int] | None = None,
+    scale: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> Callable[[torch.Tensor, Sequence[torch.Tensor], torch.Tensor], None]:
+    """Check `lora_expand`'s arguments and work out its launch once; returns launch(y, b, out) for tensors of
+    these shapes, strides and dtypes (one plan per projection and step, reused by every layer)."""
     if y.dim() != 3 or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError(f"y must be contiguous float32 [T, S, R], got {y.dtype} {tuple(y.shape)}")
     t, s, r = y.shape
@@ -212,7 +227,7 @@ def lora_expand(
     if meta.num_tokens != t:
         raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, y has {t}")
     if t == 0:
-        return
+        return lambda y, b, out: None
     cfg = config or expand_config(t, meta.rows_per_slot(), r, sm_count(out.device))
     pad = MAX_SLICES - s
     bp = list(b) + [b[0]] * pad
@@ -225,14 +240,17 @@ def lora_expand(
     else:
         grid_n = min(n_tiles, cfg.col_programs) if cfg.col_programs else n_tiles
     grid_m = max(1, min(m_bound, programs // grid_n))
-    _expand_kernel[(grid_n, grid_m)](
-        y, out, ranks, scale if scale is not None else ranks,
-        meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len,
-        *bp, *[x.stride(0) for x in bp], b[0].stride(1), b[0].stride(2),
-        *(widths + [0] * pad), *(list(slice_offsets) + [0] * pad),
-        r, y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_K=cfg.block_k >= r,
-        HAS_SCALE=scale is not None, DOT=dot_mode(out),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    kernel = _expand_kernel[(grid_n, grid_m)]
+    tables = (ranks, scale if scale is not None else ranks,
+              meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len)
+    scalars = (*[x.stride(0) for x in bp], b[0].stride(1), b[0].stride(2),
+               *(widths + [0] * pad), *(list(slice_offsets) + [0] * pad),
+               r, y.stride(0), y.stride(1), out.stride(0), out.stride(1))
+    consts = dict(MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_K=cfg.block_k >= r,
+                  HAS_SCALE=scale is not None, DOT=dot_mode(out), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(y: torch.Tensor, b: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        kernel(y, out, *tables, *b, *[b[0]] * pad, *scalars, **consts)
+
+    return launch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -202,6 +204,27 @@ def lora_shrink(
     Returns:
         y [T, S, R] float32.
     """
+    shaped = a.dim() == 4 and x.dim() == 2  # else shrink_launch says what is wrong
+    if y is None and shaped:
+        y = torch.empty((x.shape[0], a.shape[1], a.shape[2]), dtype=torch.float32, device=x.device)
+    if workspace is None and shaped and x.shape[0]:
+        workspace = torch.empty(max(1, shrink_workspace(x, a, meta, config)), dtype=torch.float32, device=x.device)
+    shrink_launch(x, a, ranks, meta, y, config, workspace)(x, a, y)
+    return y
+
+
+def shrink_launch(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: LoRAKernelMeta,
+    y: torch.Tensor,
+    config: KernelConfig | None = None,
+    workspace: torch.Tensor | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """Check `lora_shrink`'s arguments and work out its launch once; returns launch(x, a, y), which runs it
+    for tensors of these shapes, strides and dtypes (the engine's layers: one plan per projection and step,
+    not the checks and grid arithmetic again for every layer)."""
     t, k = x.shape
     if a.dim() != 4 or a.shape[3] != k:
         raise ValueError(f"a must be [num_slots, S, R, {k}], got {tuple(a.shape)}")
@@ -218,32 +241,30 @@ def lora_shrink(
         raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, x has {t}")
     n = s * r
     cfg = config or default_config(x, a, meta)
-    if y is None:
-        y = torch.empty((t, s, r), dtype=torch.float32, device=x.device)
-    elif y.shape != (t, s, r) or y.dtype != torch.float32 or not y.is_contiguous():
+    if y.shape != (t, s, r) or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError(f"y must be contiguous float32 [{t}, {s}, {r}], got {y.dtype} {tuple(y.shape)}")
     if t == 0:
-        return y
+        return lambda x, a, y: None
     splits, k_per_split = _splits(k, cfg)
     need = shrink_workspace(x, a, meta, cfg)
-    if workspace is None:
-        workspace = torch.empty(max(1, need), dtype=torch.float32, device=x.device)
-    elif workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < need:
+    if workspace is None or workspace.dtype != torch.float32 or not workspace.is_contiguous() \
+            or workspace.numel() < need:
         raise ValueError(f"workspace must be contiguous float32 with >= {need} elements, got "
-                         f"{workspace.dtype} {tuple(workspace.shape)}")
+                         f"{None if workspace is None else (workspace.dtype, tuple(workspace.shape))}")
     n_tiles = cdiv(n, cfg.block_n)
     m_bound = m_tiles_bound(t, meta.slots_bound(), cfg.block_m)
     if splits > 1 and m_bound * n_tiles > meta.semaphores.numel():
         raise ValueError(f"{m_bound} x {n_tiles} tiles need more semaphores than the metadata holds "
                          f"({meta.semaphores.numel()}): a column tile of {cfg.block_n} over N = {n}?")
-    _shrink_kernel[(grid_size(m_bound * n_tiles * splits, cfg, x.device),)](
-        x, a, y, workspace, meta.semaphores, ranks,
-        meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len,
-        n, k, r, k_per_split,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(2), a.stride(3), y.stride(0), t * n, n,
-        MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
-        EVEN_K=k % cfg.block_k == 0, DOT=dot_mode(x),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return y
+    kernel = _shrink_kernel[(grid_size(m_bound * n_tiles * splits, cfg, x.device),)]
+    args = (workspace, meta.semaphores, ranks, meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len,
+            n, k, r, k_per_split,
+            x.stride(0), x.stride(1), a.stride(0), a.stride(2), a.stride(3), y.stride(0), t * n, n)
+    consts = dict(MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots),
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
+                  EVEN_K=k % cfg.block_k == 0, DOT=dot_mode(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch(x: torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> None:
+        kernel(x, a, y, *args, **consts)
+
+    return launch

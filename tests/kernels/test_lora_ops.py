@@ -304,8 +304,8 @@ def _buffers(layers: int, shapes: dict[str, GroupShape], ranks: list[int], r: in
     return SimpleNamespace(a=a, b=b, shapes=shapes, ranks=torch.tensor(ranks, dtype=torch.int32, device=DEVICE))
 
 
-def _engine_case(shapes, ranks, runs, r, dtype):
-    buffers = _buffers(1, shapes, ranks, r, dtype)
+def _engine_case(shapes, ranks, runs, r, dtype, layers=1):
+    buffers = _buffers(layers, shapes, ranks, r, dtype)
     batch = LoRABatch.from_runs(runs, DEVICE)
     return buffers, batch
 
@@ -361,6 +361,31 @@ def test_one_triton_hook_across_steps_of_other_shapes():
     hook = TritonLoRA(buffers, meta)
     for runs in ([(2, 2), (0, 3), (-1, 1)], [(1, 30), (3, 20)], [(3, 1)], [(0, 5), (2, 9), (-1, 4), (1, 7)]):
         _compare_backends(buffers, LoRABatch.from_runs(runs, DEVICE), meta, TINY, torch.float32, hook)
+
+
+def test_one_step_plan_serves_every_layer_and_new_strides():
+    """Within a step the hook plans each projection's launches once (checks, configs, grids) and reuses them
+    for every layer: layers with other weights get their own results, and inputs with other strides (a
+    strided view of x, a wider out) get a plan of their own, never the first call's strides."""
+    buffers, batch = _engine_case(TINY, [16, 0, 7, 12], [(2, 2), (0, 3), (-1, 1), (3, 2)], 16, torch.float32,
+                                  layers=2)
+    meta = LoRAKernelMeta(max_tokens=16, max_slots=4, device=DEVICE)
+    hook = TritonLoRA(buffers, meta)
+    hook.prepare(batch.token_slots)
+    torch_hook = TorchLoRA(buffers, batch)
+    t = batch.token_slots.numel()
+    has = batch.token_slots >= 0
+    for layer in (0, 1, 0):
+        for group, shape in TINY.items():
+            n = sum(shape.slice_widths)
+            for x, base in ((torch.randn(t, shape.in_features, device=DEVICE), torch.randn(t, n, device=DEVICE)),
+                            (torch.randn(t, 2 * shape.in_features, device=DEVICE)[:, ::2],
+                             torch.randn(t, n + 8, device=DEVICE)[:, 3:n + 3])):
+                got, want = base.clone(), base.clone()
+                hook.apply(layer, group, x, got)
+                torch_hook.apply(layer, group, x, want)
+                assert torch.equal(got[~has], base[~has]), (layer, group)
+                assert rel_err(got, want.double()) <= TOLERANCE[torch.float32], (layer, group, x.stride())
 
 
 def _compare_backends(buffers, batch, meta, shapes, dtype, hook=None):
