@@ -53,11 +53,13 @@ def test_mixed_batch_matches_peft(tiny_model_dir, tiny_adapters, async_schedulin
     assert llm.engine.blocks.num_free == 128
 
 
-def test_one_slot_three_adapters_queued(tiny_model_dir, tiny_adapters):
-    """max_loras=1: requests of three adapters (and the base) take turns in the one slot; all correct."""
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_one_slot_three_adapters_queued(tiny_model_dir, tiny_adapters, async_scheduling):
+    """max_loras=1: requests of three adapters (and the base) take turns in the one slot; all correct (async:
+    the slot changes hands while the step after its last user's is in flight)."""
     names = ["sql-lora", "chat-lora", None, "code-lora", "sql-lora"]
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=16,
-              num_kv_blocks=128)
+              num_kv_blocks=128, async_scheduling=async_scheduling)
     _check(llm, tiny_model_dir, PROMPTS[: len(names)], tiny_adapters, names)
     assert llm.engine.lora.slots.in_use(next(iter(llm.engine.lora.slots.resident()))) == 0
 
