@@ -228,7 +228,9 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        # A request whose token is still in flight is still running in the scheduler: it ends at hand-out. (A
+        # step in flight whose rows all belong to ended requests has nothing left to hand out.)
+        return self.scheduler.has_unfinished()
 
     def step_in_flight(self) -> bool:
         """Whether a launched step's tokens are still to be handed out (async scheduling): the next step()

@@ -68,7 +68,7 @@ def test_results_equal_the_synchronous_engine(tiny_model_dir, tiny_adapters):
         requests(tiny_model_dir, tiny_adapters, engine)
         runs[mode] = {rid: summary(outs) for rid, outs in drain(engine).items()}
         assert engine.blocks.num_free == 64 and engine.lora.slots.num_free == 2
-        assert not engine.step_in_flight() and not engine._seqs
+        assert not engine.has_unfinished_requests() and not engine._seqs
     assert runs[True] == runs[False]
     reasons = {rid: r[2] for rid, r in runs[True].items()}
     assert reasons["length"] == reasons["one"] == reasons["model-len"] == "length"
@@ -92,7 +92,16 @@ def test_outputs_come_one_step_later_and_an_abort_in_flight_drops_its_row(tiny_m
     assert aborted[0].finished and aborted[0].outputs[0].finish_reason == "abort"
     seen = drain(engine)
     assert set(seen) == {"a"} and len(seen["a"][-1].outputs[0].token_ids) == 5
-    assert engine.blocks.num_free == 64 and engine.lora.slots.num_free == 2 and not engine.step_in_flight()
+    assert engine.blocks.num_free == 64 and engine.lora.slots.num_free == 2 and not engine.has_unfinished_requests()
+    # Aborting every request leaves nothing unfinished, even with a step of theirs in flight.
+    engine.add_request("c", "hello world", params)
+    engine.step()
+    engine.step()
+    assert engine.step_in_flight()
+    engine.abort_request("c")
+    assert not engine.has_unfinished_requests() and engine.blocks.num_free == 64
+    engine.add_request("d", "hello world", params)  # the dead step is handed out (and dropped) on the way
+    assert len(drain(engine)["d"][-1].outputs[0].token_ids) == 5
 
 
 def test_penalties_need_the_ids_so_their_steps_do_not_overlap(tiny_model_dir):
