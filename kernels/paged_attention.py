@@ -53,7 +53,7 @@ def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, scale,
     s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ob, s_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -69,7 +69,7 @@ def _decode_kernel(
     l_sum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     t = tl.arange(0, TILE)
-    for start in tl.range(0, ctx, TILE, num_stages=STAGES):
+    for start in range(0, ctx, TILE):
         pos = start + t
         valid = pos < ctx
         m, l_sum, acc = attend_tile(q, k_ptr, v_ptr, bt_ptr + b * s_btb, pos, valid, valid[None, :], kvh,
@@ -87,9 +87,6 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
-    tile: int | None = None,
-    num_warps: int = 2,
-    num_stages: int | None = None,
 ) -> torch.Tensor:
     B, H, D = q.shape
     _, block_size, KVH, Dk = k_cache.shape
@@ -106,7 +103,7 @@ def paged_decode_attention(
     # 64 keys a step: four 16-token blocks, a 64x64 bf16 tile of K and of V (8 KB each) in flight; two warps
     # (H200, batch 64, 32 / 8 heads of 64: 8.9 us at ~192 keys and 42.4 at ~1,024, against 9.7 and 46.0 with
     # four; tiles of 32 / 128, 8 warps and 1-3 stages were no better at both lengths).
-    tile = max(tile or 64, block_size)
+    tile = max(64, block_size)
     _decode_kernel[(B, KVH)](
         q, k_cache, v_cache, block_tables, context_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -114,7 +111,7 @@ def paged_decode_attention(
         G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK=block_size, TILE=tile,
         # A float32 cache keeps float32 products (tf32 would cost ~1e-3); 16-bit caches lose nothing to tf32.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        STAGES=num_stages, num_warps=num_warps,
+        num_warps=2,
     )
     return out
 

@@ -55,11 +55,11 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.sampler = Sampler()
         cfg = model.cfg
-        # The fused decode kernel wants power-of-2 blocks and head dims of at least 16, and CUDA.
-        self.fused_decode = (model.device.type == "cuda" and block_size >= 16 and cfg.head_dim >= 16
-                             and not cfg.head_dim & (cfg.head_dim - 1) and cfg.sliding_window is None)
-        # Chunks with a cached prefix through the paged prefill kernel (None: on CUDA, with no sliding window).
+        # The fused attention kernels want head dims a power of 2 of at least 16 and no sliding window; decode's
+        # also power-of-2 blocks of at least 16, and CUDA. Chunks with a cached prefix go through the paged
+        # prefill kernel (fused_prefill None: on CUDA).
         fits = cfg.head_dim >= 16 and not cfg.head_dim & (cfg.head_dim - 1) and cfg.sliding_window is None
+        self.fused_decode = fits and model.device.type == "cuda" and block_size >= 16
         self.fused_prefill = fits and (model.device.type == "cuda" if fused_prefill is None else fused_prefill)
         self.graphs: DecodeGraphs | None = None
 

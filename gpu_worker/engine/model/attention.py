@@ -78,6 +78,14 @@ class AttentionMetadata:
         )
 
 
+def padded_block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Block tables as one int32 [B, longest] tensor on `device` (short rows padded with block 0, never read:
+    the kernels stop at each sequence's length); through pinned memory on CUDA."""
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return (padded.pin_memory() if device.type == "cuda" else padded).to(device, non_blocking=True)
+
+
 @dataclass
 class DecodeMetadata:
     """One new token per sequence, attended by the fused paged-attention kernel. Every tensor's shape is
@@ -91,12 +99,10 @@ class DecodeMetadata:
     def build(cls, positions: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device) -> DecodeMetadata:
         """One new token per sequence, at positions[b] of sequence b (block tables padded to the longest)."""
-        width = max(len(t) for t in block_tables)
-        tables = [t + [0] * (width - len(t)) for t in block_tables]
         slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(block_tables, positions)]
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(device, non_blocking=True),
+            block_tables=padded_block_tables(block_tables, device),
             context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32).to(device, non_blocking=True),
         )
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from .attention import _BACKENDS, AttentionMetadata, DecodeMetadata, dense_attention
+from .attention import _BACKENDS, AttentionMetadata, DecodeMetadata, dense_attention, padded_block_tables
 
 
 @dataclass
@@ -59,8 +59,8 @@ class MixedMetadata:
     def build(cls, starts: list[int], lengths: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device, sliding_window: int | None, fused_decode: bool,
               fused_prefill: bool = False) -> MixedMetadata:
-        """fused_prefill: chunks with a cached prefix go to the paged prefill kernel (no sliding window)."""
-        """Chunks in row order: tokens [starts[b], starts[b] + lengths[b]) of sequence b."""
+        """Chunks in row order: tokens [starts[b], starts[b] + lengths[b]) of sequence b. fused_prefill: chunks
+        with a cached prefix go to the paged prefill kernel (no sliding window)."""
         parts: list[torch.Tensor] = []  # the step's slots, in row order
         ones: list[int] = []  # slots of one-token rows not yet in parts
         decode_rows: list[int] = []
@@ -102,12 +102,8 @@ class MixedMetadata:
             parts.append(torch.tensor(ones, dtype=torch.int64))
         prefix_chunks = None
         if prefixed:
-            width = max(len(block_tables[b]) for b in prefixed)
-            tables = torch.tensor([block_tables[b] + [0] * (width - len(block_tables[b])) for b in prefixed],
-                                  dtype=torch.int32)
             prefix_chunks = PrefixChunks(prefixed_rows, [lengths[b] for b in prefixed], [starts[b] for b in prefixed],
-                                         (tables.pin_memory() if device.type == "cuda" else tables).to(
-                                             device, non_blocking=True))
+                                         padded_block_tables([block_tables[b] for b in prefixed], device))
         return cls(
             slot_mapping=(parts[0] if len(parts) == 1 else torch.cat(parts)).to(device),
             decode_rows=torch.tensor(decode_rows, dtype=torch.int64).to(device) if decode_rows else None,
