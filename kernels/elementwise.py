@@ -11,6 +11,11 @@ their place:
                                                     # k and v written to their cache slots
     act = silu_mul(gate_up)                         # silu(gate) * up
 
+Each takes, optionally, the adapters' part of the projection it reads (`delta`: values [T, N] and the
+tokens' slots [T], -1 for none), which the LoRA backend computed beside the base projection instead of adding
+it in place (kernels/engine_backend.py): it is added, rounded to the model's dtype, to the rows with an adapter
+before anything else, and rows without one never read it.
+
 Each rounds where the torch path rounds (a bf16 model's products and sums are rounded to bf16 after every
 op, as torch does), so results match it to the last bit except where a reduction's order or an exp differs
 (RMSNorm's mean, SiLU's sigmoid): there by at most one unit in the last place. The torch functions they
@@ -28,9 +33,35 @@ from ._common import emulated, next_pow2, to_low
 
 
 @triton.jit
-def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, N, eps,
+def _plus_delta(v, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA: tl.constexpr, dt: tl.constexpr,
+                EMULATED: tl.constexpr):
+    """v (fp32, loaded from the projection's output at offs) plus the adapters' part, rounded to dt as an
+    in-place add would round it; rows without an adapter (slot < 0) unchanged."""
+    if HAS_DELTA:
+        slot = tl.load(ds_ptr + row)
+        d = tl.load(d_ptr + offs, mask=ok & ((offs * 0 + slot) >= 0), other=0.0).to(tl.float32)
+        v = tl.where(slot >= 0, to_low(v + d, dt, EMULATED).to(tl.float32), v)
+    return v
+
+
+def _delta_args(delta, like: torch.Tensor) -> tuple:
+    """(values, slots, HAS_DELTA) kernel arguments; the values must be laid out as `like` (same strides)."""
+    if delta is None:
+        return like, like, False
+    values, slots = delta
+    if values.shape != like.shape or values.stride() != like.stride() or slots.shape != (like.shape[0],) \
+            or slots.dtype != torch.int32:
+        raise ValueError(f"delta must be laid out as its projection's output {tuple(like.shape)} "
+                         f"{like.stride()}, with int32 slots [{like.shape[0]}]; got {tuple(values.shape)} "
+                         f"{values.stride()}, {slots.dtype} {tuple(slots.shape)}")
+    return values, slots, True
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N, eps,
                          s_h, s_r, s_x, s_ho,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EMULATED: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                         EMULATED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -38,6 +69,7 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, N, eps,
     h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
+        r = _plus_delta(r, d_ptr, ds_ptr, row, row * s_r + cols, ok, HAS_DELTA, dt, EMULATED)
         h = to_low(h + r, dt, EMULATED).to(tl.float32)  # the sum in the model's dtype, as torch rounds it
         tl.store(hout_ptr + row * s_ho + cols, h.to(dt), mask=ok)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
@@ -47,33 +79,40 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, N, eps,
 
 
 def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, delta=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h + residual) * weight, h + residual) for h, residual [T, N] (rows contiguous), weight [N];
-    residual None: (RMSNorm(h) * weight, h)."""
+    residual None: (RMSNorm(h) * weight, h). delta: the adapters' part of residual (see the module doc)."""
     t, n = h.shape
     if h.stride(1) != 1 or weight.shape != (n,) or (residual is not None and (residual.shape != h.shape
                                                                               or residual.stride(1) != 1)):
         raise ValueError(f"h {tuple(h.shape)}, residual, weight {tuple(weight.shape)}: rows must be contiguous "
                          "and the shapes agree")
+    if delta is not None and residual is None:
+        raise ValueError("a delta is the adapters' part of the residual: it needs one")
     x = torch.empty_like(h)
     h_out = torch.empty_like(h) if residual is not None else h
     if t:
         r = residual if residual is not None else h
-        _add_rms_norm_kernel[(t,)](h, r, weight, x, h_out, n, eps, h.stride(0), r.stride(0), x.stride(0),
-                                   h_out.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
+        d, ds, has_delta = _delta_args(delta, r)
+        _add_rms_norm_kernel[(t,)](h, r, weight, x, h_out, d, ds, n, eps, h.stride(0), r.stride(0), x.stride(0),
+                                   h_out.stride(0), HAS_RESIDUAL=residual is not None, HAS_DELTA=has_delta,
+                                   BLOCK=next_pow2(n),
                                    EMULATED=emulated(h), num_warps=4 if n <= 4096 else 8)
     return x, h_out
 
 
 @triton.jit
-def _rotate(x_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, sin2, n_heads, dt: tl.constexpr,
-            HALF: tl.constexpr, EMULATED: tl.constexpr):
-    """x[row, heads, :] <- x * cos + rotate_half(x) * sin, in place, with torch's roundings; returns the
-    rotated halves (for the cache)."""
+def _rotate(x_ptr, d_ptr, ds_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, sin2, n_heads, dt: tl.constexpr,
+            HALF: tl.constexpr, HAS_DELTA: tl.constexpr, EMULATED: tl.constexpr):
+    """x[row, heads, :] (plus the adapters' part) <- x * cos + rotate_half(x) * sin, in place, with torch's
+    roundings; returns the rotated halves (for the cache)."""
     ok = (heads < n_heads)[:, None]
-    base = x_ptr + row * s_t + heads[:, None] * s_h + d1[None, :]
+    offs = row * s_t + heads[:, None] * s_h + d1[None, :]
+    base = x_ptr + offs
     x1 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF, mask=ok, other=0.0).to(tl.float32)
+    x1 = _plus_delta(x1, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA, dt, EMULATED)
+    x2 = _plus_delta(x2, d_ptr, ds_ptr, row, offs + HALF, ok, HAS_DELTA, dt, EMULATED)
     o1 = to_low(to_low(x1 * cos1, dt, EMULATED).to(tl.float32)
                 + to_low(-x2 * sin1, dt, EMULATED).to(tl.float32), dt, EMULATED)
     o2 = to_low(to_low(x2 * cos2, dt, EMULATED).to(tl.float32)
@@ -85,9 +124,10 @@ def _rotate(x_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, sin2, n_heads, dt
 
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
+                       dq_ptr, dk_ptr, dv_ptr, ds_ptr,
                        H, KVH, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cs, s_ch,
                        H_PAD: tl.constexpr, KVH_PAD: tl.constexpr, HALF: tl.constexpr,
-                       EMULATED: tl.constexpr):
+                       HAS_DELTA: tl.constexpr, EMULATED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dt: tl.constexpr = q_ptr.dtype.element_ty
     d1 = tl.arange(0, HALF)
@@ -96,26 +136,39 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
     cos2 = tl.load(cos_ptr + p * s_cos + HALF + d1).to(tl.float32)[None, :]
     sin1 = tl.load(sin_ptr + p * s_cos + d1).to(tl.float32)[None, :]
     sin2 = tl.load(sin_ptr + p * s_cos + HALF + d1).to(tl.float32)[None, :]
-    _rotate(q_ptr, row, tl.arange(0, H_PAD), s_qt, s_qh, d1, cos1, sin1, cos2, sin2, H, dt, HALF, EMULATED)
+    _rotate(q_ptr, dq_ptr, ds_ptr, row, tl.arange(0, H_PAD), s_qt, s_qh, d1, cos1, sin1, cos2, sin2, H, dt, HALF,
+            HAS_DELTA, EMULATED)
     kvh = tl.arange(0, KVH_PAD)
-    k1, k2 = _rotate(k_ptr, row, kvh, s_kt, s_kh, d1, cos1, sin1, cos2, sin2, KVH, dt, HALF, EMULATED)
+    k1, k2 = _rotate(k_ptr, dk_ptr, ds_ptr, row, kvh, s_kt, s_kh, d1, cos1, sin1, cos2, sin2, KVH, dt, HALF,
+                     HAS_DELTA, EMULATED)
     # The new key and value into their cache slot (the cache is [blocks * block_size, KVH, D] flat).
     slot = tl.load(slot_ptr + row).to(tl.int64)
     ok = (kvh < KVH)[:, None]
     dst = slot * s_cs + kvh[:, None] * s_ch + d1[None, :]
     tl.store(kc_ptr + dst, k1, mask=ok)
     tl.store(kc_ptr + dst + HALF, k2, mask=ok)
-    v = v_ptr + row * s_vt + kvh[:, None] * s_vh + d1[None, :]
-    tl.store(vc_ptr + dst, tl.load(v, mask=ok, other=0.0), mask=ok)
-    tl.store(vc_ptr + dst + HALF, tl.load(v + HALF, mask=ok, other=0.0), mask=ok)
+    v_offs = row * s_vt + kvh[:, None] * s_vh + d1[None, :]
+    if HAS_DELTA:  # v plus the adapters' part goes to the cache, and back into v for whoever reads it there
+        for half in tl.static_range(2):
+            o = v_offs + half * HALF
+            v = _plus_delta(tl.load(v_ptr + o, mask=ok, other=0.0).to(tl.float32), dv_ptr, ds_ptr, row, o, ok,
+                            HAS_DELTA, dt, EMULATED).to(dt)
+            tl.store(v_ptr + o, v, mask=ok)
+            tl.store(vc_ptr + dst + half * HALF, v, mask=ok)
+    else:
+        v = v_ptr + v_offs
+        tl.store(vc_ptr + dst, tl.load(v, mask=ok, other=0.0), mask=ok)
+        tl.store(vc_ptr + dst + HALF, tl.load(v + HALF, mask=ok, other=0.0), mask=ok)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, delta=None) -> None:
     """Rotary embedding (Hugging Face's rotate-half layout) applied to q [T, H, D] and k [T, KVH, D] in
     place, from cos / sin tables [max_positions, D] at positions [T]; then k and v [T, KVH, D] written to
-    k_cache / v_cache [num_blocks, block_size, KVH, D] at the flat slots slot_mapping [T] (int64)."""
+    k_cache / v_cache [num_blocks, block_size, KVH, D] at the flat slots slot_mapping [T] (int64).
+    delta: the adapters' part of (q, k, v), three tensors laid out as they are, and the slots; added to q,
+    k and v (in place) first."""
     t, h, d = q.shape
     kvh = k.shape[1]
     if (k.shape != (t, kvh, d) or v.shape != k.shape or d % 2 or d & (d - 1) or cos.shape != sin.shape
@@ -128,28 +181,41 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     if t == 0:
         return
     kc = k_cache.view(-1, kvh, d)
+    if delta is None:
+        dq = dk = dv = ds = None
+    else:
+        (dq, dk, dv), slots = delta
+        dq, ds, _ = _delta_args((dq, slots), q)
+        dk, _, _ = _delta_args((dk, slots), k)
+        dv, _, _ = _delta_args((dv, slots), v)
     _rope_cache_kernel[(t,)](
         q, k, v, positions, cos, sin, kc, v_cache.view(-1, kvh, d), slot_mapping,
+        *((q, q, q, q) if delta is None else (dq, dk, dv, ds)),
         h, kvh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1),
-        H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2, EMULATED=emulated(q), num_warps=4,
+        H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2, HAS_DELTA=delta is not None,
+        EMULATED=emulated(q), num_warps=4,
     )
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, N, s_gu, s_o, BLOCK: tl.constexpr, EMULATED: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, d_ptr, ds_ptr, N, s_gu, s_o, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                     EMULATED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
     dt: tl.constexpr = out_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * s_gu + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * s_gu + N + cols, mask=ok, other=0.0).to(tl.float32)
+    g = _plus_delta(g, d_ptr, ds_ptr, row, row * s_gu + cols, ok, HAS_DELTA, dt, EMULATED)
+    u = _plus_delta(u, d_ptr, ds_ptr, row, row * s_gu + N + cols, ok, HAS_DELTA, dt, EMULATED)
     act = to_low(g / (1.0 + tl.exp(-g)), dt, EMULATED).to(tl.float32)  # F.silu, rounded as torch does
     tl.store(out_ptr + row * s_o + cols, to_low(act * u, dt, EMULATED), mask=ok)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [T, 2N] (gate then up, rows contiguous) -> silu(gate) * up [T, N]."""
+def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
+    """gate_up [T, 2N] (gate then up, rows contiguous) -> silu(gate) * up [T, N]. delta: the adapters' part of
+    gate_up (see the module doc)."""
     t, n2 = gate_up.shape
     if n2 % 2 or gate_up.stride(1) != 1:
         raise ValueError(f"gate_up must be [T, 2N] with contiguous rows, got {tuple(gate_up.shape)}")
@@ -157,6 +223,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     if t:
         block = min(1024, next_pow2(n))
-        _silu_mul_kernel[(t, -(-n // block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block,
-                                              EMULATED=emulated(gate_up), num_warps=4)
+        d, ds, has_delta = _delta_args(delta, gate_up)
+        _silu_mul_kernel[(t, -(-n // block))](gate_up, out, d, ds, n, gate_up.stride(0), out.stride(0),
+                                              HAS_DELTA=has_delta, BLOCK=block, EMULATED=emulated(gate_up),
+                                              num_warps=4)
     return out

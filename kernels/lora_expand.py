@@ -64,7 +64,7 @@ def _expand_kernel(
     R, stride_yt, stride_ys, stride_ot, stride_oc,
     MAX_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
-    HAS_SCALE: tl.constexpr, DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     # Grid: axis 1 walks row tiles (persistent), axis 0 splits each row tile's output columns. The
     # segment lookup (reductions over the segment table) is paid once per row tile, not per output tile;
@@ -83,8 +83,9 @@ def _expand_kernel(
         slot = pick(slots, i, seg).to(tl.int64)
         rank = pick(ranks, i, seg)
         rows = (m - pick(firsts, i, seg)) * BLOCK_M + tl.arange(0, BLOCK_M)
-        # A rank-0 slot adds nothing: its rows are not even read (so -0.0 in out stays -0.0).
-        row_ok = rows < tl.where(rank > 0, pick(lens, i, seg), 0)
+        # A rank-0 slot adds nothing: its rows are not even read (so -0.0 in out stays -0.0); assigned, they
+        # get zeros.
+        row_ok = rows < tl.where((rank > 0) | (not ACCUMULATE), pick(lens, i, seg), 0)
         tok = tl.load(sorted_ptr + pick(starts, i, seg) + rows, mask=row_ok, other=0).to(tl.int64)
         o_rows = out_ptr + tok[:, None] * stride_ot
         y_base = y_ptr + tok[:, None] * stride_yt
@@ -111,7 +112,8 @@ def _expand_kernel(
                 # The base output tile is loaded first, so its HBM latency overlaps the B loads (L2).
                 o_ptrs = o_rows + (col + cols)[None, :].to(tl.int64) * stride_oc
                 o_mask = row_ok[:, None] & col_ok[None, :]
-                base = tl.load(o_ptrs, mask=o_mask, other=0.0)
+                if ACCUMULATE:
+                    base = tl.load(o_ptrs, mask=o_mask, other=0.0)
                 b_cols = b_slot + cols[None, :].to(tl.int64) * stride_bo
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 if ONE_K:
@@ -122,7 +124,7 @@ def _expand_kernel(
                         acc = _b_dot(acc, yk, b_cols, k0, rank, col_ok, stride_br, BLOCK_K, DOT)
                 if HAS_SCALE:
                     acc = acc * factor
-                res = base.to(tl.float32) + acc
+                res = base.to(tl.float32) + acc if ACCUMULATE else acc
                 if out_ptr.dtype.element_ty != tl.float32:
                     res = to_low(res, LOW, DOT == DOT_EMULATED)
                 tl.store(o_ptrs, res, mask=o_mask)
@@ -163,13 +165,16 @@ def lora_expand(
     slice_offsets: Sequence[int] | None = None,
     scale: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    accumulate: bool = True,
 ) -> None:
     """Semantics:
         out[t, off_s + c] += scale[slot(t)] * sum_{j < ranks[slot(t)]} y[t, s, j] * b[s][slot(t), c, j]
     for every token t with slot(t) = token_slots[t] >= 0 (as given to `meta.prepare`), every slice s and
     column c < out_s; in place, fp32 accumulation, one rounding to out's dtype. Rows of tokens without an
     adapter (and of rank-0 slots) are not touched. One launch for all slices; each adapter's B is read
-    once per token tile.
+    once per token tile. accumulate=False assigns instead of adding (out = ..., out is not read): the
+    adapters' part alone, into a buffer of its own, whose rows of tokens without an adapter are left as
+    they were.
 
     Args:
         y: [T, S, R] float32, contiguous: `lora_shrink`'s output.
@@ -182,7 +187,7 @@ def lora_expand(
         scale: optional [num_slots] float32 per-slot factor (None: 1; the engine folds it into B).
         config: launch parameters (default: `expand_config`).
     """
-    expand_launch(y, b, out, ranks, meta, slice_offsets, scale, config)(y, b, out)
+    expand_launch(y, b, out, ranks, meta, slice_offsets, scale, config, accumulate)(y, b, out)
 
 
 def expand_launch(
@@ -194,6 +199,7 @@ def expand_launch(
     slice_offsets: Sequence[int] | None = None,
     scale: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    accumulate: bool = True,
 ) -> Callable[[torch.Tensor, Sequence[torch.Tensor], torch.Tensor], None]:
     """Check `lora_expand`'s arguments and work out its launch once; returns launch(y, b, out) for tensors of
     these shapes, strides and dtypes (one plan per projection and step, reused by every layer)."""
@@ -248,7 +254,8 @@ def expand_launch(
                r, y.stride(0), y.stride(1), out.stride(0), out.stride(1))
     consts = dict(MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_K=cfg.block_k >= r,
-                  HAS_SCALE=scale is not None, DOT=dot_mode(out), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  HAS_SCALE=scale is not None, DOT=dot_mode(out), ACCUMULATE=accumulate, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
 
     def launch(y: torch.Tensor, b: Sequence[torch.Tensor], out: torch.Tensor) -> None:
         kernel(y, out, *tables, *b, *[b[0]] * pad, *scalars, **consts)

@@ -49,6 +49,9 @@ class EngineArgs:
     # detokenizing, stop checks) runs while the device computes (vLLM's async_scheduling). None: on with CUDA.
     # A step's outputs then come one step() later; a request that stops costs one wasted row.
     async_scheduling: bool | None = None
+    # In decode graphs, run each projection's LoRA shrink and expand on a side stream beside the base GEMM, the
+    # adapters' part added by the next elementwise op (kernels/engine_backend.py); False: in place after the GEMM.
+    overlap_lora: bool = True
     # Reuse the K/V of full blocks whose tokens (and adapter, by content hash) a finished or running request
     # computed already (vLLM's enable_prefix_caching): a shared system prompt is computed once.
     enable_prefix_caching: bool = False

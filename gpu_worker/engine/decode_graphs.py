@@ -26,9 +26,10 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256)
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_caches, block_size: int, max_batch: int, max_model_len: int,
-                 scratch_block: int, lora=None):
+                 scratch_block: int, lora=None, overlap_lora: bool = True):
         dev = model.device
         self.model, self.kv_caches, self.lora = model, kv_caches, lora
+        self.overlap_lora = overlap_lora  # LoRA beside the base GEMMs (TritonLoRA.prepare's overlap)
         self.block_size = block_size
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_blocks = -(-max_model_len // block_size)
@@ -52,7 +53,7 @@ class DecodeGraphs:
         meta = DecodeMetadata(self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b])
         hook = None
         if with_lora:
-            self.lora.hook.prepare(self.token_slots[:b])
+            self.lora.hook.prepare(self.token_slots[:b], overlap=self.overlap_lora)
             hook = self.lora.hook
         return self.model.forward(self.ids[:b], self.positions[:b], meta, self.kv_caches, self.rows[:b], hook)
 

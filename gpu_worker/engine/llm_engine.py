@@ -138,7 +138,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, backend, self.primary_eos,
                                   args.fused_prefill_attention)
         if self.device.type == "cuda" and not args.enforce_eager:
-            self.runner.enable_graphs(min(args.max_num_seqs, 256), self.max_model_len, scratch_block=num_blocks)
+            self.runner.enable_graphs(min(args.max_num_seqs, 256), self.max_model_len, scratch_block=num_blocks,
+                                      overlap_lora=args.overlap_lora)
         self._seqs: dict[str, Sequence] = {}
         # Async scheduling: the step launched last, whose tokens the next step() hands out while the device runs
         # the one after it; and how many live requests have penalties (their steps cannot overlap).

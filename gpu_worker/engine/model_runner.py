@@ -63,11 +63,11 @@ class ModelRunner:
         self.fused_prefill = fits and (model.device.type == "cuda" if fused_prefill is None else fused_prefill)
         self.graphs: DecodeGraphs | None = None
 
-    def enable_graphs(self, max_batch: int, max_model_len: int, scratch_block: int) -> None:
+    def enable_graphs(self, max_batch: int, max_model_len: int, scratch_block: int, overlap_lora: bool = True) -> None:
         if not self.fused_decode:
             return
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_model_len,
-                                   scratch_block, self.lora)
+                                   scratch_block, self.lora, overlap_lora)
         self.graphs.capture()
 
     @torch.inference_mode()

@@ -97,6 +97,31 @@ def test_fused_elementwise_kernels_match_peft(tiny_model_dir, tiny_adapters):
     assert llm.engine.blocks.num_free == 64
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-ops"])
+def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch, fused):
+    """The Triton LoRA backend handing each projection's adapter part back as a delta, added by the next elementwise
+    op (what decode graphs on CUDA do, beside the base GEMM; forced here on every step, kernels in Triton's
+    interpreter): still transformers + PEFT's tokens and logprobs, base and adapter requests mixed, with both the
+    torch and the fused elementwise ops adding the deltas."""
+    from kernels.engine_backend import TritonLoRA
+
+    prepare, deltas = TritonLoRA.prepare, []
+    monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False:
+                        prepare(self, slots, distinct, overlap=True))
+    project = TritonLoRA.project
+
+    def counted(self, *args):
+        out, delta = project(self, *args)
+        deltas.append(delta is not None)
+        return out, delta
+
+    monkeypatch.setattr(TritonLoRA, "project", counted)
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
+              block_size=8, max_num_batched_tokens=16, lora_backend="triton", fused_elementwise=fused)
+    _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", None, "chat-lora"])
+    assert deltas and all(deltas)
+
+
 def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch):
     """fused_prefill_attention: chunks with a cached prefix (later chunks of prompts split by a small token
     budget, and prefix-cache hits) attend through the paged prefill kernel (Triton's interpreter here), one

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gpu_worker.engine.model.attention import write_kv
 from gpu_worker.engine.model.config import ModelConfig
-from gpu_worker.engine.model.layer_ops import rms_norm
+from gpu_worker.engine.model.layer_ops import plus_delta, rms_norm
 from gpu_worker.engine.model.rope import RotaryEmbedding
 from kernels.elementwise import add_rms_norm, rope_and_cache, silu_mul
 
@@ -87,6 +87,63 @@ def test_rope_and_cache_match_rotary_embedding_and_write_kv(dtype, heads, kv_hea
         got, want = got.view(blocks * bs, -1), want.view(blocks * bs, -1)
         assert torch.equal(got[written], want[written])
         assert got[~written].isnan().all()  # no other slot touched
+
+
+def delta_for(like: torch.Tensor, dtype, g):
+    """The adapters' part of a projection output shaped like `like`, as the LoRA backend hands it over: values
+    for rows with an adapter, NaN (never to be read) for the rows without, whose slot is -1."""
+    slots = torch.randint(-1, 3, (like.shape[0],), generator=g, dtype=torch.int32)
+    slots[0], slots[-1] = -1, 2
+    values = rand(*like.shape, dtype=dtype, g=g) * 0.1
+    values[(slots < 0).to(DEVICE)] = float("nan")
+    return values, slots.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deltas_are_added_first_on_rows_with_an_adapter(dtype):
+    """add_rms_norm, silu_mul and rope_and_cache with the adapters' part of what they read: as if it had been added
+    (rounded) to the projection's rows with an adapter first; rows without one never read it (NaN there)."""
+    g = gen()
+    n, t = 96, 7
+    h, r = rand(t, n, dtype=dtype, g=g), rand(t, n, dtype=dtype, g=g)
+    w = (torch.rand(n, generator=g) + 0.5).to(DEVICE, dtype)
+    d, slots = delta_for(r, dtype, g)
+    x, h_new = add_rms_norm(h, r, w, 1e-5, (d, slots))
+    want_h = h + plus_delta(r, d, slots)
+    assert torch.equal(h_new, want_h)
+    assert_within_ulp(x, rms_norm(want_h, w, 1e-5), dtype)
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm(h, None, w, 1e-5, (d, slots))
+    with pytest.raises(ValueError, match="laid out"):
+        add_rms_norm(h, r, w, 1e-5, (d[:, :64], slots))
+
+    gate_up = rand(t, 2 * 1100, dtype=dtype, g=g)
+    d, slots = delta_for(gate_up, dtype, g)
+    gate, up = plus_delta(gate_up, d, slots).chunk(2, dim=-1)
+    assert_within_ulp(silu_mul(gate_up, (d, slots)), F.silu(gate) * up, dtype)
+
+    heads, kv_heads, hd, bs, blocks = 4, 2, 16, 16, 2
+    cfg = ModelConfig(architecture="LlamaForCausalLM", hidden_size=heads * hd, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=hd, intermediate_size=32, vocab_size=32, rms_norm_eps=1e-5,
+                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False, rope_theta=10000.0)
+    rope = RotaryEmbedding(cfg, 64, DEVICE, dtype)
+    sizes = [heads * hd, kv_heads * hd, kv_heads * hd]
+    qkv = rand(t, sum(sizes), dtype=dtype, g=g)
+    d, slots = delta_for(qkv, dtype, g)
+    q, k, v = (x.view(t, -1, hd) for x in qkv.split(sizes, dim=-1))
+    dq, dk, dv = (x.view(t, -1, hd) for x in d.split(sizes, dim=-1))
+    positions = torch.randint(0, 64, (t,), generator=g).to(DEVICE)
+    cache_slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEVICE)
+    want_v = plus_delta(v, dv, slots)
+    want_q, want_k = rope.apply(plus_delta(q, dq, slots), plus_delta(k, dk, slots), positions)
+    want_kc = torch.full((blocks, bs, kv_heads, hd), float("nan"), dtype=dtype, device=DEVICE)
+    want_vc = want_kc.clone()
+    write_kv(want_kc, want_vc, want_k, want_v, SimpleNamespace(slot_mapping=cache_slots))
+    kc, vc = torch.full_like(want_kc, float("nan")), torch.full_like(want_vc, float("nan"))
+    rope_and_cache(q, k, v, positions, rope.cos, rope.sin, kc, vc, cache_slots, ((dq, dk, dv), slots))
+    assert torch.equal(q, want_q) and torch.equal(k, want_k) and torch.equal(v, want_v)
+    assert torch.equal(kc.nan_to_num(7.0), want_kc.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), want_vc.nan_to_num(7.0))
 
 
 def test_bad_shapes_are_refused():

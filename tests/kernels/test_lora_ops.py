@@ -118,6 +118,16 @@ def check_expand(c: Case, y: torch.Tensor, config: KernelConfig | None = None, s
     for off, bs in zip(c.offsets, c.b):
         touched[off:off + bs.shape[1]] = True
     assert torch.equal(out[:, ~touched.to(DEVICE)], base[:, ~touched.to(DEVICE)])
+    # accumulate=False: the adapters' part alone, assigned (out is never read: NaN there must not leak);
+    # rows without an adapter keep their NaN.
+    part = torch.full_like(base, float("nan"))
+    lora_expand(y, c.b, part, c.ranks, c.meta, slice_offsets=c.offsets, scale=scale, config=config,
+                accumulate=False)
+    ref = lora_expand_ref(y, b, torch.zeros_like(base), c.ranks, c.token_slots, c.offsets, scale)
+    assert part[~has].isnan().all()
+    if has.any():
+        assert not part[has][:, touched.to(DEVICE)].isnan().any()
+        assert rel_err(part[has][:, touched.to(DEVICE)], ref[has][:, touched.to(DEVICE)]) <= TOLERANCE[c.x.dtype]
 
 
 def check_both(c: Case, shrink_cfg=None, expand_cfg=None):

@@ -44,6 +44,12 @@ class TorchLoRA:
         self.buffers = buffers
         self.batch = batch
 
+    def project(self, layer: int, group: str, x: torch.Tensor, base):
+        """The projection base() computes, with the adapters' part added in place: (out, None)."""
+        out = base()
+        self.apply(layer, group, x, out)
+        return out, None
+
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         a = self.buffers.a[layer][group]  # [slots, S, R, in]
         bs = self.buffers.b[layer][group]

@@ -6,15 +6,35 @@ for the GPU). LlamaModel calls whichever it was built with; the projections and 
     q = ops.rope_and_cache(q, k, v, positions, rope, k_cache, v_cache, meta)   # rotated q; rotated k and v
                                                       # written to the cache at meta.slot_mapping
     act = ops.silu_mul(gate_up)                       # silu(gate) * up
+
+Each takes an optional `delta`: the adapters' part of the projection it reads (residual, q / k / v, gate_up),
+when the LoRA backend computed it beside the projection instead of adding it in place (LoRADelta); it is
+added, rows with an adapter only, before anything else.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .attention import write_kv
 from .rope import RotaryEmbedding
+
+
+class LoRADelta(NamedTuple):
+    """The adapters' part of a projection's output: values laid out as the output (for q / k / v, a tuple of
+    three), and each token's slot [T] int32; rows whose slot is -1 hold nothing and are never read."""
+
+    values: torch.Tensor | tuple[torch.Tensor, ...]
+    slots: torch.Tensor
+
+
+def plus_delta(x: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x plus the adapters' part, in x's dtype, on the rows with an adapter."""
+    has = (slots >= 0).view(-1, *[1] * (x.dim() - 1))
+    return torch.where(has, x + values, x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,39 +46,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class TorchOps:
     @staticmethod
-    def add_norm(h, residual, weight, eps):
+    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None):
+        if delta is not None:
+            residual = plus_delta(residual, *delta)
         if residual is not None:
             h = h + residual
         return rms_norm(h, weight, eps), h
 
     @staticmethod
-    def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta):
+    def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta,
+                       delta: LoRADelta | None = None):
+        if delta is not None:
+            q, k, v = (plus_delta(t, d, delta.slots) for t, d in zip((q, k, v), delta.values))
         q, k = rope.apply(q, k, positions)
         write_kv(k_cache, v_cache, k, v, meta)
         return q
 
     @staticmethod
-    def silu_mul(gate_up):
+    def silu_mul(gate_up, delta: LoRADelta | None = None):
+        if delta is not None:
+            gate_up = plus_delta(gate_up, *delta)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
 
 class FusedOps:
     @staticmethod
-    def add_norm(h, residual, weight, eps):
+    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None):
         from kernels.elementwise import add_rms_norm
 
-        return add_rms_norm(h, residual, weight, eps)
+        return add_rms_norm(h, residual, weight, eps, delta)
 
     @staticmethod
-    def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta):
+    def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta,
+                       delta: LoRADelta | None = None):
         from kernels.elementwise import rope_and_cache
 
-        rope_and_cache(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, meta.slot_mapping)
+        rope_and_cache(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache, meta.slot_mapping, delta)
         return q
 
     @staticmethod
-    def silu_mul(gate_up):
+    def silu_mul(gate_up, delta: LoRADelta | None = None):
         from kernels.elementwise import silu_mul
 
-        return silu_mul(gate_up)
+        return silu_mul(gate_up, delta)

@@ -1,11 +1,13 @@
 """The Llama-family forward pass (Llama, Mistral, Qwen2) over a flat batch of tokens from many sequences.
 
 q/k/v and gate/up are fused into one matrix each, so a layer runs four projections; LoRA, when the batch
-uses any adapter, is added to each projection's output by the LoRA backend (`lora.apply`).
+uses any adapter, is added to each projection's output by the LoRA backend (`lora.project`): in place, or
+returned as a delta that the elementwise op reading the projection adds (layer_ops.LoRADelta).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,14 +17,16 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, UnsupportedModelError
-from .layer_ops import FusedOps, TorchOps
+from .layer_ops import FusedOps, LoRADelta, TorchOps
 from .rope import RotaryEmbedding
 from .weights import iter_tensors
 
 
 class LoRAHook(Protocol):
-    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Add the adapters' contribution for projection `group` of `layer` into `out` in place."""
+    def project(self, layer: int, group: str, x: torch.Tensor, base: Callable[[], torch.Tensor]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """base() (the projection of x) with the adapters' part for projection `group` of `layer`: added in place,
+        (out, None), or as (out, (delta, slots)) for the next elementwise op to add."""
 
 
 @dataclass
@@ -107,36 +111,46 @@ class LlamaModel:
         """Tokens [T] -> logits [N, vocab] (the model's dtype) for the rows in logits_indices."""
         cfg = self.cfg
         h = F.embedding(input_ids, self.embed)
-        q_size, kv_size = cfg.q_size, cfg.kv_size
+        q_size = cfg.q_size
         ops, eps = self.ops, cfg.rms_norm_eps
-        # Each sublayer's output is added to h by the next norm (one fused step with it on the GPU).
-        residual = None
+        # Each sublayer's output is added to h by the next norm (one fused step with it on the GPU); so is the
+        # adapters' part of each projection when the LoRA backend hands it back as a delta.
+        residual, delta = None, None
         for i, w in enumerate(self.layers):
-            x, h = ops.add_norm(h, residual, w.input_norm, eps)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)
-            if lora is not None:
-                lora.apply(i, "qkv", x, qkv)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(-1, cfg.num_heads, cfg.head_dim)
-            k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-            v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+            x, h = ops.add_norm(h, residual, w.input_norm, eps, delta)
+            qkv, delta = self._project(lora, i, "qkv", x, w.qkv, w.qkv_bias)
+            q, k, v = self._heads(qkv)
+            if delta is not None:
+                delta = LoRADelta(self._heads(delta[0]), delta[1])
             k_cache, v_cache = kv_caches[i]
-            q = ops.rope_and_cache(q, k, v, positions, self.rope, k_cache, v_cache, meta)
+            q = ops.rope_and_cache(q, k, v, positions, self.rope, k_cache, v_cache, meta, delta)
             attn = paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(-1, q_size)
-            o = F.linear(attn, w.o)
-            if lora is not None:
-                lora.apply(i, "o", attn, o)
-            x, h = ops.add_norm(h, o, w.post_norm, eps)
-            gate_up = F.linear(x, w.gate_up)
-            if lora is not None:
-                lora.apply(i, "gate_up", x, gate_up)
-            act = ops.silu_mul(gate_up)
-            residual = F.linear(act, w.down)
-            if lora is not None:
-                lora.apply(i, "down", act, residual)
-        x, _ = ops.add_norm(h[logits_indices], None if residual is None else residual[logits_indices],
-                            self.final_norm, eps)
+            o, delta = self._project(lora, i, "o", attn, w.o)
+            x, h = ops.add_norm(h, o, w.post_norm, eps, delta)
+            gate_up, delta = self._project(lora, i, "gate_up", x, w.gate_up)
+            act = ops.silu_mul(gate_up, delta)
+            residual, delta = self._project(lora, i, "down", act, w.down)
+        if delta is not None:  # the last layer's adapters' part is added over every row, then the rows picked
+            x = ops.add_norm(h, residual, self.final_norm, eps, delta)[0][logits_indices]
+        else:
+            x, _ = ops.add_norm(h[logits_indices], None if residual is None else residual[logits_indices],
+                                self.final_norm, eps)
         # Logits in the model's dtype: the sampler widens them where it must (log_softmax in float32, a float copy
         # before penalties or temperature); a greedy argmax reads them as they are (a float copy of [64, 128K]
         # cost 22 us a decode step on an H200).
         return F.linear(x, self.lm_head)
+
+    @staticmethod
+    def _project(lora: LoRAHook | None, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, LoRADelta | None]:
+        if lora is None:
+            return F.linear(x, weight, bias), None
+        out, delta = lora.project(layer, group, x, lambda: F.linear(x, weight, bias))
+        return out, None if delta is None else LoRADelta(*delta)
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, q + 2 kv] -> q [T, H, D], k and v [T, KVH, D] (views)."""
+        cfg = self.cfg
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        return (q.view(-1, cfg.num_heads, cfg.head_dim), k.view(-1, cfg.num_kv_heads, cfg.head_dim),
+                v.view(-1, cfg.num_kv_heads, cfg.head_dim))
