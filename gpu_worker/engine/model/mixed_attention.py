@@ -7,11 +7,11 @@ mask that rules out the fast SDPA backends, so the math backend ran in float32. 
 split instead:
 - decode rows (one new token each) go to the fused paged-decode kernel on CUDA (the torch gather path over
   those rows alone, one query each, elsewhere);
-- each prompt chunk attends on its own: a first chunk (no cached prefix) is plain causal attention over its
-  own keys, which SDPA runs with its flash backend; chunks with a cached prefix (a later chunk of a long
-  prompt, or blocks from the prefix cache) all go to one launch of the paged prefill kernel on CUDA, which reads
-  their keys in place (kernels/paged_prefill.py); elsewhere, or with a sliding window, each gets the masked
-  path for its one sequence.
+- prompt chunks with a cached prefix (a later chunk of a long prompt, or blocks from the prefix cache) and
+  first chunks shorter than FIRST_CHUNK_KERNEL_MAX all go to one launch of the paged prefill kernel on CUDA,
+  which reads their keys in place (kernels/paged_prefill.py); a long first chunk is plain causal attention over
+  its own keys, which SDPA runs with its flash backend; elsewhere, or with a sliding window, each chunk attends
+  on its own (first chunks with SDPA, the others through the masked path for their one sequence).
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from .attention import _BACKENDS, AttentionMetadata, DecodeMetadata, dense_attention, padded_block_tables
+
+# First chunks (no cached prefix) up to this many tokens join the paged prefill launch: SDPA per chunk is ~8 launches
+# a layer (gather, repeat, attention, scatter), so 64 prompts of 128 tokens arriving together cost a 1B model's
+# step ~130 ms of host time on an H200; a long chunk is GPU-bound, and flash attention runs it best.
+FIRST_CHUNK_KERNEL_MAX = 512
 
 
 @dataclass
@@ -37,9 +42,9 @@ class PromptPart:
 
 
 @dataclass
-class PrefixChunks:
-    """Prompt chunks with a cached prefix, for one paged-prefill launch: their rows in the step, lengths,
-    first positions and block tables."""
+class PagedChunks:
+    """Prompt chunks for one paged-prefill launch (those with a cached prefix, and short first chunks): their rows
+    in the step, lengths, first positions and block tables."""
 
     rows: list[int]
     lens: list[int]
@@ -53,21 +58,21 @@ class MixedMetadata:
     decode_rows: torch.Tensor | None  # [Bd] int64: the rows of one-token chunks
     decode: DecodeMetadata | AttentionMetadata | None  # the fused kernel's (CUDA), else the gather path's
     prompts: list[PromptPart]
-    prefix_chunks: PrefixChunks | None = None
+    paged_chunks: PagedChunks | None = None
 
     @classmethod
     def build(cls, starts: list[int], lengths: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device, sliding_window: int | None, fused_decode: bool,
               fused_prefill: bool = False) -> MixedMetadata:
         """Chunks in row order: tokens [starts[b], starts[b] + lengths[b]) of sequence b. fused_prefill: chunks
-        with a cached prefix go to the paged prefill kernel (no sliding window)."""
+        with a cached prefix, and short first chunks, go to the paged prefill kernel (no sliding window)."""
         parts: list[torch.Tensor] = []  # the step's slots, in row order
         ones: list[int] = []  # slots of one-token rows not yet in parts
         decode_rows: list[int] = []
         decode_seqs: list[int] = []
         prompts: list[PromptPart] = []
-        prefixed: list[int] = []  # chunks for the paged prefill kernel, by index b
-        prefixed_rows: list[int] = []
+        paged: list[int] = []  # chunks for the paged prefill kernel, by index b
+        paged_rows: list[int] = []
         row = 0
         for b, (start, n, table) in enumerate(zip(starts, lengths, block_tables)):
             if n == 1:
@@ -81,9 +86,9 @@ class MixedMetadata:
                 pos = torch.arange(start, start + n)
                 parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size
                              + pos % block_size)
-                if start > 0 and fused_prefill and sliding_window is None:
-                    prefixed.append(b)
-                    prefixed_rows.append(row)
+                if fused_prefill and sliding_window is None and (start > 0 or n <= FIRST_CHUNK_KERNEL_MAX):
+                    paged.append(b)
+                    paged_rows.append(row)
                 else:
                     dense = None
                     if start > 0 or sliding_window is not None:
@@ -100,16 +105,16 @@ class MixedMetadata:
                                                  block_size, device, sliding_window)
         if ones:
             parts.append(torch.tensor(ones, dtype=torch.int64))
-        prefix_chunks = None
-        if prefixed:
-            prefix_chunks = PrefixChunks(prefixed_rows, [lengths[b] for b in prefixed], [starts[b] for b in prefixed],
-                                         padded_block_tables([block_tables[b] for b in prefixed], device))
+        paged_chunks = None
+        if paged:
+            paged_chunks = PagedChunks(paged_rows, [lengths[b] for b in paged], [starts[b] for b in paged],
+                                       padded_block_tables([block_tables[b] for b in paged], device))
         return cls(
             slot_mapping=(parts[0] if len(parts) == 1 else torch.cat(parts)).to(device),
             decode_rows=torch.tensor(decode_rows, dtype=torch.int64).to(device) if decode_rows else None,
             decode=decode,
             prompts=prompts,
-            prefix_chunks=prefix_chunks,
+            paged_chunks=paged_chunks,
         )
 
 
@@ -126,10 +131,10 @@ def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                            meta.decode.context_lens, scale)
         else:
             out[meta.decode_rows] = dense_attention(qd, k_cache, v_cache, meta.decode, scale)
-    if meta.prefix_chunks is not None:
+    if meta.paged_chunks is not None:
         from kernels.paged_prefill import paged_prefill_attention
 
-        p = meta.prefix_chunks
+        p = meta.paged_chunks
         paged_prefill_attention(q, k_cache, v_cache, p.block_tables, p.rows, p.lens, p.starts, scale, out=out)
     for part in meta.prompts:
         qp = q[part.lo:part.hi]
