@@ -17,17 +17,20 @@ import triton.language as tl
 from ._common import cdiv, next_pow2, sm_count
 
 BLOCK = 2048
+# Chunks a row is cut into, at most. The count itself is a runtime argument, not a constant: one compiled variant
+# for every batch size (a variant per count compiled inside a serving step when a new batch size came, ~1 s).
+MAX_SPLITS = 64
 
 
-@triton.jit
-def _chunk_max_kernel(x_ptr, part_ptr, V, stride, CHUNK, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["splits", "chunk"])
+def _chunk_max_kernel(x_ptr, part_ptr, V, stride, chunk, splits, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     where = tl.zeros([BLOCK], tl.int32)
-    lo = part * CHUNK
-    for start in range(lo, tl.minimum(V, lo + CHUNK), BLOCK):
+    lo = part * chunk
+    for start in range(lo, tl.minimum(V, lo + chunk), BLOCK):
         idx = start + offs
         v = tl.load(x_ptr + row * stride + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
         take = v > best  # strict: each lane keeps its first maximum
@@ -39,13 +42,14 @@ def _chunk_max_kernel(x_ptr, part_ptr, V, stride, CHUNK, SPLITS: tl.constexpr, B
     # the low word, 2**31 - 1 - index, makes the lower index the larger key among equal values.
     bits = top.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    tl.store(part_ptr + row * SPLITS + part, (key.to(tl.int64) << 32) | (0x7FFFFFFF - first).to(tl.int64))
+    tl.store(part_ptr + row * splits + part, (key.to(tl.int64) << 32) | (0x7FFFFFFF - first).to(tl.int64))
 
 
-@triton.jit
-def _pick_kernel(part_ptr, out_ptr, SPLITS: tl.constexpr):
+@triton.jit(do_not_specialize=["splits"])
+def _pick_kernel(part_ptr, out_ptr, splits, MAX_SPLITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    keys = tl.load(part_ptr + row * SPLITS + tl.arange(0, SPLITS))
+    i = tl.arange(0, MAX_SPLITS)
+    keys = tl.load(part_ptr + row * splits + i, mask=i < splits, other=-(2**63))
     tl.store(out_ptr + row, 0x7FFFFFFF - (tl.max(keys, 0) & 0x7FFFFFFF))
 
 
@@ -60,9 +64,9 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     if v >= 2**31 - 1:
         raise ValueError(f"a vocabulary of {v} does not fit the packed int32 index")
     # About four programs per SM over the whole batch, each at least one block of the row.
-    splits = max(1, min(64, next_pow2(cdiv(4 * sm_count(x.device), n)), next_pow2(cdiv(v, BLOCK))))
+    splits = max(1, min(MAX_SPLITS, next_pow2(cdiv(4 * sm_count(x.device), n)), next_pow2(cdiv(v, BLOCK))))
     chunk = cdiv(cdiv(v, splits), BLOCK) * BLOCK
     parts = torch.empty((n, splits), dtype=torch.int64, device=x.device)
-    _chunk_max_kernel[(n, splits)](x, parts, v, x.stride(0), chunk, SPLITS=splits, BLOCK=BLOCK, num_warps=4)
-    _pick_kernel[(n,)](parts, out, SPLITS=splits, num_warps=1)
+    _chunk_max_kernel[(n, splits)](x, parts, v, x.stride(0), chunk, splits, BLOCK=BLOCK, num_warps=4)
+    _pick_kernel[(n,)](parts, out, splits, MAX_SPLITS=MAX_SPLITS, num_warps=1)
     return out

@@ -48,7 +48,9 @@ def attend_tile(q, k_ptr, v_ptr, table_ptr, kpos, valid, allowed, kvh, s_kb, s_k
     return m_new, l_sum, acc
 
 
-@triton.jit
+# The block table's row stride varies between eager steps (their longest context's block count); specialized on it,
+# Triton would compile new variants inside serving steps. Graphs and eager steps share one variant.
+@triton.jit(do_not_specialize=["s_btb"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, scale,
     s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ob, s_oh,

@@ -32,7 +32,9 @@ from ._common import next_pow2
 from .paged_attention import attend_tile
 
 
-@triton.jit
+# The block table's row stride (its widest chunk's block count) changes from step to step: specialized on it (== 1,
+# a multiple of 16), Triton compiled new variants while serving (~1 s each, inside a step, H200).
+@triton.jit(do_not_specialize=["s_btb"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, chunk_ptr, tiles_ptr, out_ptr, scale,
     s_qt, s_qh, s_kb, s_kt, s_kh, s_btb, s_ot, s_oh,
@@ -121,11 +123,13 @@ def paged_prefill_attention(
     tiles = prefill_tiles(q_lens, block_m)
     if not tiles:
         return out
+    # The tile list starts 16 bytes aligned whatever the chunk count (an unaligned pointer is another variant).
     chunks = [x for c in zip(q_rows, q_lens, ctx_start) for x in c]
+    chunks += [0] * (-len(chunks) % 4)
     meta = torch.tensor(chunks + tiles, dtype=torch.int32)
     meta = meta.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else meta.to(q.device)
     _prefill_kernel[(len(tiles) // 2, KVH)](
-        q, k_cache, v_cache, block_tables, meta[:3 * S], meta[3 * S:], out, scale,
+        q, k_cache, v_cache, block_tables, meta[:3 * S], meta[len(chunks):], out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, G_PAD=next_pow2(G), D=D, BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n,

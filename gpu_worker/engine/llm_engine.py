@@ -137,6 +137,8 @@ class LLMEngine:
                 backend.warmup()
         self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, backend, self.primary_eos,
                                   args.fused_prefill_attention)
+        if self.device.type == "cuda":
+            self.runner.warm_prompt_path(scratch_block=num_blocks)
         if self.device.type == "cuda" and not args.enforce_eager:
             self.runner.enable_graphs(min(args.max_num_seqs, 256), self.max_model_len, scratch_block=num_blocks,
                                       overlap_lora=args.overlap_lora)
