@@ -1,7 +1,7 @@
 """Where a graphed decode step's wall time goes, on the GPU: the step as the engine runs it (async scheduling, CUDA
 graphs, steps back to back), the GPU time of its graph replay alone, and the host time of each phase.
 
-    python3 -m benchmarks.step_breakdown [--batches 32,64] [--steps 50]
+    python3 -m benchmarks.step_breakdown [--batches 32,64] [--steps 50] [--compare-overlap]
 
 When the step takes about as long as its replay, the engine is GPU-bound; when it takes longer, the host's
 phases (which with async scheduling overlap the replay) are the limit. Llama-3.2-1B shape, random bf16
@@ -54,52 +54,72 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.step_breakdown", description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="32,64")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--compare-overlap", action="store_true", help="also an engine with overlap_lora=False (LoRA in "
+                   "place after each GEMM), the same adapter batches timed on both, side by side")
     args = p.parse_args(argv)
-    from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
+    from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest
 
     root = Path(tempfile.mkdtemp(prefix="step-breakdown-"))
     cfg = LLAMA_3_2_1B
     model = write_model(root / "model", cfg, "cuda")
     loras = [LoRARequest(f"a{i}", i + 1, str(write_adapter(root / f"a{i}", cfg, 16, seed=i))) for i in range(8)]
-    engine = LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
-                                  enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16))
+
+    def make(overlap: bool):
+        return LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
+                                    enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16,
+                                    overlap_lora=overlap))
+
+    engine = make(True)
+    in_place = make(False) if args.compare_overlap else None
     totals: dict[str, float] = defaultdict(float)
     owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,
               "engine": engine}
     for owner, name, label in PHASES:
         setattr(owners[owner], name, timed(getattr(owners[owner], name), label, totals))
-    params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
-    g = torch.Generator().manual_seed(0)
-    count = 0
     print(f"{torch.cuda.get_device_name()}; async scheduling {engine.async_scheduling}, "
           f"elementwise {engine.model.ops.__name__}")
-    for batch in (int(b) for b in args.batches.split(",")):
+    for n, batch in enumerate(int(b) for b in args.batches.split(",")):
         for with_lora in (False, True):
-            for i in range(batch):
-                engine.add_request(f"r{count}", torch.randint(10, 128000, (128,), generator=g).tolist(), params,
-                                   lora_request=loras[i % len(loras)] if with_lora else None)
-                count += 1
-            for _ in range(8):  # the prompts, then a few decode steps
-                engine.step()
-            torch.cuda.synchronize()
-            totals.clear()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                engine.step()
-            torch.cuda.synchronize()
-            step = (time.perf_counter() - t) / args.steps * 1e3
-            graphs = engine.runner.graphs
-            graph, _ = graphs.graphs[(graphs.bucket(batch), with_lora)]
-            gpu = replay_ms(graph)
+            adapters = loras if with_lora else None
+            step, gpu = run_batch(engine, batch, adapters, args.steps, seed=2 * n + with_lora, on_start=totals.clear)
             label = "8 adapters" if with_lora else "base"
             print(f"batch {batch}, {label}: step {step:.3f} ms, graph replay alone {gpu:.3f} ms on the GPU "
                   f"({'GPU' if step < 1.1 * gpu else 'host'}-bound)")
             for key, total in totals.items():
                 print(f"    {key:44s} {total / args.steps * 1e3:.3f} ms/step")
-            engine.abort_request(list(engine._seqs))
-            while engine.has_unfinished_requests():
-                engine.step()
+            if in_place is not None and with_lora:
+                step, gpu = run_batch(in_place, batch, adapters, args.steps, seed=2 * n + with_lora)
+                print(f"batch {batch}, {label}, LoRA in place after each GEMM (overlap_lora=False): "
+                      f"step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
     return 0
+
+
+def run_batch(engine, batch: int, loras: list | None, steps: int, seed: int, on_start=lambda: None
+              ) -> tuple[float, float]:
+    """(step ms, graph replay ms) of `engine` decoding `batch` 128-token prompts, over `loras` in turn (None: base),
+    `steps` steps in a row after the prompts; on_start runs just before the timed steps."""
+    from gpu_worker.engine import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{seed}-{i}", torch.randint(10, 128000, (128,), generator=g).tolist(), params,
+                           lora_request=loras[i % len(loras)] if loras else None)
+    for _ in range(8):  # the prompts, then a few decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    on_start()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    step = (time.perf_counter() - t) / steps * 1e3
+    graphs = engine.runner.graphs
+    gpu = replay_ms(graphs.graphs[(graphs.bucket(batch), loras is not None)][0])
+    engine.abort_request(list(engine._seqs))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return step, gpu
 
 
 if __name__ == "__main__":
