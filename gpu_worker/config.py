@@ -50,6 +50,8 @@ class WorkerConfig:
     fused_elementwise: bool | None = None
     # Launch each step before handing out the last one's tokens (EngineArgs.async_scheduling; None: on with CUDA).
     async_scheduling: bool | None = None
+    # Decode graphs run each projection's LoRA beside its base GEMM (EngineArgs.overlap_lora).
+    overlap_lora: bool = True
     # Reuse cached K/V of shared prompt prefixes (per adapter version) (EngineArgs.enable_prefix_caching).
     enable_prefix_caching: bool = False
     # Requests waiting for the batch beyond this are refused (RESOURCE_EXHAUSTED) so the router tries elsewhere.
@@ -112,6 +114,7 @@ class WorkerConfig:
             max_cpu_loras=self.max_cpu_loras,
             fused_elementwise=self.fused_elementwise,
             async_scheduling=self.async_scheduling,
+            overlap_lora=self.overlap_lora,
             enable_prefix_caching=self.enable_prefix_caching,
         )
 
@@ -151,7 +154,7 @@ _INT_FIELDS = {"port", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_s
                "num_kv_blocks", "max_model_len", "block_size", "max_queue", "status_interval_ms"}
 
 
-_BOOL_FIELDS = {"enable_lora", "fused_elementwise", "async_scheduling", "enable_prefix_caching"}
+_BOOL_FIELDS = {"enable_lora", "fused_elementwise", "async_scheduling", "overlap_lora", "enable_prefix_caching"}
 
 
 def _from_env(name: str, raw: str):
@@ -206,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
         "(default: on with CUDA)")
     add("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
         help="launch each step before handing out the last one's tokens, hiding host work (default: on with CUDA)")
+    add("--overlap-lora", action=argparse.BooleanOptionalAction, default=None,
+        help="in decode graphs, run each projection's LoRA on a side stream beside the base GEMM (default on)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
         help="reuse the K/V of prompt prefixes computed before, per adapter version (default off)")
     add("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED (default 1024)")

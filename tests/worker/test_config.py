@@ -30,6 +30,8 @@ def test_flags_beat_environment_which_beats_defaults(tiny_model_dir):
     assert WorkerConfig.from_args(["--model-dir", str(tiny_model_dir)], {}).port == 50053
     assert args.fused_elementwise is None and args.async_scheduling is None  # the engine's: on with CUDA
     assert WorkerConfig.from_args(["--no-async-scheduling"], env).engine_args().async_scheduling is False
+    assert args.overlap_lora is True
+    assert WorkerConfig.from_args(["--no-overlap-lora"], env).engine_args().overlap_lora is False
     fused = WorkerConfig.from_args(["--enable-prefix-caching"], {**env, "LORASERVE_WORKER_FUSED_ELEMENTWISE": "on"})
     assert fused.engine_args().fused_elementwise and fused.engine_args().enable_prefix_caching
     assert not args.enable_prefix_caching
