@@ -8,7 +8,9 @@ mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
+# Every kernel test (they run on CUDA when there is one, not only the gpu-marked ones), and the engine's GPU tests.
+python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine 2>&1 | tail -n 30 | tee -a "$out/gpu_tests.log"
 python3 -m kernels.bench ${KERNEL_BENCH_ARGS:-} 2>&1 | tee "$out/bench_kernels.log" | tail -n 80
 # Decode step vs its graph replay alone, and the host phases: GPU- or host-bound, per batch, base and LoRA.
 python3 -m benchmarks.step_breakdown --compare-overlap 2>&1 | tee "$out/step_breakdown.log" | tail -n 24
