@@ -13,7 +13,8 @@ python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee "
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine 2>&1 | tail -n 30 | tee -a "$out/gpu_tests.log"
 python3 -m kernels.bench ${KERNEL_BENCH_ARGS:-} 2>&1 | tee "$out/bench_kernels.log" | tail -n 80
 # Decode step vs its graph replay alone, and the host phases: GPU- or host-bound, per batch, base and LoRA.
-python3 -m benchmarks.step_breakdown --compare-overlap 2>&1 | tee "$out/step_breakdown.log" | tail -n 24
+python3 -m benchmarks.step_breakdown --compare-overlap 2>&1 | tee "$out/step_breakdown.log" | tail -n 40
+python3 -m benchmarks.decode_kernels 2>&1 | tee "$out/decode_kernels.log" | tail -n 60
 python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30
 # The cluster bench needs two GPUs and ~8 minutes (over the device tool's budget for one call together with
 # the above): BENCH_CLUSTER=1 adds it.
