@@ -119,12 +119,23 @@ def test_special_tokens_are_skipped_or_kept(tokenizer):
     assert "".join(stream(tokenizer, ids, skip_special_tokens=False)) == "Café<eos> 😀"
 
 
-def test_window_stays_small(tokenizer):
-    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(TEXTS["ascii"] * 5).ids, True)
-    for t in tokenizer.encode(TEXTS["mixed"] * 20).ids:
+def test_window_stays_small_and_one_decode_a_token(tokenizer):
+    """Each step decodes a bounded window, not the whole text (at most the slide length plus a character's held
+    bytes), and about once: the emitted part's text is the last decode's, kept until the window slides."""
+    calls = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens):
+            calls.append(len(ids))
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    detok = IncrementalDetokenizer(Counting(), tokenizer.encode(TEXTS["ascii"] * 5).ids, True)
+    ids = tokenizer.encode(TEXTS["mixed"] * 20).ids
+    for t in ids:
         detok.append(t)
-        assert len(detok._window) <= 12, "each step must decode a bounded window, not the whole text"
+        assert len(detok._window) <= 12 + 3, "each step must decode a bounded window, not the whole text"
     assert detok.text == TEXTS["mixed"] * 20
+    assert len(calls) <= 1.25 * len(ids), (len(calls), len(ids))
 
 
 def test_flush_returns_an_incomplete_character(tokenizer):

@@ -2,8 +2,10 @@
 
 IncrementalDetokenizer turns each new token into the text it completes, decoding only a small window
 of recent tokens (vLLM's prefix_offset/read_offset method), so streaming costs O(1) per token and a
-multi-byte character split over byte-level tokens comes out whole. StopStringMatcher sits after it and
-decides what is safe to stream: text that could still turn into a stop string is held back.
+multi-byte character split over byte-level tokens comes out whole. The window slides only every few
+tokens, so the text of its emitted part is the last decode's, kept: one decode per token, not two.
+StopStringMatcher sits after it and decides what is safe to stream: text that could still turn into a
+stop string is held back.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from tokenizers import Tokenizer
 # Prompt tokens kept as left context for the first output token: tokenizers such as SentencePiece
 # decode a leading space differently at the start of a string than after other text.
 _PROMPT_CONTEXT_TOKENS = 5
+# The window slides once it holds this many emitted tokens, down to the last _SLIDE_KEEP of them (their decode,
+# the new prefix text, is the one extra decode a slide costs).
+_WINDOW_MAX = 12
+_SLIDE_KEEP = 4
 # What a decoder emits for an incomplete UTF-8 sequence.
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -22,10 +28,10 @@ _REPLACEMENT_CHAR = "\ufffd"
 class IncrementalDetokenizer:
     """Streams the text of one sequence's output tokens.
 
-    The window holds the tokens from the start of the last emitted piece (context) to the newest
-    token. `_read` splits it: tokens before it have been emitted, tokens from it on have not. A new
-    token's text is decode(window) minus decode(window[:_read]), emitted only once it no longer ends
-    in U+FFFD (the decoder's mark for an incomplete UTF-8 sequence).
+    The window holds a few emitted tokens (context) and the tokens after them. `_read` splits it:
+    tokens before it have been emitted, tokens from it on have not. A new token's text is
+    decode(window) minus decode(window[:_read]) (kept as `_prefix_text`), emitted only once it no
+    longer ends in U+FFFD (the decoder's mark for an incomplete UTF-8 sequence).
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool):
@@ -33,6 +39,7 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._window: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._read = len(self._window)
+        self._prefix_text = self._decode(self._window)
         self._text = ""
 
     @property
@@ -43,28 +50,29 @@ class IncrementalDetokenizer:
     def append(self, token_id: int) -> str:
         """Add the next output token; return the text it completes ("" while a character is incomplete)."""
         self._window.append(token_id)
-        prefix_text = self._decode(self._window[: self._read])
         full_text = self._decode(self._window)
         # Hold back while the new tokens end inside a character, or add no text yet (skipped special
         # tokens; decoders that only settle a token's text once the next one arrives).
-        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
+        if len(full_text) <= len(self._prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
             return ""
-        delta = full_text[len(prefix_text) :]
-        # The emitted tokens become the next window's context; older tokens are no longer needed.
-        self._window = self._window[self._read :]
-        self._read = len(self._window)
-        self._text += delta
-        return delta
+        return self._emit(full_text)
 
     def flush(self) -> str:
         """Text of tokens still held back when the sequence ends (may contain U+FFFD); "" if none."""
         if self._read == len(self._window):
             return ""
-        prefix_text = self._decode(self._window[: self._read])
-        delta = self._decode(self._window)[len(prefix_text) :]
-        self._window = self._window[self._read :]
-        self._read = len(self._window)
+        return self._emit(self._decode(self._window))
+
+    def _emit(self, full_text: str) -> str:
+        """Everything in the window is emitted: its text past the prefix is the delta, and its text the next
+        prefix; once it is long, the window slides to its last few tokens (whose decode is then the prefix)."""
+        delta = full_text[len(self._prefix_text) :]
         self._text += delta
+        if len(self._window) >= _WINDOW_MAX:
+            self._window = self._window[-_SLIDE_KEEP:]
+            full_text = self._decode(self._window)
+        self._read = len(self._window)
+        self._prefix_text = full_text
         return delta
 
     def _decode(self, ids: list[int]) -> str:
