@@ -39,6 +39,7 @@ def _plus_delta(v, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA: tl.constexpr, dt: tl
     in-place add would round it; rows without an adapter (slot < 0) unchanged."""
     if HAS_DELTA:
         slot = tl.load(ds_ptr + row)
+        # The row's "has an adapter" broadcast to the block's shape (a scalar in a mask trips the interpreter).
         d = tl.load(d_ptr + offs, mask=ok & ((offs * 0 + slot) >= 0), other=0.0).to(tl.float32)
         v = tl.where(slot >= 0, to_low(v + d, dt, EMULATED).to(tl.float32), v)
     return v

@@ -118,7 +118,7 @@ class TritonLoRA:
         # Planned (and y, scratch, delta allocated) on the main stream, before the fork: the side stream only
         # launches.
         _, y, shrink, expand = self._plan(layer, group, x, delta, accumulate=False)
-        if x.device.type != "cuda":
+        if x.device.type != "cuda":  # no streams (the interpreter, in tests): the same work, one after another
             shrink(x, self.buffers.a[layer][group], y)
             expand(y, bs, delta)
             return base(), (delta, self._slots)
