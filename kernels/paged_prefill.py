@@ -24,6 +24,8 @@ query): one launch however the chunks' lengths differ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -86,6 +88,71 @@ def prefill_tiles(q_lens: list[int], block_m: int) -> list[int]:
     return tiles
 
 
+def prefill_launch(
+    block_tables: torch.Tensor,
+    q_rows: list[int],
+    q_lens: list[int],
+    ctx_start: list[int],
+    num_heads: int,
+    cache_shape: tuple[int, ...],
+    device: torch.device,
+    block_m: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> Callable[..., torch.Tensor]:
+    """Check a step's chunk layout and work out its launch once: the tile list, built on the host and copied to the
+    device a single time; returns launch(q, k_cache, v_cache, scale, out=None) -> out, which every layer of the step
+    calls with its own tensors (a step's 16-32 layers listed the tiles and copied them again each: for 64 prompts of
+    128 tokens, 512 tiles a layer). See the module doc for the arguments."""
+    _, block_size, KVH, D = cache_shape
+    S = len(ctx_start)
+    if num_heads % KVH:
+        raise ValueError(f"{num_heads} query heads do not group over {KVH} kv heads")
+    if block_size & (block_size - 1) or D & (D - 1) or D < 16:
+        raise ValueError(f"block_size ({block_size}) and head_dim ({D}) must be powers of 2, head_dim >= 16")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != S:
+        raise ValueError(f"block_tables must be int32 [{S}, max_blocks], got {block_tables.dtype} "
+                         f"{tuple(block_tables.shape)}")
+    if len(q_rows) != S or len(q_lens) != S or any(r < 0 or n < 0 for r, n in zip(q_rows, q_lens)):
+        raise ValueError(f"q_rows / q_lens must give {S} chunks of non-negative rows")
+    rows_end = max((r + n for r, n in zip(q_rows, q_lens)), default=0)
+    G = num_heads // KVH
+    # 64 (query, head) rows a tile: 16 queries of a 4-head group (Llama 3), 64 without GQA.
+    block_m = block_m or max(16 // next_pow2(G), 64 // next_pow2(G), 1)
+    tiles = prefill_tiles(q_lens, block_m)
+    # The tile list starts 16 bytes aligned whatever the chunk count (an unaligned pointer is another variant).
+    chunks = [x for c in zip(q_rows, q_lens, ctx_start) for x in c]
+    chunks += [0] * (-len(chunks) % 4)
+    meta = torch.tensor(chunks + tiles, dtype=torch.int32)
+    meta = meta.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else meta.to(device)
+    chunk_meta, tile_meta = meta[:3 * S], meta[len(chunks):]
+    grid = (len(tiles) // 2, KVH)
+    consts = dict(G=G, G_PAD=next_pow2(G), D=D, BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                  num_warps=num_warps)
+
+    def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        if q.dim() != 3 or q.shape[1:] != (num_heads, D) or tuple(k_cache.shape) != tuple(cache_shape) \
+                or v_cache.shape != k_cache.shape:
+            raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, planned for "
+                             f"{num_heads} heads over a cache {tuple(cache_shape)}")
+        if rows_end > q.shape[0]:
+            raise ValueError(f"q_rows / q_lens reach row {rows_end}, q has {q.shape[0]}")
+        if k_cache.stride(3) != 1 or q.stride(2) != 1:
+            raise ValueError("the head dimension must be contiguous")
+        out = torch.empty_like(q) if out is None else out
+        if grid[0]:
+            _prefill_kernel[grid](
+                q, k_cache, v_cache, block_tables, chunk_meta, tile_meta, out, scale,
+                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                block_tables.stride(0), out.stride(0), out.stride(1),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **consts,
+            )
+        return out
+
+    return launch
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -101,42 +168,13 @@ def paged_prefill_attention(
     num_warps: int = 4,
 ) -> torch.Tensor:
     """See the module doc. q_rows / q_lens / ctx_start are host lists (the tiles are laid out from them); returns out
-    ([T, H, D], q's dtype; rows outside the chunks untouched, or unset when out is None)."""
-    T, H, D = q.shape
-    _, block_size, KVH, Dk = k_cache.shape
-    S = len(ctx_start)
-    if Dk != D or H % KVH or v_cache.shape != k_cache.shape:
-        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
-    if block_size & (block_size - 1) or D & (D - 1) or D < 16:
-        raise ValueError(f"block_size ({block_size}) and head_dim ({D}) must be powers of 2, head_dim >= 16")
-    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != S:
-        raise ValueError(f"block_tables must be int32 [{S}, max_blocks], got {block_tables.dtype} "
-                         f"{tuple(block_tables.shape)}")
-    if len(q_rows) != S or len(q_lens) != S or any(r < 0 or n < 0 or r + n > T for r, n in zip(q_rows, q_lens)):
-        raise ValueError(f"q_rows / q_lens must give {S} chunks of rows within [0, {T})")
-    if k_cache.stride(3) != 1 or q.stride(2) != 1:
-        raise ValueError("the head dimension must be contiguous")
-    out = torch.empty_like(q) if out is None else out
-    G = H // KVH
-    # 64 (query, head) rows a tile: 16 queries of a 4-head group (Llama 3), 64 without GQA.
-    block_m = block_m or max(16 // next_pow2(G), 64 // next_pow2(G), 1)
-    tiles = prefill_tiles(q_lens, block_m)
-    if not tiles:
-        return out
-    # The tile list starts 16 bytes aligned whatever the chunk count (an unaligned pointer is another variant).
-    chunks = [x for c in zip(q_rows, q_lens, ctx_start) for x in c]
-    chunks += [0] * (-len(chunks) % 4)
-    meta = torch.tensor(chunks + tiles, dtype=torch.int32)
-    meta = meta.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else meta.to(q.device)
-    _prefill_kernel[(len(tiles) // 2, KVH)](
-        q, k_cache, v_cache, block_tables, meta[:3 * S], meta[len(chunks):], out, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        G=G, G_PAD=next_pow2(G), D=D, BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-    )
-    return out
+    ([T, H, D], q's dtype; rows outside the chunks untouched, or unset when out is None). One call: `prefill_launch`
+    plans once for many layers."""
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"q must be [T, H, D] and k_cache [blocks, block_size, KVH, D]: {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}")
+    return prefill_launch(block_tables, q_rows, q_lens, ctx_start, q.shape[1], tuple(k_cache.shape), q.device,
+                          block_m, block_n, num_warps)(q, k_cache, v_cache, scale, out)
 
 
 def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, q_rows, q_lens, ctx_start, scale):

@@ -128,21 +128,28 @@ def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkey
     launch for all of them, mixed with decode rows: still transformers + PEFT's tokens and logprobs."""
     from kernels import paged_prefill
 
-    launches = []
-    kernel = paged_prefill.paged_prefill_attention
+    launches, plans = [], []
+    plan = paged_prefill.prefill_launch
 
     def counted(*args, **kwargs):
-        launches.append(len(args[4]))  # chunks in the launch
-        return kernel(*args, **kwargs)
+        chunks = len(args[1])  # q_rows
+        plans.append(chunks)
+        launch = plan(*args, **kwargs)
 
-    monkeypatch.setattr(paged_prefill, "paged_prefill_attention", counted)
+        def run(*a, **k):
+            launches.append(chunks)  # chunks in the launch
+            return launch(*a, **k)
+        return run
+
+    monkeypatch.setattr(paged_prefill, "prefill_launch", counted)
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8, num_kv_blocks=64,
               max_num_batched_tokens=16, enable_prefix_caching=True, fused_prefill_attention=True)
     assert llm.engine.runner.fused_prefill
     # The start-up warm-up (CUDA engines run it) sends a first chunk and one with a cached prefix through the
     # kernel, in the scratch block (block 64 here), and leaves nothing behind that changes the results below.
     llm.engine.runner.warm_prompt_path(scratch_block=64)
-    assert launches and set(launches) == {2}  # one launch a layer, both chunks in it
+    layers = llm.engine.model_config.num_layers
+    assert plans == [2] and launches == [2] * layers  # planned once for the step, one launch a layer
     launches.clear()
     # Prompts longer than the budget: their later chunks have a cached prefix; adapter and base mixed.
     _check(llm, tiny_model_dir, [PROMPTS[0], PROMPTS[5]], tiny_adapters, ["chat-lora", None])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_ref, prefill_tiles
+from kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_ref, prefill_launch, prefill_tiles
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -81,3 +81,21 @@ def test_tiles_and_checks():
         paged_prefill_attention(q, k, v, tables, [8], [4], ctx, 0.25)
     with pytest.raises(ValueError, match="int32"):
         paged_prefill_attention(q, k, v, tables.long(), [0], [4], ctx, 0.25)
+
+
+def test_one_plan_serves_every_layer():
+    """prefill_launch lays the tiles out once; its launch, called with each layer's own q and caches, gives what a
+    one-shot call gives for that layer, and refuses tensors of other shapes."""
+    layers = [case([(0, 20), (37, 9), (5, 1)]) for _ in range(3)]
+    _, k0, _, tables, ctx = layers[0]
+    rows, lens = [0, 20, 29], [20, 9, 1]
+    launch = prefill_launch(tables, rows, lens, ctx, layers[0][0].shape[1], tuple(k0.shape), k0.device)
+    for q, k, v, _, _ in layers:  # each layer's own q and caches, the step's block tables
+        got = launch(q, k, v, 0.25)
+        want = paged_prefill_attention(q, k, v, tables, rows, lens, ctx, 0.25)
+        assert torch.equal(got[:30], want[:30])
+    q, k, v, _, _ = layers[0]
+    with pytest.raises(ValueError, match="shapes disagree"):
+        launch(q[:, :1], k, v, 0.25)
+    with pytest.raises(ValueError, match="q_rows"):
+        launch(q[:10], k, v, 0.25)

@@ -16,6 +16,7 @@ split instead:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,8 @@ class PagedChunks:
     lens: list[int]
     starts: list[int]
     block_tables: torch.Tensor  # [P, max_blocks] int32
+    # The step's launch (kernels.paged_prefill.prefill_launch), planned at the first layer, called by every one.
+    launch: Callable[..., torch.Tensor] | None = None
 
 
 @dataclass
@@ -132,10 +135,13 @@ def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         else:
             out[meta.decode_rows] = dense_attention(qd, k_cache, v_cache, meta.decode, scale)
     if meta.paged_chunks is not None:
-        from kernels.paged_prefill import paged_prefill_attention
-
         p = meta.paged_chunks
-        paged_prefill_attention(q, k_cache, v_cache, p.block_tables, p.rows, p.lens, p.starts, scale, out=out)
+        if p.launch is None:
+            from kernels.paged_prefill import prefill_launch
+
+            p.launch = prefill_launch(p.block_tables, p.rows, p.lens, p.starts, q.shape[1], tuple(k_cache.shape),
+                                      q.device)
+        p.launch(q, k_cache, v_cache, scale, out)
     for part in meta.prompts:
         qp = q[part.lo:part.hi]
         if part.dense is not None:
