@@ -124,8 +124,9 @@ def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch
 
 def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch):
     """fused_prefill_attention: chunks with a cached prefix (later chunks of prompts split by a small token
-    budget, and prefix-cache hits) attend through the paged prefill kernel (Triton's interpreter here), one
-    launch for all of them, mixed with decode rows: still transformers + PEFT's tokens and logprobs."""
+    budget, and prefix-cache hits), short first chunks and the decode rows of mixed steps attend through the paged
+    prefill kernel (Triton's interpreter here), one launch for all of them: still transformers + PEFT's tokens and
+    logprobs."""
     from kernels import paged_prefill
 
     launches, plans = [], []
@@ -145,11 +146,12 @@ def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkey
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8, num_kv_blocks=64,
               max_num_batched_tokens=16, enable_prefix_caching=True, fused_prefill_attention=True)
     assert llm.engine.runner.fused_prefill
-    # The start-up warm-up (CUDA engines run it) sends a first chunk and one with a cached prefix through the
-    # kernel, in the scratch block (block 64 here), and leaves nothing behind that changes the results below.
+    # The start-up warm-up (CUDA engines run it) sends a first chunk, one with a cached prefix and a decode row
+    # through the kernel, in the scratch block (block 64 here), and leaves nothing behind that changes the results
+    # below.
     llm.engine.runner.warm_prompt_path(scratch_block=64)
     layers = llm.engine.model_config.num_layers
-    assert plans == [2] and launches == [2] * layers  # planned once for the step, one launch a layer
+    assert plans == [3] and launches == [3] * layers  # planned once for the step, one launch a layer
     launches.clear()
     # Prompts longer than the budget: their later chunks have a cached prefix; adapter and base mixed.
     _check(llm, tiny_model_dir, [PROMPTS[0], PROMPTS[5]], tiny_adapters, ["chat-lora", None])

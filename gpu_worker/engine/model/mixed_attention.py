@@ -5,13 +5,13 @@ Padding every sequence to the longest prompt chunk and masking (AttentionMetadat
 a step on an H200 for one 128-token prompt among 32 decodes: the mask built on the host (B x Q x K), and a
 mask that rules out the fast SDPA backends, so the math backend ran in float32. Here the step's rows are
 split instead:
-- decode rows (one new token each) go to the fused paged-decode kernel on CUDA (the torch gather path over
-  those rows alone, one query each, elsewhere);
-- prompt chunks with a cached prefix (a later chunk of a long prompt, or blocks from the prefix cache) and
-  first chunks shorter than FIRST_CHUNK_KERNEL_MAX all go to one launch of the paged prefill kernel on CUDA,
-  which reads their keys in place (kernels/paged_prefill.py); a long first chunk is plain causal attention over
-  its own keys, which SDPA runs with its flash backend; elsewhere, or with a sliding window, each chunk attends
-  on its own (first chunks with SDPA, the others through the masked path for their one sequence).
+- with the paged prefill kernel (kernels/paged_prefill.py; CUDA, no sliding window), decode rows (a one-query
+  chunk each), chunks with a cached prefix (a later chunk of a long prompt, or blocks from the prefix cache) and
+  first chunks up to FIRST_CHUNK_KERNEL_MAX tokens all go to one launch of it a layer, keys read in place; a
+  longer first chunk is plain causal attention over its own keys, which SDPA runs with its flash backend;
+- without it, decode rows go to the fused paged-decode kernel on CUDA (the torch gather path over those rows
+  alone elsewhere), first chunks to SDPA, and each chunk with a cached prefix (or any, with a sliding window)
+  through the masked path for its one sequence.
 """
 
 from __future__ import annotations
@@ -77,11 +77,16 @@ class MixedMetadata:
         paged: list[int] = []  # chunks for the paged prefill kernel, by index b
         paged_rows: list[int] = []
         row = 0
+        paged_ok = fused_prefill and sliding_window is None
         for b, (start, n, table) in enumerate(zip(starts, lengths, block_tables)):
             if n == 1:
                 ones.append(table[start // block_size] * block_size + start % block_size)
-                decode_rows.append(row)
-                decode_seqs.append(b)
+                if paged_ok:  # a one-query chunk of the paged prefill launch: no gather, launch and scatter of its own
+                    paged.append(b)
+                    paged_rows.append(row)
+                else:
+                    decode_rows.append(row)
+                    decode_seqs.append(b)
             else:  # a prompt chunk may be thousands of tokens: its slots in torch, not a Python loop
                 if ones:
                     parts.append(torch.tensor(ones, dtype=torch.int64))
@@ -89,7 +94,7 @@ class MixedMetadata:
                 pos = torch.arange(start, start + n)
                 parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size
                              + pos % block_size)
-                if fused_prefill and sliding_window is None and (start > 0 or n <= FIRST_CHUNK_KERNEL_MAX):
+                if paged_ok and (start > 0 or n <= FIRST_CHUNK_KERNEL_MAX):
                     paged.append(b)
                     paged_rows.append(row)
                 else:
