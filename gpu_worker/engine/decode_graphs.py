@@ -9,14 +9,13 @@ batches without one have separate graphs, so base-only traffic never runs a LoRA
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 
 import numpy as np
 import torch
 
-from .model.attention import DecodeMetadata
+from .model.attention import DecodeMetadata, write_block_tables
 from .model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
@@ -102,8 +101,7 @@ class DecodeGraphs:
         table = host[5 * b + 2 * k:].reshape(b, width)
         pos = np.asarray(positions, dtype=np.int64)
         table.fill(self.scratch_slot // bs)
-        table[:n][np.arange(width) < lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(block_tables), np.int64, int(lens.sum()))
+        write_block_tables(table, block_tables, lens)
         cols[0, :n] = ids
         cols[0, n:] = 0
         cols[1, :n] = pos

@@ -7,8 +7,10 @@ padded batch and attended with one SDPA call (grouped-query attention without ex
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -76,6 +78,26 @@ class AttentionMetadata:
             num_seqs=B,
             max_q=max_q,
         )
+
+
+def write_block_tables(dst: np.ndarray, tables: list[list[int]], lens: np.ndarray | None = None) -> None:
+    """Row b of dst [>= len(tables), width] starts with tables[b] (entries past it are left as they are): one
+    vectorized write, not a Python loop over rows. lens: the tables' lengths, when the caller has them."""
+    if lens is None:
+        lens = np.fromiter(map(len, tables), np.int64, len(tables))
+    dst[: len(tables)][np.arange(dst.shape[1]) < lens[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), dst.dtype, int(lens.sum()))
+
+
+def token_slots(starts: list[int], lengths: list[int], tables: list[list[int]], block_size: int) -> np.ndarray:
+    """The flat cache slot of every new token of a step, in row order: tokens starts[b] .. starts[b] + lengths[b]
+    of sequence b, at tables[b][pos // block_size] * block_size + pos % block_size ([T] int64, numpy)."""
+    lens = np.asarray(lengths, np.int64)
+    table = np.zeros((len(tables), max(map(len, tables))), np.int64)
+    write_block_tables(table, tables)
+    row_starts = np.repeat(np.cumsum(lens) - lens, lens)
+    pos = np.arange(int(lens.sum())) - row_starts + np.repeat(np.asarray(starts, np.int64), lens)
+    return table[np.repeat(np.arange(len(tables)), lens), pos // block_size] * block_size + pos % block_size
 
 
 def padded_block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from .attention import _BACKENDS, AttentionMetadata, DecodeMetadata, dense_attention, padded_block_tables
+from .attention import (
+    _BACKENDS,
+    AttentionMetadata,
+    DecodeMetadata,
+    dense_attention,
+    padded_block_tables,
+    token_slots,
+)
 
 # First chunks (no cached prefix) up to this many tokens join the paged prefill launch: SDPA per chunk is ~8 launches
 # a layer (gather, repeat, attention, scatter), so 64 prompts of 128 tokens arriving together cost a 1B model's
@@ -69,8 +76,6 @@ class MixedMetadata:
               fused_prefill: bool = False) -> MixedMetadata:
         """Chunks in row order: tokens [starts[b], starts[b] + lengths[b]) of sequence b. fused_prefill: chunks
         with a cached prefix, and short first chunks, go to the paged prefill kernel (no sliding window)."""
-        parts: list[torch.Tensor] = []  # the step's slots, in row order
-        ones: list[int] = []  # slots of one-token rows not yet in parts
         decode_rows: list[int] = []
         decode_seqs: list[int] = []
         prompts: list[PromptPart] = []
@@ -79,29 +84,18 @@ class MixedMetadata:
         row = 0
         paged_ok = fused_prefill and sliding_window is None
         for b, (start, n, table) in enumerate(zip(starts, lengths, block_tables)):
-            if n == 1:
-                ones.append(table[start // block_size] * block_size + start % block_size)
-                if paged_ok:  # a one-query chunk of the paged prefill launch: no gather, launch and scatter of its own
-                    paged.append(b)
-                    paged_rows.append(row)
-                else:
-                    decode_rows.append(row)
-                    decode_seqs.append(b)
-            else:  # a prompt chunk may be thousands of tokens: its slots in torch, not a Python loop
-                if ones:
-                    parts.append(torch.tensor(ones, dtype=torch.int64))
-                    ones = []
-                pos = torch.arange(start, start + n)
-                parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size
-                             + pos % block_size)
-                if paged_ok and (start > 0 or n <= FIRST_CHUNK_KERNEL_MAX):
-                    paged.append(b)
-                    paged_rows.append(row)
-                else:
-                    dense = None
-                    if start > 0 or sliding_window is not None:
-                        dense = AttentionMetadata.build([start], [n], [table], block_size, device, sliding_window)
-                    prompts.append(PromptPart(row, row + n, start, dense))
+            # A decode row is a one-query chunk of the paged launch: no gather, launch and scatter of its own.
+            if paged_ok and (n == 1 or start > 0 or n <= FIRST_CHUNK_KERNEL_MAX):
+                paged.append(b)
+                paged_rows.append(row)
+            elif n == 1:
+                decode_rows.append(row)
+                decode_seqs.append(b)
+            else:
+                dense = None
+                if start > 0 or sliding_window is not None:
+                    dense = AttentionMetadata.build([start], [n], [table], block_size, device, sliding_window)
+                prompts.append(PromptPart(row, row + n, start, dense))
             row += n
         decode = None
         if decode_seqs:
@@ -111,14 +105,12 @@ class MixedMetadata:
             else:
                 decode = AttentionMetadata.build([starts[b] for b in decode_seqs], [1] * len(decode_seqs), tables,
                                                  block_size, device, sliding_window)
-        if ones:
-            parts.append(torch.tensor(ones, dtype=torch.int64))
         paged_chunks = None
         if paged:
             paged_chunks = PagedChunks(paged_rows, [lengths[b] for b in paged], [starts[b] for b in paged],
                                        padded_block_tables([block_tables[b] for b in paged], device))
         return cls(
-            slot_mapping=(parts[0] if len(parts) == 1 else torch.cat(parts)).to(device),
+            slot_mapping=torch.from_numpy(token_slots(starts, lengths, block_tables, block_size)).to(device),
             decode_rows=torch.tensor(decode_rows, dtype=torch.int64).to(device) if decode_rows else None,
             decode=decode,
             prompts=prompts,
