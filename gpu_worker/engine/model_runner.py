@@ -56,8 +56,8 @@ class ModelRunner:
         self.sampler = Sampler()
         cfg = model.cfg
         # The fused attention kernels want head dims a power of 2 of at least 16 and no sliding window; decode's
-        # also power-of-2 blocks of at least 16, and CUDA. Chunks with a cached prefix go through the paged
-        # prefill kernel (fused_prefill None: on CUDA).
+        # also power-of-2 blocks of at least 16, and CUDA. With fused_prefill (None: on CUDA) the paged prefill
+        # kernel takes a mixed step's decode rows, short first chunks and chunks with a cached prefix in one launch.
         fits = cfg.head_dim >= 16 and not cfg.head_dim & (cfg.head_dim - 1) and cfg.sliding_window is None
         self.fused_decode = fits and model.device.type == "cuda" and block_size >= 16
         self.fused_prefill = fits and (model.device.type == "cuda" if fused_prefill is None else fused_prefill)

@@ -103,9 +103,10 @@ def token_slots(starts: list[int], lengths: list[int], tables: list[list[int]], 
 def padded_block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     """Block tables as one int32 [B, longest] tensor on `device` (short rows padded with block 0, never read:
     the kernels stop at each sequence's length); through pinned memory on CUDA."""
-    width = max(len(t) for t in tables)
-    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    return (padded.pin_memory() if device.type == "cuda" else padded).to(device, non_blocking=True)
+    padded = np.zeros((len(tables), max(map(len, tables))), np.int32)
+    write_block_tables(padded, tables)
+    t = torch.from_numpy(padded)
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 @dataclass
