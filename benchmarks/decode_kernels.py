@@ -12,13 +12,11 @@ kernels run beside the GEMMs (benchmarks.step_breakdown times the replay).
 from __future__ import annotations
 
 import argparse
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-from benchmarks.synthetic import LLAMA_3_2_1B, write_adapter, write_model
+from benchmarks.synthetic import llama_1b_with_adapters
 
 
 def kernel_table(prof, steps: int) -> list[tuple[str, float, int]]:
@@ -37,12 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=16, help="kernels listed per case")
     args = p.parse_args(argv)
-    from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
+    from gpu_worker.engine import EngineArgs, LLMEngine, SamplingParams
 
-    root = Path(tempfile.mkdtemp(prefix="decode-kernels-"))
-    cfg = LLAMA_3_2_1B
-    model = write_model(root / "model", cfg, "cuda")
-    loras = [LoRARequest(f"a{i}", i + 1, str(write_adapter(root / f"a{i}", cfg, 16, seed=i))) for i in range(32)]
+    model, loras = llama_1b_with_adapters("decode-kernels-", 32)
     engine = LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096,
                                   max_num_seqs=max(128, args.batch), enable_lora=True, max_loras=32, max_lora_rank=16,
                                   max_cpu_loras=32, async_scheduling=False))

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.synthetic import LLAMA_3_2_1B, write_adapter, write_model
+from benchmarks.synthetic import llama_1b_with_adapters
 
 
 @contextlib.contextmanager
@@ -56,12 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                    "and with the fused Triton ones (EngineArgs.fused_elementwise), two engines side by side; "
                    "no profiles")
     args = p.parse_args(argv)
-    from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
+    from gpu_worker.engine import EngineArgs, LLMEngine, SamplingParams
 
-    root = Path(tempfile.mkdtemp(prefix="profile-step-"))
-    cfg = LLAMA_3_2_1B
-    model = write_model(root / "model", cfg, "cuda")
-    loras = [LoRARequest(f"a{i}", i + 1, str(write_adapter(root / f"a{i}", cfg, 16, seed=i))) for i in range(8)]
+    model, loras = llama_1b_with_adapters("profile-step-", 8)
     variants = (False, True) if args.compare_fused else (False,)
     engines = {fused: LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
                                            enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16,

@@ -11,14 +11,12 @@ weights, 128-token prompts, base-only and 8 rank-16 adapters mixed (benchmarks/s
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-from benchmarks.synthetic import LLAMA_3_2_1B, write_adapter, write_model
+from benchmarks.synthetic import llama_1b_with_adapters
 
 # (object attribute holding it, method name, label): the host phases timed per step.
 PHASES = [
@@ -57,12 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-overlap", action="store_true", help="also an engine with overlap_lora=False (LoRA in "
                    "place after each GEMM), the same adapter batches timed on both, side by side")
     args = p.parse_args(argv)
-    from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest
+    from gpu_worker.engine import EngineArgs, LLMEngine
 
-    root = Path(tempfile.mkdtemp(prefix="step-breakdown-"))
-    cfg = LLAMA_3_2_1B
-    model = write_model(root / "model", cfg, "cuda")
-    loras = [LoRARequest(f"a{i}", i + 1, str(write_adapter(root / f"a{i}", cfg, 16, seed=i))) for i in range(8)]
+    model, loras = llama_1b_with_adapters("step-breakdown-", 8)
 
     def make(overlap: bool):
         return LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,

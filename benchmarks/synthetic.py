@@ -66,3 +66,16 @@ def write_adapter(out: Path, cfg: dict, rank: int, seed: int, targets=PROJ) -> P
         "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
         "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": "synthetic-llama"}))
     return out
+
+
+def llama_1b_with_adapters(prefix: str, n_adapters: int, rank: int = 16) -> tuple[Path, list]:
+    """The Llama-3.2-1B-shaped checkpoint (on CUDA) and `n_adapters` rank-`rank` adapters on all seven projections,
+    in a fresh temporary directory: (model dir, LoRARequests a0 .. a{n-1} with ids 1 .. n)."""
+    import tempfile
+
+    from gpu_worker.engine import LoRARequest
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    model = write_model(root / "model", LLAMA_3_2_1B, "cuda")
+    return model, [LoRARequest(f"a{i}", i + 1, str(write_adapter(root / f"a{i}", LLAMA_3_2_1B, rank, seed=i)))
+                   for i in range(n_adapters)]
