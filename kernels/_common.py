@@ -135,3 +135,18 @@ def to_low(x, dtype: tl.constexpr, EMULATED: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def round_low(x, dtype: tl.constexpr, EMULATED: tl.constexpr):
+    """x (fp32) rounded to dtype's precision and kept in fp32, as torch rounds an op's result before the next op
+    reads it. bf16 is rounded on the bits: a convert to bf16 and back could be folded away by the compiler,
+    which would then fuse the product into the next sum (one FMA, not torch's two roundings)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif dtype == tl.float32:
+        return x
+    else:
+        return to_low(x, dtype, EMULATED).to(tl.float32)

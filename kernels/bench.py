@@ -7,6 +7,8 @@
                                                      # times alternative launch configs instead
     PYTHONPATH=. python3 -m kernels.bench --sweep --cases qkv:16:2048:128,down:64:16:8
                                                      # the same for a list of group:rank:tokens:adapters
+    PYTHONPATH=. python3 -m kernels.bench --shapes llama-3.2-1b --tokens 64 --ranks 16
+                                                     # the worker benchmark's model (adds o_proj)
 
 For every (projection, rank, tokens, distinct adapters):
   * correctness: the Triton result against a float64 reference, on this GPU, before any timing;
@@ -55,12 +57,14 @@ from ._common import sm_count
 from .lora_shrink import MAX_SPLIT
 from .reference import gather_bmm_bytes, lora_gather_bmm, lora_loop, lora_ref
 
-# Llama-3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, intermediate 14336.
-GROUPS = {
-    "qkv": (4096, (4096, 1024, 1024)),
-    "gate_up": (4096, (14336, 14336)),
-    "down": (14336, (4096,)),
+# Llama-3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, intermediate 14336 (the issue's shapes); and
+# Llama-3.2-1B (the worker benchmark's model): hidden 2048, 32 q heads / 8 kv heads of 64, intermediate 8192.
+SHAPES = {
+    "llama-3-8b": {"qkv": (4096, (4096, 1024, 1024)), "gate_up": (4096, (14336, 14336)), "down": (14336, (4096,))},
+    "llama-3.2-1b": {"qkv": (2048, (2048, 512, 512)), "o": (2048, (2048,)), "gate_up": (2048, (8192, 8192)),
+                     "down": (8192, (2048,))},
 }
+GROUPS = SHAPES["llama-3-8b"]
 RANKS = (16, 64)
 TOKENS = (1, 16, 64, 256, 2048, 8192)
 ADAPTERS = (1, 8, 32, 128)
@@ -206,8 +210,8 @@ def make_inputs(tokens: int, adapters: int, in_features: int, n_out: int, copy: 
 
 
 def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: float, l2: int,
-             with_torch: bool) -> Row:
-    in_features, widths = GROUPS[group]
+             with_torch: bool, shapes: dict = GROUPS) -> Row:
+    in_features, widths = shapes[group]
     n_out = sum(widths)
     row = Row(group, rank, tokens, adapters)
 
@@ -328,10 +332,11 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, n_total: int, rank
     return ds, sorted(shrink, key=cfg_str), de, sorted(expand, key=cfg_str)
 
 
-def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, ops=("shrink", "expand")) -> None:
+def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, ops=("shrink", "expand"),
+               shapes: dict = GROUPS) -> None:
     """Time alternative launch configs for one case, shrink and expand apart; print the default's time and
     the best few. For retuning `shrink_config` / `expand_config` on a new GPU (or a new Triton)."""
-    in_features, widths = GROUPS[group]
+    in_features, widths = shapes[group]
     c = make_inputs(tokens, adapters, in_features, sum(widths), 0)
     sms = sm_count(torch.device(DEVICE))
     ds, shrink_cands, de, expand_cands = _sweep_candidates(c.meta, in_features, len(widths) * rank, rank, sms)
@@ -413,7 +418,8 @@ def print_table(rows: list[Row]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tokens 1/64/2048, adapters 1/8, rank 16")
-    p.add_argument("--groups", default=",".join(GROUPS))
+    p.add_argument("--shapes", default="llama-3-8b", choices=list(SHAPES), help="the model whose layer is timed")
+    p.add_argument("--groups", default=None, help="projections (default: all of the model's)")
     p.add_argument("--ranks", default=",".join(map(str, RANKS)))
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--adapters", default=",".join(map(str, ADAPTERS)))
@@ -428,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.ranks, args.tokens, args.adapters = "16", "1,64,2048", "1,8"
-    groups = args.groups.split(",")
+    shapes = SHAPES[args.shapes]
+    groups = args.groups.split(",") if args.groups else list(shapes)
     ranks = [int(v) for v in args.ranks.split(",")]
     tokens = [int(v) for v in args.tokens.split(",")]
     adapters = [int(v) for v in args.adapters.split(",")]
@@ -449,14 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(g, r, t, n) for g in groups for r in ranks for t in tokens for n in adapters if n <= t]
     rows: list[Row] = []
     for group in dict.fromkeys(g for g, *_ in cases):
-        in_features, widths = GROUPS[group]
+        in_features, widths = shapes[group]
         for rank in dict.fromkeys(r for g, r, *_ in cases if g == group):
             w = Weights.make(in_features, widths, rank)
             for _, _, t, n in (c for c in cases if c[:2] == (group, rank)):
                 if args.sweep:
-                    sweep_case(group, rank, t, n, w, ops=args.sweep_ops.split(","))
+                    sweep_case(group, rank, t, n, w, ops=args.sweep_ops.split(","), shapes=shapes)
                     continue
-                r = run_case(group, rank, t, n, w, bw, l2, not args.no_torch)
+                r = run_case(group, rank, t, n, w, bw, l2, not args.no_torch, shapes)
                 rows.append(r)
                 print(f"{group:8s} r{rank:<3d} T={t:<5d} n={n:<4d} pair {r.pair_us:8.1f} us  floor "
                       f"{r.floor_us:8.1f} us ({r.floor_frac:5.0%})  torch {fmt(r.torch_us):>8s} us  "

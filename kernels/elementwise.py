@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import emulated, next_pow2, to_low
+from ._common import emulated, next_pow2, round_low, to_low
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _plus_delta(v, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA: tl.constexpr, dt: tl
         slot = tl.load(ds_ptr + row)
         # The row's "has an adapter" broadcast to the block's shape (a scalar in a mask trips the interpreter).
         d = tl.load(d_ptr + offs, mask=ok & ((offs * 0 + slot) >= 0), other=0.0).to(tl.float32)
-        v = tl.where(slot >= 0, to_low(v + d, dt, EMULATED).to(tl.float32), v)
+        v = tl.where(slot >= 0, round_low(v + d, dt, EMULATED), v)
     return v
 
 
@@ -71,10 +71,10 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
         r = _plus_delta(r, d_ptr, ds_ptr, row, row * s_r + cols, ok, HAS_DELTA, dt, EMULATED)
-        h = to_low(h + r, dt, EMULATED).to(tl.float32)  # the sum in the model's dtype, as torch rounds it
+        h = round_low(h + r, dt, EMULATED)  # the sum in the model's dtype, as torch rounds it
         tl.store(hout_ptr + row * s_ho + cols, h.to(dt), mask=ok)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
-    y = to_low(h * rstd, dt, EMULATED).to(tl.float32)  # normalized in fp32, then cast (Hugging Face's order)
+    y = round_low(h * rstd, dt, EMULATED)  # normalized in fp32, then cast (Hugging Face's order)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(x_ptr + row * s_x + cols, to_low(w * y, dt, EMULATED), mask=ok)
 
@@ -114,10 +114,8 @@ def _rotate(x_ptr, d_ptr, ds_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, si
     x2 = tl.load(base + HALF, mask=ok, other=0.0).to(tl.float32)
     x1 = _plus_delta(x1, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA, dt, EMULATED)
     x2 = _plus_delta(x2, d_ptr, ds_ptr, row, offs + HALF, ok, HAS_DELTA, dt, EMULATED)
-    o1 = to_low(to_low(x1 * cos1, dt, EMULATED).to(tl.float32)
-                + to_low(-x2 * sin1, dt, EMULATED).to(tl.float32), dt, EMULATED)
-    o2 = to_low(to_low(x2 * cos2, dt, EMULATED).to(tl.float32)
-                + to_low(x1 * sin2, dt, EMULATED).to(tl.float32), dt, EMULATED)
+    o1 = to_low(round_low(x1 * cos1, dt, EMULATED) + round_low(-x2 * sin1, dt, EMULATED), dt, EMULATED)
+    o2 = to_low(round_low(x2 * cos2, dt, EMULATED) + round_low(x1 * sin2, dt, EMULATED), dt, EMULATED)
     tl.store(base, o1, mask=ok)
     tl.store(base + HALF, o2, mask=ok)
     return o1, o2
@@ -210,7 +208,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, d_ptr, ds_ptr, N, s_gu, s_o, HAS_DELTA: tl
     u = tl.load(gu_ptr + row * s_gu + N + cols, mask=ok, other=0.0).to(tl.float32)
     g = _plus_delta(g, d_ptr, ds_ptr, row, row * s_gu + cols, ok, HAS_DELTA, dt, EMULATED)
     u = _plus_delta(u, d_ptr, ds_ptr, row, row * s_gu + N + cols, ok, HAS_DELTA, dt, EMULATED)
-    act = to_low(g / (1.0 + tl.exp(-g)), dt, EMULATED).to(tl.float32)  # F.silu, rounded as torch does
+    act = round_low(g / (1.0 + tl.exp(-g)), dt, EMULATED)  # F.silu, rounded as torch does
     tl.store(out_ptr + row * s_o + cols, to_low(act * u, dt, EMULATED), mask=ok)
 
 
