@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_worker.engine import EngineArgs, LLMEngine, SamplingParams
 
     model, loras = llama_1b_with_adapters("profile-step-", 8)
-    variants = (False, True) if args.compare_fused else (False,)
+    # The engine's default (fused on CUDA), or both side by side.
+    variants = (False, True) if args.compare_fused else (None,)
     engines = {fused: LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
                                            enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16,
                                            fused_elementwise=fused))
