@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--demo-dir", default=".demo/assets")
     p.add_argument("--profile", type=int, default=0, help="print the top N functions of cProfile over the steps")
+    p.add_argument("--profile-sort", default="tottime", help="the profile's order: tottime or cumtime")
     p.add_argument("--compare-lora-off", action="store_true",
                    help="base-only requests on an engine with LoRA enabled and one with it disabled, timed in "
                         "alternating blocks of steps in one process")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.prompt}-token prompts: median {med:.3f} ms, p90 {sorted(times)[int(0.9 * len(times))] * 1e3:.3f} ms, "
           f"best block of 10 {best_block_ms(times):.3f} ms ({args.steps} steps{', under cProfile' if prof else ''})")
     if prof:
-        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+        pstats.Stats(prof).sort_stats(args.profile_sort).print_stats(args.profile)
     return 0
 
 

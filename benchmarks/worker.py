@@ -190,8 +190,10 @@ def main() -> None:
                          roofline_tok_s=round(roof), pct_roofline=round(100 * tok_s / roof, 1)))
         print(rows[-1], flush=True)
 
-    # Both engines live side by side: base-only traffic is timed on each in turn (twice, the better run of
-    # each kept), so "LoRA enabled, no adapter" vs "LoRA disabled" is not an ordering artifact.
+    # Both engines live side by side: base-only traffic is timed on each in turn, so "LoRA enabled, no
+    # adapter" vs "LoRA disabled" is not an ordering artifact. Every case runs twice, interleaved with the
+    # others, and keeps its better run: a shared host that slows a run (steps are host-bound then) slows one
+    # of two, not one case's only run, which would skew the ratios between cases.
     base_engine = LLMEngine(EngineArgs(**common, enable_lora=False))
     engine = LLMEngine(EngineArgs(**common, enable_lora=True, max_loras=32, max_lora_rank=rank, max_cpu_loras=32))
     reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
@@ -199,14 +201,14 @@ def main() -> None:
         run_case(base_engine, b, [], seed=99)  # warm-up: the same shapes as the timed runs
         run_case(engine, b, reqs, seed=98)  # ... all 32 adapters loaded
     for b in batches:
-        runs = {"disabled": [], "enabled": []}
+        cases = [("base, LoRA disabled", base_engine, 0), ("base, LoRA enabled", engine, 0)]
+        cases += [(f"{n} adapter(s) mixed", engine, n) for n in (1, 8, 32)]
+        runs: dict[str, list] = {name: [] for name, _, _ in cases}
         for rep in range(2):
-            runs["disabled"].append(run_case(base_engine, b, [], seed=1 + 10 * rep))
-            runs["enabled"].append(run_case(engine, b, [], seed=2 + 10 * rep))
-        record("base, LoRA disabled", b, 0, *max(runs["disabled"]))
-        record("base, LoRA enabled", b, 0, *max(runs["enabled"]))
-        for n in (1, 8, 32):
-            record(f"{n} adapter(s) mixed", b, n, *run_case(engine, b, reqs[:n], seed=3 + n))
+            for k, (name, eng, n) in enumerate(cases):
+                runs[name].append(run_case(eng, b, reqs[:n], seed=1 + k + 10 * rep))
+        for name, _, n in cases:
+            record(name, b, n, *max(runs[name]))
     del base_engine
     torch.cuda.empty_cache()
     prefill(engine, reqs[:8], n=2, length=256)  # warm-up
