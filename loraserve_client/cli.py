@@ -67,6 +67,15 @@ def _generate(c: Client, a: argparse.Namespace) -> None:
         print(out.text)
 
 
+def _about(m) -> str:
+    """An adapter's lineage, rank and version; a name nothing has loaded yet is listed without them."""
+    if m.kind != "adapter":
+        return ""
+    if not m.content_hash:
+        return f" of {m.parent} (not loaded yet: rank and version come with its first load)"
+    return f" of {m.parent}, rank {m.rank}, {m.content_hash[:12]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
@@ -75,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 _generate(c, a)
             elif a.command == "models":
                 for m in c.models():
-                    about = f" of {m.parent}, rank {m.rank}, {m.content_hash[:12]}" if m.kind == "adapter" else ""
-                    print(f"{m.id}  {m.kind}{about}")
+                    print(f"{m.id}  {m.kind}{_about(m)}")
             elif a.command == "load":
                 m = c.load(a.name, a.source_uri, a.base_model_name, a.inplace)
                 print(f"loaded {m.id} ({m.content_hash[:12]}, rank {m.rank}) on {m.parent}")

@@ -191,17 +191,22 @@ class AdapterCatalog:
             except errors.UnavailableError as e:
                 log.warning("ListModels: the adapter store is unreachable (%s); listing what the router knows", e)
         adapters = dict(self._entries)
+        learned = {info.name: info for info in _learned(self.registry.published)}
         if self.store is None:
-            for info in _learned(self.registry.published):
+            for info in learned.values():
                 adapters.setdefault(info.name, self.put(info) if info.name not in self._unloaded else info)
         for name in sorted(adapters.keys() - self._unloaded):
-            models.append(ModelEntry(name, base, self._with_created(adapters[name]), max_len))
+            models.append(ModelEntry(name, base, self._listed(adapters[name], learned.get(name)), max_len))
         return models
 
-    def _with_created(self, info: AdapterInfo) -> AdapterInfo:
+    def _listed(self, info: AdapterInfo, held: AdapterInfo | None) -> AdapterInfo:
+        """The entry as ListModels shows it: first-seen time; a name the store lists without a version (registered,
+        not fetched through it) gets the version and rank of the copy a worker holds (pre-loaded from a path)."""
         created = self._first_seen.get(info.name, info.created)
-        return AdapterInfo(info.name, info.content_hash, info.source_uri, info.base_model, info.rank, info.state,
-                           created)
+        digest, rank = info.content_hash, info.rank
+        if not digest and held is not None:
+            digest, rank = held.content_hash, held.rank
+        return AdapterInfo(info.name, digest, info.source_uri, info.base_model, rank, info.state, created)
 
 
 def _learned(statuses: tuple[WorkerStatus, ...]) -> list[AdapterInfo]:

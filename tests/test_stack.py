@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,9 @@ def test_cli_models_generate_and_stream(stack):
     assert rows["demo-llama"].split()[1] == "base"
     # pre-loaded on the worker (name=path and the JSON form), listed as adapters of the base model
     assert "adapter of demo-llama" in rows["sql-lora"] and "adapter of demo-llama" in rows["math-lora"]
+    # ... with the rank and version of the copy the worker holds (the store has them registered, not fetched)
+    assert re.search(r"rank 4, [0-9a-f]{12}$", rows["sql-lora"]), rows["sql-lora"]
+    assert re.search(r"rank 8, [0-9a-f]{12}$", rows["math-lora"]), rows["math-lora"]
 
     out = cli(address, "generate", "--model", "sql-lora", "--max-tokens", "5", "--temperature", "0", "--json",
               "Write a SQL query:")
