@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gpu_worker.engine.config import EngineArgs
-from gpu_worker.engine.decode_graphs import DecodeGraphs
+from gpu_worker.engine.decode_graphs import LORA_VARIANTS, DecodeGraphs
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora_request import LoRARequest
 from gpu_worker.engine.sampling_params import SamplingParams
@@ -48,8 +48,8 @@ def stub_gpu(engine: LLMEngine, max_batch: int) -> None:
     graphs = DecodeGraphs(engine.model, engine.kv_caches, engine.args.block_size, max_batch,
                           engine.max_model_len, scratch_block=engine.blocks.num_blocks, lora=runner.lora)
     for b in graphs.buckets:
-        for with_lora in (False, True):
-            graphs.graphs[(b, with_lora)] = (_NoReplay(), logits[:b])
+        for lora in (None, *LORA_VARIANTS):
+            graphs.graphs[(b, lora)] = (_NoReplay(), logits[:b])
     runner.graphs = graphs
 
 

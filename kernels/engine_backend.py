@@ -56,18 +56,25 @@ class TritonLoRA:
         self._plans: dict[tuple[str, bool], tuple] = {}
         self._slots: torch.Tensor | None = None
         self._overlap = False
+        self._groups: frozenset[str] | None = None
         self._side: torch.cuda.Stream | None = None
         self._deltas: dict[str, torch.Tensor] = {}  # group -> this step's [T, N] buffer for the adapters' part
 
-    def prepare(self, token_slots: torch.Tensor, distinct: int | None = None, overlap: bool = False) -> None:
+    def prepare(self, token_slots: torch.Tensor, distinct: int | None = None, overlap: bool = False,
+                groups: frozenset[str] | None = None) -> None:
         """This step's tokens -> slots; call once per step before the forward. distinct: how many slots
         the step holds, when the caller knows it (not in a graph replayed for other batches). overlap: the
-        adapters' part beside the base GEMM, as a delta (the module doc; on CUDA, for graphs)."""
+        adapters' part beside the base GEMM, as a delta (the module doc; on CUDA, for graphs). groups: the
+        fused groups the step's adapters target (None: all); projections of other groups run no LoRA launch."""
         self.meta.prepare(token_slots, distinct)
         self._plans = {}
         self._slots = token_slots
         self._overlap = overlap
+        self._groups = groups
         self._deltas = {}
+
+    def _runs(self, group: str) -> bool:
+        return self._groups is None or group in self._groups
 
     def _plan(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, accumulate: bool = True) -> tuple:
         # The launches bake in the strides of x and out: a plan serves calls with the same ones.
@@ -97,6 +104,8 @@ class TritonLoRA:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the adapters' contribution for projection `group` of `layer` into `out` in place."""
+        if not self._runs(group):
+            return
         _, y, shrink, expand = self._plan(layer, group, x, out)
         shrink(x, self.buffers.a[layer][group], y)
         expand(y, self.buffers.b[layer][group], out)
@@ -106,7 +115,7 @@ class TritonLoRA:
         """The projection `base()` computes from x, with the adapters' part: added in place (returns (out,
         None)) or, with overlap, computed beside it and returned as (out, (delta [T, N], slots [T])) for the
         next elementwise op to add; delta's rows of tokens without an adapter are not written."""
-        if not self._overlap:
+        if not self._overlap or not self._runs(group):
             out = base()
             self.apply(layer, group, x, out)
             return out, None

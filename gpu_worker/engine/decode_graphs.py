@@ -4,7 +4,9 @@ A decode step is ~700 small kernels for a 16-layer model; launched one by one fr
 of host time for a few ms of GPU work. Captured once per batch-size bucket, a step is one graph launch.
 Inputs live in static buffers that each step refills; batches are padded up to the next bucket, and the
 padding rows write their K/V into a scratch block that no sequence owns. Batches with an adapter and
-batches without one have separate graphs, so base-only traffic never runs a LoRA op.
+batches without one have separate graphs, so base-only traffic never runs a LoRA op; and batches whose
+adapters target only the attention projections (PEFT's default for Llama is q_proj + v_proj) replay graphs
+that run LoRA on those projections alone (`LORA_VARIANTS`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from .model.llama import LlamaModel
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256)
+# The fused groups a LoRA graph runs LoRA on; a batch replays the first that covers its adapters' groups.
+LORA_VARIANTS = (frozenset({"qkv"}), frozenset({"qkv", "o"}), frozenset({"qkv", "o", "gate_up", "down"}))
+
+
+def lora_variant(groups: frozenset[str]) -> frozenset[str] | None:
+    """The LoRA graph variant for a batch whose adapters target `groups` (None: no LoRA, the base graph)."""
+    if not groups:
+        return None
+    return next(v for v in LORA_VARIANTS if groups <= v)
 
 
 class DecodeGraphs:
@@ -41,52 +52,54 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.token_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, device=dev)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, LoRA variant or None) -> (graph, its logits)
+        self.graphs: dict[tuple[int, frozenset[str] | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._staging = PinnedStaging(n * (7 + self.max_blocks), dev)
         self._pool = None
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _forward(self, b: int, with_lora: bool) -> torch.Tensor:
+    def _forward(self, b: int, lora: frozenset[str] | None) -> torch.Tensor:
         meta = DecodeMetadata(self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b])
         hook = None
-        if with_lora:
-            self.lora.hook.prepare(self.token_slots[:b], overlap=self.overlap_lora)
+        if lora:
+            self.lora.hook.prepare(self.token_slots[:b], overlap=self.overlap_lora, groups=lora)
             hook = self.lora.hook
         return self.model.forward(self.ids[:b], self.positions[:b], meta, self.kv_caches, self.rows[:b], hook)
 
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
-        variants = [False, True] if self.lora is not None and self.lora.graphable else [False]
+        variants = [None, *LORA_VARIANTS] if self.lora is not None and self.lora.graphable else [None]
         # Largest first: smaller graphs then fit in the memory pool the largest one reserved.
         for b in reversed(self.buckets):
-            for with_lora in variants:
+            for lora in variants:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(2):  # compiles the Triton kernels, warms cuBLAS
-                        self._forward(b, with_lora)
+                        self._forward(b, lora)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
-                    logits = self._forward(b, with_lora)
+                    logits = self._forward(b, lora)
                 self._pool = graph.pool()
-                self.graphs[(b, with_lora)] = (graph, logits)
+                self.graphs[(b, lora)] = (graph, logits)
         torch.cuda.synchronize()
         log.info("captured %d decode graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
 
-    def has(self, n: int, with_lora: bool) -> bool:
+    def has(self, n: int, lora: frozenset[str] | None) -> bool:
         b = self.bucket(n)
-        return b is not None and (b, with_lora) in self.graphs
+        return b is not None and (b, lora) in self.graphs
 
     def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
-            token_slots: list[int] | None, patch: tuple[list[int], list[int], torch.Tensor] | None = None
-            ) -> torch.Tensor:
+            token_slots: list[int] | None, patch: tuple[list[int], list[int], torch.Tensor] | None = None,
+            lora: frozenset[str] | None = None) -> torch.Tensor:
         """One decode step for len(ids) sequences -> logits [n, vocab] (a view into the graph's output).
         patch: (rows, source rows, ids) for tokens the host does not know yet: ids[source rows] on the device,
-        sampled by the step in flight, go into those rows."""
+        sampled by the step in flight, go into those rows. lora: the LoRA variant (`lora_variant`) with
+        token_slots, or None for the base graph."""
         n = len(ids)
         b = self.bucket(n)
         bs = self.block_size
@@ -119,14 +132,13 @@ class DecodeGraphs:
         self.positions[:b] = dev[b:2 * b]
         self.slot_mapping[:b] = dev[2 * b:3 * b]
         self.context_lens[:b] = dev[3 * b:4 * b]
-        with_lora = token_slots is not None
-        if with_lora:
+        if lora:
             self.token_slots[:b] = dev[4 * b:5 * b]
         self.block_tables[:b, :width] = dev[5 * b + 2 * k:].view(b, width)
         if k:
             rows = dev[5 * b:5 * b + 2 * k]
             self.ids.index_copy_(0, rows[:k], patch[2].index_select(0, rows[k:]))
-        graph, logits = self.graphs[(b, with_lora)]
+        graph, logits = self.graphs[(b, lora)]
         graph.replay()
         return logits[:n]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import DecodeGraphs, lora_variant
 from .lora.backends import LoRABackend
 from .model.attention import DecodeMetadata
 from .model.llama import LlamaModel
@@ -104,13 +104,16 @@ class ModelRunner:
             if c.completes:
                 logits_rows.append(len(ids) - 1)
                 completed.append(c)
-        # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on.
-        with_lora = self.lora is not None and any(c.seq.slot >= 0 for c in chunks)
+        # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on. Nor do the
+        # projections no adapter of the batch targets.
+        groups = self.lora.buffers.groups_used(c.seq.slot for c in chunks) if self.lora is not None else frozenset()
+        with_lora = bool(groups)
         decode = self.fused_decode and len(ids) == len(chunks) == len(completed)
-        if decode and self.graphs is not None and self.graphs.has(len(ids), with_lora):
+        variant = lora_variant(groups)
+        if decode and self.graphs is not None and self.graphs.has(len(ids), variant):
             patch = (patch_rows, patch_src, pending.token_ids) if patch_rows else None
             logits = self.graphs.run(ids, positions, [c.seq.block_table for c in chunks],
-                                     [c.seq.slot for c in chunks] if with_lora else None, patch)
+                                     [c.seq.slot for c in chunks] if with_lora else None, patch, variant)
             batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
             return StepResult(completed, self.sampler(logits, batch))
         if decode:

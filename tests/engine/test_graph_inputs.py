@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpu_worker.engine import LLM
-from gpu_worker.engine.decode_graphs import DecodeGraphs
+from gpu_worker.engine.decode_graphs import LORA_VARIANTS, DecodeGraphs
 
 from .test_oracle import PROMPTS, _check
 
@@ -18,15 +18,16 @@ from .test_oracle import PROMPTS, _check
 class EagerReplay:
     """Stands in for a captured CUDA graph: replay() runs the forward on the static buffers now."""
 
-    def __init__(self, graphs: DecodeGraphs, batch: int, with_lora: bool, logits: torch.Tensor):
-        self.graphs, self.batch, self.with_lora, self.logits = graphs, batch, with_lora, logits
+    def __init__(self, graphs: DecodeGraphs, batch: int, lora: frozenset[str] | None, logits: torch.Tensor):
+        self.graphs, self.batch, self.lora, self.logits = graphs, batch, lora, logits
 
     def replay(self) -> None:
-        self.logits.copy_(self.graphs._forward(self.batch, self.with_lora))
+        self.logits.copy_(self.graphs._forward(self.batch, self.lora))
 
 
-def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, bool]]:
-    """Route the engine's decode steps through DecodeGraphs.run; returns the log of (bucket, with_lora) replayed."""
+def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, frozenset[str] | None]]:
+    """Route the engine's decode steps through DecodeGraphs.run; returns the log of (bucket, LoRA variant)
+    replayed."""
     engine = llm.engine
     runner = engine.runner
     graphs = DecodeGraphs(engine.model, engine.kv_caches, engine.args.block_size, max_batch, engine.max_model_len,
@@ -34,11 +35,11 @@ def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, bool]]:
     replayed = []
     vocab = engine.model_config.vocab_size
     for b in graphs.buckets:
-        for with_lora in (False, True):
-            replay = EagerReplay(graphs, b, with_lora, torch.empty(b, vocab))
+        for lora in (None, *LORA_VARIANTS):
+            replay = EagerReplay(graphs, b, lora, torch.empty(b, vocab))
             inner = replay.replay
-            replay.replay = lambda inner=inner, key=(b, with_lora): (replayed.append(key), inner())[1]
-            graphs.graphs[(b, with_lora)] = (replay, replay.logits)
+            replay.replay = lambda inner=inner, key=(b, lora): (replayed.append(key), inner())[1]
+            graphs.graphs[(b, lora)] = (replay, replay.logits)
     runner.fused_decode, runner.graphs = True, graphs
     return replayed
 
@@ -51,8 +52,22 @@ def test_graph_inputs_staged_for_mixed_and_base_batches(tiny_model_dir, tiny_ada
     replayed = replay_eagerly(llm, max_batch=4)
     # 3 requests (bucket 4: a padding row), base and adapters mixed; then base only (the graph without LoRA).
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
-    assert (4, True) in replayed
+    assert (4, LORA_VARIANTS[-1]) in replayed  # chat-lora targets every projection
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[3:5], tiny_adapters, [None, None])
-    assert replayed and set(replayed) == {(2, False)}
+    assert replayed and set(replayed) == {(2, None)}
     assert llm.engine.blocks.num_free == 64
+
+
+def test_lora_graph_variant_follows_the_targets_of_the_batch(tiny_model_dir, tiny_adapters):
+    """A batch whose adapters target only q/k/v (sql-lora: q_proj + v_proj, PEFT's default) replays the graph that
+    runs LoRA on the qkv projection alone; with an adapter on o_proj too (math-lora), qkv and o; results match
+    transformers + PEFT either way (a variant that skipped a targeted projection would not)."""
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
+              lora_backend="triton", max_num_batched_tokens=64)
+    replayed = replay_eagerly(llm, max_batch=4)
+    _check(llm, tiny_model_dir, PROMPTS[:2], tiny_adapters, [None, "sql-lora"])
+    assert {v for _, v in replayed} == {frozenset({"qkv"})}
+    replayed.clear()
+    _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", "math-lora", None])
+    assert {v for _, v in replayed} == {frozenset({"qkv", "o"})}

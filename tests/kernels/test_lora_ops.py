@@ -433,3 +433,25 @@ def test_triton_backend_matches_torch_backend_llama8b(tokens):
     buffers, batch = _engine_case(shapes, ranks, runs, 64, torch.bfloat16)
     meta = LoRAKernelMeta(max_tokens=4096, max_slots=8, device=DEVICE)
     _compare_backends(buffers, batch, meta, shapes, torch.bfloat16)
+
+
+def test_hooks_run_lora_only_on_the_groups_of_the_step():
+    """A step whose adapters target only qkv (groups={"qkv"}) leaves the other projections' outputs as the base
+    computed them, bit for bit, with both hooks; qkv still gets the adapters' part."""
+    buffers, batch = _engine_case(TINY, [16, 4, 9], [(1, 3), (-1, 2), (0, 4)], 16, torch.float32)
+    meta = LoRAKernelMeta(max_tokens=16, max_slots=3, device=DEVICE)
+    triton_hook = TritonLoRA(buffers, meta)
+    triton_hook.prepare(batch.token_slots, groups=frozenset({"qkv"}))
+    t = batch.token_slots.numel()
+    for hook in (TorchLoRA(buffers, batch, frozenset({"qkv"})), triton_hook):
+        for group, shape in TINY.items():
+            x = torch.randn(t, shape.in_features, device=DEVICE)
+            base = torch.randn(t, sum(shape.slice_widths), device=DEVICE)
+            out = base.clone()
+            hook.apply(0, group, x, out)
+            if group == "qkv":
+                ref = lora_ref(x, buffers.a[0][group], buffers.b[0][group], base, buffers.ranks, batch.token_slots,
+                               shape.slice_offsets)
+                assert rel_err(out, ref) <= TOLERANCE[torch.float32]
+            else:
+                assert torch.equal(out, base), (type(hook).__name__, group)

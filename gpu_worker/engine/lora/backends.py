@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 
 
 class LoRABackend(Protocol):
+    buffers: SlotBuffers  # groups_used(slots): the fused groups a step's adapters target
+
     def bind(self, runs: list[tuple[int, int]]):
-        """runs: (slot, num_tokens) in token order -> a LoRAHook for this step."""
+        """runs: (slot, num_tokens) in token order -> a LoRAHook for this step, which runs LoRA only on the
+        groups the step's adapters target."""
 
 
 class TorchBackend:
@@ -29,7 +32,8 @@ class TorchBackend:
         self.buffers, self.device = buffers, device
 
     def bind(self, runs):
-        return TorchLoRA(self.buffers, LoRABatch.from_runs(runs, self.device))
+        return TorchLoRA(self.buffers, LoRABatch.from_runs(runs, self.device),
+                         self.buffers.groups_used(s for s, _ in runs))
 
 
 class TritonBackend:
@@ -51,7 +55,8 @@ class TritonBackend:
         ids, counts = zip(*runs) if runs else ((), ())
         slots = torch.from_numpy(np.repeat(np.asarray(ids, np.int32), np.asarray(counts, np.int64)))
         distinct = len({s for s, n in runs if s >= 0 and n > 0})
-        self.hook.prepare(slots.to(self.device, non_blocking=True), distinct)
+        self.hook.prepare(slots.to(self.device, non_blocking=True), distinct,
+                          groups=self.buffers.groups_used(s for s, _ in runs))
         return self.hook
 
     @torch.inference_mode()

@@ -28,6 +28,7 @@ AdapterKey = tuple[str, str]  # (name, content_hash)
 class HostAdapter:
     image: torch.Tensor  # one slot row, packed (SlotBuffers.pack)
     max_rank: int
+    groups: frozenset[str]  # the fused groups it targets
 
 
 @dataclass
@@ -143,7 +144,8 @@ class LoRAManager:
 
     def _read(self, key: AdapterKey, root: Path) -> HostAdapter:
         weights = load_adapter(root, key[0], self.cfg, self.max_lora_rank, self.dtype, self.max_adapter_bytes, key[1])
-        return HostAdapter(self.buffers.pack(weights, pin=self.device.type == "cuda"), weights.max_rank)
+        return HostAdapter(self.buffers.pack(weights, pin=self.device.type == "cuda"), weights.max_rank,
+                           self.buffers.groups_of(weights))
 
     def start_load(self, slot: int, key: AdapterKey) -> bool:
         """Copy the adapter into `slot`. True when it is usable now; False while the copy is in flight on
@@ -152,12 +154,12 @@ class LoRAManager:
         if entry is None:
             raise RuntimeError(f"adapter {key[0]} ({key[1][:12]}) is scheduled but not in host memory (unpinned?)")
         if self._stream is None:
-            self.buffers.load(slot, entry.image, entry.max_rank)
+            self.buffers.load(slot, entry.image, entry.max_rank, entry.groups)
             return True
         # The slot's previous adapter may still be read by the step in flight: copy after it.
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            self.buffers.load(slot, entry.image, entry.max_rank)
+            self.buffers.load(slot, entry.image, entry.max_rank, entry.groups)
             event = torch.cuda.Event()
             event.record(self._stream)
         self._loading[key] = event

@@ -47,6 +47,8 @@ class SlotBuffers:
                   for layer in range(cfg.num_layers)]
         # Each slot's largest rank (0: empty): kernels skip the padded tail.
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        # Each slot's targeted groups (host side): a step runs LoRA only on the groups its adapters target.
+        self.groups: list[frozenset[str]] = [frozenset()] * num_slots
 
     @staticmethod
     def _view(flat: torch.Tensor, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -67,12 +69,22 @@ class SlotBuffers:
             self._view(image, self._b_at[layer, group, index], (s.slice_widths[index], self.max_rank))[:, :r].copy_(b)
         return image
 
-    def load(self, slot: int, image: torch.Tensor, max_rank: int) -> None:
+    @staticmethod
+    def groups_of(adapter: AdapterWeights) -> frozenset[str]:
+        """The fused groups an adapter targets (a PEFT default q_proj + v_proj adapter: qkv alone)."""
+        return frozenset(MODULE_GROUP[module][0] for _, module in adapter.modules)
+
+    def groups_used(self, slots) -> frozenset[str]:
+        """The groups any of these slots' adapters target (slot -1: none)."""
+        return frozenset().union(*(self.groups[s] for s in set(slots) if s >= 0))
+
+    def load(self, slot: int, image: torch.Tensor, max_rank: int, groups: frozenset[str]) -> None:
         """Copy a packed adapter into `slot` (on the current stream), replacing whatever was there."""
         self.flat[slot].copy_(image, non_blocking=True)
         # A fill kernel, not `ranks[slot] = max_rank`: that copies a pageable host scalar, which waits for the
         # stream, and the copy stream waits for the step in flight (0.4-0.8 ms of host time a load on an H200).
         self.ranks[slot : slot + 1].fill_(max_rank)
+        self.groups[slot] = groups
 
     def nbytes(self) -> int:
         return self.flat.numel() * self.flat.element_size()

@@ -38,11 +38,13 @@ class LoRABatch:
 
 
 class TorchLoRA:
-    """LoRAHook over SlotBuffers for one step."""
+    """LoRAHook over SlotBuffers for one step. groups: the fused groups the step's adapters target (None: all);
+    projections of other groups run no LoRA op (their slots hold zeros for these adapters)."""
 
-    def __init__(self, buffers: SlotBuffers, batch: LoRABatch):
+    def __init__(self, buffers: SlotBuffers, batch: LoRABatch, groups: frozenset[str] | None = None):
         self.buffers = buffers
         self.batch = batch
+        self.groups = groups
 
     def project(self, layer: int, group: str, x: torch.Tensor, base):
         """The projection base() computes, with the adapters' part added in place: (out, None)."""
@@ -51,6 +53,8 @@ class TorchLoRA:
         return out, None
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self.groups is not None and group not in self.groups:
+            return
         a = self.buffers.a[layer][group]  # [slots, S, R, in]
         bs = self.buffers.b[layer][group]
         offsets = self.buffers.shapes[group].slice_offsets
