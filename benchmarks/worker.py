@@ -1,5 +1,6 @@
 """`make bench-worker`: decode throughput of the engine on a Llama-3.2-1B-shaped model (random weights,
-bf16) with rank-16 adapters on all seven projections, beside transformers + PEFT and the roofline.
+bf16) with rank-16 adapters on all seven projections (and 8 on q_proj + v_proj only, PEFT's default targets),
+beside transformers + PEFT and the roofline.
 
     python3 -m benchmarks.worker [--quick] [--out DIR]
 
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.synthetic import LLAMA_3_2_1B, module_dims, write_adapter, write_model
+from benchmarks.synthetic import LLAMA_3_2_1B, PROJ, module_dims, write_adapter, write_model
 
 PROMPT, NEW = 128, 128
+QV = ("q_proj", "v_proj")  # PEFT's default LoRA targets for Llama
 
 
 def copy_bandwidth() -> float:
@@ -39,12 +41,12 @@ def copy_bandwidth() -> float:
     return 2 * 4 * n * 20 / (time.perf_counter() - t)
 
 
-def roofline(cfg: dict, batch: int, n_adapters: int, rank: int, bw: float) -> float:
-    """Tokens/s if each decode step read the weights, the adapters present and the KV cache once."""
+def roofline(cfg: dict, batch: int, n_adapters: int, rank: int, bw: float, targets=PROJ) -> float:
+    """Tokens/s if each decode step read the weights, the adapters present (on `targets`) and the KV cache once."""
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     dims = module_dims(cfg)
     weights = 2 * (sum(fi * fo for fi, fo in dims.values()) * layers + cfg["vocab_size"] * h)
-    adapter = 2 * layers * sum(rank * (fi + fo) for fi, fo in dims.values())
+    adapter = 2 * layers * sum(rank * (dims[m][0] + dims[m][1]) for m in targets)
     kv_per_token = 2 * layers * dims["k_proj"][1] * 2
     kv = batch * (PROMPT + NEW // 2) * kv_per_token
     return batch / ((weights + n_adapters * adapter + kv) / bw)
@@ -176,7 +178,9 @@ def main() -> None:
     t = time.perf_counter()
     model_dir = write_model(root / "model", cfg, "cuda")
     adapters = [write_adapter(root / f"a{i}", cfg, rank, seed=i) for i in range(32)]
-    print(f"wrote model and 32 adapters in {time.perf_counter() - t:.0f}s", flush=True)
+    # PEFT's default targets for Llama: LoRA on q_proj and v_proj only.
+    qv_adapters = [write_adapter(root / f"qv{i}", cfg, rank, seed=100 + i, targets=QV) for i in range(8)]
+    print(f"wrote model and 40 adapters in {time.perf_counter() - t:.0f}s", flush=True)
     bw = copy_bandwidth()
     common = dict(model=str(model_dir), dtype="bfloat16", num_kv_blocks=2400, max_num_seqs=64,
                   max_num_batched_tokens=8192, lora_backend=args.lora_backend,
@@ -184,8 +188,8 @@ def main() -> None:
     batches = [32] if args.quick else [32, 64]
     rows = []
 
-    def record(name, batch, n_adapters, tok_s, step_ms):
-        roof = roofline(cfg, batch, n_adapters, rank, bw)
+    def record(name, batch, n_adapters, tok_s, step_ms, targets=PROJ):
+        roof = roofline(cfg, batch, n_adapters, rank, bw, targets)
         rows.append(dict(case=name, batch=batch, tok_s=round(tok_s), decode_ms=round(step_ms, 2),
                          roofline_tok_s=round(roof), pct_roofline=round(100 * tok_s / roof, 1)))
         print(rows[-1], flush=True)
@@ -195,8 +199,9 @@ def main() -> None:
     # others, and keeps its better run: a shared host that slows a run (steps are host-bound then) slows one
     # of two, not one case's only run, which would skew the ratios between cases.
     base_engine = LLMEngine(EngineArgs(**common, enable_lora=False))
-    engine = LLMEngine(EngineArgs(**common, enable_lora=True, max_loras=32, max_lora_rank=rank, max_cpu_loras=32))
+    engine = LLMEngine(EngineArgs(**common, enable_lora=True, max_loras=32, max_lora_rank=rank, max_cpu_loras=48))
     reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+    qv_reqs = [LoRARequest(f"qv{i}", 100 + i, str(p)) for i, p in enumerate(qv_adapters)]
     for b in batches:
         run_case(base_engine, b, [], seed=99)  # warm-up: the same shapes as the timed runs
         run_case(engine, b, reqs, seed=98)  # ... all 32 adapters loaded
@@ -209,6 +214,11 @@ def main() -> None:
                 runs[name].append(run_case(eng, b, reqs[:n], seed=1 + k + 10 * rep))
         for name, _, n in cases:
             record(name, b, n, *max(runs[name]))
+        # 8 q/v adapters (LoRA on the qkv projection alone): in slots before timing (the 32-adapter case holds
+        # every slot), then the better of two runs.
+        run_case(engine, b, qv_reqs, seed=97)
+        record("8 q/v adapter(s) mixed", b, 8, *max(run_case(engine, b, qv_reqs, seed=50 + rep) for rep in range(2)),
+               targets=QV)
     del base_engine
     torch.cuda.empty_cache()
     prefill(engine, reqs[:8], n=2, length=256)  # warm-up
@@ -237,7 +247,8 @@ def main() -> None:
         base = tok("base, LoRA disabled", b)
         print(f"batch {b}: LoRA-enabled base / disabled {tok('base, LoRA enabled', b) / base:.3f}; "
               f"8 mixed / base {tok('8 adapter(s) mixed', b) / base:.3f}; "
-              f"32 mixed / base {tok('32 adapter(s) mixed', b) / base:.3f}")
+              f"32 mixed / base {tok('32 adapter(s) mixed', b) / base:.3f}; "
+              f"8 q/v mixed / base {tok('8 q/v adapter(s) mixed', b) / base:.3f}")
     print(f"prefill 8 x 2048 tokens: base {prefill_base:.0f} tok/s, 8 adapters {prefill_lora:.0f} tok/s "
           f"({prefill_lora / prefill_base:.3f} of base)")
     print(f"decode steps while cold adapters are copied in ({cold['loads']} loads, {cold['during_steps']} steps): "
