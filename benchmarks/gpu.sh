@@ -8,14 +8,25 @@ mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
-# Every kernel test (they run on CUDA when there is one, not only the gpu-marked ones), and the engine's GPU tests.
-python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine 2>&1 | tail -n 30 | tee -a "$out/gpu_tests.log"
-python3 -m kernels.bench ${KERNEL_BENCH_ARGS:-} 2>&1 | tee "$out/bench_kernels.log" | tail -n 80
-# Decode step vs its graph replay alone, and the host phases: GPU- or host-bound, per batch, base and LoRA.
-python3 -m benchmarks.step_breakdown --compare-overlap 2>&1 | tee "$out/step_breakdown.log" | tail -n 40
-python3 -m benchmarks.decode_kernels 2>&1 | tee "$out/decode_kernels.log" | tail -n 60
-python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30
+# PARTS picks what runs (default: all, which can take longer than the device tool's 10 minutes a call: split it,
+# e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
+# tests; kernels = the kernel benchmark; steps = step breakdown and decode kernels; worker = the worker benchmark.
+parts=" ${PARTS:-tests kernels steps worker} "
+if [[ $parts == *" tests "* ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine 2>&1 | tail -n 30 | tee -a "$out/gpu_tests.log"
+fi
+if [[ $parts == *" kernels "* ]]; then
+  python3 -m kernels.bench ${KERNEL_BENCH_ARGS:-} 2>&1 | tee "$out/bench_kernels.log" | tail -n 80
+fi
+if [[ $parts == *" steps "* ]]; then
+  # Decode step vs its graph replay alone, and the host phases: GPU- or host-bound, per batch, base and LoRA.
+  python3 -m benchmarks.step_breakdown --compare-overlap 2>&1 | tee "$out/step_breakdown.log" | tail -n 40
+  python3 -m benchmarks.decode_kernels 2>&1 | tee "$out/decode_kernels.log" | tail -n 60
+fi
+if [[ $parts == *" worker "* ]]; then
+  python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30
+fi
 # The cluster bench needs two GPUs and ~8 minutes (over the device tool's budget for one call together with
 # the above): BENCH_CLUSTER=1 adds it.
 if [ "${BENCH_CLUSTER:-0}" = 1 ]; then
