@@ -133,7 +133,9 @@ class LLMEngine:
         backend = None
         if self.lora is not None:
             backend = make_backend(args.lora_backend, self.lora.buffers, self.device, args.max_num_batched_tokens)
-            if hasattr(backend, "warmup"):
+            # Compiles the kernels' variants before serving; off CUDA (Triton's interpreter) nothing compiles, and
+            # running them all took ~10 s a test engine.
+            if hasattr(backend, "warmup") and self.device.type == "cuda":
                 backend.warmup()
         self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, backend, self.primary_eos,
                                   args.fused_prefill_attention)
