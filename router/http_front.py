@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -75,41 +76,46 @@ class HttpFront:
     # -- handlers -------------------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        pb, stream, include_usage = openai_api.completion_request(await _json(request), _request_id(request))
-        return await self._generate(request, pb, stream, include_usage, openai_api.COMPLETION)
+        pbs, n, stream, include_usage = openai_api.completion_request(await _json(request), _request_id(request))
+        return await self._generate(request, pbs, n, stream, include_usage, openai_api.COMPLETION)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        pb, stream, include_usage = openai_api.chat_request(await _json(request), _request_id(request))
-        return await self._generate(request, pb, stream, include_usage, openai_api.CHAT)
+        pbs, n, stream, include_usage = openai_api.chat_request(await _json(request), _request_id(request))
+        return await self._generate(request, pbs, n, stream, include_usage, openai_api.CHAT)
 
-    async def _generate(self, request: web.Request, pb, stream: bool, include_usage: bool,
+    async def _generate(self, request: web.Request, pbs: list, n: int, stream: bool, include_usage: bool,
                         shapes: openai_api.Shapes) -> web.StreamResponse:
-        gen = self.service.generation_request(pb, timeout=None, buffered=not stream)
-        rid, model, with_logprobs = gen.request_id, pb.model, pb.sampling.HasField("logprobs")
+        """One generation per choice (several prompts, n samples each), run concurrently; the answer holds them
+        all, by index. A choice that fails fails the request, and the others are cancelled."""
+        gens = [self.service.generation_request(pb, timeout=None, buffered=not stream) for pb in pbs]
+        rid, model, with_logprobs = gens[0].request_id, pbs[0].model, pbs[0].sampling.HasField("logprobs")
         if not stream:
-            return web.json_response(shapes.whole(rid, model, await self.dispatcher.generate(gen), with_logprobs))
+            choices = await _all([self.dispatcher.generate(g) for g in gens])
+            return web.json_response(shapes.whole(rid, model, choices, with_logprobs, n))
         created = int(time.time())
-        deltas = self.dispatcher.stream(gen)
+        streams = [self.dispatcher.stream(g) for g in gens]
         try:
-            # The first delta before any byte goes out: a request refused up front (unknown model, bad
+            # Every choice's first delta before any byte goes out: a request refused up front (unknown model, bad
             # parameters, no worker) still gets its status code and error object rather than a 200 stream.
-            first = await anext(deltas, None)
+            firsts = await _all([anext(s, None) for s in streams])
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
-            seen = []
+            seen: list[list] = [[] for _ in streams]
             try:
-                if first is not None:
-                    seen.append(first)
-                    await _event(response, shapes.chunk(rid, model, created, first, True, with_logprobs))
-                    async for d in deltas:
-                        seen.append(d)
-                        await _event(response, shapes.chunk(rid, model, created, d, False, with_logprobs))
+                for k, first in enumerate(firsts):
+                    if first is not None:
+                        seen[k].append(first)
+                        await _event(response, shapes.chunk(rid, model, created, first, True, with_logprobs, k))
+                async for k, d in _merged(streams):
+                    seen[k].append(d)
+                    await _event(response, shapes.chunk(rid, model, created, d, False, with_logprobs, k))
                 if include_usage:
-                    await _event(response, shapes.usage_chunk(rid, model, created, openai_api.usage(seen)))
+                    await _event(response, shapes.usage_chunk(rid, model, created, openai_api.usage(seen, n)))
             except errors.RouterError as e:  # after the 200: the error goes as an event, as vLLM sends it
                 await _event(response, openai_api.error_body(openai_api.HTTP_STATUS.get(e.code, 500), str(e)))
         finally:
-            await deltas.aclose()  # a client gone mid-stream cancels the worker's call
+            for s in streams:
+                await s.aclose()  # a client gone mid-stream cancels the workers' calls
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -186,6 +192,49 @@ async def _json(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise openai_api.bad_request("the request body must be a JSON object")
     return body
+
+
+async def _all(awaitables: list) -> list:
+    """Their results, run concurrently; the first failure cancels the rest (and is raised as it is)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _merged(streams: list) -> AsyncIterator[tuple[int, object]]:
+    """(stream index, item) from several async iterators as the items come; a failure in one is raised here, and
+    leaving (or failing) stops every pump."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(k: int, s) -> None:
+        try:
+            async for item in s:
+                await queue.put((k, item))
+            await queue.put((k, done))
+        except Exception as e:  # noqa: BLE001 (handed to the consumer, which raises it)
+            await queue.put((k, e))
+
+    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            k, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _event(response: web.StreamResponse, obj: dict) -> None:

@@ -2,9 +2,11 @@
 
 Pure functions, no I/O: a JSON body becomes the same GenerateRequest a gRPC client would send (so the
 router and the worker check it exactly as they check gRPC requests: nothing is validated twice or
-differently), and the router's deltas become completion objects or server-sent-event chunks. What the API
-has and we cannot honour (n > 1, best_of, echo, suffix, logit_bias, several prompts in one request) is
-refused with a 400 that says so, never silently ignored.
+differently), and the router's deltas become completion objects or server-sent-event chunks. Several prompts
+in one completions request and n > 1 become one GenerateRequest per choice (prompt-major: choice i * n + j is
+prompt i's j-th sample; with a seed, sample j uses seed + j, as vLLM seeds its parallel samples), at most
+MAX_CHOICES in all. What the API has and we cannot honour (best_of, echo, suffix, logit_bias) is refused with a
+400 that says so, never silently ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ HTTP_STATUS = {
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
 _FINISH = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
+MAX_CHOICES = 64  # prompts x n in one request
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
@@ -38,30 +41,30 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 # -- requests -----------------------------------------------------------------------------------------
 
-def completion_request(body: dict, request_id: str) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
-    """/v1/completions body (a JSON object) -> (GenerateRequest, stream, include_usage)."""
+def completion_request(body: dict, request_id: str) -> tuple[list[inference_pb2.GenerateRequest], int, bool, bool]:
+    """/v1/completions body (a JSON object) -> (a GenerateRequest per choice, n, stream, include_usage)."""
     _refuse_unsupported(body)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        pb_prompt = common_pb2.Prompt(text=prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
-        pb_prompt = common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt))
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad_request("prompt holds several prompts; this server takes one per request: send them as separate "
-                   "requests (they are batched on the GPU anyway)", "prompt")
-    else:
-        raise bad_request("prompt must be a string or a list of token ids", "prompt")
+    # One prompt (a string, or token ids), or a batch of them (a list of strings, or of token-id lists).
+    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
+        else [prompt]
+    prompts = []
+    for p in batch:
+        if isinstance(p, str):
+            prompts.append(common_pb2.Prompt(text=p))
+        elif isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p):
+            prompts.append(common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=p)))
+        else:
+            raise bad_request("prompt must be a string, a list of token ids, or a list of either", "prompt")
     sampling = sampling_params(body, logprobs=_opt_int(body, "logprobs", 0, 21))
     stream, include_usage = _stream_flags(body)
-    return inference_pb2.GenerateRequest(request_id=request_id, model=_model(body), prompt=pb_prompt,
-                                         sampling=sampling), stream, include_usage
+    n = _n(body)
+    return _choices(request_id, _model(body), prompts, sampling, n), n, stream, include_usage
 
 
-def chat_request(body: dict, request_id: str) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
-    """/v1/chat/completions body (a JSON object) -> (GenerateRequest, stream, include_usage). The messages go
-    to the worker, which renders them with the model's chat template."""
+def chat_request(body: dict, request_id: str) -> tuple[list[inference_pb2.GenerateRequest], int, bool, bool]:
+    """/v1/chat/completions body (a JSON object) -> (a GenerateRequest per choice, n, stream, include_usage). The
+    messages go to the worker, which renders them with the model's chat template."""
     _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -85,8 +88,38 @@ def chat_request(body: dict, request_id: str) -> tuple[inference_pb2.GenerateReq
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     sampling = sampling_params(body, logprobs=(top or 0) if want else None, max_tokens_key=key)
     stream, include_usage = _stream_flags(body)
-    return inference_pb2.GenerateRequest(request_id=request_id, model=_model(body), prompt=common_pb2.Prompt(
-        messages=pb_messages), sampling=sampling), stream, include_usage
+    n = _n(body)
+    return (_choices(request_id, _model(body), [common_pb2.Prompt(messages=pb_messages)], sampling, n), n, stream,
+            include_usage)
+
+
+def _n(body: dict) -> int:
+    n = body.get("n", 1)
+    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"n must be an integer in [1, {MAX_CHOICES}]", "n")
+    return n
+
+
+def _choices(request_id: str, model: str, prompts: list[common_pb2.Prompt], sampling: common_pb2.SamplingParams,
+             n: int) -> list[inference_pb2.GenerateRequest]:
+    """A GenerateRequest per choice, prompt-major; sample j of a seeded request uses seed + j. A client's request
+    id names the first choice's request; the others get it with "-k" (when that fits, else the router's ids)."""
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad_request(f"{len(prompts)} prompts x n={n} make {len(prompts) * n} choices; at most {MAX_CHOICES} "
+                          "in one request", "n")
+    out = []
+    for i, prompt in enumerate(prompts):
+        for j in range(n):
+            k = i * n + j
+            sp = sampling
+            if j and sampling.HasField("seed"):
+                sp = common_pb2.SamplingParams()
+                sp.CopyFrom(sampling)
+                sp.seed = (sampling.seed + j) % 2**64
+            rid = request_id if k == 0 or not request_id else f"{request_id}-{k}"
+            out.append(inference_pb2.GenerateRequest(request_id=rid if len(rid) <= 128 else "", model=model,
+                                                     prompt=prompt, sampling=sp))
+    return out
 
 
 def _content(content: object, i: int) -> str:
@@ -151,9 +184,6 @@ def sampling_params(body: dict, logprobs: int | None = None, max_tokens_key: str
 
 
 def _refuse_unsupported(body: dict) -> None:
-    n = body.get("n", 1)
-    if n != 1:
-        raise bad_request(f"n={n}: this server returns one choice per request; send n requests", "n")
     if body.get("best_of") not in (None, 1):
         raise bad_request("best_of is not supported; send several requests and pick", "best_of")
     if body.get("echo"):
@@ -221,27 +251,36 @@ def completion_id(request_id: str) -> str:
     return f"cmpl-{request_id}"
 
 
-def usage(deltas: Sequence[Delta]) -> dict | None:
-    last = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
-    if last is None:
+def usage(choices: Sequence[Sequence[Delta]], n: int = 1) -> dict | None:
+    """The request's usage over its choices (each a list of deltas, prompt-major with n samples a prompt): each
+    prompt's tokens once, as vLLM counts them, and every choice's completion tokens."""
+    last = [next((d.usage for d in reversed(deltas) if d.usage is not None), None) for deltas in choices]
+    if not last or any(u is None for u in last):
         return None
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+    prompt = sum(u.prompt_tokens for k, u in enumerate(last) if k % n == 0)
+    completion_tokens = sum(u.completion_tokens for u in last)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
-def completion(request_id: str, model: str, deltas: Sequence[Delta], with_logprobs: bool) -> dict:
-    last = deltas[-1] if deltas else Delta()
+def completion(request_id: str, model: str, choices: Sequence[Sequence[Delta]], with_logprobs: bool,
+               n: int = 1) -> dict:
     return {
         "id": completion_id(request_id), "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": "".join(d.text for d in deltas),
+        "choices": [{"index": k, "text": "".join(d.text for d in deltas),
                      "logprobs": completion_logprobs(deltas) if with_logprobs else None,
-                     "finish_reason": _FINISH.get(last.finish_reason), "stop_reason": last.stop_reason or None}],
-        "usage": usage(deltas),
+                     **_finish(deltas)} for k, deltas in enumerate(choices)],
+        "usage": usage(choices, n),
     }
 
 
-def completion_chunk(request_id: str, model: str, created: int, d: Delta, first: bool, with_logprobs: bool) -> dict:
-    choice = {"index": 0, "text": d.text, "logprobs": completion_logprobs([d]) if with_logprobs else None}
+def _finish(deltas: Sequence[Delta]) -> dict:
+    last = deltas[-1] if deltas else Delta()
+    return {"finish_reason": _FINISH.get(last.finish_reason), "stop_reason": last.stop_reason or None}
+
+
+def completion_chunk(request_id: str, model: str, created: int, d: Delta, first: bool, with_logprobs: bool,
+                     index: int = 0) -> dict:
+    choice = {"index": index, "text": d.text, "logprobs": completion_logprobs([d]) if with_logprobs else None}
     return _chunk(completion_id(request_id), "text_completion", created, model, choice, d)
 
 
@@ -284,20 +323,21 @@ def chat_id(request_id: str) -> str:
     return f"chatcmpl-{request_id}"
 
 
-def chat_completion(request_id: str, model: str, deltas: Sequence[Delta], with_logprobs: bool) -> dict:
-    last = deltas[-1] if deltas else Delta()
+def chat_completion(request_id: str, model: str, choices: Sequence[Sequence[Delta]], with_logprobs: bool,
+                    n: int = 1) -> dict:
     return {
         "id": chat_id(request_id), "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
+        "choices": [{"index": k, "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
                      "logprobs": chat_logprobs(deltas) if with_logprobs else None,
-                     "finish_reason": _FINISH.get(last.finish_reason), "stop_reason": last.stop_reason or None}],
-        "usage": usage(deltas),
+                     **_finish(deltas)} for k, deltas in enumerate(choices)],
+        "usage": usage(choices, n),
     }
 
 
-def chat_chunk(request_id: str, model: str, created: int, d: Delta, first: bool, with_logprobs: bool) -> dict:
+def chat_chunk(request_id: str, model: str, created: int, d: Delta, first: bool, with_logprobs: bool,
+               index: int = 0) -> dict:
     delta = {"role": "assistant", "content": d.text} if first else ({"content": d.text} if d.text else {})
-    choice = {"index": 0, "delta": delta, "logprobs": chat_logprobs([d]) if with_logprobs else None}
+    choice = {"index": index, "delta": delta, "logprobs": chat_logprobs([d]) if with_logprobs else None}
     return _chunk(chat_id(request_id), "chat.completion.chunk", created, model, choice, d)
 
 
@@ -332,8 +372,8 @@ def _token_text(d: Delta, lp) -> str:
 class Shapes:
     """How one endpoint writes its answer: whole, a streamed chunk, the closing usage chunk."""
 
-    whole: Callable[[str, str, Sequence[Delta], bool], dict]
-    chunk: Callable[[str, str, int, Delta, bool, bool], dict]
+    whole: Callable[[str, str, Sequence[Sequence[Delta]], bool, int], dict]  # (id, model, choices, logprobs, n)
+    chunk: Callable[[str, str, int, Delta, bool, bool, int], dict]  # (..., delta, first, logprobs, choice index)
     usage_chunk: Callable[[str, str, int, dict | None], dict]
 
 

@@ -160,8 +160,9 @@ def test_the_openai_client_works_unchanged(stack):
     assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
     with pytest.raises(openai.NotFoundError, match="ghost"):
         client.completions.create(model="ghost", prompt="Hello", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        client.completions.create(model="sql-lora", prompt="Hello", max_tokens=2, n=2)
+    several = client.completions.create(model="sql-lora", prompt=["Hello", "Bye"], max_tokens=2, n=2, temperature=0)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert several.choices[0].text == several.choices[1].text  # greedy: a prompt's samples agree
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -169,7 +170,9 @@ def test_the_openai_client_works_unchanged(stack):
     ({"model": "sql-lora", "prompt": "hi", "temperature": "hot"}, 400, "temperature must be a number"),
     ({"model": "sql-lora", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "sql-lora", "prompt": "hi", "temperature": -1}, 400, "temperature"),
-    ({"model": "sql-lora", "prompt": ["a", "b"]}, 400, "one per request"),
+    ({"model": "sql-lora", "prompt": ["a", 3]}, 400, "list of token ids"),
+    ({"model": "sql-lora", "prompt": "hi", "n": 0}, 400, "n must be"),
+    ({"model": "sql-lora", "prompt": ["a"] * 9, "n": 8}, 400, "at most 64"),
     ({"model": "sql-lora", "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream is true"),
     ({"model": "../etc/passwd", "prompt": "hi"}, 400, "name"),
     ({"model": "ghost", "prompt": "hi", "stream": True}, 404, "ghost"),
@@ -202,3 +205,44 @@ def test_malformed_bodies_paths_health_and_metrics(stack):
     assert 'loraserve_router_requests_total{code="OK",kind="adapter",rpc="Generate"}' in body
     with Client(stack.address) as c:  # the gRPC API is untouched by the HTTP front
         assert c.generate("hi", max_tokens=1).text is not None
+
+
+def test_several_prompts_and_n_samples_in_one_request(stack):
+    """vLLM's batch completions: a list of prompts, n samples each, one choice per (prompt, sample), prompt-major;
+    seeded samples use seed + j (they differ, and repeat); usage counts each prompt once and every sample."""
+    url = f"{stack.http}/v1/completions"
+    body = {"model": "sql-lora", "prompt": ["SELECT", [5, 6, 7]], "max_tokens": 6, "n": 3, "temperature": 1.0,
+            "seed": 11, "ignore_eos": True}
+    status, text = post(url, body)
+    assert status == 200, text
+    done = json.loads(text)
+    assert [c["index"] for c in done["choices"]] == list(range(6))
+    texts = [c["text"] for c in done["choices"]]
+    assert len(set(texts[:3])) > 1  # seeds 11, 12, 13: different samples of one prompt
+    assert json.loads(post(url, body)[1])["choices"][2]["text"] == texts[2]  # and each repeats
+    one = {**body, "prompt": "SELECT", "n": 1}
+    assert json.loads(post(url, one)[1])["choices"][0]["text"] == texts[0]  # sample 0: the plain seeded request
+    prompt_tokens = json.loads(post(url, one)[1])["usage"]["prompt_tokens"] + 3
+    assert done["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 36,
+                             "total_tokens": prompt_tokens + 36}
+
+    # Streamed: every choice's chunks, each with its index, its finish reason once, then the usage chunk.
+    status, text = post(url, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200, text
+    chunks = sse(text)
+    streamed = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == k)
+                for k in range(6)]
+    assert streamed == texts
+    finishes = [c["choices"][0]["index"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted(finishes) == list(range(6))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == done["usage"]
+
+    # Chat: n samples of one conversation, the role in each choice's first delta.
+    chat = {"model": "math-lora", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 4, "n": 2,
+            "seed": 3, "temperature": 1.0, "stream": True}
+    status, text = post(f"{stack.http}/v1/chat/completions", chat)
+    assert status == 200, text
+    chunks = sse(text)
+    for k in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == k]
+        assert mine[0]["delta"]["role"] == "assistant" and all("role" not in c["delta"] for c in mine[1:])
