@@ -18,6 +18,7 @@ in OpenAI's JSON error shape with the HTTP status matching the gRPC status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -106,9 +107,11 @@ class HttpFront:
                     if first is not None:
                         seen[k].append(first)
                         await _event(response, shapes.chunk(rid, model, created, first, True, with_logprobs, k))
-                async for k, d in _merged(streams):
-                    seen[k].append(d)
-                    await _event(response, shapes.chunk(rid, model, created, d, False, with_logprobs, k))
+                # Closed on the way out (a client gone, an error): its pumps stop before the streams are closed.
+                async with contextlib.aclosing(_merged(streams)) as merged:
+                    async for k, d in merged:
+                        seen[k].append(d)
+                        await _event(response, shapes.chunk(rid, model, created, d, False, with_logprobs, k))
                 if include_usage:
                     await _event(response, shapes.usage_chunk(rid, model, created, openai_api.usage(seen, n)))
             except errors.RouterError as e:  # after the 200: the error goes as an event, as vLLM sends it

@@ -5,8 +5,10 @@ curl commands of vLLM's "Serving with API" and "Dynamic adapter loading" section
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 
 import openai
 import pytest
@@ -246,3 +248,25 @@ def test_several_prompts_and_n_samples_in_one_request(stack):
     for k in (0, 1):
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == k]
         assert mine[0]["delta"]["role"] == "assistant" and all("role" not in c["delta"] for c in mine[1:])
+
+
+def test_a_client_leaving_a_several_choice_stream_frees_the_worker(stack):
+    """Every choice's generation stops when the client goes mid-stream: the worker ends up with no request."""
+    host, port = stack.http.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": "sql-lora", "prompt": ["a", "b"], "n": 2, "max_tokens": 2000, "ignore_eos": True,
+                       "stream": True})
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        got = b""
+        while got.count(b"data: ") < 8:  # a few chunks of the choices, then leave
+            got += sock.recv(65536)
+    deadline, running = time.monotonic() + 20, None
+    while time.monotonic() < deadline:  # the worker's status reaches the router with its next heartbeat
+        metrics = curl(f"{stack.http}/metrics")[1]
+        running = next(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith('vllm:num_requests_running{model_name="demo-llama"}'))
+        if running == 0:
+            break
+        time.sleep(0.2)
+    assert running == 0, "the choices' generations kept running after the client left"
