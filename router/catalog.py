@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 
 from router import errors
 from router.domain import AdapterInfo, AdapterRef, AdapterState, ModelEntry, WorkerStatus
@@ -202,11 +203,10 @@ class AdapterCatalog:
     def _listed(self, info: AdapterInfo, held: AdapterInfo | None) -> AdapterInfo:
         """The entry as ListModels shows it: first-seen time; a name the store lists without a version (registered,
         not fetched through it) gets the version and rank of the copy a worker holds (pre-loaded from a path)."""
-        created = self._first_seen.get(info.name, info.created)
-        digest, rank = info.content_hash, info.rank
-        if not digest and held is not None:
-            digest, rank = held.content_hash, held.rank
-        return AdapterInfo(info.name, digest, info.source_uri, info.base_model, rank, info.state, created)
+        info = replace(info, created=self._first_seen.get(info.name, info.created))
+        if not info.content_hash and held is not None:
+            info = replace(info, content_hash=held.content_hash, rank=held.rank)
+        return info
 
 
 def _learned(statuses: tuple[WorkerStatus, ...]) -> list[AdapterInfo]:

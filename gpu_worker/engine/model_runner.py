@@ -129,7 +129,7 @@ class ModelRunner:
                 self.fused_decode,
                 self.fused_prefill,
             )
-        hook = self.lora.bind([(c.seq.slot, c.num_tokens) for c in chunks]) if with_lora else None
+        hook = self.lora.bind([(c.seq.slot, c.num_tokens) for c in chunks], groups) if with_lora else None
         if not completed:
             # Only partial prefill chunks: fill the cache, sample nothing.
             logits_rows = [len(ids) - 1]
