@@ -26,9 +26,11 @@ class _NoLaunch:
 def launches_stubbed():
     import kernels.lora_expand  # noqa: F401 (the modules, not the functions kernels/__init__ re-exports)
     import kernels.lora_shrink  # noqa: F401
+    import kernels.lora_shrink_rows  # noqa: F401
     import kernels.metadata  # noqa: F401
 
     mods = [(sys.modules["kernels.lora_shrink"], "_shrink_kernel"),
+            (sys.modules["kernels.lora_shrink_rows"], "_shrink_rows_kernel"),
             (sys.modules["kernels.lora_expand"], "_expand_kernel"),
             (sys.modules["kernels.metadata"], "_prepare_kernel")]
     saved = [getattr(m, name) for m, name in mods]

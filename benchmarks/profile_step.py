@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-fused", action="store_true", help="time the steps with the torch elementwise ops "
                    "and with the fused Triton ones (EngineArgs.fused_elementwise), two engines side by side; "
                    "no profiles")
+    p.add_argument("--compare-launch", action="store_true", help="time the steps with Triton launches straight to "
+                   "the compiled kernels (kernels/launch.py, the default) and through Triton's dispatch, side by "
+                   "side on one engine; no profiles")
     args = p.parse_args(argv)
+    import kernels.launch
     from gpu_worker.engine import EngineArgs, LLMEngine, SamplingParams
 
     model, loras = llama_1b_with_adapters("profile-step-", 8)
@@ -77,6 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         return 1e3 * (time.perf_counter() - t)
 
+    def timings(engine, label: str, with_lora: bool) -> None:
+        decode = sorted(timed(engine) for _ in range(20))[10]
+        for path in (("dense", "split") if args.compare_dense else ("split",)):
+            mixed = []
+            with dense_mixed_attention(path == "dense"):
+                for _ in range(7):
+                    engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
+                                       lora_request=loras[0] if with_lora else None)
+                    mixed.append(timed(engine))
+                    for _ in range(2):
+                        engine.step()
+            print(f"{label}: batch {args.batch}, decode step {decode:.2f} ms (median of 20); mixed step (one "
+                  f"{args.prompt}-token prompt joins), {path} attention: {sorted(mixed)[3]:.2f} ms (median of 7: "
+                  f"{[round(m, 1) for m in mixed]})", flush=True)
+
     for with_lora in (False, True):
         for fused, engine in engines.items():
             for i in range(args.batch):
@@ -84,21 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                                    lora_request=loras[i % len(loras)] if with_lora else None)
             for _ in range(6):  # prefill, then decode steps
                 engine.step()
-            label = ("8 adapters" if with_lora else "base") + (", fused elementwise" if fused else "")
-            decode = sorted(timed(engine) for _ in range(20))[10]
-            for path in (("dense", "split") if args.compare_dense else ("split",)):
-                mixed = []
-                with dense_mixed_attention(path == "dense"):
-                    for _ in range(7):
-                        engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
-                                           lora_request=loras[0] if with_lora else None)
-                        mixed.append(timed(engine))
-                        for _ in range(2):
-                            engine.step()
-                print(f"{label}: batch {args.batch}, decode step {decode:.2f} ms (median of 20); mixed step (one "
-                      f"{args.prompt}-token prompt joins), {path} attention: {sorted(mixed)[3]:.2f} ms (median of 7: "
-                      f"{[round(m, 1) for m in mixed]})", flush=True)
-            for kind in (() if args.compare_dense or args.compare_fused else ("decode", "mixed")):
+            for direct in ((True, False, True, False) if args.compare_launch else (True,)):
+                kernels.launch.DIRECT = direct
+                label = ("8 adapters" if with_lora else "base") + (", fused elementwise" if fused else "") + (
+                    "" if not args.compare_launch else ", launches direct" if direct else ", Triton's dispatch")
+                timings(engine, label, with_lora)
+            kernels.launch.DIRECT = True
+            for kind in (() if args.compare_dense or args.compare_fused or args.compare_launch
+                         else ("decode", "mixed")):
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
                     if kind == "mixed":

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import emulated, next_pow2, round_low, to_low
+from .launch import Launches
 
 
 @triton.jit
@@ -79,6 +80,9 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
     tl.store(x_ptr + row * s_x + cols, to_low(w * y, dt, EMULATED), mask=ok)
 
 
+_add_rms_norm = Launches(_add_rms_norm_kernel)
+
+
 def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float, delta=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h + residual) * weight, h + residual) for h, residual [T, N] (rows contiguous), weight [N];
@@ -95,10 +99,9 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if t:
         r = residual if residual is not None else h
         d, ds, has_delta = _delta_args(delta, r)
-        _add_rms_norm_kernel[(t,)](h, r, weight, x, h_out, d, ds, n, eps, h.stride(0), r.stride(0), x.stride(0),
-                                   h_out.stride(0), HAS_RESIDUAL=residual is not None, HAS_DELTA=has_delta,
-                                   BLOCK=next_pow2(n),
-                                   EMULATED=emulated(h), num_warps=4 if n <= 4096 else 8)
+        _add_rms_norm((t,), h, r, weight, x, h_out, d, ds, n, eps, h.stride(0), r.stride(0), x.stride(0),
+                      h_out.stride(0), HAS_RESIDUAL=residual is not None, HAS_DELTA=has_delta, BLOCK=next_pow2(n),
+                      EMULATED=emulated(h), num_warps=4 if n <= 4096 else 8)
     return x, h_out
 
 
@@ -160,6 +163,9 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
         tl.store(vc_ptr + dst + HALF, tl.load(v + HALF, mask=ok, other=0.0), mask=ok)
 
 
+_rope_cache = Launches(_rope_cache_kernel)
+
+
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, delta=None) -> None:
@@ -187,8 +193,8 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         dq, ds, _ = _delta_args((dq, slots), q)
         dk, _, _ = _delta_args((dk, slots), k)
         dv, _, _ = _delta_args((dv, slots), v)
-    _rope_cache_kernel[(t,)](
-        q, k, v, positions, cos, sin, kc, v_cache.view(-1, kvh, d), slot_mapping,
+    _rope_cache(
+        (t,), q, k, v, positions, cos, sin, kc, v_cache.view(-1, kvh, d), slot_mapping,
         *((q, q, q, q) if delta is None else (dq, dk, dv, ds)),
         h, kvh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1),
@@ -212,6 +218,9 @@ def _silu_mul_kernel(gu_ptr, out_ptr, d_ptr, ds_ptr, N, s_gu, s_o, HAS_DELTA: tl
     tl.store(out_ptr + row * s_o + cols, to_low(act * u, dt, EMULATED), mask=ok)
 
 
+_silu_mul = Launches(_silu_mul_kernel)
+
+
 def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
     """gate_up [T, 2N] (gate then up, rows contiguous) -> silu(gate) * up [T, N]. delta: the adapters' part of
     gate_up (see the module doc)."""
@@ -223,7 +232,6 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
     if t:
         block = min(1024, next_pow2(n))
         d, ds, has_delta = _delta_args(delta, gate_up)
-        _silu_mul_kernel[(t, -(-n // block))](gate_up, out, d, ds, n, gate_up.stride(0), out.stride(0),
-                                              HAS_DELTA=has_delta, BLOCK=block, EMULATED=emulated(gate_up),
-                                              num_warps=4)
+        _silu_mul((t, -(-n // block)), gate_up, out, d, ds, n, gate_up.stride(0), out.stride(0),
+                  HAS_DELTA=has_delta, BLOCK=block, EMULATED=emulated(gate_up), num_warps=4)
     return out

@@ -24,6 +24,8 @@ import torch
 from ._common import sm_count
 from .lora_expand import expand_config, expand_launch
 from .lora_shrink import default_config, shrink_launch, shrink_workspace
+from .lora_shrink_rows import MAX_TOKENS as ROWS_MAX_TOKENS
+from .lora_shrink_rows import shrink_rows_config, shrink_rows_launch
 from .metadata import LoRAKernelMeta
 
 
@@ -87,16 +89,20 @@ class TritonLoRA:
             if self._y is None or self._y.numel() < t * s * r:
                 self._y = torch.empty(t * s * r, dtype=torch.float32, device=x.device)
             y = self._y[: t * s * r].view(t, s, r)
-            cfg = default_config(x, a, self.meta)
-            need = max(1, shrink_workspace(x, a, self.meta, cfg))
-            if self._scratch is None or self._scratch.numel() < need:
-                # A new scratch: launches planned with the old one for other groups are planned again.
-                self._scratch = torch.empty(need, dtype=torch.float32, device=x.device)
-                self._plans = {}
+            if t <= ROWS_MAX_TOKENS:  # decode sizes: a program per token (lora_shrink_rows.py says why)
+                shrink = shrink_rows_launch(x, a, self.buffers.ranks, self._slots, y,
+                                            shrink_rows_config(a.shape[3], s * r))
+            else:
+                cfg = default_config(x, a, self.meta)
+                need = max(1, shrink_workspace(x, a, self.meta, cfg))
+                if self._scratch is None or self._scratch.numel() < need:
+                    # A new scratch: launches planned with the old one for other groups are planned again.
+                    self._scratch = torch.empty(need, dtype=torch.float32, device=x.device)
+                    self._plans = {}
+                shrink = shrink_launch(x, a, self.buffers.ranks, self.meta, y, cfg, self._scratch)
             expand = expand_config(t, self.meta.rows_per_slot(), r, sm_count(x.device))
             plan = self._plans[(group, accumulate)] = (
-                key, y,
-                shrink_launch(x, a, self.buffers.ranks, self.meta, y, cfg, self._scratch),
+                key, y, shrink,
                 expand_launch(y, self.buffers.b[layer][group], out, self.buffers.ranks, self.meta,
                               slice_offsets=self.buffers.shapes[group].slice_offsets, config=expand,
                               accumulate=accumulate))

@@ -24,6 +24,7 @@ from ._common import (
     sm_count,
     to_low,
 )
+from .launch import Launch
 from .metadata import LoRAKernelMeta
 
 MAX_SLICES = 4  # qkv has 3; the kernel takes one pointer argument per slice
@@ -246,18 +247,17 @@ def expand_launch(
     else:
         grid_n = min(n_tiles, cfg.col_programs) if cfg.col_programs else n_tiles
     grid_m = max(1, min(m_bound, programs // grid_n))
-    kernel = _expand_kernel[(grid_n, grid_m)]
     tables = (ranks, scale if scale is not None else ranks,
               meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len)
     scalars = (*[x.stride(0) for x in bp], b[0].stride(1), b[0].stride(2),
                *(widths + [0] * pad), *(list(slice_offsets) + [0] * pad),
                r, y.stride(0), y.stride(1), out.stride(0), out.stride(1))
-    consts = dict(MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s,
-                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_K=cfg.block_k >= r,
-                  HAS_SCALE=scale is not None, DOT=dot_mode(out), ACCUMULATE=accumulate, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+    kernel = Launch(_expand_kernel, (grid_n, grid_m), out.device, MAX_SLOTS=meta.max_slots,
+                    SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                    BLOCK_K=cfg.block_k, ONE_K=cfg.block_k >= r, HAS_SCALE=scale is not None, DOT=dot_mode(out),
+                    ACCUMULATE=accumulate, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def launch(y: torch.Tensor, b: Sequence[torch.Tensor], out: torch.Tensor) -> None:
-        kernel(y, out, *tables, *b, *[b[0]] * pad, *scalars, **consts)
+        kernel(y, out, *tables, *b, *[b[0]] * pad, *scalars)
 
     return launch

@@ -22,6 +22,7 @@ from ._common import (
     slots_pad,
     sm_count,
 )
+from .launch import Launch
 from .metadata import LoRAKernelMeta
 
 
@@ -256,15 +257,15 @@ def shrink_launch(
     if splits > 1 and m_bound * n_tiles > meta.semaphores.numel():
         raise ValueError(f"{m_bound} x {n_tiles} tiles need more semaphores than the metadata holds "
                          f"({meta.semaphores.numel()}): a column tile of {cfg.block_n} over N = {n}?")
-    kernel = _shrink_kernel[(grid_size(m_bound * n_tiles * splits, cfg, x.device),)]
+    grid = (grid_size(m_bound * n_tiles * splits, cfg, x.device),)
     args = (workspace, meta.semaphores, ranks, meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len,
             n, k, r, k_per_split,
             x.stride(0), x.stride(1), a.stride(0), a.stride(2), a.stride(3), y.stride(0), t * n, n)
-    consts = dict(MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots),
-                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
-                  EVEN_K=k % cfg.block_k == 0, DOT=dot_mode(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    kernel = Launch(_shrink_kernel, grid, x.device, MAX_SLOTS=meta.max_slots, SLOTS_PAD=slots_pad(meta.max_slots),
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
+                    EVEN_K=k % cfg.block_k == 0, DOT=dot_mode(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def launch(x: torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> None:
-        kernel(x, a, y, *args, **consts)
+        kernel(x, a, y, *args)
 
     return launch

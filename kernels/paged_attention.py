@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2
+from .launch import Launches
 
 
 @triton.jit
@@ -81,6 +82,9 @@ def _decode_kernel(
              mask=(g < G)[:, None])
 
 
+_decode = Launches(_decode_kernel)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -106,8 +110,8 @@ def paged_decode_attention(
     # (H200, batch 64, 32 / 8 heads of 64: 8.9 us at ~192 keys and 42.4 at ~1,024, against 9.7 and 46.0 with
     # four; tiles of 32 / 128, 8 warps and 1-3 stages were no better at both lengths).
     tile = max(64, block_size)
-    _decode_kernel[(B, KVH)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+    _decode(
+        (B, KVH), q, k_cache, v_cache, block_tables, context_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK=block_size, TILE=tile,

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2
+from .launch import Launches
 from .paged_attention import attend_tile
 
 
@@ -77,6 +78,9 @@ def _prefill_kernel(
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * s_ot + heads[:, None] * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=ok[:, None])
+
+
+_prefill = Launches(_prefill_kernel)
 
 
 def prefill_tiles(q_lens: list[int], block_m: int) -> list[int]:
@@ -142,8 +146,8 @@ def prefill_launch(
             raise ValueError("the head dimension must be contiguous")
         out = torch.empty_like(q) if out is None else out
         if grid[0]:
-            _prefill_kernel[grid](
-                q, k_cache, v_cache, block_tables, chunk_meta, tile_meta, out, scale,
+            _prefill(
+                grid, q, k_cache, v_cache, block_tables, chunk_meta, tile_meta, out, scale,
                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                 block_tables.stride(0), out.stride(0), out.stride(1),
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **consts,
