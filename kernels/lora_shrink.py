@@ -214,6 +214,24 @@ def lora_shrink(
     return y
 
 
+def check_shrink_args(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[int, int, int, int, int]:
+    """What every shrink needs of x, a, ranks and y (see `lora_shrink`) -> (T, in, num_slots, S, R)."""
+    t, k = x.shape
+    if a.dim() != 4 or a.shape[3] != k:
+        raise ValueError(f"a must be [num_slots, S, R, {k}], got {tuple(a.shape)}")
+    num_slots, s, r, _ = a.shape
+    if a.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x and a must share a float dtype (bf16, fp16, fp32): {x.dtype}, {a.dtype}")
+    if a.stride(1) != r * a.stride(2):
+        raise ValueError("a's (slice, rank) dimensions must be contiguous: they are walked as one S*R axis")
+    if ranks.dtype != torch.int32 or ranks.shape != (num_slots,):
+        raise ValueError(f"ranks must be int32 [{num_slots}], got {ranks.dtype} {tuple(ranks.shape)}")
+    if y.shape != (t, s, r) or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"y must be contiguous float32 [{t}, {s}, {r}], got {y.dtype} {tuple(y.shape)}")
+    return t, k, num_slots, s, r
+
+
 def shrink_launch(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -226,24 +244,13 @@ def shrink_launch(
     """Check `lora_shrink`'s arguments and work out its launch once; returns launch(x, a, y), which runs it
     for tensors of these shapes, strides and dtypes (the engine's layers: one plan per projection and step,
     not the checks and grid arithmetic again for every layer)."""
-    t, k = x.shape
-    if a.dim() != 4 or a.shape[3] != k:
-        raise ValueError(f"a must be [num_slots, S, R, {k}], got {tuple(a.shape)}")
-    num_slots, s, r, _ = a.shape
-    if a.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"x and a must share a float dtype (bf16, fp16, fp32): {x.dtype}, {a.dtype}")
-    if a.stride(1) != r * a.stride(2):
-        raise ValueError("a's (slice, rank) dimensions must be contiguous: they are walked as one S*R axis")
-    if ranks.dtype != torch.int32 or ranks.shape != (num_slots,):
-        raise ValueError(f"ranks must be int32 [{num_slots}], got {ranks.dtype} {tuple(ranks.shape)}")
+    t, k, num_slots, s, r = check_shrink_args(x, a, ranks, y)
     if num_slots < meta.max_slots:
         raise ValueError(f"a has {num_slots} slots, fewer than the metadata's max_slots={meta.max_slots}")
     if meta.num_tokens != t:
         raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, x has {t}")
     n = s * r
     cfg = config or default_config(x, a, meta)
-    if y.shape != (t, s, r) or y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"y must be contiguous float32 [{t}, {s}, {r}], got {y.dtype} {tuple(y.shape)}")
     if t == 0:
         return lambda x, a, y: None
     splits, k_per_split = _splits(k, cfg)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._common import KernelConfig, cdiv, next_pow2
 from .launch import Launch
+from .lora_shrink import check_shrink_args
 
 
 @triton.jit
@@ -84,20 +85,9 @@ def shrink_rows_launch(
     `lora_shrink` (x [T, in], a [slots, S, R, in] with (S, R) contiguous, ranks [slots] int32, y [T, S, R]
     float32 contiguous; rows of tokens without an adapter are not written), with the tokens' slots given
     directly: token_slots [T] int32 on x's device."""
-    t, k = x.shape
-    if a.dim() != 4 or a.shape[3] != k:
-        raise ValueError(f"a must be [num_slots, S, R, {k}], got {tuple(a.shape)}")
-    num_slots, s, r, _ = a.shape
-    if a.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"x and a must share a float dtype (bf16, fp16, fp32): {x.dtype}, {a.dtype}")
-    if a.stride(1) != r * a.stride(2):
-        raise ValueError("a's (slice, rank) dimensions must be contiguous: they are walked as one S*R axis")
-    if ranks.dtype != torch.int32 or ranks.shape != (num_slots,):
-        raise ValueError(f"ranks must be int32 [{num_slots}], got {ranks.dtype} {tuple(ranks.shape)}")
+    t, k, num_slots, s, r = check_shrink_args(x, a, ranks, y)
     if token_slots.dtype != torch.int32 or token_slots.shape != (t,):
         raise ValueError(f"token_slots must be int32 [{t}], got {token_slots.dtype} {tuple(token_slots.shape)}")
-    if y.shape != (t, s, r) or y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"y must be contiguous float32 [{t}, {s}, {r}], got {y.dtype} {tuple(y.shape)}")
     if t == 0:
         return lambda x, a, y: None
     n = s * r
