@@ -42,6 +42,9 @@ class Launch:
             self._prime(compiled, args)
 
     def _prime(self, compiled, args: tuple) -> None:
+        params = getattr(self._kernel, "params", ())
+        if any(getattr(p, "is_constexpr", False) for p in params[:len(args)]):
+            return  # a constexpr among the positional arguments: the tail below would misplace it
         names = self._kernel.arg_names[len(args):]
         if any(n not in self._consts for n in names):  # a parameter left to its default: not worth guessing
             return
