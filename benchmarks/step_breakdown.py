@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compare-overlap", action="store_true", help="also an engine with overlap_lora=False (LoRA in "
                    "place after each GEMM), the same adapter batches timed on both, side by side")
+    p.add_argument("--compare-shrink", action="store_true", help="also an engine whose decode graphs run the "
+                   "segmented LoRA shrink (kernels/lora_shrink.py) instead of the per-token one "
+                   "(kernels/lora_shrink_rows.py), the same adapter batches timed on both, side by side")
     args = p.parse_args(argv)
+    import kernels.engine_backend
     from gpu_worker.engine import EngineArgs, LLMEngine
 
     model, loras = llama_1b_with_adapters("step-breakdown-", 8)
@@ -67,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = make(True)
     in_place = make(False) if args.compare_overlap else None
+    segmented = None
+    if args.compare_shrink:  # the graphs keep the launches planned while they were captured
+        rows_max = kernels.engine_backend.ROWS_MAX_TOKENS
+        kernels.engine_backend.ROWS_MAX_TOKENS = 0
+        try:
+            segmented = make(True)
+        finally:
+            kernels.engine_backend.ROWS_MAX_TOKENS = rows_max
     totals: dict[str, float] = defaultdict(float)
     owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,
               "engine": engine}
@@ -86,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             if in_place is not None and with_lora:
                 step, gpu = run_batch(in_place, batch, adapters, args.steps, seed=2 * n + with_lora)
                 print(f"batch {batch}, {label}, LoRA in place after each GEMM (overlap_lora=False): "
+                      f"step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
+            if segmented is not None and with_lora:
+                step, gpu = run_batch(segmented, batch, adapters, args.steps, seed=2 * n + with_lora)
+                print(f"batch {batch}, {label}, segmented shrink in the decode graphs: "
                       f"step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
     return 0
 
