@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 
 import torch
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-launch", action="store_true", help="time the steps with Triton launches straight to "
                    "the compiled kernels (kernels/launch.py, the default) and through Triton's dispatch, side by "
                    "side on one engine; no profiles")
+    p.add_argument("--trace", metavar="DIR", help="also write each profiled step as a Chrome trace (with Python "
+                   "stacks) into DIR, for a timeline of where the host time goes between launches")
     args = p.parse_args(argv)
     import kernels.launch
     from gpu_worker.engine import EngineArgs, LLMEngine, SamplingParams
@@ -112,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             for kind in (() if args.compare_dense or args.compare_fused or args.compare_launch
                          else ("decode", "mixed")):
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                                                        torch.profiler.ProfilerActivity.CUDA],
+                                            with_stack=bool(args.trace)) as prof:
                     if kind == "mixed":
                         engine.add_request(f"m{next(counter)}", prompt(args.prompt), params,
                                            lora_request=loras[0] if with_lora else None)
                     timed(engine)
+                if args.trace:
+                    Path(args.trace).mkdir(parents=True, exist_ok=True)
+                    prof.export_chrome_trace(str(Path(args.trace) / f"{'lora' if with_lora else 'base'}-{kind}.json"))
                 print(f"--- {label}, {kind} step: top ops by host time")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                                 max_name_column_width=60))
