@@ -52,6 +52,9 @@ class TritonLoRA:
         # stream): they grow to the largest step seen, instead of an allocation per layer and projection.
         self._y: torch.Tensor | None = None
         self._scratch: torch.Tensor | None = None
+        # Buffers replaced by larger ones, kept alive: a CUDA graph captured with the old one (decode graphs
+        # capture launches that point at y and the scratch) would otherwise replay into freed memory.
+        self._outgrown: list[torch.Tensor] = []
         # (group, accumulate) -> ((tokens, strides), y, shrink launch, expand launch): every layer of a step has
         # the same shapes and metadata, so the checks, configs and grids are worked out once per group and step,
         # not per layer.
@@ -78,6 +81,14 @@ class TritonLoRA:
     def _runs(self, group: str) -> bool:
         return self._groups is None or group in self._groups
 
+    def _grown(self, old: torch.Tensor | None, need: int, device: torch.device) -> torch.Tensor:
+        """A float32 buffer of at least `need` elements and at least twice the old one's (so buffers are
+        replaced a few times, not at every larger step); the old one is kept alive (`_outgrown`)."""
+        if old is not None:
+            self._outgrown.append(old)
+            need = max(need, 2 * old.numel())
+        return torch.empty(need, dtype=torch.float32, device=device)
+
     def _plan(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, accumulate: bool = True) -> tuple:
         # The launches bake in the strides of x and out: a plan serves calls with the same ones.
         key = (x.shape[0], x.stride(), out.stride())
@@ -87,7 +98,7 @@ class TritonLoRA:
             a = self.buffers.a[layer][group]
             s, r = a.shape[1], a.shape[2]
             if self._y is None or self._y.numel() < t * s * r:
-                self._y = torch.empty(t * s * r, dtype=torch.float32, device=x.device)
+                self._y = self._grown(self._y, t * s * r, x.device)
             y = self._y[: t * s * r].view(t, s, r)
             if t <= ROWS_MAX_TOKENS:  # decode sizes: a program per token (lora_shrink_rows.py says why)
                 shrink = shrink_rows_launch(x, a, self.buffers.ranks, self._slots, y,
@@ -97,7 +108,7 @@ class TritonLoRA:
                 need = max(1, shrink_workspace(x, a, self.meta, cfg))
                 if self._scratch is None or self._scratch.numel() < need:
                     # A new scratch: launches planned with the old one for other groups are planned again.
-                    self._scratch = torch.empty(need, dtype=torch.float32, device=x.device)
+                    self._scratch = self._grown(self._scratch, need, x.device)
                     self._plans = {}
                 shrink = shrink_launch(x, a, self.buffers.ranks, self.meta, y, cfg, self._scratch)
             expand = expand_config(t, self.meta.rows_per_slot(), r, sm_count(x.device))

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import kernels.engine_backend as engine_backend
 from gpu_worker.engine.lora.layout import GroupShape
 from gpu_worker.engine.lora.torch_backend import LoRABatch, TorchLoRA
 from kernels import (
@@ -371,6 +372,26 @@ def test_one_triton_hook_across_steps_of_other_shapes():
     hook = TritonLoRA(buffers, meta)
     for runs in ([(2, 2), (0, 3), (-1, 1)], [(1, 30), (3, 20)], [(3, 1)], [(0, 5), (2, 9), (-1, 4), (1, 7)]):
         _compare_backends(buffers, LoRABatch.from_runs(runs, DEVICE), meta, TINY, torch.float32, hook)
+
+
+def test_outgrown_buffers_stay_alive(monkeypatch):
+    """A step larger than any before gets a larger y and split-K scratch; the old ones stay allocated (a CUDA
+    graph captured with them keeps replaying into them), and buffers at least double, so they are replaced a
+    few times only."""
+    import weakref
+
+    monkeypatch.setattr(engine_backend, "ROWS_MAX_TOKENS", 0)  # the segmented shrink: it has a scratch
+    buffers, _ = _engine_case(TINY, [16, 0, 7, 12], [(0, 1)], 16, torch.float32)
+    meta = LoRAKernelMeta(max_tokens=64, max_slots=4, device=DEVICE)
+    hook = TritonLoRA(buffers, meta)
+    seen = []
+    for runs in ([(2, 2), (0, 1)], [(1, 30), (3, 20)], [(0, 5), (2, 9), (-1, 4), (1, 40)]):
+        batch = LoRABatch.from_runs(runs, DEVICE)
+        _compare_backends(buffers, batch, meta, TINY, torch.float32, hook)
+        seen.append((weakref.ref(hook._y), hook._y.numel()))
+    assert all(ref() is not None for ref, _ in seen)
+    sizes = [n for _, n in seen]
+    assert sizes[1] >= 2 * sizes[0] and sizes == sorted(sizes)
 
 
 def test_one_step_plan_serves_every_layer_and_new_strides():
