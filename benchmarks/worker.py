@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -52,7 +53,27 @@ def roofline(cfg: dict, batch: int, n_adapters: int, rank: int, bw: float, targe
     return batch / ((weights + n_adapters * adapter + kv) / bw)
 
 
-def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float]:
+def replay_us(engine, reps: int = 30) -> float:
+    """GPU time of the decode graph the engine's last step replayed, replayed alone `reps` times (its static
+    inputs are that step's: the replays recompute the same K/V and logits). A host slower than the GPU shows in
+    tok/s and decode ms, not here."""
+    graphs = engine.runner.graphs
+    if graphs is None or graphs.last is None:
+        return math.nan
+    graph = graphs.graphs[graphs.last][0]
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float, float]:
+    """(tok/s, median decode step ms, decode graph replay us) of `batch` requests over `loras`."""
     from gpu_worker.engine import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
@@ -60,7 +81,7 @@ def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float]:
     for i in range(batch):
         prompt = torch.randint(10, 128000, (PROMPT,), generator=g).tolist()
         engine.add_request(f"r{seed}-{i}", prompt, params, lora_request=loras[i % len(loras)] if loras else None)
-    steps, generated = [], 0
+    steps, generated, replay = [], 0, math.nan
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     # No synchronize per step: with async scheduling a step launches the next batch and returns once the
@@ -72,10 +93,14 @@ def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float]:
             seq.num_computed_tokens >= seq.num_prompt_tokens for seq in engine.scheduler.running)
         if decoding and len(outs) == batch:
             steps.append(time.perf_counter() - s)
+            if len(steps) == NEW // 2:  # mid-run, once: outside the timed steps' wall time
+                paused = time.perf_counter()
+                replay = replay_us(engine)
+                t0 += time.perf_counter() - paused
         generated += sum(len(o.outputs[0].delta_token_ids) for o in outs)
     wall = time.perf_counter() - t0
     assert generated == batch * NEW, (generated, batch * NEW)
-    return generated / wall, 1000 * statistics.median(steps)
+    return generated / wall, 1000 * statistics.median(steps), replay
 
 
 def prefill(engine, loras: list, n: int = 8, length: int = 2048) -> float:
@@ -188,10 +213,11 @@ def main() -> None:
     batches = [32] if args.quick else [32, 64]
     rows = []
 
-    def record(name, batch, n_adapters, tok_s, step_ms, targets=PROJ):
+    def record(name, batch, n_adapters, tok_s, step_ms, replay, targets=PROJ):
         roof = roofline(cfg, batch, n_adapters, rank, bw, targets)
         rows.append(dict(case=name, batch=batch, tok_s=round(tok_s), decode_ms=round(step_ms, 2),
-                         roofline_tok_s=round(roof), pct_roofline=round(100 * tok_s / roof, 1)))
+                         roofline_tok_s=round(roof), pct_roofline=round(100 * tok_s / roof, 1),
+                         replay_us=round(replay, 1)))
         print(rows[-1], flush=True)
 
     # Both engines live side by side: base-only traffic is timed on each in turn, so "LoRA enabled, no
@@ -239,16 +265,22 @@ def main() -> None:
         return next(r["tok_s"] for r in rows if r["case"] == case and r["batch"] == b)
 
     print(f"\nH2D/D2D copy bandwidth (read + write): {bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}")
-    print(f"{'case':32} {'batch':>5} {'tok/s':>8} {'decode ms':>9} {'roofline':>9} {'%roof':>6}")
+    print(f"{'case':32} {'batch':>5} {'tok/s':>8} {'decode ms':>9} {'roofline':>9} {'%roof':>6} {'replay us':>9}")
     for r in rows:
         print(f"{r['case']:32} {r['batch']:>5} {r['tok_s']:>8} {r.get('decode_ms', ''):>9} "
-              f"{r.get('roofline_tok_s', ''):>9} {r.get('pct_roofline', ''):>6}")
+              f"{r.get('roofline_tok_s', ''):>9} {r.get('pct_roofline', ''):>6} {r.get('replay_us', ''):>9}")
     for b in batches:
         base = tok("base, LoRA disabled", b)
         print(f"batch {b}: LoRA-enabled base / disabled {tok('base, LoRA enabled', b) / base:.3f}; "
               f"8 mixed / base {tok('8 adapter(s) mixed', b) / base:.3f}; "
               f"32 mixed / base {tok('32 adapter(s) mixed', b) / base:.3f}; "
               f"8 q/v mixed / base {tok('8 q/v adapter(s) mixed', b) / base:.3f}")
+        # The same ratios from the graphs' GPU time alone (base replay / case replay): what the engine reaches
+        # when the host keeps up; tok/s ratios above fall below these when steps are host-bound.
+        gpu = {r["case"]: r["replay_us"] for r in rows if r["batch"] == b and "replay_us" in r}
+        print(f"batch {b}, decode graph replay alone: " + "; ".join(
+            f"{case} {gpu['base, LoRA disabled'] / gpu[case]:.3f}" for case in
+            ("base, LoRA enabled", "8 adapter(s) mixed", "32 adapter(s) mixed", "8 q/v adapter(s) mixed")))
     print(f"prefill 8 x 2048 tokens: base {prefill_base:.0f} tok/s, 8 adapters {prefill_lora:.0f} tok/s "
           f"({prefill_lora / prefill_base:.3f} of base)")
     print(f"decode steps while cold adapters are copied in ({cold['loads']} loads, {cold['during_steps']} steps): "

@@ -56,6 +56,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, frozenset[str] | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._staging = PinnedStaging(n * (7 + self.max_blocks), dev)
         self._pool = None
+        self.last: tuple[int, frozenset[str] | None] | None = None  # the graph the last step replayed
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -139,6 +140,7 @@ class DecodeGraphs:
             rows = dev[5 * b:5 * b + 2 * k]
             self.ids.index_copy_(0, rows[:k], patch[2].index_select(0, rows[k:]))
         graph, logits = self.graphs[(b, lora)]
+        self.last = (b, lora)
         graph.replay()
         return logits[:n]
 

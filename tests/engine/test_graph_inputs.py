@@ -53,6 +53,7 @@ def test_graph_inputs_staged_for_mixed_and_base_batches(tiny_model_dir, tiny_ada
     # 3 requests (bucket 4: a padding row), base and adapters mixed; then base only (the graph without LoRA).
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
     assert (4, LORA_VARIANTS[-1]) in replayed  # chat-lora targets every projection
+    assert llm.engine.runner.graphs.last == replayed[-1]  # what benchmarks.worker replays to time the GPU alone
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[3:5], tiny_adapters, [None, None])
     assert replayed and set(replayed) == {(2, None)}
