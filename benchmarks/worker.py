@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.step_breakdown import replay_ms
 from benchmarks.synthetic import LLAMA_3_2_1B, PROJ, module_dims, write_adapter, write_model
 
 PROMPT, NEW = 128, 128
@@ -60,16 +61,8 @@ def replay_us(engine, reps: int = 30) -> float:
     graphs = engine.runner.graphs
     if graphs is None or graphs.last is None:
         return math.nan
-    graph = graphs.graphs[graphs.last][0]
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
+    return 1e3 * replay_ms(graphs.graphs[graphs.last][0], reps)
 
 
 def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float, float]:
