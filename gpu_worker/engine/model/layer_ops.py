@@ -2,7 +2,8 @@
 reference) and the fused Triton kernels of kernels/elementwise.py (one launch each where torch runs 2-12,
 for the GPU). LlamaModel calls whichever it was built with; the projections and attention do not change.
 
-    x, h = ops.add_norm(h, residual, weight, eps)     # h + residual (None: h), and RMSNorm of it
+    x, h = ops.add_norm(h, residual, weight, eps)     # h + residual (None: h), and RMSNorm of it (shrink: the
+                                                      # next projection's per-token LoRA shrink of it too)
     q = ops.rope_and_cache(q, k, v, positions, rope, k_cache, v_cache, meta)   # rotated q; rotated k and v
                                                       # written to the cache at meta.slot_mapping
     act = ops.silu_mul(gate_up)                       # silu(gate) * up
@@ -44,14 +45,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def row_shrink(x: torch.Tensor, shrink) -> None:
+    """shrink.y[t] = A[slot(t)] @ x[t] over each slot's rank (kernels/lora_shrink_rows.RowShrink), in float32,
+    for the rows with an adapter; the others are not written."""
+    a, ranks, slots, y = shrink
+    has = (slots >= 0) & (slots < a.shape[0])
+    if has.any():
+        idx = slots[has].long()
+        real = torch.arange(a.shape[2], device=a.device)[None, :] < ranks[idx, None]  # [n, R]
+        # Rows of A past a slot's rank are never read (zeros in SlotBuffers; whatever they hold, they add nothing).
+        a_real = torch.where(real[:, None, :, None], a[idx].float(), 0.0)
+        y[has] = torch.einsum("ti,tsri->tsr", x[has].float(), a_real)
+
+
 class TorchOps:
     @staticmethod
-    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None):
+    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None, shrink=None):
         if delta is not None:
             residual = plus_delta(residual, *delta)
         if residual is not None:
             h = h + residual
-        return rms_norm(h, weight, eps), h
+        x = rms_norm(h, weight, eps)
+        if shrink is not None:
+            row_shrink(x, shrink)
+        return x, h
 
     @staticmethod
     def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta,
@@ -72,10 +89,10 @@ class TorchOps:
 
 class FusedOps:
     @staticmethod
-    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None):
+    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None, shrink=None):
         from kernels.elementwise import add_rms_norm
 
-        return add_rms_norm(h, residual, weight, eps, delta)
+        return add_rms_norm(h, residual, weight, eps, delta, shrink)
 
     @staticmethod
     def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta,
