@@ -110,7 +110,7 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         if shrink is None:
             lora, block_nl, warps = (h, h, h, h, 0, 1, 0, 0, 0, 0), 1, 4 if n <= 4096 else 8
         else:
-            shrink.check(t, n)
+            shrink.check(x)
             a = shrink.a
             lora = (a, shrink.slots, shrink.ranks, shrink.y, a.shape[1] * a.shape[2], a.shape[2], a.shape[0],
                     a.stride(0), a.stride(2), shrink.y.stride(0))

@@ -32,13 +32,15 @@ class Launch:
         self._runner = None
 
     def __call__(self, *args: Any) -> None:
-        runner = self._runner
-        if runner is not None and DIRECT and self._tensors_of(args) == self._seen \
-                and tuple(args[i] for i in self._others) == self._values:
-            runner(*args, *self._tail, stream=self._stream(self._device))
+        self._send(args, self._runner is not None and tuple(args[i] for i in self._others) == self._values)
+
+    def _send(self, args: tuple, same_values: bool) -> None:
+        """Launch; same_values: the non-tensor arguments are the primed call's (checked by the caller)."""
+        if same_values and DIRECT and self._tensors_of(args) == self._seen:
+            self._runner(*args, *self._tail, stream=self._stream(self._device))
             return
         compiled = self._kernel[self._grid](*args, **self._consts)
-        if self._direct and compiled is not None and runner is None:
+        if self._direct and compiled is not None and self._runner is None:
             self._prime(compiled, args)
 
     def _prime(self, compiled, args: tuple) -> None:
@@ -78,4 +80,5 @@ class Launches:
             if len(self._plans) >= self._size:
                 self._plans.clear()
             launch = self._plans[key] = Launch(self._kernel, grid, args[0].device, **consts)
-        launch(*args)
+        # The key holds the non-tensor arguments: a primed plan was primed with these very values.
+        launch._send(args, launch._runner is not None)

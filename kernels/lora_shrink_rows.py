@@ -85,15 +85,13 @@ class RowShrink(NamedTuple):
     slots: torch.Tensor
     y: torch.Tensor
 
-    def check(self, x_rows: int, in_features: int) -> None:
-        a, y = self.a, self.y
-        if a.dim() != 4 or a.shape[3] != in_features or a.stride(3) != 1 or a.stride(1) != a.shape[2] * a.stride(2):
-            raise ValueError(f"a must be [slots, S, R, {in_features}] with in contiguous, (S, R) contiguous; got "
-                             f"{tuple(a.shape)} {a.stride()}")
-        if y.shape != (x_rows, a.shape[1], a.shape[2]) or y.dtype != torch.float32 or not y.is_contiguous():
-            raise ValueError(f"y must be contiguous float32 [{x_rows}, {a.shape[1]}, {a.shape[2]}]")
-        if self.slots.shape != (x_rows,) or self.slots.dtype != torch.int32 or self.ranks.dtype != torch.int32:
-            raise ValueError("slots must be int32 [T] and ranks int32")
+    def check(self, x: torch.Tensor) -> None:
+        """The shrink's arguments against x, the [T, in] output it is computed on."""
+        t, _, _, _, _ = check_shrink_args(x, self.a, self.ranks, self.y)
+        if self.a.stride(3) != 1:
+            raise ValueError("a's in_features must be contiguous: the row's columns index it directly")
+        if self.slots.shape != (t,) or self.slots.dtype != torch.int32:
+            raise ValueError(f"slots must be int32 [{t}], got {self.slots.dtype} {tuple(self.slots.shape)}")
 
 
 # Up to this many tokens a step's shrinks run per token (TritonLoRA); past it, segmented. Graphed decode

@@ -46,16 +46,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def row_shrink(x: torch.Tensor, shrink) -> None:
-    """shrink.y[t] = A[slot(t)] @ x[t] over each slot's rank (kernels/lora_shrink_rows.RowShrink), in float32,
-    for the rows with an adapter; the others are not written."""
+    """shrink.y[t] = A[slot(t)] @ x[t] over each slot's rank (kernels/lora_shrink_rows.RowShrink), as the
+    kernels' reference computes it, for the rows with an adapter; the others are not written."""
+    from kernels.reference import lora_shrink_ref
+
     a, ranks, slots, y = shrink
-    has = (slots >= 0) & (slots < a.shape[0])
+    has = (slots >= 0) & (slots < a.shape[0])  # slots past the buffers: no adapter, as in the kernels
     if has.any():
-        idx = slots[has].long()
-        real = torch.arange(a.shape[2], device=a.device)[None, :] < ranks[idx, None]  # [n, R]
-        # Rows of A past a slot's rank are never read (zeros in SlotBuffers; whatever they hold, they add nothing).
-        a_real = torch.where(real[:, None, :, None], a[idx].float(), 0.0)
-        y[has] = torch.einsum("ti,tsri->tsr", x[has].float(), a_real)
+        y[has] = lora_shrink_ref(x[has], a, ranks, slots[has]).float()
 
 
 class TorchOps:
