@@ -58,9 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-shrink", action="store_true", help="also an engine whose decode graphs run the "
                    "segmented LoRA shrink (kernels/lora_shrink.py) instead of the per-token one "
                    "(kernels/lora_shrink_rows.py), the same adapter batches timed on both, side by side")
-    p.add_argument("--compare-norm-shrink", action="store_true", help="also an engine whose decode graphs compute "
-                   "the qkv and gate_up LoRA shrinks in the norms before them (kernels.engine_backend.NORM_SHRINK), "
-                   "the same adapter batches timed on both, side by side")
     args = p.parse_args(argv)
     import kernels.engine_backend
     from gpu_worker.engine import EngineArgs, LLMEngine
@@ -74,21 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = make(True)
     in_place = make(False) if args.compare_overlap else None
-    def make_with(name: str, value):
-        """An engine captured with kernels.engine_backend.<name> = value: the graphs keep the launches planned
-        while they were captured."""
-        saved = getattr(kernels.engine_backend, name)
-        setattr(kernels.engine_backend, name, value)
+    segmented = None
+    if args.compare_shrink:  # the graphs keep the launches planned while they were captured
+        rows_max = kernels.engine_backend.ROWS_MAX_TOKENS
+        kernels.engine_backend.ROWS_MAX_TOKENS = 0
         try:
-            return make(True)
+            segmented = make(True)
         finally:
-            setattr(kernels.engine_backend, name, saved)
-
-    variants = {}
-    if args.compare_shrink:
-        variants["segmented shrink in the decode graphs"] = make_with("ROWS_MAX_TOKENS", 0)
-    if args.compare_norm_shrink:
-        variants["qkv / gate_up shrinks in the norms"] = make_with("NORM_SHRINK", True)
+            kernels.engine_backend.ROWS_MAX_TOKENS = rows_max
     totals: dict[str, float] = defaultdict(float)
     owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,
               "engine": engine}
@@ -109,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 step, gpu = run_batch(in_place, batch, adapters, args.steps, seed=2 * n + with_lora)
                 print(f"batch {batch}, {label}, LoRA in place after each GEMM (overlap_lora=False): "
                       f"step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
-            for name, other in variants.items() if with_lora else ():
-                step, gpu = run_batch(other, batch, adapters, args.steps, seed=2 * n + with_lora)
-                print(f"batch {batch}, {label}, {name}: step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
+            if segmented is not None and with_lora:
+                step, gpu = run_batch(segmented, batch, adapters, args.steps, seed=2 * n + with_lora)
+                print(f"batch {batch}, {label}, segmented shrink in the decode graphs: "
+                      f"step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
     return 0
 
 

@@ -31,7 +31,6 @@ import triton.language as tl
 
 from ._common import emulated, next_pow2, round_low, to_low
 from .launch import Launches
-from .lora_shrink_rows import RowShrink, shrink_row
 
 
 @triton.jit
@@ -63,9 +62,8 @@ def _delta_args(delta, like: torch.Tensor) -> tuple:
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N, eps,
                          s_h, s_r, s_x, s_ho,
-                         a_ptr, slots_ptr, ranks_ptr, y_ptr, NL, R, MAX_SLOTS, s_as, s_ar, s_y,
                          HAS_RESIDUAL: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-                         EMULATED: tl.constexpr, HAS_SHRINK: tl.constexpr, BLOCK_NL: tl.constexpr):
+                         EMULATED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -79,21 +77,16 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
     y = round_low(h * rstd, dt, EMULATED)  # normalized in fp32, then cast (Hugging Face's order)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    xv = to_low(w * y, dt, EMULATED)
-    tl.store(x_ptr + row * s_x + cols, xv, mask=ok)
-    if HAS_SHRINK:  # the next projection's LoRA shrink, on the row as stored (what the projection reads)
-        shrink_row(xv.to(tl.float32), cols, ok, row, a_ptr, y_ptr, slots_ptr, ranks_ptr, NL, R, MAX_SLOTS,
-                   s_as, s_ar, s_y, BLOCK_NL)
+    tl.store(x_ptr + row * s_x + cols, to_low(w * y, dt, EMULATED), mask=ok)
 
 
 _add_rms_norm = Launches(_add_rms_norm_kernel)
 
 
 def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float, delta=None, shrink: RowShrink | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, delta=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h + residual) * weight, h + residual) for h, residual [T, N] (rows contiguous), weight [N];
-    residual None: (RMSNorm(h) * weight, h). delta: the adapters' part of residual (see the module doc).
-    shrink: the next projection's per-token LoRA shrink of the output, computed here too (RowShrink)."""
+    residual None: (RMSNorm(h) * weight, h). delta: the adapters' part of residual (see the module doc)."""
     t, n = h.shape
     if h.stride(1) != 1 or weight.shape != (n,) or (residual is not None and (residual.shape != h.shape
                                                                               or residual.stride(1) != 1)):
@@ -106,19 +99,9 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if t:
         r = residual if residual is not None else h
         d, ds, has_delta = _delta_args(delta, r)
-        block = next_pow2(n)
-        if shrink is None:
-            lora, block_nl, warps = (h, h, h, h, 0, 1, 0, 0, 0, 0), 1, 4 if n <= 4096 else 8
-        else:
-            shrink.check(x)
-            a = shrink.a
-            lora = (a, shrink.slots, shrink.ranks, shrink.y, a.shape[1] * a.shape[2], a.shape[2], a.shape[0],
-                    a.stride(0), a.stride(2), shrink.y.stride(0))
-            # A tile of A's rows over the whole row: 32K elements, 64 a thread over 16 warps.
-            block_nl, warps = max(1, min(next_pow2(lora[4]), 32768 // block)), 16
         _add_rms_norm((t,), h, r, weight, x, h_out, d, ds, n, eps, h.stride(0), r.stride(0), x.stride(0),
-                      h_out.stride(0), *lora, HAS_RESIDUAL=residual is not None, HAS_DELTA=has_delta, BLOCK=block,
-                      EMULATED=emulated(h), HAS_SHRINK=shrink is not None, BLOCK_NL=block_nl, num_warps=warps)
+                      h_out.stride(0), HAS_RESIDUAL=residual is not None, HAS_DELTA=has_delta, BLOCK=next_pow2(n),
+                      EMULATED=emulated(h), num_warps=4 if n <= 4096 else 8)
     return x, h_out
 
 

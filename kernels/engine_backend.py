@@ -25,13 +25,8 @@ from ._common import sm_count
 from .lora_expand import expand_config, expand_launch
 from .lora_shrink import default_config, shrink_launch, shrink_workspace
 from .lora_shrink_rows import MAX_TOKENS as ROWS_MAX_TOKENS
-from .lora_shrink_rows import RowShrink, shrink_rows_config, shrink_rows_launch
+from .lora_shrink_rows import shrink_rows_config, shrink_rows_launch
 from .metadata import LoRAKernelMeta
-
-# With overlap, let the norm before qkv and gate_up compute their per-token shrink (`norm_shrink`): two launches
-# a layer fewer beside the base GEMMs, for ~1-2 us more in each norm. Off until measured on a GPU
-# (`python3 -m benchmarks.step_breakdown --compare-norm-shrink`).
-NORM_SHRINK = False
 
 
 class _GroupShape(Protocol):
@@ -69,7 +64,6 @@ class TritonLoRA:
         self._groups: frozenset[str] | None = None
         self._side: torch.cuda.Stream | None = None
         self._deltas: dict[str, torch.Tensor] = {}  # group -> this step's [T, N] buffer for the adapters' part
-        self._shrunk: tuple[int, str] | None = None  # the projection whose y the norm before it computes
 
     def prepare(self, token_slots: torch.Tensor, distinct: int | None = None, overlap: bool = False,
                 groups: frozenset[str] | None = None) -> None:
@@ -83,7 +77,6 @@ class TritonLoRA:
         self._overlap = overlap
         self._groups = groups
         self._deltas = {}
-        self._shrunk = None
 
     def _runs(self, group: str) -> bool:
         return self._groups is None or group in self._groups
@@ -96,23 +89,6 @@ class TritonLoRA:
             need = max(need, 2 * old.numel())
         return torch.empty(need, dtype=torch.float32, device=device)
 
-    def _y_view(self, t: int, s: int, r: int, device: torch.device) -> torch.Tensor:
-        """y [t, s, r] in the shared buffer (grown if short)."""
-        if self._y is None or self._y.numel() < t * s * r:
-            self._y = self._grown(self._y, t * s * r, device)
-        return self._y[: t * s * r].view(t, s, r)
-
-    def norm_shrink(self, layer: int, group: str, num_tokens: int) -> RowShrink | None:
-        """The per-token shrink of projection `group` of `layer`, for the norm that computes its input to do too
-        (kernels/elementwise.py add_rms_norm), when the step runs the adapters beside the GEMMs and per token
-        (`NORM_SHRINK`); project() then runs the expand alone. None: project() shrinks."""
-        if not (NORM_SHRINK and self._overlap and self._runs(group) and num_tokens <= ROWS_MAX_TOKENS):
-            return None
-        a = self.buffers.a[layer][group]
-        self._shrunk = (layer, group)
-        return RowShrink(a, self.buffers.ranks, self._slots, self._y_view(num_tokens, a.shape[1], a.shape[2],
-                                                                           a.device))
-
     def _plan(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, accumulate: bool = True) -> tuple:
         # The launches bake in the strides of x and out: a plan serves calls with the same ones.
         key = (x.shape[0], x.stride(), out.stride())
@@ -121,7 +97,9 @@ class TritonLoRA:
         if plan is None or plan[0] != key:
             a = self.buffers.a[layer][group]
             s, r = a.shape[1], a.shape[2]
-            y = self._y_view(t, s, r, x.device)
+            if self._y is None or self._y.numel() < t * s * r:
+                self._y = self._grown(self._y, t * s * r, x.device)
+            y = self._y[: t * s * r].view(t, s, r)
             if t <= ROWS_MAX_TOKENS:  # decode sizes: a program per token (lora_shrink_rows.py says why)
                 shrink = shrink_rows_launch(x, a, self.buffers.ranks, self._slots, y,
                                             shrink_rows_config(a.shape[3], s * r))
@@ -166,12 +144,8 @@ class TritonLoRA:
         # Planned (and y, scratch, delta allocated) on the main stream, before the fork: the side stream only
         # launches.
         _, y, shrink, expand = self._plan(layer, group, x, delta, accumulate=False)
-        if self._shrunk == (layer, group):  # the norm that computed x computed y too
-            shrink = None
-        self._shrunk = None
         if x.device.type != "cuda":  # no streams (the interpreter, in tests): the same work, one after another
-            if shrink is not None:
-                shrink(x, self.buffers.a[layer][group], y)
+            shrink(x, self.buffers.a[layer][group], y)
             expand(y, bs, delta)
             return base(), (delta, self._slots)
         if self._side is None:
@@ -179,8 +153,7 @@ class TritonLoRA:
         main = torch.cuda.current_stream(x.device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            if shrink is not None:
-                shrink(x, self.buffers.a[layer][group], y)
+            shrink(x, self.buffers.a[layer][group], y)
             expand(y, bs, delta)
         out = base()
         main.wait_stream(self._side)

@@ -15,7 +15,6 @@ less than the latency it saves (MAX_TOKENS below).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import triton
@@ -55,43 +54,6 @@ def _shrink_rows_kernel(
                 ak = tl.load(a_rows + rk[None, :] * stride_ak, mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
             acc += tl.sum(ak.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
         tl.store(y_ptr + t.to(tl.int64) * stride_yt + rn, acc, mask=rn < N)
-
-
-@triton.jit
-def shrink_row(xs, cols, col_ok, row, a_ptr, y_ptr, slots_ptr, ranks_ptr, N, R, MAX_SLOTS,
-               stride_as, stride_ar, stride_yt, BLOCK_N: tl.constexpr):
-    """The per-token shrink of one row held in registers by the kernel that computed it (xs: fp32 [BLOCK] at
-    columns `cols`, A's in_features contiguous): y[row] = A[slot(row)] @ xs, as _shrink_rows_kernel computes it;
-    not written when the row has no adapter."""
-    slot = tl.load(slots_ptr + row)
-    if (slot >= 0) & (slot < MAX_SLOTS):
-        rank = tl.minimum(tl.load(ranks_ptr + slot), R)
-        a_slot = a_ptr + slot.to(tl.int64) * stride_as
-        for n0 in range(0, N, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            n_ok = (rn < N) & ((rn % R) < rank)
-            a = tl.load(a_slot + rn[:, None].to(tl.int64) * stride_ar + cols[None, :],
-                        mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-            tl.store(y_ptr + row * stride_yt + rn, tl.sum(a.to(tl.float32) * xs[None, :], axis=1), mask=rn < N)
-
-
-class RowShrink(NamedTuple):
-    """A per-token shrink handed to the kernel that produces the projection's input (kernels/elementwise.py's
-    add_rms_norm): y [T, S, R] float32 (contiguous) = A[slot(t)] @ x[t] for a [slots, S, R, in] (in contiguous),
-    ranks [slots] int32, slots [T] int32 (rows of tokens without an adapter are not written)."""
-
-    a: torch.Tensor
-    ranks: torch.Tensor
-    slots: torch.Tensor
-    y: torch.Tensor
-
-    def check(self, x: torch.Tensor) -> None:
-        """The shrink's arguments against x, the [T, in] output it is computed on."""
-        t, _, _, _, _ = check_shrink_args(x, self.a, self.ranks, self.y)
-        if self.a.stride(3) != 1:
-            raise ValueError("a's in_features must be contiguous: the row's columns index it directly")
-        if self.slots.shape != (t,) or self.slots.dtype != torch.int32:
-            raise ValueError(f"slots must be int32 [{t}], got {self.slots.dtype} {tuple(self.slots.shape)}")
 
 
 # Up to this many tokens a step's shrinks run per token (TritonLoRA); past it, segmented. Graphed decode

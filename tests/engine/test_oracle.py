@@ -97,21 +97,13 @@ def test_fused_elementwise_kernels_match_peft(tiny_model_dir, tiny_adapters):
     assert llm.engine.blocks.num_free == 64
 
 
-@pytest.mark.parametrize("norm_shrink", [False, True], ids=["shrink-launched", "shrink-in-norm"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-ops"])
-def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch, fused, norm_shrink):
+def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch, fused):
     """The Triton LoRA backend handing each projection's adapter part back as a delta, added by the next elementwise
     op (what decode graphs on CUDA do, beside the base GEMM; forced here on every step, kernels in Triton's
     interpreter): still transformers + PEFT's tokens and logprobs, base and adapter requests mixed, with both the
-    torch and the fused elementwise ops adding the deltas; and with the qkv and gate_up shrinks computed by the
-    norm before them (engine_backend.NORM_SHRINK)."""
-    import kernels.engine_backend
+    torch and the fused elementwise ops adding the deltas."""
     from kernels.engine_backend import TritonLoRA
-
-    monkeypatch.setattr(kernels.engine_backend, "NORM_SHRINK", norm_shrink)
-    norm_shrink_of, in_norm = TritonLoRA.norm_shrink, []
-    monkeypatch.setattr(TritonLoRA, "norm_shrink", lambda self, *args: (
-        lambda got: (in_norm.append(got is not None), got)[1])(norm_shrink_of(self, *args)))
 
     prepare, deltas = TritonLoRA.prepare, []
     monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False, groups=None:
@@ -129,7 +121,6 @@ def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch
               block_size=8, max_num_batched_tokens=16, lora_backend="triton", fused_elementwise=fused)
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", None, "chat-lora"])
     assert deltas and all(deltas)
-    assert any(in_norm) == norm_shrink  # steps of up to 16 tokens: per token, so in the norm when enabled
 
 
 def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch):

@@ -13,11 +13,9 @@ import torch.nn.functional as F
 
 from gpu_worker.engine.model.attention import write_kv
 from gpu_worker.engine.model.config import ModelConfig
-from gpu_worker.engine.model.layer_ops import FusedOps, TorchOps, plus_delta, rms_norm
+from gpu_worker.engine.model.layer_ops import plus_delta, rms_norm
 from gpu_worker.engine.model.rope import RotaryEmbedding
-from kernels import lora_shrink_ref
 from kernels.elementwise import add_rms_norm, rope_and_cache, silu_mul
-from kernels.lora_shrink_rows import RowShrink
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -110,33 +108,6 @@ def delta_for(like: torch.Tensor, dtype, g):
     values = rand(*like.shape, dtype=dtype, g=g) * 0.1
     values[(slots < 0).to(DEVICE)] = float("nan")
     return values, slots.to(DEVICE)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("ops", [FusedOps, TorchOps], ids=["fused", "torch"])
-def test_add_norm_computes_the_next_projections_shrink(ops, dtype):
-    """add_norm with a RowShrink: the same x and h as without, and y = A[slot] @ x (the stored, rounded x) over
-    each slot's rank for the rows with an adapter (A is NaN past each rank: never read); the others untouched."""
-    g = gen()
-    t, n, ranks = 9, 96, [16, 3, 9]
-    h, r = rand(t, n, dtype=dtype, g=g), rand(t, n, dtype=dtype, g=g)
-    w = (torch.rand(n, generator=g) + 0.5).to(DEVICE, dtype)
-    real = torch.arange(16)[None, :] < torch.tensor(ranks)[:, None]
-    a = torch.where(real[:, None, :, None], torch.randn(3, 3, 16, n, generator=g) * n ** -0.5, float("nan"))
-    a = a.to(DEVICE, dtype)
-    slots = torch.tensor([0, -1, 2, 1, 0, -1, 2, 2, 1], dtype=torch.int32, device=DEVICE)
-    rk = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
-    y = torch.full((t, 3, 16), float("nan"), device=DEVICE)
-    x, h_new = ops.add_norm(h, r, w, 1e-5, None, RowShrink(a, rk, slots, y))
-    x0, h0 = ops.add_norm(h, r, w, 1e-5)
-    assert torch.equal(x, x0) and torch.equal(h_new, h0)
-    ref = lora_shrink_ref(x, torch.nan_to_num(a, nan=0.0), rk, slots)
-    has = slots >= 0
-    assert not y[has].isnan().any()
-    assert float((y[has].double() - ref[has]).norm() / ref[has].norm()) <= 1e-5
-    assert y[~has].isnan().all()
-    with pytest.raises(ValueError, match="y must be"):
-        add_rms_norm(h, r, w, 1e-5, None, RowShrink(a, rk, slots, y[:, :2]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -46,10 +46,6 @@ class TorchLoRA:
         self.batch = batch
         self.groups = groups
 
-    def norm_shrink(self, layer: int, group: str, num_tokens: int) -> None:
-        """No shrink is handed to the norm before a projection: apply() does it (see TritonLoRA.norm_shrink)."""
-        return None
-
     def project(self, layer: int, group: str, x: torch.Tensor, base):
         """The projection base() computes, with the adapters' part added in place: (out, None)."""
         out = base()

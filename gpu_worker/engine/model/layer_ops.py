@@ -2,8 +2,7 @@
 reference) and the fused Triton kernels of kernels/elementwise.py (one launch each where torch runs 2-12,
 for the GPU). LlamaModel calls whichever it was built with; the projections and attention do not change.
 
-    x, h = ops.add_norm(h, residual, weight, eps)     # h + residual (None: h), and RMSNorm of it (shrink: the
-                                                      # next projection's per-token LoRA shrink of it too)
+    x, h = ops.add_norm(h, residual, weight, eps)     # h + residual (None: h), and RMSNorm of it
     q = ops.rope_and_cache(q, k, v, positions, rope, k_cache, v_cache, meta)   # rotated q; rotated k and v
                                                       # written to the cache at meta.slot_mapping
     act = ops.silu_mul(gate_up)                       # silu(gate) * up
@@ -45,28 +44,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def row_shrink(x: torch.Tensor, shrink) -> None:
-    """shrink.y[t] = A[slot(t)] @ x[t] over each slot's rank (kernels/lora_shrink_rows.RowShrink), as the
-    kernels' reference computes it, for the rows with an adapter; the others are not written."""
-    from kernels.reference import lora_shrink_ref
-
-    a, ranks, slots, y = shrink
-    has = (slots >= 0) & (slots < a.shape[0])  # slots past the buffers: no adapter, as in the kernels
-    if has.any():
-        y[has] = lora_shrink_ref(x[has], a, ranks, slots[has]).float()
-
-
 class TorchOps:
     @staticmethod
-    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None, shrink=None):
+    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None):
         if delta is not None:
             residual = plus_delta(residual, *delta)
         if residual is not None:
             h = h + residual
-        x = rms_norm(h, weight, eps)
-        if shrink is not None:
-            row_shrink(x, shrink)
-        return x, h
+        return rms_norm(h, weight, eps), h
 
     @staticmethod
     def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta,
@@ -87,10 +72,10 @@ class TorchOps:
 
 class FusedOps:
     @staticmethod
-    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None, shrink=None):
+    def add_norm(h, residual, weight, eps, delta: LoRADelta | None = None):
         from kernels.elementwise import add_rms_norm
 
-        return add_rms_norm(h, residual, weight, eps, delta, shrink)
+        return add_rms_norm(h, residual, weight, eps, delta)
 
     @staticmethod
     def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta,

@@ -23,10 +23,6 @@ from .weights import iter_tensors
 
 
 class LoRAHook(Protocol):
-    def norm_shrink(self, layer: int, group: str, num_tokens: int):
-        """A per-token LoRA shrink (kernels/lora_shrink_rows.RowShrink) of projection `group` of `layer` for the
-        norm that computes its input to run too, or None; project() then skips its own shrink."""
-
     def project(self, layer: int, group: str, x: torch.Tensor, base: Callable[[], torch.Tensor]
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """base() (the projection of x) with the adapters' part for projection `group` of `layer`: added in place,
@@ -121,7 +117,7 @@ class LlamaModel:
         # adapters' part of each projection when the LoRA backend hands it back as a delta.
         residual, delta = None, None
         for i, w in enumerate(self.layers):
-            x, h = ops.add_norm(h, residual, w.input_norm, eps, delta, self._shrink(lora, i, "qkv", h))
+            x, h = ops.add_norm(h, residual, w.input_norm, eps, delta)
             qkv, delta = self._project(lora, i, "qkv", x, w.qkv, w.qkv_bias)
             q, k, v = self._heads(qkv)
             if delta is not None:
@@ -130,7 +126,7 @@ class LlamaModel:
             q = ops.rope_and_cache(q, k, v, positions, self.rope, k_cache, v_cache, meta, delta)
             attn = paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(-1, q_size)
             o, delta = self._project(lora, i, "o", attn, w.o)
-            x, h = ops.add_norm(h, o, w.post_norm, eps, delta, self._shrink(lora, i, "gate_up", h))
+            x, h = ops.add_norm(h, o, w.post_norm, eps, delta)
             gate_up, delta = self._project(lora, i, "gate_up", x, w.gate_up)
             act = ops.silu_mul(gate_up, delta)
             residual, delta = self._project(lora, i, "down", act, w.down)
@@ -143,10 +139,6 @@ class LlamaModel:
         # before penalties or temperature); a greedy argmax reads them as they are (a float copy of [64, 128K]
         # cost 22 us a decode step on an H200).
         return F.linear(x, self.lm_head)
-
-    @staticmethod
-    def _shrink(lora: LoRAHook | None, layer: int, group: str, h: torch.Tensor):
-        return None if lora is None else lora.norm_shrink(layer, group, h.shape[0])
 
     @staticmethod
     def _project(lora: LoRAHook | None, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor,
