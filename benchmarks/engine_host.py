@@ -49,7 +49,8 @@ def stub_gpu(engine: LLMEngine, max_batch: int) -> None:
                           engine.max_model_len, scratch_block=engine.blocks.num_blocks, lora=runner.lora)
     for b in graphs.buckets:
         for lora in (None, *LORA_VARIANTS):
-            graphs.graphs[(b, lora)] = (_NoReplay(), logits[:b])
+            for stacked in graphs._prefixes(b) if lora else [None]:
+                graphs.graphs[(b, lora, stacked)] = (_NoReplay(), logits[:b])
     runner.graphs = graphs
 
 

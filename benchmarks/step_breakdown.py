@@ -1,7 +1,8 @@
 """Where a graphed decode step's wall time goes, on the GPU: the step as the engine runs it (async scheduling, CUDA
 graphs, steps back to back), the GPU time of its graph replay alone, and the host time of each phase.
 
-    python3 -m benchmarks.step_breakdown [--batches 32,64] [--steps 50] [--compare-overlap]
+    python3 -m benchmarks.step_breakdown [--batches 32,64] [--steps 50] [--compare-overlap] [--compare-shrink]
+                                         [--compare-stacked]
 
 When the step takes about as long as its replay, the engine is GPU-bound; when it takes longer, the host's
 phases (which with async scheduling overlap the replay) are the limit. Llama-3.2-1B shape, random bf16
@@ -17,7 +18,6 @@ from collections import defaultdict
 import torch
 
 from benchmarks.synthetic import llama_1b_with_adapters
-from gpu_worker.engine.decode_graphs import LORA_VARIANTS
 
 # (object attribute holding it, method name, label): the host phases timed per step.
 PHASES = [
@@ -58,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-shrink", action="store_true", help="also an engine whose decode graphs run the "
                    "segmented LoRA shrink (kernels/lora_shrink.py) instead of the per-token one "
                    "(kernels/lora_shrink_rows.py), the same adapter batches timed on both, side by side")
+    p.add_argument("--compare-stacked", action="store_true", help="also an engine whose decode graphs run the LoRA "
+                   "kernels beside the base GEMMs at every batch size instead of the stacked GEMMs "
+                   "(decode_graphs.STACKED_MAX_BATCH = 0), the same adapter batches timed on both, side by side")
     args = p.parse_args(argv)
     import kernels.engine_backend
-    from gpu_worker.engine import EngineArgs, LLMEngine
+    from gpu_worker.engine import EngineArgs, LLMEngine, decode_graphs
 
     model, loras = llama_1b_with_adapters("step-breakdown-", 8)
 
@@ -69,16 +72,23 @@ def main(argv: list[str] | None = None) -> int:
                                     enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16,
                                     overlap_lora=overlap))
 
+    def make_with(module, name: str, value):
+        """An engine captured with module.<name> = value: the graphs keep what was planned while they were
+        captured."""
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return make(True)
+        finally:
+            setattr(module, name, saved)
+
     engine = make(True)
     in_place = make(False) if args.compare_overlap else None
-    segmented = None
-    if args.compare_shrink:  # the graphs keep the launches planned while they were captured
-        rows_max = kernels.engine_backend.ROWS_MAX_TOKENS
-        kernels.engine_backend.ROWS_MAX_TOKENS = 0
-        try:
-            segmented = make(True)
-        finally:
-            kernels.engine_backend.ROWS_MAX_TOKENS = rows_max
+    variants = {}
+    if args.compare_shrink:
+        variants["segmented shrink in the decode graphs"] = make_with(kernels.engine_backend, "ROWS_MAX_TOKENS", 0)
+    if args.compare_stacked:
+        variants["LoRA kernels beside the GEMMs, not stacked"] = make_with(decode_graphs, "STACKED_MAX_BATCH", 0)
     totals: dict[str, float] = defaultdict(float)
     owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,
               "engine": engine}
@@ -99,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 step, gpu = run_batch(in_place, batch, adapters, args.steps, seed=2 * n + with_lora)
                 print(f"batch {batch}, {label}, LoRA in place after each GEMM (overlap_lora=False): "
                       f"step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
-            if segmented is not None and with_lora:
-                step, gpu = run_batch(segmented, batch, adapters, args.steps, seed=2 * n + with_lora)
-                print(f"batch {batch}, {label}, segmented shrink in the decode graphs: "
-                      f"step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
+            for name, other in variants.items() if with_lora else ():
+                step, gpu = run_batch(other, batch, adapters, args.steps, seed=2 * n + with_lora)
+                print(f"batch {batch}, {label}, {name}: step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
     return 0
 
 
@@ -127,8 +136,7 @@ def run_batch(engine, batch: int, loras: list | None, steps: int, seed: int, on_
     torch.cuda.synchronize()
     step = (time.perf_counter() - t) / steps * 1e3
     graphs = engine.runner.graphs
-    # The bench's adapters target all seven projections: their batches replay the every-group variant.
-    gpu = replay_ms(graphs.graphs[(graphs.bucket(batch), LORA_VARIANTS[-1] if loras else None)][0])
+    gpu = replay_ms(graphs.graphs[graphs.last][0])  # the graph the last step replayed
     engine.abort_request(list(engine._seqs))
     while engine.has_unfinished_requests():
         engine.step()

@@ -29,8 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import emulated, next_pow2, round_low, to_low
+from ._common import dot_mode, emulated, next_pow2, round_low, to_low
+from .consumer_expand import PendingExpand, expand_row, expand_tile, rank_block
 from .launch import Launches
+
+# The adapters' part an op is handed: none, values to add (LoRADelta), or to expand first (PendingExpand); the
+# kernels' LORA argument (host ints, and the same as constexprs for the kernels: Triton reads no other globals).
+NO_LORA, DELTA, EXPAND = 0, 1, 2
+_NO_LORA: tl.constexpr = tl.constexpr(NO_LORA)
+_DELTA: tl.constexpr = tl.constexpr(DELTA)
+_EXPAND: tl.constexpr = tl.constexpr(EXPAND)
 
 
 @triton.jit
@@ -46,9 +54,31 @@ def _plus_delta(v, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA: tl.constexpr, dt: tl
     return v
 
 
+@triton.jit
+def _plus_expand(v, row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slots_ptr, P, R: tl.constexpr,
+                 dt: tl.constexpr, EMULATED: tl.constexpr, RB: tl.constexpr):
+    """v [BLOCK] (fp32, the projection's output at columns n of its slice) plus the adapters' part expanded here
+    (consumer_expand.expand_row), rounded as _plus_delta rounds a delta buffer's values."""
+    d, has = expand_row(row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slots_ptr, P, R, RB)
+    return tl.where(has, round_low(v + round_low(d, dt, EMULATED), dt, EMULATED), v)
+
+
+
+def _expand_args(pending: PendingExpand | None, like: torch.Tensor, slices: int) -> tuple[tuple, dict]:
+    """((y, s_yt, s_yp, s_bp, ranks, slots, P, b_0 .. b_{slices-1}) kernel arguments, {R, RB} constexprs); `like`
+    stands in for the tensors when there is nothing to expand."""
+    if pending is None:
+        return (like, 0, 0, 0, like, like, 0) + (like,) * slices, {"R": 1, "RB": 1}
+    if len(pending.b) != slices:
+        raise ValueError(f"the projection has {slices} slices, the pending expand {len(pending.b)}")
+    pending.check(like)
+    r = pending.y.shape[3]
+    return pending.args() + tuple(pending.b), {"R": r, "RB": rank_block(r)}
+
+
 def _delta_args(delta, like: torch.Tensor) -> tuple:
     """(values, slots, HAS_DELTA) kernel arguments; the values must be laid out as `like` (same strides)."""
-    if delta is None:
+    if delta is None or isinstance(delta, PendingExpand):
         return like, like, False
     values, slots = delta
     if values.shape != like.shape or values.stride() != like.stride() or slots.shape != (like.shape[0],) \
@@ -62,8 +92,9 @@ def _delta_args(delta, like: torch.Tensor) -> tuple:
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N, eps,
                          s_h, s_r, s_x, s_ho,
-                         HAS_RESIDUAL: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-                         EMULATED: tl.constexpr):
+                         y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P, b_ptr,
+                         HAS_RESIDUAL: tl.constexpr, LORA: tl.constexpr, BLOCK: tl.constexpr,
+                         EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -71,7 +102,11 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
     h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
-        r = _plus_delta(r, d_ptr, ds_ptr, row, row * s_r + cols, ok, HAS_DELTA, dt, EMULATED)
+        if LORA == _EXPAND:
+            r = _plus_expand(r, row, cols, ok, y_ptr, 0, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, es_ptr, P, R, dt,
+                             EMULATED, RB)
+        else:
+            r = _plus_delta(r, d_ptr, ds_ptr, row, row * s_r + cols, ok, LORA == _DELTA, dt, EMULATED)
         h = round_low(h + r, dt, EMULATED)  # the sum in the model's dtype, as torch rounds it
         tl.store(hout_ptr + row * s_ho + cols, h.to(dt), mask=ok)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
@@ -86,7 +121,8 @@ _add_rms_norm = Launches(_add_rms_norm_kernel)
 def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float, delta=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h + residual) * weight, h + residual) for h, residual [T, N] (rows contiguous), weight [N];
-    residual None: (RMSNorm(h) * weight, h). delta: the adapters' part of residual (see the module doc)."""
+    residual None: (RMSNorm(h) * weight, h). delta: the adapters' part of residual, as values or pending (see
+    the module doc)."""
     t, n = h.shape
     if h.stride(1) != 1 or weight.shape != (n,) or (residual is not None and (residual.shape != h.shape
                                                                               or residual.stride(1) != 1)):
@@ -99,10 +135,30 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if t:
         r = residual if residual is not None else h
         d, ds, has_delta = _delta_args(delta, r)
+        pending = delta if isinstance(delta, PendingExpand) else None
+        # Expanding, a row's B tile is [N, RB] values: 8 warps keep it in registers at N = 4,096.
+        warps = 8 if pending is not None or n > 4096 else 4
+        args, consts = _expand_args(pending, r, 1)
         _add_rms_norm((t,), h, r, weight, x, h_out, d, ds, n, eps, h.stride(0), r.stride(0), x.stride(0),
-                      h_out.stride(0), HAS_RESIDUAL=residual is not None, HAS_DELTA=has_delta, BLOCK=next_pow2(n),
-                      EMULATED=emulated(h), num_warps=4 if n <= 4096 else 8)
+                      h_out.stride(0), *args, HAS_RESIDUAL=residual is not None,
+                      LORA=EXPAND if pending is not None else DELTA if has_delta else NO_LORA, BLOCK=next_pow2(n),
+                      EMULATED=emulated(h), **consts, num_warps=warps)
     return x, h_out
+
+
+@triton.jit
+def _expand_in_place(x_ptr, row, s_t, s_h, width, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, es_ptr, P,
+                     D: tl.constexpr, WIDTH: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr,
+                     R: tl.constexpr, RB: tl.constexpr):
+    """x[row] (heads x D, `width` values) plus the adapters' part, in place: the row as one 1-D block, whose
+    expand is a 2-D [columns, ranks] tile (a 3-D one over heads ran 7x slower)."""
+    n = tl.arange(0, WIDTH)
+    ok = n < width
+    offs = row * s_t + (n // D) * s_h + n % D
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    v = _plus_expand(v, row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, es_ptr, P, R, dt, EMULATED,
+                     RB)
+    tl.store(x_ptr + offs, v.to(dt), mask=ok)
 
 
 @triton.jit
@@ -128,10 +184,20 @@ def _rotate(x_ptr, d_ptr, ds_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, si
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                        dq_ptr, dk_ptr, dv_ptr, ds_ptr,
                        H, KVH, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cs, s_ch,
+                       y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P, bq_ptr, bk_ptr, bv_ptr,
                        H_PAD: tl.constexpr, KVH_PAD: tl.constexpr, HALF: tl.constexpr,
-                       HAS_DELTA: tl.constexpr, EMULATED: tl.constexpr):
+                       LORA: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dt: tl.constexpr = q_ptr.dtype.element_ty
+    if LORA == _EXPAND:  # q, k and v plus the adapters' part, in place; then on as without one
+        _expand_in_place(q_ptr, row, s_qt, s_qh, H * 2 * HALF, y_ptr, 0, s_yt, s_yp, bq_ptr, s_bp, ranks_ptr,
+                         es_ptr, P, 2 * HALF, H_PAD * 2 * HALF, dt, EMULATED, R, RB)
+        _expand_in_place(k_ptr, row, s_kt, s_kh, KVH * 2 * HALF, y_ptr, R, s_yt, s_yp, bk_ptr, s_bp,
+                         ranks_ptr, es_ptr, P, 2 * HALF, KVH_PAD * 2 * HALF, dt, EMULATED, R, RB)
+        _expand_in_place(v_ptr, row, s_vt, s_vh, KVH * 2 * HALF, y_ptr, 2 * R, s_yt, s_yp, bv_ptr, s_bp,
+                         ranks_ptr, es_ptr, P, 2 * HALF, KVH_PAD * 2 * HALF, dt, EMULATED, R, RB)
+        tl.debug_barrier()  # the row's threads read back what the others wrote
+    has_delta: tl.constexpr = LORA == _DELTA
     d1 = tl.arange(0, HALF)
     p = tl.load(pos_ptr + row)
     cos1 = tl.load(cos_ptr + p * s_cos + d1).to(tl.float32)[None, :]
@@ -139,10 +205,10 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
     sin1 = tl.load(sin_ptr + p * s_cos + d1).to(tl.float32)[None, :]
     sin2 = tl.load(sin_ptr + p * s_cos + HALF + d1).to(tl.float32)[None, :]
     _rotate(q_ptr, dq_ptr, ds_ptr, row, tl.arange(0, H_PAD), s_qt, s_qh, d1, cos1, sin1, cos2, sin2, H, dt, HALF,
-            HAS_DELTA, EMULATED)
+            has_delta, EMULATED)
     kvh = tl.arange(0, KVH_PAD)
     k1, k2 = _rotate(k_ptr, dk_ptr, ds_ptr, row, kvh, s_kt, s_kh, d1, cos1, sin1, cos2, sin2, KVH, dt, HALF,
-                     HAS_DELTA, EMULATED)
+                     has_delta, EMULATED)
     # The new key and value into their cache slot (the cache is [blocks * block_size, KVH, D] flat).
     slot = tl.load(slot_ptr + row).to(tl.int64)
     ok = (kvh < KVH)[:, None]
@@ -150,11 +216,11 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
     tl.store(kc_ptr + dst, k1, mask=ok)
     tl.store(kc_ptr + dst + HALF, k2, mask=ok)
     v_offs = row * s_vt + kvh[:, None] * s_vh + d1[None, :]
-    if HAS_DELTA:  # v plus the adapters' part goes to the cache, and back into v for whoever reads it there
+    if has_delta:  # v plus the adapters' part goes to the cache, and back into v for whoever reads it there
         for half in tl.static_range(2):
             o = v_offs + half * HALF
             v = _plus_delta(tl.load(v_ptr + o, mask=ok, other=0.0).to(tl.float32), dv_ptr, ds_ptr, row, o, ok,
-                            HAS_DELTA, dt, EMULATED).to(dt)
+                            has_delta, dt, EMULATED).to(dt)
             tl.store(v_ptr + o, v, mask=ok)
             tl.store(vc_ptr + dst + half * HALF, v, mask=ok)
     else:
@@ -172,8 +238,8 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     """Rotary embedding (Hugging Face's rotate-half layout) applied to q [T, H, D] and k [T, KVH, D] in
     place, from cos / sin tables [max_positions, D] at positions [T]; then k and v [T, KVH, D] written to
     k_cache / v_cache [num_blocks, block_size, KVH, D] at the flat slots slot_mapping [T] (int64).
-    delta: the adapters' part of (q, k, v), three tensors laid out as they are, and the slots; added to q,
-    k and v (in place) first."""
+    delta: the adapters' part of (q, k, v), three tensors laid out as they are, and the slots; or pending
+    (consumer_expand.PendingExpand, slices q, k, v): added to q, k and v (in place) first."""
     t, h, d = q.shape
     kvh = k.shape[1]
     if (k.shape != (t, kvh, d) or v.shape != k.shape or d % 2 or d & (d - 1) or cos.shape != sin.shape
@@ -186,20 +252,23 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     if t == 0:
         return
     kc = k_cache.view(-1, kvh, d)
-    if delta is None:
+    pending = delta if isinstance(delta, PendingExpand) else None
+    if delta is None or pending is not None:
         dq = dk = dv = ds = None
     else:
         (dq, dk, dv), slots = delta
         dq, ds, _ = _delta_args((dq, slots), q)
         dk, _, _ = _delta_args((dk, slots), k)
         dv, _, _ = _delta_args((dv, slots), v)
+    args, consts = _expand_args(pending, q, 3)
     _rope_cache(
         (t,), q, k, v, positions, cos, sin, kc, v_cache.view(-1, kvh, d), slot_mapping,
-        *((q, q, q, q) if delta is None else (dq, dk, dv, ds)),
+        *((q, q, q, q) if dq is None else (dq, dk, dv, ds)),
         h, kvh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-        kc.stride(0), kc.stride(1),
-        H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2, HAS_DELTA=delta is not None,
-        EMULATED=emulated(q), num_warps=4,
+        kc.stride(0), kc.stride(1), *args,
+        H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2,
+        LORA=EXPAND if pending is not None else NO_LORA if delta is None else DELTA,
+        EMULATED=emulated(q), **consts, num_warps=8 if pending is not None else 4,
     )
 
 
@@ -220,16 +289,61 @@ def _silu_mul_kernel(gu_ptr, out_ptr, d_ptr, ds_ptr, N, s_gu, s_o, HAS_DELTA: tl
 
 _silu_mul = Launches(_silu_mul_kernel)
 
+# silu_mul expands a pending adapters' part for all rows of a column tile at once: up to this many rows.
+EXPAND_MAX_ROWS = 128
+
+
+@triton.jit
+def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P,
+                            bg_ptr, bu_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            EVEN_K: tl.constexpr, DOT: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
+                            RB: tl.constexpr):
+    # One program per BN columns, every row: each present slot's B tile is read once per column tile, not
+    # once per row (consumer_expand.expand_tile).
+    rows = tl.arange(0, BM)
+    row_ok = rows < T
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    ok = row_ok[:, None] & col_ok[None, :]
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    at = rows[:, None].to(tl.int64) * s_gu + cols[None, :]
+    g = tl.load(gu_ptr + at, mask=ok, other=0.0).to(tl.float32)  # first: their latency beside the expand's
+    u = tl.load(gu_ptr + at + N, mask=ok, other=0.0).to(tl.float32)
+    slots = tl.load(es_ptr + rows, mask=row_ok, other=-1)
+    slots = tl.where((slots >= 0) & (slots < P), slots, -1)
+    dg = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, 0, s_yt, s_yp, bg_ptr, s_bp,
+                     ranks_ptr, P, R, BK, EVEN_K, DOT)
+    du = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, R, s_yt, s_yp, bu_ptr, s_bp,
+                     ranks_ptr, P, R, BK, EVEN_K, DOT)
+    has = (slots >= 0)[:, None]
+    g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
+    u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)
+    act = round_low(g / (1.0 + tl.exp(-g)), dt, EMULATED)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * s_o + cols[None, :], to_low(act * u, dt, EMULATED), mask=ok)
+
+
+_silu_mul_expand = Launches(_silu_mul_expand_kernel)
+
 
 def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
     """gate_up [T, 2N] (gate then up, rows contiguous) -> silu(gate) * up [T, N]. delta: the adapters' part of
-    gate_up (see the module doc)."""
+    gate_up, as values or pending (see the module doc; pending: T <= EXPAND_MAX_ROWS)."""
     t, n2 = gate_up.shape
     if n2 % 2 or gate_up.stride(1) != 1:
         raise ValueError(f"gate_up must be [T, 2N] with contiguous rows, got {tuple(gate_up.shape)}")
     n = n2 // 2
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
-    if t:
+    if t and isinstance(delta, PendingExpand):
+        if t > EXPAND_MAX_ROWS:
+            raise ValueError(f"silu_mul expands a pending adapters' part for up to {EXPAND_MAX_ROWS} rows, got {t}")
+        args, consts = _expand_args(delta, gate_up, 2)
+        kp = delta.y.shape[1] * delta.y.shape[3]  # P * R: the dot's k
+        bk = max(16, min(128, kp & -kp))
+        bn = 64
+        _silu_mul_expand((-(-n // bn),), gate_up, out, t, n, gate_up.stride(0), out.stride(0), *args,
+                         BM=max(16, next_pow2(t)), BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
+                         EMULATED=emulated(gate_up), **consts, num_warps=8, num_stages=2)
+    elif t:
         block = min(1024, next_pow2(n))
         d, ds, has_delta = _delta_args(delta, gate_up)
         _silu_mul((t, -(-n // block)), gate_up, out, d, ds, n, gate_up.stride(0), out.stride(0),

@@ -6,8 +6,13 @@ SlotBuffers, with the Triton kernels.
     hook.prepare(token_slots, distinct, overlap)            # every step, before the forward
     model.forward(..., lora=hook)
 
-With overlap (the engine's CUDA graphs), each projection's shrink and expand run on a side stream while the
-base GEMM runs on the main one, and the adapters' part comes back as a delta (values, slots) that the next
+With `stacked_slots` (the engine's decode graphs, up to EXPAND_MAX_ROWS tokens) the STACKED_GROUPS run no LoRA
+kernel: each is one GEMM over the base weight with the first P slots' A under it (SlotBuffers.attach_base),
+and the op that reads its output expands the adapters' part itself (kernels/consumer_expand.py); the other
+projections run as with overlap.
+
+With overlap (the engine's CUDA graphs past that), each projection's shrink and expand run on a side stream
+while the base GEMM runs on the main one, and the adapters' part comes back as a delta (values, slots) that the next
 elementwise op adds (kernels/elementwise.py) instead of an in-place add after the GEMM: at decode sizes the
 LoRA launches are latency, not bandwidth, and hide behind the GEMM's (H200, Llama-3.2-1B layer, 64 tokens of
 8 rank-16 adapters: LoRA added 40 us a layer serially, 20 overlapped). In a graph the fork and join are free
@@ -16,17 +21,24 @@ edges; eagerly they would cost host time at every projection, so eager steps add
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ._common import sm_count
+from .consumer_expand import PendingExpand
+from .elementwise import EXPAND_MAX_ROWS
 from .lora_expand import expand_config, expand_launch
 from .lora_shrink import default_config, shrink_launch, shrink_workspace
 from .lora_shrink_rows import MAX_TOKENS as ROWS_MAX_TOKENS
 from .lora_shrink_rows import shrink_rows_config, shrink_rows_launch
 from .metadata import LoRAKernelMeta
+
+# The projections stacked steps run stacked; the others (gate_up, whose silu_mul expand over 2 x 8,192 columns
+# cost ~9 us a layer on an H200 against ~2 for the norms' and ~4 for RoPE's) run their LoRA kernels beside the
+# base GEMM as with overlap: it is the longest GEMM of a layer, so they hide behind it.
+STACKED_GROUPS = frozenset({"qkv", "o", "down"})
 
 
 class _GroupShape(Protocol):
@@ -40,6 +52,7 @@ class SlotBuffersLike(Protocol):
     b: list[dict[str, list[torch.Tensor]]]  # [layer][group][slice]: [slots, out_s, R]
     shapes: dict[str, _GroupShape]
     ranks: torch.Tensor  # [slots] int32
+    stacked: list[dict[str, torch.Tensor]] | None  # [layer][group]: [N + slots * S * R, in], base then A
 
 
 class TritonLoRA:
@@ -64,13 +77,24 @@ class TritonLoRA:
         self._groups: frozenset[str] | None = None
         self._side: torch.cuda.Stream | None = None
         self._deltas: dict[str, torch.Tensor] = {}  # group -> this step's [T, N] buffer for the adapters' part
+        self._stacked_slots: int | None = None
+        self._biases: dict[tuple[int, str, int], torch.Tensor] = {}  # zero-padded to a stacked GEMM's rows
 
     def prepare(self, token_slots: torch.Tensor, distinct: int | None = None, overlap: bool = False,
-                groups: frozenset[str] | None = None) -> None:
+                groups: frozenset[str] | None = None, stacked_slots: int | None = None) -> None:
         """This step's tokens -> slots; call once per step before the forward. distinct: how many slots
         the step holds, when the caller knows it (not in a graph replayed for other batches). overlap: the
         adapters' part beside the base GEMM, as a delta (the module doc; on CUDA, for graphs). groups: the
-        fused groups the step's adapters target (None: all); projections of other groups run no LoRA launch."""
+        fused groups the step's adapters target (None: all); projections of other groups run no LoRA launch.
+        stacked_slots: P, more than any token's slot: each projection's GEMM takes the first P slots' A along
+        and hands the adapters' part on unexpanded (the module doc; steps of up to EXPAND_MAX_ROWS tokens, with
+        the A stacked under the base weights)."""
+        if stacked_slots is not None and (self.buffers.stacked is None or token_slots.shape[0] > EXPAND_MAX_ROWS
+                                          or not 0 < stacked_slots <= self.buffers.ranks.shape[0]):
+            raise ValueError(f"stacked_slots={stacked_slots} needs A stacked under the base weights, 1 to "
+                             f"{self.buffers.ranks.shape[0]} slots and at most {EXPAND_MAX_ROWS} tokens "
+                             f"(got {token_slots.shape[0]})")
+        self._stacked_slots = stacked_slots
         self.meta.prepare(token_slots, distinct)
         self._plans = {}
         self._slots = token_slots
@@ -127,13 +151,16 @@ class TritonLoRA:
         shrink(x, self.buffers.a[layer][group], y)
         expand(y, self.buffers.b[layer][group], out)
 
-    def project(self, layer: int, group: str, x: torch.Tensor, base: Callable[[], torch.Tensor]
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """The projection `base()` computes from x, with the adapters' part: added in place (returns (out,
-        None)) or, with overlap, computed beside it and returned as (out, (delta [T, N], slots [T])) for the
-        next elementwise op to add; delta's rows of tokens without an adapter are not written."""
+    def project(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | PendingExpand | None]:
+        """F.linear(x, weight, bias) with the adapters' part for projection `group` of `layer`: added in place
+        (returns (out, None)); with overlap, computed beside it and returned as (out, (delta [T, N], slots [T]))
+        for the next elementwise op to add (delta's rows of tokens without an adapter are not written); with
+        stacked_slots, (out, PendingExpand) for the next op to expand and add."""
+        if self._stacked_slots is not None and group in STACKED_GROUPS and self._runs(group):
+            return self._stacked(layer, group, x, weight, bias)
         if not self._overlap or not self._runs(group):
-            out = base()
+            out = F.linear(x, weight, bias)
             self.apply(layer, group, x, out)
             return out, None
         bs = self.buffers.b[layer][group]
@@ -147,7 +174,7 @@ class TritonLoRA:
         if x.device.type != "cuda":  # no streams (the interpreter, in tests): the same work, one after another
             shrink(x, self.buffers.a[layer][group], y)
             expand(y, bs, delta)
-            return base(), (delta, self._slots)
+            return F.linear(x, weight, bias), (delta, self._slots)
         if self._side is None:
             self._side = torch.cuda.Stream(x.device)
         main = torch.cuda.current_stream(x.device)
@@ -155,6 +182,24 @@ class TritonLoRA:
         with torch.cuda.stream(self._side):
             shrink(x, self.buffers.a[layer][group], y)
             expand(y, bs, delta)
-        out = base()
+        out = F.linear(x, weight, bias)
         main.wait_stream(self._side)
         return out, (delta, self._slots)
+
+    def _stacked(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, PendingExpand]:
+        """One GEMM over the base weight and the first P slots' A under it: the base output (a view) and every
+        token's shrink for those slots, handed on unexpanded."""
+        stacked, a = self.buffers.stacked[layer][group], self.buffers.a[layer][group]
+        n, (s, r) = weight.shape[0], a.shape[1:3]
+        if weight.data_ptr() != stacked.data_ptr() or weight.shape[1] != stacked.shape[1]:
+            raise ValueError(f"layer {layer} {group}: the model's weight is not the one the slots' A is stacked under")
+        rows = n + self._stacked_slots * s * r
+        if bias is not None:
+            key = (layer, group, rows)
+            if key not in self._biases:
+                self._biases[key] = torch.cat([bias, bias.new_zeros(rows - n)])
+            bias = self._biases[key]
+        out = F.linear(x, stacked[:rows], bias)
+        y = out[:, n:].view(x.shape[0], self._stacked_slots, s, r)
+        return out[:, :n], PendingExpand(y, tuple(self.buffers.b[layer][group]), self.buffers.ranks, self._slots)

@@ -6,6 +6,7 @@ served from a slot or a host entry that holds the old version.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Generic, TypeVar
@@ -16,14 +17,16 @@ V = TypeVar("V")
 
 class SlotTable:
     """`num_slots` device slots. A slot in use by a running request is pinned; an idle one is kept for
-    reuse and evicted least recently used first when another adapter needs a slot."""
+    reuse and evicted least recently used first when another adapter needs a slot. A new adapter takes the
+    lowest free slot: decode graphs read the A of a prefix of the slots (decode_graphs.stacked_prefixes), so
+    a few adapters in low slots replay a small prefix."""
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
         self._slot_of: dict[Key, int] = {}
         self._refs: dict[Key, int] = {}
         self._idle: OrderedDict[Key, None] = OrderedDict()  # resident, refcount 0, LRU first
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        self._free: list[int] = list(range(num_slots))  # a heap
 
     def slot_of(self, key: Key) -> int | None:
         return self._slot_of.get(key)
@@ -36,7 +39,7 @@ class SlotTable:
             self._idle.pop(key, None)
             return slot, False
         if self._free:
-            slot = self._free.pop()
+            slot = heapq.heappop(self._free)
         elif self._idle:
             victim, _ = self._idle.popitem(last=False)
             slot = self._slot_of.pop(victim)
@@ -61,7 +64,7 @@ class SlotTable:
         if key not in self._slot_of or self._refs[key] > 0:
             return False
         self._idle.pop(key)
-        self._free.append(self._slot_of.pop(key))
+        heapq.heappush(self._free, self._slot_of.pop(key))
         del self._refs[key]
         return True
 

@@ -6,7 +6,10 @@ Inputs live in static buffers that each step refills; batches are padded up to t
 padding rows write their K/V into a scratch block that no sequence owns. Batches with an adapter and
 batches without one have separate graphs, so base-only traffic never runs a LoRA op; and batches whose
 adapters target only the attention projections (PEFT's default for Llama is q_proj + v_proj) replay graphs
-that run LoRA on those projections alone (`LORA_VARIANTS`).
+that run LoRA on those projections alone (`LORA_VARIANTS`). Up to STACKED_MAX_BATCH rows, a LoRA graph
+runs no LoRA kernel: each projection's GEMM takes the first P slots' A along (stacked under the base weight)
+and the op after it expands the adapters' part (kernels/consumer_expand.py); a batch replays the graph of
+the least P in `stacked_prefixes` past its adapters' slots (the slot table hands out the lowest free slot).
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256)
 # The fused groups a LoRA graph runs LoRA on; a batch replays the first that covers its adapters' groups.
 LORA_VARIANTS = (frozenset({"qkv"}), frozenset({"qkv", "o"}), frozenset({"qkv", "o", "gate_up", "down"}))
+
+
+# Up to this many rows, LoRA graphs use the stacked GEMMs (past it, the LoRA kernels beside the base GEMMs).
+STACKED_MAX_BATCH = 64
+
+
+def stacked_prefixes(num_slots: int) -> list[int]:
+    """The slot counts P stacked graphs are captured for: 8, 16, 32, ... and all slots (a stacked GEMM reads
+    P slots' A whether a token uses them or not, so few adapters replay a small P)."""
+    return sorted({min(num_slots, 8 << k) for k in range(max(1, num_slots.bit_length()))} | {num_slots})
 
 
 def lora_variant(groups: frozenset[str]) -> frozenset[str] | None:
@@ -52,20 +65,24 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.token_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, device=dev)
-        # (bucket, LoRA variant or None) -> (graph, its logits)
-        self.graphs: dict[tuple[int, frozenset[str] | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, LoRA variant or None, stacked P or None) -> (graph, its logits)
+        self.graphs: dict[tuple[int, frozenset[str] | None, int | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        stacked = lora is not None and getattr(lora, "graphable", False) and lora.buffers.stacked is not None
+        self.prefixes = stacked_prefixes(lora.buffers.num_slots) if stacked else []
+        self.stacked_max_batch = STACKED_MAX_BATCH  # as captured (benchmarks change the module's for other engines)
         self._staging = PinnedStaging(n * (7 + self.max_blocks), dev)
         self._pool = None
-        self.last: tuple[int, frozenset[str] | None] | None = None  # the graph the last step replayed
+        self.last: tuple[int, frozenset[str] | None, int | None] | None = None  # the graph the last step replayed
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _forward(self, b: int, lora: frozenset[str] | None) -> torch.Tensor:
+    def _forward(self, b: int, lora: frozenset[str] | None, stacked: int | None) -> torch.Tensor:
         meta = DecodeMetadata(self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b])
         hook = None
         if lora:
-            self.lora.hook.prepare(self.token_slots[:b], overlap=self.overlap_lora, groups=lora)
+            self.lora.hook.prepare(self.token_slots[:b], overlap=self.overlap_lora, groups=lora,
+                                   stacked_slots=stacked)
             hook = self.lora.hook
         return self.model.forward(self.ids[:b], self.positions[:b], meta, self.kv_caches, self.rows[:b], hook)
 
@@ -76,33 +93,49 @@ class DecodeGraphs:
         # Largest first: smaller graphs then fit in the memory pool the largest one reserved.
         for b in reversed(self.buckets):
             for lora in variants:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # compiles the Triton kernels, warms cuBLAS
-                        self._forward(b, lora)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    logits = self._forward(b, lora)
-                self._pool = graph.pool()
-                self.graphs[(b, lora)] = (graph, logits)
+                for stacked in self._prefixes(b) if lora else [None]:
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        for _ in range(2):  # compiles the Triton kernels, warms cuBLAS
+                            self._forward(b, lora, stacked)
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool):
+                        logits = self._forward(b, lora, stacked)
+                    self._pool = graph.pool()
+                    self.graphs[(b, lora, stacked)] = (graph, logits)
         torch.cuda.synchronize()
         log.info("captured %d decode graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
 
-    def has(self, n: int, lora: frozenset[str] | None) -> bool:
-        b = self.bucket(n)
-        return b is not None and (b, lora) in self.graphs
+    def _prefixes(self, b: int) -> list[int | None]:
+        """The stacked P a LoRA graph of bucket b is captured for ([None]: not stacked)."""
+        return self.prefixes if self.prefixes and b <= self.stacked_max_batch else [None]
 
-    def run(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
-            token_slots: list[int] | None, patch: tuple[list[int], list[int], torch.Tensor] | None = None,
-            lora: frozenset[str] | None = None) -> torch.Tensor:
-        """One decode step for len(ids) sequences -> logits [n, vocab] (a view into the graph's output).
-        patch: (rows, source rows, ids) for tokens the host does not know yet: ids[source rows] on the device,
-        sampled by the step in flight, go into those rows. lora: the LoRA variant (`lora_variant`) with
-        token_slots, or None for the base graph."""
-        n = len(ids)
+    def find(self, n: int, lora: frozenset[str] | None, token_slots: list[int] | None):
+        """The graph a decode step of n sequences replays (its key for run()), or None: lora is the LoRA variant
+        (`lora_variant`, None for the base graph), token_slots the sequences' slots (with lora)."""
         b = self.bucket(n)
+        if b is None:
+            return None
+        stacked = None
+        if lora:
+            top = max(token_slots) + 1
+            stacked = next((p for p in self._prefixes(b) if p is None or p >= top), None)
+            if stacked is None and self._prefixes(b)[0] is not None:
+                return None
+        key = (b, lora, stacked)
+        return key if key in self.graphs else None
+
+    def run(self, key, ids: list[int], positions: list[int], block_tables: list[list[int]],
+            token_slots: list[int] | None, patch: tuple[list[int], list[int], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+        """One decode step for len(ids) sequences -> logits [n, vocab] (a view into the graph's output), replaying
+        the graph `find` returned. patch: (rows, source rows, ids) for tokens the host does not know yet:
+        ids[source rows] on the device, sampled by the step in flight, go into those rows. token_slots: the
+        sequences' slots for a LoRA graph (None: the base graph)."""
+        n = len(ids)
+        b, lora = key[0], key[1]
         bs = self.block_size
         # Every input in one int64 array, padded to the bucket on the host (padding rows: the scratch block,
         # one key, no adapter), so one copy moves it: ids, positions, slots, context lengths, LoRA slots,
@@ -139,8 +172,8 @@ class DecodeGraphs:
         if k:
             rows = dev[5 * b:5 * b + 2 * k]
             self.ids.index_copy_(0, rows[:k], patch[2].index_select(0, rows[k:]))
-        graph, logits = self.graphs[(b, lora)]
-        self.last = (b, lora)
+        graph, logits = self.graphs[key]
+        self.last = key
         graph.replay()
         return logits[:n]
 

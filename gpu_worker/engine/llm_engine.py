@@ -122,6 +122,8 @@ class LLMEngine:
         if args.enable_lora:
             self.lora = LoRAManager(cfg, self.served_model_name, args.max_loras, args.max_cpu_loras,
                                     args.max_lora_rank, args.max_adapter_bytes, self.device, self.dtype)
+            # Every projection's slots' A under its base weight: decode graphs shrink in the base GEMM.
+            self.lora.buffers.attach_base(self.model.layers)
         num_blocks = args.num_kv_blocks or num_blocks_for(
             cfg, args.block_size, self.dtype, self.device, args.gpu_memory_utilization, args.cpu_kv_cache_bytes)
         # One block more than the block manager hands out: the scratch block padded graph rows write to.

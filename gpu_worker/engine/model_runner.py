@@ -110,10 +110,11 @@ class ModelRunner:
         with_lora = bool(groups)
         decode = self.fused_decode and len(ids) == len(chunks) == len(completed)
         variant = lora_variant(groups)
-        if decode and self.graphs is not None and self.graphs.has(len(ids), variant):
+        slots = [c.seq.slot for c in chunks] if with_lora else None
+        graph = self.graphs.find(len(ids), variant, slots) if decode and self.graphs is not None else None
+        if graph is not None:
             patch = (patch_rows, patch_src, pending.token_ids) if patch_rows else None
-            logits = self.graphs.run(ids, positions, [c.seq.block_table for c in chunks],
-                                     [c.seq.slot for c in chunks] if with_lora else None, patch, variant)
+            logits = self.graphs.run(graph, ids, positions, [c.seq.block_table for c in chunks], slots, patch)
             batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
             return StepResult(completed, self.sampler(logits, batch))
         if decode:

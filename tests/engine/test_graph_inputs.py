@@ -18,11 +18,11 @@ from .test_oracle import PROMPTS, _check
 class EagerReplay:
     """Stands in for a captured CUDA graph: replay() runs the forward on the static buffers now."""
 
-    def __init__(self, graphs: DecodeGraphs, batch: int, lora: frozenset[str] | None, logits: torch.Tensor):
-        self.graphs, self.batch, self.lora, self.logits = graphs, batch, lora, logits
+    def __init__(self, graphs: DecodeGraphs, key, logits: torch.Tensor):
+        self.graphs, self.key, self.logits = graphs, key, logits
 
     def replay(self) -> None:
-        self.logits.copy_(self.graphs._forward(self.batch, self.lora))
+        self.logits.copy_(self.graphs._forward(*self.key))
 
 
 def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, frozenset[str] | None]]:
@@ -36,10 +36,12 @@ def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, frozenset[str] |
     vocab = engine.model_config.vocab_size
     for b in graphs.buckets:
         for lora in (None, *LORA_VARIANTS):
-            replay = EagerReplay(graphs, b, lora, torch.empty(b, vocab))
-            inner = replay.replay
-            replay.replay = lambda inner=inner, key=(b, lora): (replayed.append(key), inner())[1]
-            graphs.graphs[(b, lora)] = (replay, replay.logits)
+            for stacked in graphs._prefixes(b) if lora else [None]:
+                key = (b, lora, stacked)
+                replay = EagerReplay(graphs, key, torch.empty(b, vocab))
+                inner = replay.replay
+                replay.replay = lambda inner=inner, key=key: (replayed.append(key), inner())[1]
+                graphs.graphs[key] = (replay, replay.logits)
     runner.fused_decode, runner.graphs = True, graphs
     return replayed
 
@@ -52,11 +54,11 @@ def test_graph_inputs_staged_for_mixed_and_base_batches(tiny_model_dir, tiny_ada
     replayed = replay_eagerly(llm, max_batch=4)
     # 3 requests (bucket 4: a padding row), base and adapters mixed; then base only (the graph without LoRA).
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
-    assert (4, LORA_VARIANTS[-1]) in replayed  # chat-lora targets every projection
+    assert (4, LORA_VARIANTS[-1], 2) in replayed  # chat-lora targets every projection; 2 slots stacked
     assert llm.engine.runner.graphs.last == replayed[-1]  # what benchmarks.worker replays to time the GPU alone
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[3:5], tiny_adapters, [None, None])
-    assert replayed and set(replayed) == {(2, None)}
+    assert replayed and set(replayed) == {(2, None, None)}
     assert llm.engine.blocks.num_free == 64
 
 
@@ -68,7 +70,7 @@ def test_lora_graph_variant_follows_the_targets_of_the_batch(tiny_model_dir, tin
               lora_backend="triton", max_num_batched_tokens=64)
     replayed = replay_eagerly(llm, max_batch=4)
     _check(llm, tiny_model_dir, PROMPTS[:2], tiny_adapters, [None, "sql-lora"])
-    assert {v for _, v in replayed} == {frozenset({"qkv"})}
+    assert {v for _, v, _ in replayed} == {frozenset({"qkv"})}
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", "math-lora", None])
-    assert {v for _, v in replayed} == {frozenset({"qkv", "o"})}
+    assert {v for _, v, _ in replayed} == {frozenset({"qkv", "o"})}

@@ -97,23 +97,29 @@ def test_fused_elementwise_kernels_match_peft(tiny_model_dir, tiny_adapters):
     assert llm.engine.blocks.num_free == 64
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["delta", "stacked"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-ops"])
-def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch, fused):
+def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch, fused, stacked):
     """The Triton LoRA backend handing each projection's adapter part back as a delta, added by the next elementwise
     op (what decode graphs on CUDA do, beside the base GEMM; forced here on every step, kernels in Triton's
     interpreter): still transformers + PEFT's tokens and logprobs, base and adapter requests mixed, with both the
-    torch and the fused elementwise ops adding the deltas."""
-    from kernels.engine_backend import TritonLoRA
+    torch and the fused elementwise ops adding the deltas. stacked: the part left unexpanded by GEMMs over the base
+    weights with the slots' A under them, the next op expanding it (what decode graphs of up to 64 rows do for the
+    STACKED_GROUPS; the others as deltas)."""
+    from kernels.consumer_expand import PendingExpand
+    from kernels.engine_backend import STACKED_GROUPS, TritonLoRA
 
     prepare, deltas = TritonLoRA.prepare, []
-    monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False, groups=None:
-                        prepare(self, slots, distinct, overlap=True, groups=groups))
+    monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False, groups=None,
+                        stacked_slots=None: prepare(self, slots, distinct, overlap=True, groups=groups,
+                                                    stacked_slots=2 if stacked else None))
     project = TritonLoRA.project
 
     def counted(self, layer, group, *args):
         out, delta = project(self, layer, group, *args)
         if self._runs(group):  # a projection no adapter of the step targets runs no LoRA: no delta
-            deltas.append(delta is not None)
+            deltas.append(isinstance(delta, PendingExpand) if stacked and group in STACKED_GROUPS
+                          else type(delta) is tuple)
         return out, delta
 
     monkeypatch.setattr(TritonLoRA, "project", counted)

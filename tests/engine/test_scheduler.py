@@ -51,6 +51,17 @@ def test_slot_table_pins_and_lru():
     assert slots.evict("b") and slots.num_free == 1
 
 
+def test_slot_table_hands_out_the_lowest_free_slot():
+    """Decode graphs stack the A of a prefix of the slots: a new adapter takes the lowest free one."""
+    slots = SlotTable(4)
+    assert [slots.acquire(k)[0] for k in "abcd"] == [0, 1, 2, 3]
+    for k in "bcd":
+        slots.release(k)
+    assert slots.evict("d") and slots.evict("b")  # slots 3, then 1 freed
+    assert slots.acquire("e") == (1, True)
+    assert slots.acquire("f") == (3, True)
+
+
 def test_host_lru_eviction_order():
     lru = HostLRU(2)
     assert lru.put("a", 1) == []

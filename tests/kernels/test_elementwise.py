@@ -15,6 +15,7 @@ from gpu_worker.engine.model.attention import write_kv
 from gpu_worker.engine.model.config import ModelConfig
 from gpu_worker.engine.model.layer_ops import plus_delta, rms_norm
 from gpu_worker.engine.model.rope import RotaryEmbedding
+from kernels.consumer_expand import PendingExpand, expand_values
 from kernels.elementwise import add_rms_norm, rope_and_cache, silu_mul
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,3 +163,90 @@ def test_bad_shapes_are_refused():
         add_rms_norm(x, None, torch.ones(7, device=DEVICE), 1e-5)
     with pytest.raises(ValueError):
         silu_mul(torch.randn(3, 7, device=DEVICE))
+
+
+def pending_for(like: torch.Tensor, widths: list[int], dtype, g, rank: int = 16, p: int = 3):
+    """The adapters' part of a projection output shaped like `like` [T, sum(widths)], not yet expanded, as the
+    concatenated GEMM leaves it (consumer_expand.PendingExpand): y [T, P, S, R] in the columns past the output's,
+    B per slice over P + 1 slots with ranks that differ. What the kernels must not read is NaN: y of the slots a
+    row does not use and past its slot's rank, everything of rows without an adapter (slot -1) and of the row whose
+    slot is past P (which gets no adapter part); B past each slot's rank is large (the slots hold zeros there, and
+    the kernels may read it only against y masked to zero)."""
+    t, s = like.shape[0], len(widths)
+    slots = torch.randint(-1, p, (t,), generator=g, dtype=torch.int32)
+    slots[0], slots[1], slots[-1] = -1, p, p - 1
+    ranks = torch.tensor([rank, 3, rank - 5, 7][: p + 1], dtype=torch.int32)
+    cat = rand(t, sum(widths) + p * s * rank, dtype=dtype, g=g)
+    y = cat[:, sum(widths):].view(t, p, s, rank)
+    b = (rand(p + 1, sum(widths), rank, dtype=dtype, g=g) * 0.1).split(widths, dim=1)  # equal strides, as the slots'
+    for slot in range(p + 1):
+        for bs in b:
+            bs[slot, :, int(ranks[slot]):] = 1e4
+    for row in range(t):
+        keep = int(slots[row])
+        for slot in range(p):
+            if slot != keep:
+                y[row, slot] = float("nan")
+            else:
+                y[row, slot, :, int(ranks[slot]):] = float("nan")
+    return PendingExpand(y, b, ranks.to(DEVICE), slots.to(DEVICE))
+
+
+def assert_close_where_expanded(got, want, dtype):
+    """Within a few units of the model's dtype's last place: the expand's float32 sum runs in another order than
+    torch's matmul, so its rounding may land a unit off (a NaN the kernel should not have read fails it)."""
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want.double(), rtol=4 * REL[dtype], atol=4 * REL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
+    """add_rms_norm, silu_mul and rope_and_cache handed the adapters' part still to expand (decode graphs' concatenated
+    GEMMs): as if its values (consumer_expand.expand_values, the reference) had been added to the rows with an
+    adapter first, every NaN the kernels must not read unread."""
+    g = gen()
+    n, t = 96, 7
+    h, r = rand(t, n, dtype=dtype, g=g), rand(t, n, dtype=dtype, g=g)
+    w = (torch.rand(n, generator=g) + 0.5).to(DEVICE, dtype)
+    pending = pending_for(r, [n], dtype, g)
+    x, h_new = add_rms_norm(h, r, w, 1e-5, pending)
+    want_h = h + plus_delta(r, expand_values(pending, dtype), pending.slots)
+    assert_close_where_expanded(h_new, want_h, dtype)
+    assert_close_where_expanded(x, rms_norm(want_h, w, 1e-5), dtype)
+    with pytest.raises(ValueError, match="slices"):
+        add_rms_norm(h, r, w, 1e-5, pending._replace(b=pending.b * 2))
+
+    for rows in (t, 40):  # one row tile of 16; of 64, most rows padding
+        gate_up = rand(rows, 2 * 80, dtype=dtype, g=g)
+        pending = pending_for(gate_up, [80, 80], dtype, g)
+        gate, up = plus_delta(gate_up, expand_values(pending, dtype), pending.slots).chunk(2, dim=-1)
+        out = silu_mul(gate_up, pending)
+        assert_close_where_expanded(out, F.silu(gate) * up, dtype)
+
+    heads, kv_heads, hd, bs, blocks = 4, 2, 16, 16, 2
+    cfg = ModelConfig(architecture="LlamaForCausalLM", hidden_size=heads * hd, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=hd, intermediate_size=32, vocab_size=32, rms_norm_eps=1e-5,
+                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False, rope_theta=10000.0)
+    rope = RotaryEmbedding(cfg, 64, DEVICE, dtype)
+    sizes = [heads * hd, kv_heads * hd, kv_heads * hd]
+    cat = rand(t, sum(sizes) + 3 * 3 * 16, dtype=dtype, g=g)
+    qkv = cat[:, :sum(sizes)]  # the projection's output is a view into the concatenated GEMM's
+    pending = pending_for(qkv, sizes, dtype, g)
+    pending = pending._replace(y=cat[:, sum(sizes):].view(t, 3, 3, 16).copy_(pending.y))
+    d = expand_values(pending, dtype)
+    q, k, v = (x.view(t, -1, hd) for x in qkv.split(sizes, dim=-1))
+    dq, dk, dv = (x.view(t, -1, hd) for x in d.split(sizes, dim=-1))
+    positions = torch.randint(0, 64, (t,), generator=g).to(DEVICE)
+    cache_slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEVICE)
+    want_v = plus_delta(v, dv, pending.slots)
+    want_q, want_k = rope.apply(plus_delta(q, dq, pending.slots), plus_delta(k, dk, pending.slots), positions)
+    want_kc = torch.full((blocks, bs, kv_heads, hd), float("nan"), dtype=dtype, device=DEVICE)
+    want_vc = want_kc.clone()
+    write_kv(want_kc, want_vc, want_k, want_v, SimpleNamespace(slot_mapping=cache_slots))
+    kc, vc = torch.full_like(want_kc, float("nan")), torch.full_like(want_vc, float("nan"))
+    rope_and_cache(q, k, v, positions, rope.cos, rope.sin, kc, vc, cache_slots, pending)
+    for got, want in ((q, want_q), (k, want_k), (v, want_v)):
+        assert_close_where_expanded(got, want, dtype)
+    for got, want in ((kc, want_kc), (vc, want_vc)):  # cache rows, in token order
+        assert_close_where_expanded(got.view(blocks * bs, -1)[cache_slots], want.view(blocks * bs, -1)[cache_slots],
+                                    dtype)

@@ -4,10 +4,12 @@ Per layer and fused group, A is stacked as [slots, slices, R, in] and each slice
 R = max_lora_rank. Ranks below R are zero-padded, so a padded row or column adds exactly nothing; a module
 an adapter does not target is all zeros in its slot.
 
-All of one slot's tensors are views into one row of a single [slots, per_slot] buffer, and each adapter
-is packed once, in host memory, into that row's layout (its "image"). Loading an adapter into a slot is
-then one host-to-device copy (on a side stream, overlapping the running steps), not ~500 small copies
-and fills.
+Each adapter is packed once, in host memory, into one slot's layout (its "image": every A, then every B).
+All of one slot's B are views into one row of a single [slots, b_size] buffer, and so are its A until
+`attach_base` moves every projection's A of all slots under that projection's base weight ([N + slots*S*R, K]
+in one tensor, kernels/consumer_expand.py says why). Loading an adapter into a slot is then two
+host-to-device copies, or one for B and one per projection for A (on a side stream, overlapping the running
+steps), not ~500 small copies and fills.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class SlotBuffers:
         self.num_layers = cfg.num_layers
         self.dtype = dtype
         self.shapes = group_shapes(cfg)
-        # (layer, group) -> offset of A; (layer, group, slice) -> offset of B, within one slot's row.
+        # (layer, group) -> offset of A; (layer, group, slice) -> offset of B, within one slot's image (A part,
+        # then B part).
         self._a_at: dict[tuple[int, str], int] = {}
         self._b_at: dict[tuple[int, str, int], int] = {}
         at = 0
@@ -34,21 +37,62 @@ class SlotBuffers:
             for g, s in self.shapes.items():
                 self._a_at[layer, g] = at
                 at += len(s.slice_widths) * max_rank * s.in_features
+        self.a_size = at
+        for layer in range(cfg.num_layers):
+            for g, s in self.shapes.items():
                 for i, w in enumerate(s.slice_widths):
                     self._b_at[layer, g, i] = at
                     at += w * max_rank
         self.per_slot = at
-        self.flat = torch.zeros(num_slots, at, device=device, dtype=dtype)
-        # a[layer][group]: [slots, S, R, in]; b[layer][group][slice]: [slots, out, R] (views into flat)
-        self.a = [{g: self._view(self.flat, self._a_at[layer, g], (len(s.slice_widths), max_rank, s.in_features))
-                   for g, s in self.shapes.items()} for layer in range(cfg.num_layers)]
-        self.b = [{g: [self._view(self.flat, self._b_at[layer, g, i], (w, max_rank))
+        self.device = device
+        self.a_flat: torch.Tensor | None = torch.zeros(num_slots, self.a_size, device=device, dtype=dtype)
+        self.b_flat = torch.zeros(num_slots, at - self.a_size, device=device, dtype=dtype)
+        # a[layer][group]: [slots, S, R, in]; b[layer][group][slice]: [slots, out, R]
+        self.a = [{g: self._view(self.a_flat, self._a_at[layer, g], self._a_shape(g)) for g in self.shapes}
+                  for layer in range(cfg.num_layers)]
+        self.b = [{g: [self._view(self.b_flat, self._b_at[layer, g, i] - self.a_size, (w, max_rank))
                        for i, w in enumerate(s.slice_widths)] for g, s in self.shapes.items()}
                   for layer in range(cfg.num_layers)]
+        # stacked[layer][group]: the base weight with every slot's A under it, once attach_base ran (else None).
+        self.stacked: list[dict[str, torch.Tensor]] | None = None
+        # Once stacked, a load copies A to the device in one piece (`_a_staging`) and from there into every
+        # projection in one multi-tensor copy: ~65 copies issued one by one cost the engine's thread ~0.3 ms.
+        self._a_staging: torch.Tensor | None = None
+        self._a_parts: list[torch.Tensor] = []
+        self._a_slot_parts: dict[int, list[torch.Tensor]] = {}  # slot -> its rows of every projection's A
         # Each slot's largest rank (0: empty): kernels skip the padded tail.
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         # Each slot's targeted groups (host side): a step runs LoRA only on the groups its adapters target.
         self.groups: list[frozenset[str]] = [frozenset()] * num_slots
+
+    def _a_shape(self, group: str) -> tuple[int, int, int]:
+        s = self.shapes[group]
+        return len(s.slice_widths), self.max_rank, s.in_features
+
+    def attach_base(self, layers: list) -> None:
+        """Store every projection's A (all slots) under the layer's base weight, `layers[i].<group>` [N, K]: one
+        [N + slots*S*R, K] tensor whose first N rows become the layer's weight (the same values, a view) and the
+        rest this projection's `a`, so one GEMM over a prefix of it computes the base output and the shrink of
+        every slot in the prefix (kernels/consumer_expand.py). Adapters already loaded keep their A."""
+        if self.stacked is not None:
+            return
+        self.stacked = []
+        for layer, weights in enumerate(layers):
+            row = {}
+            for g in self.shapes:
+                base, a = getattr(weights, g), self.a[layer][g]
+                n, k = base.shape
+                if k != a.shape[3] or base.dtype != a.dtype:
+                    raise ValueError(f"layer {layer} {g}: base weight {tuple(base.shape)} {base.dtype} does not "
+                                     f"take A {tuple(a.shape)} {a.dtype} under it")
+                stacked = torch.empty(n + a[:, :, :, 0].numel(), k, device=base.device, dtype=base.dtype)
+                stacked[:n].copy_(base)
+                stacked[n:].copy_(a.reshape(-1, k))
+                setattr(weights, g, stacked[:n])
+                self.a[layer][g] = stacked[n:].view(a.shape)
+                row[g] = stacked
+            self.stacked.append(row)
+        self.a_flat = None
 
     @staticmethod
     def _view(flat: torch.Tensor, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -58,14 +102,13 @@ class SlotBuffers:
         return flat[..., offset : offset + n].unflatten(-1, shape)
 
     def pack(self, adapter: AdapterWeights, pin: bool) -> torch.Tensor:
-        """The adapter in one slot row's layout, in host memory (pinned for asynchronous copies)."""
+        """The adapter in one slot's layout, in host memory (pinned for asynchronous copies)."""
         image = torch.zeros(self.per_slot, dtype=self.dtype, pin_memory=pin)
         for (layer, module), (a, b) in adapter.modules.items():
             group, index = MODULE_GROUP[module]
             s = self.shapes[group]
             r = a.shape[0]
-            self._view(image, self._a_at[layer, group], (len(s.slice_widths), self.max_rank, s.in_features)
-                       )[index, :r].copy_(a)
+            self._view(image, self._a_at[layer, group], self._a_shape(group))[index, :r].copy_(a)
             self._view(image, self._b_at[layer, group, index], (s.slice_widths[index], self.max_rank))[:, :r].copy_(b)
         return image
 
@@ -80,11 +123,23 @@ class SlotBuffers:
 
     def load(self, slot: int, image: torch.Tensor, max_rank: int, groups: frozenset[str]) -> None:
         """Copy a packed adapter into `slot` (on the current stream), replacing whatever was there."""
-        self.flat[slot].copy_(image, non_blocking=True)
+        if self.a_flat is not None:
+            self.a_flat[slot].copy_(image[:self.a_size], non_blocking=True)
+        else:  # under the base weights: one copy to the device, then one into every projection's rows
+            if self._a_staging is None:
+                self._a_staging = torch.empty(self.a_size, device=self.device, dtype=self.dtype)
+                self._a_parts = [self._view(self._a_staging, at, self._a_shape(g)) for (_, g), at in self._a_at.items()]
+            dst = self._a_slot_parts.get(slot)
+            if dst is None:
+                dst = self._a_slot_parts[slot] = [self.a[layer][g][slot] for layer, g in self._a_at]
+            self._a_staging.copy_(image[:self.a_size], non_blocking=True)
+            torch._foreach_copy_(dst, self._a_parts)
+        self.b_flat[slot].copy_(image[self.a_size:], non_blocking=True)
         # A fill kernel, not `ranks[slot] = max_rank`: that copies a pageable host scalar, which waits for the
         # stream, and the copy stream waits for the step in flight (0.4-0.8 ms of host time a load on an H200).
         self.ranks[slot : slot + 1].fill_(max_rank)
         self.groups[slot] = groups
 
     def nbytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size()
+        """Device bytes the slots hold (A and B, wherever A is stored)."""
+        return self.num_slots * self.per_slot * self.b_flat.element_size()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .slot_buffers import SlotBuffers
 
@@ -46,9 +47,9 @@ class TorchLoRA:
         self.batch = batch
         self.groups = groups
 
-    def project(self, layer: int, group: str, x: torch.Tensor, base):
-        """The projection base() computes, with the adapters' part added in place: (out, None)."""
-        out = base()
+    def project(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """F.linear(x, weight, bias) with the adapters' part added in place: (out, None)."""
+        out = F.linear(x, weight, bias)
         self.apply(layer, group, x, out)
         return out, None
 

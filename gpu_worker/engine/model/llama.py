@@ -2,12 +2,12 @@
 
 q/k/v and gate/up are fused into one matrix each, so a layer runs four projections; LoRA, when the batch
 uses any adapter, is added to each projection's output by the LoRA backend (`lora.project`): in place, or
-returned as a delta that the elementwise op reading the projection adds (layer_ops.LoRADelta).
+returned as a delta that the elementwise op reading the projection adds (layer_ops.LoRADelta), or still to
+expand, which that op does too (kernels/consumer_expand.PendingExpand).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,10 +23,11 @@ from .weights import iter_tensors
 
 
 class LoRAHook(Protocol):
-    def project(self, layer: int, group: str, x: torch.Tensor, base: Callable[[], torch.Tensor]
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """base() (the projection of x) with the adapters' part for projection `group` of `layer`: added in place,
-        (out, None), or as (out, (delta, slots)) for the next elementwise op to add."""
+    def project(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> tuple[torch.Tensor, tuple | None]:
+        """F.linear(x, weight, bias) with the adapters' part for projection `group` of `layer`: added in place,
+        (out, None); or as (out, (delta, slots)) for the next elementwise op to add; or (out, PendingExpand)
+        for it to expand and add."""
 
 
 @dataclass
@@ -120,7 +121,7 @@ class LlamaModel:
             x, h = ops.add_norm(h, residual, w.input_norm, eps, delta)
             qkv, delta = self._project(lora, i, "qkv", x, w.qkv, w.qkv_bias)
             q, k, v = self._heads(qkv)
-            if delta is not None:
+            if isinstance(delta, LoRADelta):
                 delta = LoRADelta(self._heads(delta[0]), delta[1])
             k_cache, v_cache = kv_caches[i]
             q = ops.rope_and_cache(q, k, v, positions, self.rope, k_cache, v_cache, meta, delta)
@@ -145,8 +146,9 @@ class LlamaModel:
                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, LoRADelta | None]:
         if lora is None:
             return F.linear(x, weight, bias), None
-        out, delta = lora.project(layer, group, x, lambda: F.linear(x, weight, bias))
-        return out, None if delta is None else LoRADelta(*delta)
+        out, delta = lora.project(layer, group, x, weight, bias)
+        # A plain (values, slots) pair is a delta; a PendingExpand (a NamedTuple, not a plain tuple) goes on as is.
+        return out, LoRADelta(*delta) if type(delta) is tuple else delta
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, q + 2 kv] -> q [T, H, D], k and v [T, KVH, D] (views)."""

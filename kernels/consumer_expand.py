@@ -1,0 +1,150 @@
+"""The LoRA expand computed by the elementwise op that reads the projection, for decode-sized steps.
+
+At decode sizes each LoRA launch is latency, not bandwidth: a graphed Llama-3.2-1B step on an H200 spent
+~370 us on 64 shrink + expand pairs at batch 64, 8 adapters, beside 1,273 us of base work. Two moves take
+both launches out of the step:
+
+- The shrink rides on the base GEMM. Each projection's weight W [N, K] is stored with every slot's A below
+  it, [N + P*S*R, K] (gpu_worker/engine/lora/slot_buffers.py `attach_base`), so one cuBLAS call over the
+  first P slots gives the base output and every token's y for every one of those slots; the base-only
+  path multiplies by the first N rows alone, as before.
+- The expand runs inside the op that reads the projection (kernels/elementwise.py): each output value gets
+  y[t, slot(t), s, :rank] . B_s[slot(t), n, :rank] before anything else, rounded to the model's dtype as the
+  delta buffer it replaces would round it. The norms and the RoPE + cache op do it per row
+  (`expand_row`: a row's B tile from L2, a 2-D [columns, ranks] block); silu_mul, whose 2 x 8,192-wide rows
+  made that 4x slower in a trial, runs tiles of every row against the P slots' B with tensor-core dots
+  (`expand_tile`).
+
+    pending = PendingExpand(y, b, ranks, slots)   # y: [T, P, S, R], the GEMM output's columns past N
+    add_rms_norm(h, residual, w, eps, pending)    # or rope_and_cache(..., pending), silu_mul(gate_up, pending)
+
+`expand_values` is the torch reference (and the torch ops' way of applying it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DOT_NATIVE
+
+
+class PendingExpand(NamedTuple):
+    """A projection's adapters' part, not yet expanded: y [T, P, S, R] (the shrink of every token for the first
+    P slots, rank R = the slots' max rank, last two dims contiguous), b (S tensors [slots, out_s, R], the rank
+    dim contiguous and the same strides for every slice), ranks [slots] int32 (each slot's real rank), slots
+    [T] int32 (each token's slot; -1, or a slot at or past P, adds nothing: the caller picks P past every
+    token's slot)."""
+
+    y: torch.Tensor
+    b: tuple[torch.Tensor, ...]
+    ranks: torch.Tensor
+    slots: torch.Tensor
+
+    def check(self, like: torch.Tensor) -> None:
+        """Against the projection's output `like` [T, sum(out_s)] (or [T, ...] for q / k / v): shapes,
+        dtypes, the strides the kernels assume."""
+        y, b = self.y, self.b
+        t = like.shape[0]
+        if y.dim() != 4 or y.shape[0] != t or y.stride(3) != 1 or y.stride(2) != y.shape[3]:
+            raise ValueError(f"y must be [{t}, P, S, R] with its last two dims contiguous, got {tuple(y.shape)} "
+                             f"{y.stride()}")
+        if len(b) != y.shape[2] or any(bs.dim() != 3 or bs.shape[0] < y.shape[1] or bs.shape[2] != y.shape[3]
+                                       or bs.stride() != b[0].stride() or bs.dtype != like.dtype for bs in b):
+            raise ValueError(f"b must be {y.shape[2]} tensors [slots >= {y.shape[1]}, out, {y.shape[3]}] of "
+                             f"{like.dtype} with equal strides")
+        if b[0].stride(2) != 1 or b[0].stride(1) != y.shape[3]:
+            raise ValueError("b's rows must be R contiguous values (the kernels step through B by R)")
+        if self.ranks.dtype != torch.int32 or self.ranks.shape != (b[0].shape[0],):
+            raise ValueError(f"ranks must be int32 [{b[0].shape[0]}]")
+        if self.slots.dtype != torch.int32 or self.slots.shape != (t,):
+            raise ValueError(f"slots must be int32 [{t}]")
+
+    def args(self) -> tuple:
+        """(y, s_yt, s_yp, s_bp, ranks, slots, P) for the kernels (R, the rank dim, goes as a constexpr)."""
+        y, b = self.y, self.b
+        return y, y.stride(0), y.stride(1), b[0].stride(0), self.ranks, self.slots, y.shape[1]
+
+
+def rank_block(r: int) -> int:
+    """The ranks a per-row expand reads at a time: a power of two up to 16 that divides R, so a block never
+    crosses into the next row of B (whose loads then need no mask along the ranks and vectorize)."""
+    return min(16, r & -r)
+
+
+def expand_values(pending: PendingExpand, dtype: torch.dtype) -> torch.Tensor:
+    """The adapters' part [T, sum(out_s)] in `dtype` (each value computed in float32 over the slot's rank,
+    then rounded, as the kernels do); rows without an adapter (or with a slot at or past P) are zero."""
+    y, b = pending.y, pending.b
+    t, p = y.shape[0], y.shape[1]
+    widths = [bs.shape[1] for bs in b]
+    out = torch.zeros(t, sum(widths), dtype=torch.float32, device=y.device)
+    slots = pending.slots.long()
+    for slot in torch.unique(slots[(slots >= 0) & (slots < p)]).tolist():
+        idx = torch.nonzero(slots == slot).flatten()
+        k = int(pending.ranks[slot])
+        at = 0
+        for s, bs in enumerate(b):
+            out[idx, at:at + widths[s]] = y[idx, slot, s, :k].float() @ bs[slot, :, :k].float().T
+            at += widths[s]
+    return out.to(dtype)
+
+
+@triton.jit
+def expand_row(row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slots_ptr, P, R: tl.constexpr,
+               RB: tl.constexpr):
+    """For one row of a projection's output: (sum over r < rank of y[row, slot, r] * B[slot, n, r] as float32,
+    whether the row has an adapter), n a 1-D block of column indices within the slice (masked by ok); y_ptr +
+    y_off is the slice's y, b_ptr its B (rows of R). RB (`rank_block`) divides R. B is read up to R, against y
+    masked to zero past the slot's rank (the slots hold zeros there)."""
+    slot = tl.load(slots_ptr + row)
+    has = (slot >= 0) & (slot < P)
+    sl = tl.where(has, slot, 0).to(tl.int64)
+    rank = tl.where(has, tl.load(ranks_ptr + sl), 0)
+    acc = tl.zeros(n.shape, tl.float32)
+    y_row = y_ptr + y_off + row * s_yt + sl * s_yp
+    b_slot = b_ptr + sl * s_bp
+    # Whether the row has an adapter, as a block (a scalar in a mask trips the interpreter).
+    b_ok = ok & ((n * 0 + tl.where(has, 1, 0)) > 0)
+    # A static loop whose loads wait for the slot alone (not the rank, which masks y after its load): the row's
+    # round trips are the slot's, then y's and B's together.
+    for k0 in tl.static_range(0, R, RB):
+        k = k0 + tl.arange(0, RB)
+        yk = tl.where(k < rank, tl.load(y_row + k).to(tl.float32), 0.0)
+        bt = tl.load(b_slot + n[:, None] * R + k[None, :], mask=b_ok[:, None], other=0.0).to(tl.float32)
+        acc += tl.sum(bt * yk[None, :], 1)
+    return acc, has
+
+
+@triton.jit
+def expand_tile(acc, rows, row_slots, cols, col_ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, P,
+                R: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr):
+    """acc [BM, BN] (float32) plus each row's y[row, slot(row), :rank] @ B[slot(row), cols, :rank].T for a tile
+    of rows (row_slots: their slots, -1 for none or padding) and columns: a dot over the flattened (slot, r)
+    axis of the first P slots, y masked to each row's own slot and rank (B past a slot's rank is zero in the
+    slots, and meets only masked y). No branch on the data: the loads of every block pipeline. EVEN_K: BK
+    divides P * R (no block runs past the P slots, and B's loads need no mask along k)."""
+    for k0 in range(0, P * R, BK):
+        k = k0 + tl.arange(0, BK)
+        ks = k // R
+        kr = k % R
+        k_in = k < P * R
+        # y is loaded unmasked (in bounds for real rows) and masked after, to each row's own slot and rank: the
+        # loads of a block wait on nothing but the loop.
+        yt = tl.load(y_ptr + y_off + rows[:, None].to(tl.int64) * s_yt + ks[None, :].to(tl.int64) * s_yp
+                     + kr[None, :], mask=(row_slots >= 0)[:, None] & k_in[None, :], other=0.0)
+        k_ok = k_in & (kr < tl.load(ranks_ptr + ks, mask=k_in, other=0))
+        yt = tl.where((row_slots[:, None] == ks[None, :]) & k_ok[None, :], yt, tl.zeros_like(yt))
+        b_at = b_ptr + ks[:, None].to(tl.int64) * s_bp + cols[None, :].to(tl.int64) * R + kr[:, None]
+        if EVEN_K:
+            bt = tl.load(b_at, mask=col_ok[None, :], other=0.0)
+        else:
+            bt = tl.load(b_at, mask=k_in[:, None] & col_ok[None, :], other=0.0)
+        if DOT == DOT_NATIVE:  # noqa: SIM108 (a static branch: only one dot is compiled)
+            acc = tl.dot(yt, bt, acc)
+        else:  # fp32 models, and the interpreter (which multiplies bf16 as raw bits): widened exactly
+            acc = tl.dot(yt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
+    return acc

@@ -1,0 +1,107 @@
+"""SlotBuffers with every projection's A stacked under its base weight (attach_base): the base weight keeps its
+values as a view, one GEMM over a prefix computes the base output and each slot's shrink, adapters loaded before
+and after land where the kernels read them; and the decode graphs' choice of how many slots to stack."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gpu_worker.engine.decode_graphs import DecodeGraphs, stacked_prefixes
+from gpu_worker.engine.lora.layout import MODULE_GROUP
+from gpu_worker.engine.lora.peft_adapter import AdapterWeights
+from gpu_worker.engine.lora.slot_buffers import SlotBuffers
+from gpu_worker.engine.model.config import ModelConfig
+from gpu_worker.engine.model.llama import LayerWeights
+
+CFG = ModelConfig(architecture="LlamaForCausalLM", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, intermediate_size=48, vocab_size=64, rms_norm_eps=1e-5, max_position_embeddings=64,
+                  tie_word_embeddings=False, qkv_bias=False, rope_theta=10000.0)
+
+
+def layers(g: torch.Generator) -> list[LayerWeights]:
+    h, i, q, kv = CFG.hidden_size, CFG.intermediate_size, CFG.q_size, CFG.kv_size
+    return [LayerWeights(input_norm=torch.ones(h), qkv=torch.randn(q + 2 * kv, h, generator=g), qkv_bias=None,
+                         o=torch.randn(h, q, generator=g), post_norm=torch.ones(h),
+                         gate_up=torch.randn(2 * i, h, generator=g), down=torch.randn(h, i, generator=g))
+            for _ in range(CFG.num_layers)]
+
+
+def adapter(g: torch.Generator, rank: int, modules=tuple(MODULE_GROUP)) -> AdapterWeights:
+    buffers_shapes = SlotBuffers(CFG, 1, rank, torch.device("cpu"), torch.float32).shapes
+    out = AdapterWeights("a", "h", max_rank=rank)
+    for layer in range(CFG.num_layers):
+        for m in modules:
+            group, index = MODULE_GROUP[m]
+            s = buffers_shapes[group]
+            out.modules[layer, m] = (torch.randn(rank, s.in_features, generator=g),
+                                     torch.randn(s.slice_widths[index], rank, generator=g))
+    return out
+
+
+def assert_holds(buffers: SlotBuffers, slot: int, a: AdapterWeights) -> None:
+    """The slot's A and B views hold the adapter (zero past its rank)."""
+    for (layer, m), (wa, wb) in a.modules.items():
+        group, index = MODULE_GROUP[m]
+        r = wa.shape[0]
+        got_a = buffers.a[layer][group][slot, index]
+        assert torch.equal(got_a[:r], wa) and not got_a[r:].any()
+        got_b = buffers.b[layer][group][index][slot]
+        assert torch.equal(got_b[:, :r], wb) and not got_b[:, r:].any()
+
+
+def test_attach_base_stacks_a_under_the_base_weights_and_loads_land_there():
+    g = torch.Generator().manual_seed(7)
+    buffers = SlotBuffers(CFG, 3, 8, torch.device("cpu"), torch.float32)
+    weights = layers(g)
+    before = [{grp: getattr(w, grp).clone() for grp in buffers.shapes} for w in weights]
+    first, second = adapter(g, 8), adapter(g, 5, ("q_proj", "v_proj", "down_proj"))
+    buffers.load(1, buffers.pack(first, pin=False), 8, buffers.groups_of(first))
+    nbytes = buffers.nbytes()
+
+    buffers.attach_base(weights)
+    assert buffers.a_flat is None and buffers.nbytes() == nbytes
+    for layer, w in enumerate(weights):
+        for grp in buffers.shapes:
+            base, stacked, a = getattr(w, grp), buffers.stacked[layer][grp], buffers.a[layer][grp]
+            n = base.shape[0]
+            assert torch.equal(base, before[layer][grp])  # the same values, now a view of the stacked tensor
+            assert base.data_ptr() == stacked.data_ptr() and a.data_ptr() == stacked[n:].data_ptr()
+            assert stacked.shape == (n + 3 * a.shape[1] * 8, base.shape[1])
+    assert_holds(buffers, 1, first)  # loaded before: carried over
+
+    buffers.load(2, buffers.pack(second, pin=False), 5, buffers.groups_of(second))  # into the stacked rows
+    assert_holds(buffers, 2, second)
+    assert_holds(buffers, 1, first)
+    assert not buffers.a[0]["qkv"][0].any()  # an empty slot stays empty
+
+    # One GEMM over the first P slots' rows: the base output, then x @ A[slot, slice].T for each slot and slice.
+    x = torch.randn(5, CFG.hidden_size, generator=g)
+    a = buffers.a[1]["gate_up"]
+    s, r = a.shape[1], a.shape[2]
+    n = weights[1].gate_up.shape[0]
+    out = F.linear(x, buffers.stacked[1]["gate_up"][: n + 2 * s * r])
+    torch.testing.assert_close(out[:, :n], F.linear(x, before[1]["gate_up"]))
+    y = out[:, n:].view(5, 2, s, r)
+    torch.testing.assert_close(y[:, 1], torch.einsum("ti,sri->tsr", x, a[1]))
+
+    buffers.attach_base(weights)  # a second call changes nothing
+    assert torch.equal(weights[0].qkv, before[0]["qkv"])
+
+
+def test_stacked_prefixes_and_the_graph_a_batch_replays():
+    assert stacked_prefixes(32) == [8, 16, 32]
+    assert stacked_prefixes(12) == [8, 12]
+    assert stacked_prefixes(1) == [1]
+    every = frozenset({"qkv", "o", "gate_up", "down"})
+    graphs = DecodeGraphs.__new__(DecodeGraphs)  # find() alone: which captured graph a batch replays
+    graphs.buckets, graphs.prefixes, graphs.stacked_max_batch = [4, 64, 128], [8, 16, 32], 64
+    graphs.graphs = {(b, v, p): None for b in (4, 64) for v in (None, every) for p in ([None] if v is None else
+                                                                                        [8, 16, 32])}
+    graphs.graphs.update({(128, None, None): None, (128, every, None): None})
+    assert graphs.find(3, None, None) == (4, None, None)
+    assert graphs.find(3, every, [0, 7, -1]) == (4, every, 8)  # slots 0..7: the first 8 stacked
+    assert graphs.find(3, every, [8, -1, 2]) == (4, every, 16)
+    assert graphs.find(40, every, [31]) == (64, every, 32)
+    assert graphs.find(100, every, [31]) == (128, every, None)  # past STACKED_MAX_BATCH: not stacked
+    assert graphs.find(200, every, [0]) is None  # no bucket
