@@ -48,6 +48,37 @@ def assert_rounds_as_torch(got, want, dtype):
         assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
 
 
+def rope_case(qkv, heads: int, kv_heads: int, hd: int, dtype, g, values=None, slots=None, pending=None,
+              blocks: int = 5, bs: int = 16) -> tuple[dict, torch.Tensor]:
+    """rope_and_cache over q, k, v (views into qkv [T, (heads + 2 kv_heads) * hd], as the model has them) and the torch
+    code over the same, with the adapters' part `values` [T, same] added first on the rows of `slots` >= 0: handed to
+    the kernel as a delta, or as `pending` when given. ({name: (got, want)} for q, k, v and both caches, the cache
+    slots the tokens wrote)."""
+    t = qkv.shape[0]
+    cfg = ModelConfig(architecture="LlamaForCausalLM", hidden_size=heads * hd, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=hd, intermediate_size=32, vocab_size=32, rms_norm_eps=1e-5,
+                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False, rope_theta=10000.0)
+    rope = RotaryEmbedding(cfg, 64, DEVICE, dtype)
+    sizes = [heads * hd, kv_heads * hd, kv_heads * hd]
+    q, k, v = (x.view(t, -1, hd) for x in qkv.split(sizes, dim=-1))
+    want_q, want_k, want_v = q, k, v
+    delta = pending
+    if values is not None:
+        dq, dk, dv = (x.view(t, -1, hd) for x in values.split(sizes, dim=-1))
+        want_q, want_k, want_v = (plus_delta(x, d, slots) for x, d in ((q, dq), (k, dk), (v, dv)))
+        delta = delta if delta is not None else ((dq, dk, dv), slots)
+    positions = torch.randint(0, 64, (t,), generator=g).to(DEVICE)
+    cache_slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEVICE)
+    want_q, want_k = rope.apply(want_q, want_k, positions)
+    want_v = want_v.clone()
+    want_kc = torch.full((blocks, bs, kv_heads, hd), float("nan"), dtype=dtype, device=DEVICE)
+    want_vc = want_kc.clone()
+    write_kv(want_kc, want_vc, want_k, want_v, SimpleNamespace(slot_mapping=cache_slots))
+    kc, vc = torch.full_like(want_kc, float("nan")), torch.full_like(want_vc, float("nan"))
+    rope_and_cache(q, k, v, positions, rope.cos, rope.sin, kc, vc, cache_slots, delta)
+    return {"q": (q, want_q), "k": (k, want_k), "v": (v, want_v), "kc": (kc, want_kc), "vc": (vc, want_vc)}, cache_slots
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [64, 96])
 def test_add_rms_norm_matches_the_torch_layer_code(dtype, n):
@@ -76,26 +107,12 @@ def test_silu_mul_matches_torch(dtype):
 def test_rope_and_cache_match_rotary_embedding_and_write_kv(dtype, heads, kv_heads):
     g = gen()
     d, t, bs, blocks = 16, 9, 16, 5
-    cfg = ModelConfig(architecture="LlamaForCausalLM", hidden_size=heads * d, num_layers=1, num_heads=heads,
-                      num_kv_heads=kv_heads, head_dim=d, intermediate_size=32, vocab_size=32, rms_norm_eps=1e-5,
-                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False, rope_theta=10000.0)
-    rope = RotaryEmbedding(cfg, 64, DEVICE, dtype)
-    # q, k, v as the model has them: views into one qkv row per token.
-    qkv = rand(t, (heads + 2 * kv_heads) * d, dtype=dtype, g=g)
-    q, k, v = (x.view(t, -1, d) for x in qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1))
-    positions = torch.randint(0, 64, (t,), generator=g).to(DEVICE)
-    slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEVICE)
-    want_q, want_k = rope.apply(q, k, positions)
-    want_kc = torch.full((blocks, bs, kv_heads, d), float("nan"), dtype=dtype, device=DEVICE)
-    want_vc = want_kc.clone()
-    write_kv(want_kc, want_vc, want_k, v, SimpleNamespace(slot_mapping=slots))
-    kc, vc = torch.full_like(want_kc, float("nan")), torch.full_like(want_vc, float("nan"))
-    rope_and_cache(q, k, v, positions, rope.cos, rope.sin, kc, vc, slots)
-    assert_rounds_as_torch(q, want_q, dtype)  # in place, as torch rounds
-    assert_rounds_as_torch(k, want_k, dtype)
+    out, slots = rope_case(rand(t, (heads + 2 * kv_heads) * d, dtype=dtype, g=g), heads, kv_heads, d, dtype, g)
+    assert_rounds_as_torch(*out["q"], dtype)  # in place, as torch rounds
+    assert_rounds_as_torch(*out["k"], dtype)
     written = torch.zeros(blocks * bs, dtype=torch.bool, device=DEVICE)
     written[slots] = True
-    for got, want in ((kc, want_kc), (vc, want_vc)):
+    for got, want in (out["kc"], out["vc"]):
         got, want = got.view(blocks * bs, -1), want.view(blocks * bs, -1)
         assert_rounds_as_torch(got[written], want[written], dtype)
         assert got[~written].isnan().all()  # no other slot touched
@@ -134,26 +151,11 @@ def test_deltas_are_added_first_on_rows_with_an_adapter(dtype):
     gate, up = plus_delta(gate_up, d, slots).chunk(2, dim=-1)
     assert_within_ulp(silu_mul(gate_up, (d, slots)), F.silu(gate) * up, dtype)
 
-    heads, kv_heads, hd, bs, blocks = 4, 2, 16, 16, 2
-    cfg = ModelConfig(architecture="LlamaForCausalLM", hidden_size=heads * hd, num_layers=1, num_heads=heads,
-                      num_kv_heads=kv_heads, head_dim=hd, intermediate_size=32, vocab_size=32, rms_norm_eps=1e-5,
-                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False, rope_theta=10000.0)
-    rope = RotaryEmbedding(cfg, 64, DEVICE, dtype)
-    sizes = [heads * hd, kv_heads * hd, kv_heads * hd]
-    qkv = rand(t, sum(sizes), dtype=dtype, g=g)
+    heads, kv_heads, hd = 4, 2, 16
+    qkv = rand(t, (heads + 2 * kv_heads) * hd, dtype=dtype, g=g)
     d, slots = delta_for(qkv, dtype, g)
-    q, k, v = (x.view(t, -1, hd) for x in qkv.split(sizes, dim=-1))
-    dq, dk, dv = (x.view(t, -1, hd) for x in d.split(sizes, dim=-1))
-    positions = torch.randint(0, 64, (t,), generator=g).to(DEVICE)
-    cache_slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEVICE)
-    want_v = plus_delta(v, dv, slots)
-    want_q, want_k = rope.apply(plus_delta(q, dq, slots), plus_delta(k, dk, slots), positions)
-    want_kc = torch.full((blocks, bs, kv_heads, hd), float("nan"), dtype=dtype, device=DEVICE)
-    want_vc = want_kc.clone()
-    write_kv(want_kc, want_vc, want_k, want_v, SimpleNamespace(slot_mapping=cache_slots))
-    kc, vc = torch.full_like(want_kc, float("nan")), torch.full_like(want_vc, float("nan"))
-    rope_and_cache(q, k, v, positions, rope.cos, rope.sin, kc, vc, cache_slots, ((dq, dk, dv), slots))
-    for got, want in ((q, want_q), (k, want_k), (v, want_v), (kc, want_kc), (vc, want_vc)):
+    out, _ = rope_case(qkv, heads, kv_heads, hd, dtype, g, values=d, slots=slots)
+    for got, want in out.values():
         assert_rounds_as_torch(got, want, dtype)
 
 
@@ -223,30 +225,16 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
         out = silu_mul(gate_up, pending)
         assert_close_where_expanded(out, F.silu(gate) * up, dtype)
 
-    heads, kv_heads, hd, bs, blocks = 4, 2, 16, 16, 2
-    cfg = ModelConfig(architecture="LlamaForCausalLM", hidden_size=heads * hd, num_layers=1, num_heads=heads,
-                      num_kv_heads=kv_heads, head_dim=hd, intermediate_size=32, vocab_size=32, rms_norm_eps=1e-5,
-                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False, rope_theta=10000.0)
-    rope = RotaryEmbedding(cfg, 64, DEVICE, dtype)
+    heads, kv_heads, hd = 4, 2, 16
     sizes = [heads * hd, kv_heads * hd, kv_heads * hd]
     cat = rand(t, sum(sizes) + 3 * 3 * 16, dtype=dtype, g=g)
     qkv = cat[:, :sum(sizes)]  # the projection's output is a view into the concatenated GEMM's
     pending = pending_for(qkv, sizes, dtype, g)
     pending = pending._replace(y=cat[:, sum(sizes):].view(t, 3, 3, 16).copy_(pending.y))
-    d = expand_values(pending, dtype)
-    q, k, v = (x.view(t, -1, hd) for x in qkv.split(sizes, dim=-1))
-    dq, dk, dv = (x.view(t, -1, hd) for x in d.split(sizes, dim=-1))
-    positions = torch.randint(0, 64, (t,), generator=g).to(DEVICE)
-    cache_slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEVICE)
-    want_v = plus_delta(v, dv, pending.slots)
-    want_q, want_k = rope.apply(plus_delta(q, dq, pending.slots), plus_delta(k, dk, pending.slots), positions)
-    want_kc = torch.full((blocks, bs, kv_heads, hd), float("nan"), dtype=dtype, device=DEVICE)
-    want_vc = want_kc.clone()
-    write_kv(want_kc, want_vc, want_k, want_v, SimpleNamespace(slot_mapping=cache_slots))
-    kc, vc = torch.full_like(want_kc, float("nan")), torch.full_like(want_vc, float("nan"))
-    rope_and_cache(q, k, v, positions, rope.cos, rope.sin, kc, vc, cache_slots, pending)
-    for got, want in ((q, want_q), (k, want_k), (v, want_v)):
-        assert_close_where_expanded(got, want, dtype)
-    for got, want in ((kc, want_kc), (vc, want_vc)):  # cache rows, in token order
-        assert_close_where_expanded(got.view(blocks * bs, -1)[cache_slots], want.view(blocks * bs, -1)[cache_slots],
-                                    dtype)
+    out, cache_slots = rope_case(qkv, heads, kv_heads, hd, dtype, g, values=expand_values(pending, dtype),
+                                 slots=pending.slots, pending=pending)
+    for name in "qkv":
+        assert_close_where_expanded(*out[name], dtype)
+    for got, want in (out["kc"], out["vc"]):  # the cache rows the tokens wrote, in token order
+        assert_close_where_expanded(got.view(-1, got[0, 0].numel())[cache_slots],
+                                    want.view(-1, got[0, 0].numel())[cache_slots], dtype)
