@@ -157,6 +157,15 @@ def cold_load(engine, warm: list, colds: list, batch: int = 32) -> dict:
                 add_request_ms=statistics.median(adds))
 
 
+def cold_line(cold: dict) -> str:
+    return (f"decode steps while cold adapters are copied in ({cold['loads']} loads, {cold['during_steps']} steps): "
+            f"mean {cold['during_mean_ms']:.2f} ms, max {cold['during_max_ms']:.2f} ms, vs {cold['before_ms']:.2f} ms "
+            f"before (median): {cold['during_mean_ms'] / cold['before_ms']:.2f}x mean, "
+            f"{cold['during_max_ms'] / cold['before_ms']:.2f}x max; the step a cold request's prefill joins: "
+            f"{cold['join_step_ms']:.2f} ms (median); off the step loop: stage (disk read + pack) "
+            f"{cold['stage_ms']:.0f} ms, add_request {cold['add_request_ms']:.1f} ms")
+
+
 def peft_mixed(model_dir: Path, adapters: list[Path], batch: int) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -184,6 +193,8 @@ def peft_mixed(model_dir: Path, adapters: list[Path], batch: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="batch 32 only, no PEFT baseline")
+    ap.add_argument("--cold-only", action="store_true", help="only the decode steps while cold adapters are copied "
+                    "in, twice (a minute or two on one engine)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--fused-elementwise", action=argparse.BooleanOptionalAction, default=None,
@@ -203,6 +214,19 @@ def main() -> None:
     common = dict(model=str(model_dir), dtype="bfloat16", num_kv_blocks=2400, max_num_seqs=64,
                   max_num_batched_tokens=8192, lora_backend=args.lora_backend,
                   fused_elementwise=args.fused_elementwise)
+    lora_args = dict(enable_lora=True, max_loras=32, max_lora_rank=rank, max_cpu_loras=48)
+
+    def colds(k0: int) -> list:  # adapters never loaded before, read from disk and copied into a free slot
+        return [LoRARequest(f"cold{k}", 1000 + k, str(write_adapter(root / f"cold{k}", cfg, rank, seed=1000 + k)))
+                for k in range(k0, k0 + 8)]
+
+    if args.cold_only:
+        engine = LLMEngine(EngineArgs(**common, **lora_args))
+        reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters[:8])]
+        run_case(engine, 32, reqs, seed=98)
+        for k0 in (0, 8):
+            print(cold_line(cold_load(engine, reqs, colds(k0))), flush=True)
+        return
     batches = [32] if args.quick else [32, 64]
     rows = []
 
@@ -218,7 +242,7 @@ def main() -> None:
     # others, and keeps its better run: a shared host that slows a run (steps are host-bound then) slows one
     # of two, not one case's only run, which would skew the ratios between cases.
     base_engine = LLMEngine(EngineArgs(**common, enable_lora=False))
-    engine = LLMEngine(EngineArgs(**common, enable_lora=True, max_loras=32, max_lora_rank=rank, max_cpu_loras=48))
+    engine = LLMEngine(EngineArgs(**common, **lora_args))
     reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
     qv_reqs = [LoRARequest(f"qv{i}", 100 + i, str(p)) for i, p in enumerate(qv_adapters)]
     for b in batches:
@@ -242,10 +266,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     prefill(engine, reqs[:8], n=2, length=256)  # warm-up
     prefill_base, prefill_lora = prefill(engine, []), prefill(engine, reqs[:8])
-    # An adapter never loaded before: a 33rd, read from disk and copied into a free slot.
-    colds = [LoRARequest(f"cold{k}", 1000 + k, str(write_adapter(root / f"cold{k}", cfg, rank, seed=1000 + k)))
-             for k in range(8)]
-    cold = cold_load(engine, reqs[:8], colds)
+    cold = cold_load(engine, reqs[:8], colds(0))
     del engine
     torch.cuda.empty_cache()
 
@@ -276,12 +297,7 @@ def main() -> None:
             ("base, LoRA enabled", "8 adapter(s) mixed", "32 adapter(s) mixed", "8 q/v adapter(s) mixed")))
     print(f"prefill 8 x 2048 tokens: base {prefill_base:.0f} tok/s, 8 adapters {prefill_lora:.0f} tok/s "
           f"({prefill_lora / prefill_base:.3f} of base)")
-    print(f"decode steps while cold adapters are copied in ({cold['loads']} loads, {cold['during_steps']} steps): "
-          f"mean {cold['during_mean_ms']:.2f} ms, max {cold['during_max_ms']:.2f} ms, vs {cold['before_ms']:.2f} ms "
-          f"before (median): {cold['during_mean_ms'] / cold['before_ms']:.2f}x mean, "
-          f"{cold['during_max_ms'] / cold['before_ms']:.2f}x max; the step a cold request's prefill joins: "
-          f"{cold['join_step_ms']:.2f} ms (median); off the step loop: stage (disk read + pack) "
-          f"{cold['stage_ms']:.0f} ms, add_request {cold['add_request_ms']:.1f} ms")
+    print(cold_line(cold))
     if peft:
         print(f"8 mixed, batch 32: {tok('8 adapter(s) mixed', 32) / peft:.1f}x transformers + PEFT ({peft:.0f} tok/s)")
     if args.out:
