@@ -97,6 +97,29 @@ def test_fused_elementwise_kernels_match_peft(tiny_model_dir, tiny_adapters):
     assert llm.engine.blocks.num_free == 64
 
 
+def _force_lora_mode(monkeypatch, stacked: bool) -> list[bool]:
+    """Every step of the Triton LoRA backend hands the adapters' part on (overlap) and, with stacked, as a pending
+    expand for STACKED_GROUPS (2 slots stacked): what decode graphs do, forced on every step. Returns the log of
+    whether each projection that ran LoRA handed on what the mode asks for."""
+    from kernels.consumer_expand import PendingExpand
+    from kernels.engine_backend import STACKED_GROUPS, TritonLoRA
+
+    prepare, project, log = TritonLoRA.prepare, TritonLoRA.project, []
+    monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False, groups=None,
+                        stacked_slots=None: prepare(self, slots, distinct, overlap=True, groups=groups,
+                                                    stacked_slots=2 if stacked else None))
+
+    def logged(self, layer, group, *args):
+        out, delta = project(self, layer, group, *args)
+        if self._runs(group):  # a projection no adapter of the step targets runs no LoRA: no delta
+            log.append(isinstance(delta, PendingExpand) if stacked and group in STACKED_GROUPS
+                       else type(delta) is tuple)
+        return out, delta
+
+    monkeypatch.setattr(TritonLoRA, "project", logged)
+    return log
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["delta", "stacked"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-ops"])
 def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch, fused, stacked):
@@ -106,27 +129,24 @@ def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch
     torch and the fused elementwise ops adding the deltas. stacked: the part left unexpanded by GEMMs over the base
     weights with the slots' A under them, the next op expanding it (what decode graphs of up to 64 rows do for the
     STACKED_GROUPS; the others as deltas)."""
-    from kernels.consumer_expand import PendingExpand
-    from kernels.engine_backend import STACKED_GROUPS, TritonLoRA
-
-    prepare, deltas = TritonLoRA.prepare, []
-    monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False, groups=None,
-                        stacked_slots=None: prepare(self, slots, distinct, overlap=True, groups=groups,
-                                                    stacked_slots=2 if stacked else None))
-    project = TritonLoRA.project
-
-    def counted(self, layer, group, *args):
-        out, delta = project(self, layer, group, *args)
-        if self._runs(group):  # a projection no adapter of the step targets runs no LoRA: no delta
-            deltas.append(isinstance(delta, PendingExpand) if stacked and group in STACKED_GROUPS
-                          else type(delta) is tuple)
-        return out, delta
-
-    monkeypatch.setattr(TritonLoRA, "project", counted)
+    log = _force_lora_mode(monkeypatch, stacked)
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
               block_size=8, max_num_batched_tokens=16, lora_backend="triton", fused_elementwise=fused)
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", None, "chat-lora"])
-    assert deltas and all(deltas)
+    assert log and all(log)
+
+
+def test_stacked_projections_with_a_qkv_bias_match_peft(monkeypatch, tmp_path_factory):
+    """Qwen2's q / k / v biases through the stacked GEMMs (the bias zero-padded over the slots' rows), fused ops,
+    base and adapter requests mixed: transformers + PEFT's tokens and logprobs."""
+    root = tmp_path_factory.mktemp("qwen2-stacked")
+    model_dir = build_qwen2(root / "model")
+    adapters = build_default_adapters(model_dir, root / "adapters")
+    log = _force_lora_mode(monkeypatch, stacked=True)
+    llm = LLM(str(model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64, block_size=8,
+              max_num_batched_tokens=16, lora_backend="triton", fused_elementwise=True)
+    _check(llm, model_dir, PROMPTS[:3], adapters, ["chat-lora", None, "sql-lora"])
+    assert log and all(log)
 
 
 def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch):
