@@ -63,7 +63,6 @@ def _plus_expand(v, row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr
     return tl.where(has, round_low(v + round_low(d, dt, EMULATED), dt, EMULATED), v)
 
 
-
 def _expand_args(pending: PendingExpand | None, like: torch.Tensor, slices: int) -> tuple[tuple, dict]:
     """((y, s_yt, s_yp, s_bp, ranks, slots, P, b_0 .. b_{slices-1}) kernel arguments, {R, RB} constexprs); `like`
     stands in for the tensors when there is nothing to expand."""

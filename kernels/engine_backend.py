@@ -95,7 +95,9 @@ class TritonLoRA:
                              f"{self.buffers.ranks.shape[0]} slots and at most {EXPAND_MAX_ROWS} tokens "
                              f"(got {token_slots.shape[0]})")
         self._stacked_slots = stacked_slots
-        self.meta.prepare(token_slots, distinct)
+        # The metadata serves the LoRA kernels alone: a stacked step whose groups all run stacked launches none.
+        if stacked_slots is None or groups is None or not groups <= STACKED_GROUPS:
+            self.meta.prepare(token_slots, distinct)
         self._plans = {}
         self._slots = token_slots
         self._overlap = overlap

@@ -119,11 +119,9 @@ class DecodeGraphs:
         if b is None:
             return None
         stacked = None
-        if lora:
+        if lora:  # the least P past every slot (the last prefix holds all slots); None when b is not stacked
             top = max(token_slots) + 1
-            stacked = next((p for p in self._prefixes(b) if p is None or p >= top), None)
-            if stacked is None and self._prefixes(b)[0] is not None:
-                return None
+            stacked = next(p for p in self._prefixes(b) if p is None or p >= top)
         key = (b, lora, stacked)
         return key if key in self.graphs else None
 
