@@ -4,6 +4,7 @@ and after land where the kernels read them; and the decode graphs' choice of how
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,11 +20,12 @@ CFG = ModelConfig(architecture="LlamaForCausalLM", hidden_size=32, num_layers=2,
                   tie_word_embeddings=False, qkv_bias=False, rope_theta=10000.0)
 
 
-def layers(g: torch.Generator) -> list[LayerWeights]:
+def layers(g: torch.Generator, device: str | torch.device = "cpu") -> list[LayerWeights]:
     h, i, q, kv = CFG.hidden_size, CFG.intermediate_size, CFG.q_size, CFG.kv_size
-    return [LayerWeights(input_norm=torch.ones(h), qkv=torch.randn(q + 2 * kv, h, generator=g), qkv_bias=None,
-                         o=torch.randn(h, q, generator=g), post_norm=torch.ones(h),
-                         gate_up=torch.randn(2 * i, h, generator=g), down=torch.randn(h, i, generator=g))
+    return [LayerWeights(input_norm=torch.ones(h), qkv=torch.randn(q + 2 * kv, h, generator=g).to(device),
+                         qkv_bias=None, o=torch.randn(h, q, generator=g).to(device), post_norm=torch.ones(h),
+                         gate_up=torch.randn(2 * i, h, generator=g).to(device),
+                         down=torch.randn(h, i, generator=g).to(device))
             for _ in range(CFG.num_layers)]
 
 
@@ -44,22 +46,25 @@ def assert_holds(buffers: SlotBuffers, slot: int, a: AdapterWeights) -> None:
     for (layer, m), (wa, wb) in a.modules.items():
         group, index = MODULE_GROUP[m]
         r = wa.shape[0]
-        got_a = buffers.a[layer][group][slot, index]
+        got_a = buffers.a[layer][group][slot, index].cpu()
         assert torch.equal(got_a[:r], wa) and not got_a[r:].any()
-        got_b = buffers.b[layer][group][index][slot]
+        got_b = buffers.b[layer][group][index][slot].cpu()
         assert torch.equal(got_b[:, :r], wb) and not got_b[:, r:].any()
 
 
-def test_attach_base_stacks_a_under_the_base_weights_and_loads_land_there():
+@pytest.mark.parametrize("copy_kernel", [False, True], ids=["torch-copies", "slot-copy-kernel"])
+def test_attach_base_stacks_a_under_the_base_weights_and_loads_land_there(copy_kernel):
+    # The copy kernel runs on the GPU where there is one (Triton's interpreter on CPU tensors elsewhere).
+    device = torch.device("cuda" if copy_kernel and torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(7)
-    buffers = SlotBuffers(CFG, 3, 8, torch.device("cpu"), torch.float32)
-    weights = layers(g)
+    buffers = SlotBuffers(CFG, 3, 8, device, torch.float32)
+    weights = layers(g, device)
     before = [{grp: getattr(w, grp).clone() for grp in buffers.shapes} for w in weights]
     first, second = adapter(g, 8), adapter(g, 5, ("q_proj", "v_proj", "down_proj"))
     buffers.load(1, buffers.pack(first, pin=False), 8, buffers.groups_of(first))
     nbytes = buffers.nbytes()
 
-    buffers.attach_base(weights)
+    buffers.attach_base(weights, copy_kernel=copy_kernel)
     assert buffers.a_flat is None and buffers.nbytes() == nbytes
     for layer, w in enumerate(weights):
         for grp in buffers.shapes:
@@ -73,10 +78,11 @@ def test_attach_base_stacks_a_under_the_base_weights_and_loads_land_there():
     buffers.load(2, buffers.pack(second, pin=False), 5, buffers.groups_of(second))  # into the stacked rows
     assert_holds(buffers, 2, second)
     assert_holds(buffers, 1, first)
+    assert buffers.ranks.tolist() == [0, 8, 5]
     assert not buffers.a[0]["qkv"][0].any()  # an empty slot stays empty
 
     # One GEMM over the first P slots' rows: the base output, then x @ A[slot, slice].T for each slot and slice.
-    x = torch.randn(5, CFG.hidden_size, generator=g)
+    x = torch.randn(5, CFG.hidden_size, generator=g).to(device)
     a = buffers.a[1]["gate_up"]
     s, r = a.shape[1], a.shape[2]
     n = weights[1].gate_up.shape[0]

@@ -8,17 +8,23 @@ Each adapter is packed once, in host memory, into one slot's layout (its "image"
 All of one slot's B are views into one row of a single [slots, b_size] buffer, and so are its A until
 `attach_base` moves every projection's A of all slots under that projection's base weight ([N + slots*S*R, K]
 in one tensor, kernels/consumer_expand.py says why). Loading an adapter into a slot is then two
-host-to-device copies, or one for B and one per projection for A (on a side stream, overlapping the running
-steps), not ~500 small copies and fills.
+host-to-device copies, or, once A is under the base weights, one copy to the device and one launch that
+scatters it into the slot's 65 pieces (on a side stream, overlapping the running steps), not ~500 small copies
+and fills.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..model.config import ModelConfig
 from .layout import MODULE_GROUP, group_shapes
 from .peft_adapter import AdapterWeights
+
+if TYPE_CHECKING:
+    from kernels.slot_copy import SlotCopy
 
 
 class SlotBuffers:
@@ -55,12 +61,13 @@ class SlotBuffers:
                   for layer in range(cfg.num_layers)]
         # stacked[layer][group]: the base weight with every slot's A under it, once attach_base ran (else None).
         self.stacked: list[dict[str, torch.Tensor]] | None = None
-        # Once stacked, a load copies A to the device in one piece (`_a_staging`) and from there into every
-        # projection in one multi-tensor copy (~65 copies issued one by one cost the engine's thread ~0.3 ms), with
-        # the views it copies between made once, at attach_base (64 indexings a load cost ~0.2 ms more).
-        self._a_staging: torch.Tensor | None = None
-        self._a_parts: list[torch.Tensor] = []
-        self._a_slot_parts: list[list[torch.Tensor]] = []  # [slot]: its rows of every projection's A
+        # Once stacked, a slot's weights are 65 pieces (each projection's A rows, then its B row). On CUDA a load
+        # copies the image to the device in one piece (`_staging`) and scatters it with one launch
+        # (kernels/slot_copy.py: the pieces copied one by one, or by `torch._foreach_copy_`, cost the engine's
+        # thread 250 us of host time a load); elsewhere the pieces are copied by its torch reference.
+        self._slot_pieces: list[list[torch.Tensor]] = []  # [slot]: the pieces, in the image's order
+        self._staging: torch.Tensor | None = None
+        self._slot_copy: SlotCopy | None = None
         # Each slot's largest rank (0: empty): kernels skip the padded tail.
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         # Each slot's targeted groups (host side): a step runs LoRA only on the groups its adapters target.
@@ -70,11 +77,12 @@ class SlotBuffers:
         s = self.shapes[group]
         return len(s.slice_widths), self.max_rank, s.in_features
 
-    def attach_base(self, layers: list) -> None:
+    def attach_base(self, layers: list, copy_kernel: bool | None = None) -> None:
         """Store every projection's A (all slots) under the layer's base weight, `layers[i].<group>` [N, K]: one
         [N + slots*S*R, K] tensor whose first N rows become the layer's weight (the same values, a view) and the
         rest this projection's `a`, so one GEMM over a prefix of it computes the base output and the shrink of
-        every slot in the prefix (kernels/consumer_expand.py). Adapters already loaded keep their A."""
+        every slot in the prefix (kernels/consumer_expand.py). Adapters already loaded keep their A.
+        copy_kernel: loads scatter a slot's pieces with kernels/slot_copy.py (default: on CUDA)."""
         if self.stacked is not None:
             return
         self.stacked = []
@@ -93,10 +101,16 @@ class SlotBuffers:
                 self.a[layer][g] = stacked[n:].view(a.shape)
                 row[g] = stacked
             self.stacked.append(row)
+        from kernels.slot_copy import SlotCopy, slot_copy_ref
+
         self.a_flat = None
-        self._a_staging = torch.empty(self.a_size, device=self.device, dtype=self.dtype)
-        self._a_parts = [self._view(self._a_staging, at, self._a_shape(g)) for (_, g), at in self._a_at.items()]
-        self._a_slot_parts = [[self.a[layer][g][slot] for layer, g in self._a_at] for slot in range(self.num_slots)]
+        self._copy_ref = slot_copy_ref
+        # (_a_at is in image order: layer by layer, group by group, as pack() lays A out; B follows in one piece.)
+        self._slot_pieces = [[self.a[layer][g][slot] for layer, g in self._a_at] + [self.b_flat[slot]]
+                             for slot in range(self.num_slots)]
+        if self.device.type == "cuda" if copy_kernel is None else copy_kernel:
+            self._staging = torch.empty(self.per_slot, device=self.device, dtype=self.dtype)
+            self._slot_copy = SlotCopy(self._slot_pieces, self.device)
 
     @staticmethod
     def _view(flat: torch.Tensor, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -127,16 +141,19 @@ class SlotBuffers:
 
     def load(self, slot: int, image: torch.Tensor, max_rank: int, groups: frozenset[str]) -> None:
         """Copy a packed adapter into `slot` (on the current stream), replacing whatever was there."""
+        self.groups[slot] = groups
+        if self._slot_copy is not None:  # one copy to the device, one launch into the pieces (and the rank)
+            self._staging.copy_(image, non_blocking=True)
+            self._slot_copy.copy(slot, self._staging, self.ranks, max_rank)
+            return
         if self.a_flat is not None:
             self.a_flat[slot].copy_(image[:self.a_size], non_blocking=True)
-        else:  # under the base weights: one copy to the device, then one into every projection's rows
-            self._a_staging.copy_(image[:self.a_size], non_blocking=True)
-            torch._foreach_copy_(self._a_slot_parts[slot], self._a_parts)
-        self.b_flat[slot].copy_(image[self.a_size:], non_blocking=True)
+            self.b_flat[slot].copy_(image[self.a_size:], non_blocking=True)
+        else:
+            self._copy_ref(self._slot_pieces[slot], image)
         # A fill kernel, not `ranks[slot] = max_rank`: that copies a pageable host scalar, which waits for the
         # stream, and the copy stream waits for the step in flight (0.4-0.8 ms of host time a load on an H200).
         self.ranks[slot : slot + 1].fill_(max_rank)
-        self.groups[slot] = groups
 
     def nbytes(self) -> int:
         """Device bytes the slots hold (A and B, wherever A is stored)."""
