@@ -22,7 +22,7 @@ if [[ $parts == *" kernels "* ]]; then
 fi
 if [[ $parts == *" steps "* ]]; then
   # Decode step vs its graph replay alone, and the host phases: GPU- or host-bound, per batch, base and LoRA.
-  python3 -m benchmarks.step_breakdown --compare-overlap --compare-shrink --compare-stacked 2>&1 | tee "$out/step_breakdown.log" | tail -n 40
+  python3 -m benchmarks.step_breakdown --compare-overlap --compare-shrink --compare-stacked --compare-gate-up 2>&1 | tee "$out/step_breakdown.log" | tail -n 40
   python3 -m benchmarks.decode_kernels 2>&1 | tee "$out/decode_kernels.log" | tail -n 60
 fi
 if [[ $parts == *" gemms "* ]]; then

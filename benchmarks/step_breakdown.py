@@ -2,7 +2,7 @@
 graphs, steps back to back), the GPU time of its graph replay alone, and the host time of each phase.
 
     python3 -m benchmarks.step_breakdown [--batches 32,64] [--steps 50] [--compare-overlap] [--compare-shrink]
-                                         [--compare-stacked]
+                                         [--compare-stacked] [--compare-gate-up]
 
 When the step takes about as long as its replay, the engine is GPU-bound; when it takes longer, the host's
 phases (which with async scheduling overlap the replay) are the limit. Llama-3.2-1B shape, random bf16
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-shrink", action="store_true", help="also an engine whose decode graphs run the "
                    "segmented LoRA shrink (kernels/lora_shrink.py) instead of the per-token one "
                    "(kernels/lora_shrink_rows.py), the same adapter batches timed on both, side by side")
+    p.add_argument("--compare-gate-up", action="store_true", help="also an engine whose stacked decode graphs "
+                   "leave gate_up's LoRA kernels beside its GEMM (engine_backend.STACKED_GATE_UP_MAX_SLOTS = 0)")
     p.add_argument("--compare-stacked", action="store_true", help="also an engine whose decode graphs run the LoRA "
                    "kernels beside the base GEMMs at every batch size instead of the stacked GEMMs "
                    "(decode_graphs.STACKED_MAX_BATCH = 0), the same adapter batches timed on both, side by side")
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         variants["segmented shrink in the decode graphs"] = make_with(kernels.engine_backend, "ROWS_MAX_TOKENS", 0)
     if args.compare_stacked:
         variants["LoRA kernels beside the GEMMs, not stacked"] = make_with(decode_graphs, "STACKED_MAX_BATCH", 0)
+    if args.compare_gate_up:
+        variants["gate_up's LoRA kernels beside its GEMM"] = make_with(kernels.engine_backend,
+                                                                      "STACKED_GATE_UP_MAX_SLOTS", 0)
     totals: dict[str, float] = defaultdict(float)
     owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,
               "engine": engine}

@@ -6,7 +6,8 @@ SlotBuffers, with the Triton kernels.
     hook.prepare(token_slots, distinct, overlap)            # every step, before the forward
     model.forward(..., lora=hook)
 
-With `stacked_slots` (the engine's decode graphs, up to EXPAND_MAX_ROWS tokens) the STACKED_GROUPS run no LoRA
+With `stacked_slots` (the engine's decode graphs, up to EXPAND_MAX_ROWS tokens) the STACKED_GROUPS (and gate_up, for up
+to STACKED_GATE_UP_MAX_SLOTS slots) run no LoRA
 kernel: each is one GEMM over the base weight with the first P slots' A under it (SlotBuffers.attach_base),
 and the op that reads its output expands the adapters' part itself (kernels/consumer_expand.py); the other
 projections run as with overlap.
@@ -35,10 +36,12 @@ from .lora_shrink_rows import MAX_TOKENS as ROWS_MAX_TOKENS
 from .lora_shrink_rows import shrink_rows_config, shrink_rows_launch
 from .metadata import LoRAKernelMeta
 
-# The projections stacked steps run stacked; the others (gate_up, whose silu_mul expand over 2 x 8,192 columns
-# cost ~9 us a layer on an H200 against ~2 for the norms' and ~4 for RoPE's) run their LoRA kernels beside the
-# base GEMM as with overlap: it is the longest GEMM of a layer, so they hide behind it.
+# The projections stacked steps run stacked. gate_up too while P is at most STACKED_GATE_UP_MAX_SLOTS: its
+# silu_mul expand reads every one of the P slots' B for 2 x 8,192 columns (H200, 64 rows: 6.4 us at P = 8, 16 at
+# P = 32, against 1.7 for silu_mul alone); past that its LoRA kernels run beside the base GEMM as with overlap
+# (the longest GEMM of a layer, so they hide behind it).
 STACKED_GROUPS = frozenset({"qkv", "o", "down"})
+STACKED_GATE_UP_MAX_SLOTS = 8
 
 
 class _GroupShape(Protocol):
@@ -78,6 +81,7 @@ class TritonLoRA:
         self._side: torch.cuda.Stream | None = None
         self._deltas: dict[str, torch.Tensor] = {}  # group -> this step's [T, N] buffer for the adapters' part
         self._stacked_slots: int | None = None
+        self._stacked_groups = STACKED_GROUPS
         self._biases: dict[tuple[int, str, int], torch.Tensor] = {}  # zero-padded to a stacked GEMM's rows
 
     def prepare(self, token_slots: torch.Tensor, distinct: int | None = None, overlap: bool = False,
@@ -96,7 +100,9 @@ class TritonLoRA:
                              f"(got {token_slots.shape[0]})")
         self._stacked_slots = stacked_slots
         # The metadata serves the LoRA kernels alone: a stacked step whose groups all run stacked launches none.
-        if stacked_slots is None or groups is None or not groups <= STACKED_GROUPS:
+        self._stacked_groups = STACKED_GROUPS if stacked_slots is None or stacked_slots > STACKED_GATE_UP_MAX_SLOTS \
+            else STACKED_GROUPS | {"gate_up"}
+        if stacked_slots is None or groups is None or not groups <= self._stacked_groups:
             self.meta.prepare(token_slots, distinct)
         self._plans = {}
         self._slots = token_slots
@@ -159,7 +165,7 @@ class TritonLoRA:
         (returns (out, None)); with overlap, computed beside it and returned as (out, (delta [T, N], slots [T]))
         for the next elementwise op to add (delta's rows of tokens without an adapter are not written); with
         stacked_slots, (out, PendingExpand) for the next op to expand and add."""
-        if self._stacked_slots is not None and group in STACKED_GROUPS and self._runs(group):
+        if self._stacked_slots is not None and group in self._stacked_groups and self._runs(group):
             return self._stacked(layer, group, x, weight, bias)
         if not self._overlap or not self._runs(group):
             out = F.linear(x, weight, bias)

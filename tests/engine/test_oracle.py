@@ -97,12 +97,13 @@ def test_fused_elementwise_kernels_match_peft(tiny_model_dir, tiny_adapters):
     assert llm.engine.blocks.num_free == 64
 
 
-def _force_lora_mode(monkeypatch, stacked: bool) -> list[bool]:
+def _force_lora_mode(monkeypatch, stacked: bool) -> list[tuple[str, bool]]:
     """Every step of the Triton LoRA backend hands the adapters' part on (overlap) and, with stacked, as a pending
-    expand for STACKED_GROUPS (2 slots stacked): what decode graphs do, forced on every step. Returns the log of
-    whether each projection that ran LoRA handed on what the mode asks for."""
+    expand for the stacked groups (2 slots stacked: every group, gate_up included): what decode graphs do, forced on
+    every step. Returns the log of (group, whether the projection handed on what the mode asks for), one entry for
+    each projection that ran LoRA."""
     from kernels.consumer_expand import PendingExpand
-    from kernels.engine_backend import STACKED_GROUPS, TritonLoRA
+    from kernels.engine_backend import TritonLoRA
 
     prepare, project, log = TritonLoRA.prepare, TritonLoRA.project, []
     monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False, groups=None,
@@ -112,8 +113,8 @@ def _force_lora_mode(monkeypatch, stacked: bool) -> list[bool]:
     def logged(self, layer, group, *args):
         out, delta = project(self, layer, group, *args)
         if self._runs(group):  # a projection no adapter of the step targets runs no LoRA: no delta
-            log.append(isinstance(delta, PendingExpand) if stacked and group in STACKED_GROUPS
-                       else type(delta) is tuple)
+            log.append((group, isinstance(delta, PendingExpand) if stacked and group in self._stacked_groups
+                        else type(delta) is tuple))
         return out, delta
 
     monkeypatch.setattr(TritonLoRA, "project", logged)
@@ -133,7 +134,8 @@ def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
               block_size=8, max_num_batched_tokens=16, lora_backend="triton", fused_elementwise=fused)
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", None, "chat-lora"])
-    assert log and all(log)
+    assert log and all(ok for _, ok in log)
+    assert {group for group, _ in log} == {"qkv", "o", "gate_up", "down"}  # chat-lora targets every projection
 
 
 def test_stacked_projections_with_a_qkv_bias_match_peft(monkeypatch, tmp_path_factory):
@@ -146,7 +148,7 @@ def test_stacked_projections_with_a_qkv_bias_match_peft(monkeypatch, tmp_path_fa
     llm = LLM(str(model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64, block_size=8,
               max_num_batched_tokens=16, lora_backend="triton", fused_elementwise=True)
     _check(llm, model_dir, PROMPTS[:3], adapters, ["chat-lora", None, "sql-lora"])
-    assert log and all(log)
+    assert log and all(ok for _, ok in log)
 
 
 def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch):
