@@ -1,8 +1,8 @@
-"""Where an engine step's time goes, on the GPU: a graphed decode step and an eager mixed step (one prompt
+"""Where an engine step's time goes, on the GPU: a graphed decode step and a mixed step (one prompt
 joining running decodes, as every arrival makes in serving), with and without adapters, timed and then
 profiled with torch.profiler (host and device time per op, the top rows printed).
 
-    python3 -m benchmarks.profile_step [--batch 32] [--prompt 128] [--rows 25]
+    python3 -m benchmarks.profile_step [--batch 32] [--prompt 128] [--rows 25] [--compare-piecewise]
 
 Llama-3.2-1B shape, random bf16 weights, rank-16 adapters on all seven projections (benchmarks/synthetic.py).
 """
@@ -33,7 +33,7 @@ def dense_mixed_attention(on: bool):
 
     class Dense:
         @staticmethod
-        def build(starts, lengths, tables, block_size, device, sliding_window, fused_decode):
+        def build(starts, lengths, tables, block_size, device, sliding_window, fused_decode, fused_prefill=False):
             return AttentionMetadata.build(starts, lengths, tables, block_size, device, sliding_window)
 
     model_runner.MixedMetadata = Dense
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-launch", action="store_true", help="time the steps with Triton launches straight to "
                    "the compiled kernels (kernels/launch.py, the default) and through Triton's dispatch, side by "
                    "side on one engine; no profiles")
+    p.add_argument("--compare-piecewise", action="store_true", help="time the steps with the mixed step replayed "
+                   "from graph pieces cut at attention (EngineArgs.piecewise_graphs, the default) and run eagerly, two "
+                   "engines side by side; no profiles")
     p.add_argument("--trace", metavar="DIR", help="also write each profiled step as a Chrome trace (with Python "
                    "stacks) into DIR, for a timeline of where the host time goes between launches")
     args = p.parse_args(argv)
@@ -64,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_worker.engine import EngineArgs, LLMEngine, SamplingParams
 
     model, loras = llama_1b_with_adapters("profile-step-", 8)
-    # The engine's default (fused on CUDA), or both side by side.
-    variants = (False, True) if args.compare_fused else (None,)
-    engines = {fused: LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
-                                           enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16,
-                                           fused_elementwise=fused))
-               for fused in variants}
+    # (fused elementwise, piecewise graphs): the engine's defaults (fused on CUDA, piecewise), or two side by side.
+    # The padded, masked attention is not what the graph pieces call: compared with eager mixed steps.
+    variants = [(False, True), (True, True)] if args.compare_fused else [(None, True), (None, False)] \
+        if args.compare_piecewise else [(None, not args.compare_dense)]
+    engines = {v: LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
+                                       enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16,
+                                       fused_elementwise=v[0], piecewise_graphs=v[1]))
+               for v in variants}
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     counter = iter(range(10**9))
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{[round(m, 1) for m in mixed]})", flush=True)
 
     for with_lora in (False, True):
-        for fused, engine in engines.items():
+        for (fused, piecewise), engine in engines.items():
             for i in range(args.batch):
                 engine.add_request(f"d{next(counter)}", prompt(args.prompt), params,
                                    lora_request=loras[i % len(loras)] if with_lora else None)
@@ -109,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             for direct in ((True, False, True, False) if args.compare_launch else (True,)):
                 kernels.launch.DIRECT = direct
                 label = ("8 adapters" if with_lora else "base") + (", fused elementwise" if fused else "") + (
+                    "" if not args.compare_piecewise else ", mixed step from graph pieces" if piecewise
+                    else ", mixed step eager") + (
                     "" if not args.compare_launch else ", launches direct" if direct else ", Triton's dispatch")
                 timings(engine, label, with_lora)
             kernels.launch.DIRECT = True
             for kind in (() if args.compare_dense or args.compare_fused or args.compare_launch
-                         else ("decode", "mixed")):
+                         or args.compare_piecewise else ("decode", "mixed")):
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA],
                                             with_stack=bool(args.trace)) as prof:

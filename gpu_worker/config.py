@@ -52,6 +52,8 @@ class WorkerConfig:
     async_scheduling: bool | None = None
     # Decode graphs run each projection's LoRA beside its base GEMM (EngineArgs.overlap_lora).
     overlap_lora: bool = True
+    # Steps with prompt tokens replay CUDA graphs cut at attention (EngineArgs.piecewise_graphs).
+    piecewise_graphs: bool = True
     # Reuse cached K/V of shared prompt prefixes (per adapter version) (EngineArgs.enable_prefix_caching).
     enable_prefix_caching: bool = False
     # Requests waiting for the batch beyond this are refused (RESOURCE_EXHAUSTED) so the router tries elsewhere.
@@ -115,6 +117,7 @@ class WorkerConfig:
             fused_elementwise=self.fused_elementwise,
             async_scheduling=self.async_scheduling,
             overlap_lora=self.overlap_lora,
+            piecewise_graphs=self.piecewise_graphs,
             enable_prefix_caching=self.enable_prefix_caching,
         )
 
@@ -154,7 +157,8 @@ _INT_FIELDS = {"port", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_s
                "num_kv_blocks", "max_model_len", "block_size", "max_queue", "status_interval_ms"}
 
 
-_BOOL_FIELDS = {"enable_lora", "fused_elementwise", "async_scheduling", "overlap_lora", "enable_prefix_caching"}
+_BOOL_FIELDS = {"enable_lora", "fused_elementwise", "async_scheduling", "overlap_lora", "piecewise_graphs",
+                "enable_prefix_caching"}
 
 
 def _from_env(name: str, raw: str):
@@ -211,6 +215,8 @@ def _parser() -> argparse.ArgumentParser:
         help="launch each step before handing out the last one's tokens, hiding host work (default: on with CUDA)")
     add("--overlap-lora", action=argparse.BooleanOptionalAction, default=None,
         help="in decode graphs, run each projection's LoRA on a side stream beside the base GEMM (default on)")
+    add("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=None,
+        help="steps with prompt tokens replay CUDA graphs cut at attention, attention eager (default on)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
         help="reuse the K/V of prompt prefixes computed before, per adapter version (default off)")
     add("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED (default 1024)")

@@ -37,6 +37,9 @@ class EngineArgs:
     lora_backend: str = "auto"
     # Decode steps run eagerly instead of from CUDA graphs (as vLLM's enforce_eager): for debugging.
     enforce_eager: bool = False
+    # Steps with prompt tokens (up to 2,048 of them) replay CUDA graphs cut at attention, attention eager between
+    # them (gpu_worker/engine/mixed_graphs.py: vLLM's piecewise graphs); False (or enforce_eager): eager.
+    piecewise_graphs: bool = True
     # The layers' elementwise work (RMSNorm + residual add, RoPE + KV-cache write, SiLU-and-multiply) as three
     # fused Triton kernels instead of ~30 torch ops a layer (kernels/elementwise.py). None: on with CUDA
     # (1.6x faster decode steps on an H200), torch elsewhere; True on the CPU runs Triton's interpreter (tests).

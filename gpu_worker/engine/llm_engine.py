@@ -146,6 +146,9 @@ class LLMEngine:
         if self.device.type == "cuda" and not args.enforce_eager:
             self.runner.enable_graphs(min(args.max_num_seqs, 256), self.max_model_len, scratch_block=num_blocks,
                                       overlap_lora=args.overlap_lora)
+            if args.piecewise_graphs:
+                self.runner.enable_mixed_graphs(args.max_num_batched_tokens, scratch_block=num_blocks,
+                                                overlap_lora=args.overlap_lora)
         self._seqs: dict[str, Sequence] = {}
         # Async scheduling: the step launched last, whose tokens the next step() hands out while the device runs
         # the one after it; and how many live requests have penalties (their steps cannot overlap).

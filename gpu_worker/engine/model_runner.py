@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .decode_graphs import DecodeGraphs, lora_variant
-from .lora.backends import LoRABackend
+from .lora.backends import LoRABackend, token_slots_of
+from .mixed_graphs import MixedGraphs
 from .model.attention import DecodeMetadata
 from .model.llama import LlamaModel
 from .model.mixed_attention import MixedMetadata
@@ -62,16 +63,20 @@ class ModelRunner:
         self.fused_decode = fits and model.device.type == "cuda" and block_size >= 16
         self.fused_prefill = fits and (model.device.type == "cuda" if fused_prefill is None else fused_prefill)
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None  # steps with prompt tokens, cut at attention
 
     @torch.inference_mode()
     def warm_prompt_path(self, scratch_block: int) -> None:
         """Compile the kernels of a step that is not pure decode before serving: a first two-token chunk, one with a
         cached prefix and a decode row through the model, their K/V in the scratch block no sequence owns (a first
         compile of the paged prefill kernel inside a step stalled it ~1 s on an H200)."""
+        meta, rows = self._warm_step(scratch_block)
+        self.model.forward(torch.zeros_like(rows), rows, meta, self.kv_caches, rows[[1, 3, 4]], None)
+
+    def _warm_step(self, scratch_block: int) -> tuple[MixedMetadata, torch.Tensor]:
         meta = MixedMetadata.build([0, 2, 4], [2, 2, 1], [[scratch_block]] * 3, self.block_size, self.device,
                                    self.model.cfg.sliding_window, self.fused_decode, self.fused_prefill)
-        rows = torch.arange(5, device=self.device)
-        self.model.forward(torch.zeros_like(rows), rows, meta, self.kv_caches, rows[[1, 3, 4]], None)
+        return meta, torch.arange(5, device=self.device)
 
     def enable_graphs(self, max_batch: int, max_model_len: int, scratch_block: int, overlap_lora: bool = True) -> None:
         if not self.fused_decode:
@@ -79,6 +84,20 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_model_len,
                                    scratch_block, self.lora, overlap_lora)
         self.graphs.capture()
+
+    @torch.inference_mode()
+    def enable_mixed_graphs(self, max_tokens: int, scratch_block: int, overlap_lora: bool = True) -> None:
+        """Steps with prompt tokens (up to max_tokens of them) replay graph pieces between eager attentions
+        (mixed_graphs.py); on CUDA, with the paged prefill kernel."""
+        if not (self.fused_prefill and self.device.type == "cuda"):
+            return
+        self.mixed_graphs = MixedGraphs(self.model, self.kv_caches, max_tokens, scratch_block, self.block_size,
+                                        self.lora, overlap_lora)
+        self.mixed_graphs.capture()
+        key = self.mixed_graphs.find(5, None)
+        if key is not None:  # the pieces and the eager attention between them, once, before serving
+            meta, rows = self._warm_step(scratch_block)
+            self.mixed_graphs.run(key, torch.zeros_like(rows), rows, meta, None, rows[[1, 3, 4]])
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], rows: dict, pending: PendingTokens | None = None) -> StepResult:
@@ -117,6 +136,7 @@ class ModelRunner:
             logits = self.graphs.run(graph, ids, positions, [c.seq.block_table for c in chunks], slots, patch)
             batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)
             return StepResult(completed, self.sampler(logits, batch))
+        mixed = self.mixed_graphs.find(len(ids), variant) if not decode and self.mixed_graphs is not None else None
         if decode:
             meta = DecodeMetadata.build(positions, [c.seq.block_table for c in chunks], self.block_size, self.device)
         else:
@@ -130,7 +150,8 @@ class ModelRunner:
                 self.fused_decode,
                 self.fused_prefill,
             )
-        hook = self.lora.bind([(c.seq.slot, c.num_tokens) for c in chunks], groups) if with_lora else None
+        runs = [(c.seq.slot, c.num_tokens) for c in chunks]
+        hook = self.lora.bind(runs, groups) if with_lora and mixed is None else None
         if not completed:
             # Only partial prefill chunks: fill the cache, sample nothing.
             logits_rows = [len(ids) - 1]
@@ -140,8 +161,12 @@ class ModelRunner:
         if k:
             index = host[-2 * k:]
             input_ids.index_copy_(0, index[:k], pending.token_ids.index_select(0, index[k:]))
-        logits = self.model.forward(input_ids, input_positions, meta, self.kv_caches,
-                                    host[2 * n:2 * n + len(logits_rows)], hook)
+        logits_at = host[2 * n:2 * n + len(logits_rows)]
+        if mixed is not None:
+            lora_slots = token_slots_of(runs, self.device) if with_lora else None
+            logits = self.mixed_graphs.run(mixed, input_ids, input_positions, meta, lora_slots, logits_at)
+        else:
+            logits = self.model.forward(input_ids, input_positions, meta, self.kv_caches, logits_at, hook)
         if not completed:
             return StepResult([], None)
         batch = SamplingBatch.build([rows[c.seq] for c in completed], logits.shape[-1], self.device)

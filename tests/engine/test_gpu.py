@@ -30,9 +30,12 @@ def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
     # references.
     fast = LLM(str(tiny_model_dir), lora_backend="triton", enable_prefix_caching=True, **kw)
     assert fast.engine.runner.graphs is not None and fast.engine.runner.graphs.graphs
+    assert fast.engine.runner.mixed_graphs is not None and fast.engine.runner.mixed_graphs.graphs
     assert fast.engine.model.ops.__name__ == "FusedOps" and eager.engine.model.ops.__name__ == "TorchOps"
     a = generate(eager, tiny_adapters, NAMES)
     b = generate(fast, tiny_adapters, NAMES)
+    # The prompts' step replayed the graph pieces of the variant with every projection (chat-lora's targets).
+    assert fast.engine.runner.mixed_graphs.last[1] == frozenset({"qkv", "o", "gate_up", "down"})
     for name, x, y in zip(NAMES, a, b):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids, name
         ref, _ = greedy(tiny_model_dir, None if name is None else tiny_adapters[name], x.prompt_token_ids, 12)

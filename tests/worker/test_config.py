@@ -32,6 +32,9 @@ def test_flags_beat_environment_which_beats_defaults(tiny_model_dir):
     assert WorkerConfig.from_args(["--no-async-scheduling"], env).engine_args().async_scheduling is False
     assert args.overlap_lora is True
     assert WorkerConfig.from_args(["--no-overlap-lora"], env).engine_args().overlap_lora is False
+    assert args.piecewise_graphs is True
+    assert WorkerConfig.from_args([], {**env, "LORASERVE_WORKER_PIECEWISE_GRAPHS": "off"}
+                                  ).engine_args().piecewise_graphs is False
     fused = WorkerConfig.from_args(["--enable-prefix-caching"], {**env, "LORASERVE_WORKER_FUSED_ELEMENTWISE": "on"})
     assert fused.engine_args().fused_elementwise and fused.engine_args().enable_prefix_caching
     assert not args.enable_prefix_caching

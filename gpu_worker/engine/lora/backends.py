@@ -16,6 +16,14 @@ from .torch_backend import LoRABatch, TorchLoRA
 log = logging.getLogger(__name__)
 
 
+def token_slots_of(runs: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """(slot, num_tokens) runs in token order -> each token's slot, int32 on `device` (one numpy repeat: a step of
+    64 prompts of 128 tokens took 0.9 ms to list its 8,192 slots in Python)."""
+    ids, counts = zip(*runs) if runs else ((), ())
+    slots = torch.from_numpy(np.repeat(np.asarray(ids, np.int32), np.asarray(counts, np.int64)))
+    return slots.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else slots
+
+
 class LoRABackend(Protocol):
     buffers: SlotBuffers  # groups_used(slots): the fused groups a step's adapters target
 
@@ -50,11 +58,8 @@ class TritonBackend:
         self.hook = TritonLoRA(buffers, self.meta)
 
     def bind(self, runs, groups):
-        # One numpy repeat: a step of 64 prompts of 128 tokens took 0.9 ms to list its 8,192 slots in Python.
-        ids, counts = zip(*runs) if runs else ((), ())
-        slots = torch.from_numpy(np.repeat(np.asarray(ids, np.int32), np.asarray(counts, np.int64)))
         distinct = len({s for s, n in runs if s >= 0 and n > 0})
-        self.hook.prepare(slots.to(self.device, non_blocking=True), distinct, groups=groups)
+        self.hook.prepare(token_slots_of(runs, self.device), distinct, groups=groups)
         return self.hook
 
     @torch.inference_mode()

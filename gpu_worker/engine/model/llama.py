@@ -110,32 +110,57 @@ class LlamaModel:
         lora: LoRAHook | None = None,
     ) -> torch.Tensor:
         """Tokens [T] -> logits [N, vocab] (the model's dtype) for the rows in logits_indices."""
-        cfg = self.cfg
-        h = F.embedding(input_ids, self.embed)
-        q_size = cfg.q_size
-        ops, eps = self.ops, cfg.rms_norm_eps
+        h = self.embed_tokens(input_ids)
         # Each sublayer's output is added to h by the next norm (one fused step with it on the GPU); so is the
         # adapters' part of each projection when the LoRA backend hands it back as a delta.
         residual, delta = None, None
-        for i, w in enumerate(self.layers):
-            x, h = ops.add_norm(h, residual, w.input_norm, eps, delta)
-            qkv, delta = self._project(lora, i, "qkv", x, w.qkv, w.qkv_bias)
-            q, k, v = self._heads(qkv)
-            if isinstance(delta, LoRADelta):
-                delta = LoRADelta(self._heads(delta[0]), delta[1])
+        for i in range(len(self.layers)):
+            q, h = self.before_attention(i, h, residual, delta, positions, meta, kv_caches, lora)
             k_cache, v_cache = kv_caches[i]
-            q = ops.rope_and_cache(q, k, v, positions, self.rope, k_cache, v_cache, meta, delta)
-            attn = paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(-1, q_size)
-            o, delta = self._project(lora, i, "o", attn, w.o)
-            x, h = ops.add_norm(h, o, w.post_norm, eps, delta)
-            gate_up, delta = self._project(lora, i, "gate_up", x, w.gate_up)
-            act = ops.silu_mul(gate_up, delta)
-            residual, delta = self._project(lora, i, "down", act, w.down)
+            attn = paged_attention(q, k_cache, v_cache, meta, self.scale)
+            h, residual, delta = self.after_attention(i, attn, h, lora)
         if delta is not None:  # the last layer's adapters' part is added over every row, then the rows picked
-            x = ops.add_norm(h, residual, self.final_norm, eps, delta)[0][logits_indices]
+            x = self.final_norm_rows(h, residual, delta)[logits_indices]
         else:
-            x, _ = ops.add_norm(h[logits_indices], None if residual is None else residual[logits_indices],
-                                self.final_norm, eps)
+            x, _ = self.ops.add_norm(h[logits_indices], None if residual is None else residual[logits_indices],
+                                     self.final_norm, self.cfg.rms_norm_eps)
+        return self.logits(x)
+
+    # The forward in pieces, cut at attention (gpu_worker/engine/mixed_graphs.py captures the pieces between two
+    # attentions as CUDA graphs and runs attention, whose inputs change shape with every step, eagerly).
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed)
+
+    def before_attention(self, i: int, h: torch.Tensor, residual: torch.Tensor | None, delta, positions: torch.Tensor,
+                         meta, kv_caches, lora: LoRAHook | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i up to attention: the previous sublayer's output (residual, its adapters' part delta) added to h,
+        the norm, q / k / v, RoPE, k and v into the cache at meta.slot_mapping. Returns (q [T, H, D], h)."""
+        w = self.layers[i]
+        x, h = self.ops.add_norm(h, residual, w.input_norm, self.cfg.rms_norm_eps, delta)
+        qkv, delta = self._project(lora, i, "qkv", x, w.qkv, w.qkv_bias)
+        q, k, v = self._heads(qkv)
+        if isinstance(delta, LoRADelta):
+            delta = LoRADelta(self._heads(delta[0]), delta[1])
+        k_cache, v_cache = kv_caches[i]
+        return self.ops.rope_and_cache(q, k, v, positions, self.rope, k_cache, v_cache, meta, delta), h
+
+    def after_attention(self, i: int, attn: torch.Tensor, h: torch.Tensor, lora: LoRAHook | None):
+        """Layer i from attention's output [T, H, D] on: o, the norm, the MLP. Returns (h, the MLP's output, its
+        adapters' part or None): the next layer's norm (or final_norm_rows) adds them to h."""
+        w, eps = self.layers[i], self.cfg.rms_norm_eps
+        o, delta = self._project(lora, i, "o", attn.reshape(-1, self.cfg.q_size), w.o)
+        x, h = self.ops.add_norm(h, o, w.post_norm, eps, delta)
+        gate_up, delta = self._project(lora, i, "gate_up", x, w.gate_up)
+        act = self.ops.silu_mul(gate_up, delta)
+        residual, delta = self._project(lora, i, "down", act, w.down)
+        return h, residual, delta
+
+    def final_norm_rows(self, h: torch.Tensor, residual: torch.Tensor | None, delta) -> torch.Tensor:
+        """The last layer's output added to h and the final norm, over every row."""
+        return self.ops.add_norm(h, residual, self.final_norm, self.cfg.rms_norm_eps, delta)[0]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         # Logits in the model's dtype: the sampler widens them where it must (log_softmax in float32, a float copy
         # before penalties or temperature); a greedy argmax reads them as they are (a float copy of [64, 128K]
         # cost 22 us a decode step on an H200).

@@ -119,9 +119,13 @@ class MixedMetadata:
 
 
 def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: MixedMetadata,
-                    scale: float) -> torch.Tensor:
-    """q [T, H, D] -> [T, H, D]; the step's K/V are already in the cache (write_kv)."""
-    out = torch.empty_like(q)
+                    scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D] (into `out`, contiguous, when given); the step's K/V are already in the cache
+    (write_kv)."""
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {tuple(q.shape)}, got {tuple(out.shape)}")
     if meta.decode is not None:
         qd = q[meta.decode_rows]
         if isinstance(meta.decode, DecodeMetadata):
