@@ -40,6 +40,31 @@ def stacked_prefixes(num_slots: int) -> list[int]:
     return sorted({min(num_slots, 8 << k) for k in range(max(1, num_slots.bit_length()))} | {num_slots})
 
 
+def graph_variants(lora) -> list[frozenset[str] | None]:
+    """The LoRA variants graphs are captured for: None (no LoRA op), and LORA_VARIANTS when the LoRA backend's
+    kernels read fixed-size device buffers only (`graphable`)."""
+    return [None, *LORA_VARIANTS] if lora is not None and lora.graphable else [None]
+
+
+def warm_up(run) -> None:
+    """run() twice on a side stream before a capture: compiles the Triton kernels, warms cuBLAS."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def capture_graph(run, pool):
+    """(graph, what run() returned) for run() captured into the memory pool `pool` (None: a new one, then
+    graph.pool() for the next capture to share)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
 def lora_variant(groups: frozenset[str]) -> frozenset[str] | None:
     """The LoRA graph variant for a batch whose adapters target `groups` (None: no LoRA, the base graph)."""
     if not groups:
@@ -89,20 +114,15 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
-        variants = [None, *LORA_VARIANTS] if self.lora is not None and self.lora.graphable else [None]
         # Largest first: smaller graphs then fit in the memory pool the largest one reserved.
         for b in reversed(self.buckets):
-            for lora in variants:
+            for lora in graph_variants(self.lora):
                 for stacked in self._prefixes(b) if lora else [None]:
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):  # compiles the Triton kernels, warms cuBLAS
-                            self._forward(b, lora, stacked)
-                    torch.cuda.current_stream().wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self._pool):
-                        logits = self._forward(b, lora, stacked)
+                    def forward(b=b, lora=lora, stacked=stacked):
+                        return self._forward(b, lora, stacked)
+
+                    warm_up(forward)
+                    graph, logits = capture_graph(forward, self._pool)
                     self._pool = graph.pool()
                     self.graphs[(b, lora, stacked)] = (graph, logits)
         torch.cuda.synchronize()

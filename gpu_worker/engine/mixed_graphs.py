@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode_graphs import LORA_VARIANTS
+from .decode_graphs import capture_graph, graph_variants, warm_up
 from .model.llama import LlamaModel
 from .model.mixed_attention import MixedMetadata, mixed_attention
 
@@ -67,9 +67,6 @@ class MixedGraphs:
         self._pool = None
         self.last: tuple[int, frozenset[str] | None] | None = None  # the key the last step replayed
 
-    def _variants(self) -> list[frozenset[str] | None]:
-        return [None, *LORA_VARIANTS] if self.lora is not None and self.lora.graphable else [None]
-
     def _piece(self, i: int, b: int, lora: frozenset[str] | None) -> None:
         """Piece i of a step of b rows (the module doc): reads and writes the static buffers."""
         model, layers = self.model, len(self.model.layers)
@@ -88,29 +85,19 @@ class MixedGraphs:
         self.q[:b].copy_(q)
         self.h[:b].copy_(h)
 
-    def _capture(self, b: int, lora: frozenset[str] | None) -> list:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compiles the Triton kernels, warms cuBLAS
-                for i in range(len(self.model.layers) + 1):
-                    self._piece(i, b, lora)
-        torch.cuda.current_stream().wait_stream(stream)
-        pieces = []
-        for i in range(len(self.model.layers) + 1):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._piece(i, b, lora)
-            self._pool = graph.pool()
-            pieces.append(graph)
-        return pieces
-
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
+        pieces = range(len(self.model.layers) + 1)
         for b in reversed(self.buckets):  # largest first: the smaller ones' temporaries fit in its pool
-            for lora in self._variants():
-                self.graphs[(b, lora)] = self._capture(b, lora)
+            for lora in graph_variants(self.lora):
+                warm_up(lambda b=b, lora=lora: [self._piece(i, b, lora) for i in pieces])
+                graphs = []
+                for i in pieces:
+                    graph, _ = capture_graph(lambda i=i, b=b, lora=lora: self._piece(i, b, lora), self._pool)
+                    self._pool = graph.pool()
+                    graphs.append(graph)
+                self.graphs[(b, lora)] = graphs
         torch.cuda.synchronize()
         log.info("captured %d mixed-step graph pieces in %.1fs", sum(map(len, self.graphs.values())),
                  time.perf_counter() - t0)

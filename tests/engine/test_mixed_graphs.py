@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gpu_worker.engine import LLM
+from gpu_worker.engine.decode_graphs import graph_variants
 from gpu_worker.engine.mixed_graphs import MixedGraphs
 
 from .test_oracle import PROMPTS, _check
@@ -35,7 +36,7 @@ def replay_pieces_eagerly(llm: LLM, max_tokens: int) -> list:
                          engine.args.block_size, runner.lora)
     log: list = []
     for b in graphs.buckets:
-        for lora in graphs._variants():
+        for lora in graph_variants(runner.lora):
             graphs.graphs[(b, lora)] = [EagerPiece(graphs, i, (b, lora), log)
                                         for i in range(len(engine.model.layers) + 1)]
     runner.mixed_graphs = graphs

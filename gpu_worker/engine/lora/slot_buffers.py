@@ -101,10 +101,9 @@ class SlotBuffers:
                 self.a[layer][g] = stacked[n:].view(a.shape)
                 row[g] = stacked
             self.stacked.append(row)
-        from kernels.slot_copy import SlotCopy, slot_copy_ref
+        from kernels.slot_copy import SlotCopy
 
         self.a_flat = None
-        self._copy_ref = slot_copy_ref
         # (_a_at is in image order: layer by layer, group by group, as pack() lays A out; B follows in one piece.)
         self._slot_pieces = [[self.a[layer][g][slot] for layer, g in self._a_at] + [self.b_flat[slot]]
                              for slot in range(self.num_slots)]
@@ -150,7 +149,9 @@ class SlotBuffers:
             self.a_flat[slot].copy_(image[:self.a_size], non_blocking=True)
             self.b_flat[slot].copy_(image[self.a_size:], non_blocking=True)
         else:
-            self._copy_ref(self._slot_pieces[slot], image)
+            from kernels.slot_copy import slot_copy_ref
+
+            slot_copy_ref(self._slot_pieces[slot], image)
         # A fill kernel, not `ranks[slot] = max_rank`: that copies a pageable host scalar, which waits for the
         # stream, and the copy stream waits for the step in flight (0.4-0.8 ms of host time a load on an H200).
         self.ranks[slot : slot + 1].fill_(max_rank)
