@@ -52,6 +52,9 @@ class KernelConfig:
     # then pipeline and reuse y's rows. In decode the bound counts every slot that could be present, so
     # FILL would leave the GPU idle when a few adapters hold all tokens.
     col_programs: int = 0
+    # Expand only: a row tile of the grid covers up to this many row tiles of one segment, walked in turn under
+    # each column tile's B (lora_expand's kernel says why); needs block_k >= the rank.
+    sub_tiles: int = 1
 
     def with_(self, **kw) -> KernelConfig:
         return replace(self, **kw)

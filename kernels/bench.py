@@ -47,13 +47,13 @@ from . import (
     FILL,
     KernelConfig,
     LoRAKernelMeta,
-    expand_config,
     lora_expand,
     lora_shrink,
     shrink_config,
     shrink_workspace,
 )
 from ._common import sm_count
+from .lora_expand import default_config as default_expand_config
 from .lora_shrink import MAX_SPLIT
 from .reference import gather_bmm_bytes, lora_gather_bmm, lora_loop, lora_ref
 
@@ -106,7 +106,7 @@ class Row:
 def cfg_str(c: KernelConfig) -> str:
     cols = "/cfill" if c.col_programs == FILL else (f"/c{c.col_programs}" if c.col_programs else "")
     return (f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/p{c.programs_per_sm}"
-            f"/st{c.num_stages}{cols}")
+            f"/st{c.num_stages}{cols}{f'/u{c.sub_tiles}' if c.sub_tiles > 1 else ''}")
 
 
 def graph_time_us(fn: Callable[[], None], calls_per_replay: int, reps: int = 30, warm: int = 5) -> float:
@@ -227,7 +227,7 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     m = copies[0].meta
     row.shrink_cfg = cfg_str(shrink_config(tokens, m.distinct, m.rows_per_slot(), in_features,
                                            len(widths) * rank, rank, sms))
-    row.expand_cfg = cfg_str(expand_config(tokens, m.rows_per_slot(), rank, sms))
+    row.expand_cfg = cfg_str(default_expand_config(tokens, widths, rank, m, torch.device(DEVICE)))
 
     # Correctness first, on copy 0.
     c0 = copies[0]
@@ -292,14 +292,15 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     return row
 
 
-def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, n_total: int, rank: int, sms: int):
+def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, widths: tuple[int, ...], rank: int, sms: int):
     """Launch configs around the defaults: row tiles from 16 to twice the default, column tiles, K blocks,
     splits of K, warps, programs per SM, and for expand the column programs per row tile (FILL too) and
     pipeline depth. ~30-150 per op; each new one compiles (~1 s)."""
     p2 = triton.next_power_of_2
     tokens, rows = meta.num_tokens, meta.rows_per_slot()
+    n_total = len(widths) * rank
     ds = shrink_config(tokens, meta.distinct, rows, in_features, n_total, rank, sms)
-    de = expand_config(tokens, rows, rank, sms)
+    de = default_expand_config(tokens, widths, rank, meta, torch.device(DEVICE))
     # 64-row tiles even where the default is 16: with the adapters present unknown (decode graphs), a step whose
     # tokens belong to few adapters runs faster on them (README's results log, seventh session).
     bms = [m for m in (16, 32, 64, 128) if m <= max(64, 2 * max(ds.block_m, de.block_m))]
@@ -325,6 +326,10 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, n_total: int, rank
                 for warps in (4, 8):
                     for pps in (2, 16):
                         expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, 2, pps))
+                if de.block_k >= rank:  # chunks of row tiles under one B (lora_expand's config doc)
+                    for sub in (1, 2, 4, 8):
+                        for pps in (4, 16):
+                            expand.add(KernelConfig(bm, bn, de.block_k, 1, 4, 2, pps, sub_tiles=sub))
                 continue
             for warps in (4, 8):  # 8 warps halve the accumulator's registers a thread (32 x 256 tiles: 85 vs 110 us)
                 for cols in (0, FILL, 4, 8, 16):
@@ -341,7 +346,7 @@ def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, op
     in_features, widths = shapes[group]
     c = make_inputs(tokens, adapters, in_features, sum(widths), 0)
     sms = sm_count(torch.device(DEVICE))
-    ds, shrink_cands, de, expand_cands = _sweep_candidates(c.meta, in_features, len(widths) * rank, rank, sms)
+    ds, shrink_cands, de, expand_cands = _sweep_candidates(c.meta, in_features, widths, rank, sms)
     y = lora_shrink(c.x, w.a, w.ranks, c.meta)
     ws = torch.empty(MAX_SPLIT * y.numel(), dtype=torch.float32, device=DEVICE)
     for name, default, cands, fn in (

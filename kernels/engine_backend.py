@@ -27,10 +27,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ._common import sm_count
 from .consumer_expand import PendingExpand
 from .elementwise import EXPAND_MAX_ROWS
-from .lora_expand import expand_config, expand_launch
+from .lora_expand import default_config as default_expand_config
+from .lora_expand import expand_launch
 from .lora_shrink import default_config, shrink_launch, shrink_workspace
 from .lora_shrink_rows import MAX_TOKENS as ROWS_MAX_TOKENS
 from .lora_shrink_rows import shrink_rows_config, shrink_rows_launch
@@ -143,7 +143,8 @@ class TritonLoRA:
                     self._scratch = self._grown(self._scratch, need, x.device)
                     self._plans = {}
                 shrink = shrink_launch(x, a, self.buffers.ranks, self.meta, y, cfg, self._scratch)
-            expand = expand_config(t, self.meta.rows_per_slot(), r, sm_count(x.device))
+            bs = self.buffers.b[layer][group]
+            expand = default_expand_config(t, [b.shape[1] for b in bs], r, self.meta, x.device)
             plan = self._plans[(group, accumulate)] = (
                 key, y, shrink,
                 expand_launch(y, self.buffers.b[layer][group], out, self.buffers.ranks, self.meta,

@@ -45,14 +45,37 @@ def _y_block(y_rows, k0, rank, row_ok, BLOCK_K: tl.constexpr, LOW: tl.constexpr,
 
 
 @triton.jit
-def _b_dot(acc, yt, b_cols, k0, rank, col_ok, stride_br, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+def _b_block(b_cols, k0, rank, col_ok, stride_br, BLOCK_K: tl.constexpr):
+    """B's ranks [k0, k0 + BLOCK_K) for a tile of columns, as the MMA's right operand (zero past the rank)."""
     rk = k0 + tl.arange(0, BLOCK_K)
-    bt = tl.load(b_cols + rk[:, None] * stride_br, mask=(rk < rank)[:, None] & col_ok[None, :], other=0.0)
+    return tl.load(b_cols + rk[:, None] * stride_br, mask=(rk < rank)[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(acc, yt, bt, DOT: tl.constexpr):
     if DOT == DOT_NATIVE:  # noqa: SIM108 (a static branch: only one dot is compiled)
         acc = tl.dot(yt, bt, acc)
     else:
         acc = tl.dot(yt, bt.to(tl.float32), acc, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def _b_dot(acc, yt, b_cols, k0, rank, col_ok, stride_br, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    return _dot(acc, yt, _b_block(b_cols, k0, rank, col_ok, stride_br, BLOCK_K), DOT)
+
+
+@triton.jit
+def _store_tile(acc, base, o_ptrs, o_mask, factor, HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
+                LOW: tl.constexpr, DOT: tl.constexpr):
+    """The adapters' part of a tile (acc: fp32, unscaled) added to the output's values there (base, loaded by the
+    caller before the dot's operands, so that its latency overlaps theirs) or assigned; rounded once."""
+    if HAS_SCALE:
+        acc = acc * factor
+    res = base.to(tl.float32) + acc if ACCUMULATE else acc
+    if o_ptrs.dtype.element_ty != tl.float32:
+        res = to_low(res, LOW, DOT == DOT_EMULATED)
+    tl.store(o_ptrs, res, mask=o_mask)
 
 
 @triton.jit
@@ -65,16 +88,19 @@ def _expand_kernel(
     R, stride_yt, stride_ys, stride_ot, stride_oc,
     MAX_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
-    HAS_SCALE: tl.constexpr, DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DOT: tl.constexpr, ACCUMULATE: tl.constexpr, SUB: tl.constexpr,
 ):
     # Grid: axis 1 walks row tiles (persistent), axis 0 splits each row tile's output columns. The
     # segment lookup (reductions over the segment table) is paid once per row tile, not per output tile;
     # y's rows are loaded (and rounded) once per row tile and slice, not per output tile; and the column
     # loop has no dependence between iterations, so its loads pipeline. Output tiles never straddle two
     # slices; numbered across slices, tile t goes to program t % num_programs(0), as if flat.
+    # SUB > 1 (decode-sized row tiles, rank <= BLOCK_K): a grid row tile is a chunk of up to SUB row tiles of one
+    # segment, walked one after another under each column tile's B, loaded once for them: a long segment's B is
+    # read once per SUB row tiles, and a short one's chunk is its one row tile, as with SUB = 1.
     LOW: tl.constexpr = out_ptr.dtype.element_ty
     i, slots, starts, lens, ranks, firsts, ends, m_tiles = segment_table(
-        active_ptr, start_ptr, len_ptr, ranks_ptr, R, MAX_SLOTS, SLOTS_PAD, BLOCK_M)
+        active_ptr, start_ptr, len_ptr, ranks_ptr, R, MAX_SLOTS, SLOTS_PAD, BLOCK_M * SUB)
     if HAS_SCALE:
         scales = tl.load(scale_ptr + slots, mask=slots >= 0, other=0.0)
     pid_n = tl.program_id(0)
@@ -83,15 +109,20 @@ def _expand_kernel(
         seg = locate(m, i, ends)
         slot = pick(slots, i, seg).to(tl.int64)
         rank = pick(ranks, i, seg)
-        rows = (m - pick(firsts, i, seg)) * BLOCK_M + tl.arange(0, BLOCK_M)
         # A rank-0 slot adds nothing: its rows are not even read (so -0.0 in out stays -0.0); assigned, they
         # get zeros.
-        row_ok = rows < tl.where((rank > 0) | (not ACCUMULATE), pick(lens, i, seg), 0)
-        tok = tl.load(sorted_ptr + pick(starts, i, seg) + rows, mask=row_ok, other=0).to(tl.int64)
-        o_rows = out_ptr + tok[:, None] * stride_ot
-        y_base = y_ptr + tok[:, None] * stride_yt
-        if HAS_SCALE:
-            factor = pick(scales, i, seg)
+        seg_len = tl.where((rank > 0) | (not ACCUMULATE), pick(lens, i, seg), 0)
+        seg_start = pick(starts, i, seg)
+        first_row = (m - pick(firsts, i, seg)) * (BLOCK_M * SUB)
+        if SUB == 1:
+            rows = first_row + tl.arange(0, BLOCK_M)
+            row_ok = rows < seg_len
+            tok = tl.load(sorted_ptr + seg_start + rows, mask=row_ok, other=0).to(tl.int64)
+            o_rows = out_ptr + tok[:, None] * stride_ot
+            y_base = y_ptr + tok[:, None] * stride_yt
+        else:
+            n_sub = tl.cdiv(tl.minimum(seg_len - first_row, BLOCK_M * SUB), BLOCK_M)
+        factor = pick(scales, i, seg) if HAS_SCALE else 1.0
         first_tile = 0  # of this slice, numbered across slices
         for s in tl.static_range(NUM_SLICES):
             if s == 0:
@@ -103,37 +134,49 @@ def _expand_kernel(
             else:
                 b_ptr, stride_bs, width, col = b3_ptr, stride_b3, w3, col3
             tiles = (width + BLOCK_N - 1) // BLOCK_N
-            y_rows = y_base + s * stride_ys
-            if ONE_K:  # rank <= BLOCK_K: y's rows for this slice, once
-                yt = _y_block(y_rows, 0, rank, row_ok, BLOCK_K, LOW, DOT)
+            if SUB == 1:
+                y_rows = y_base + s * stride_ys
+                if ONE_K:  # rank <= BLOCK_K: y's rows for this slice, once
+                    yt = _y_block(y_rows, 0, rank, row_ok, BLOCK_K, LOW, DOT)
             b_slot = b_ptr + slot * stride_bs
             for j in range((pid_n - first_tile % n_progs + n_progs) % n_progs, tiles, n_progs):
                 cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
                 col_ok = cols < width
-                # The base output tile is loaded first, so its HBM latency overlaps the B loads (L2).
-                o_ptrs = o_rows + (col + cols)[None, :].to(tl.int64) * stride_oc
-                o_mask = row_ok[:, None] & col_ok[None, :]
-                if ACCUMULATE:
-                    base = tl.load(o_ptrs, mask=o_mask, other=0.0)
                 b_cols = b_slot + cols[None, :].to(tl.int64) * stride_bo
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                if ONE_K:
-                    acc = _b_dot(acc, yt, b_cols, 0, rank, col_ok, stride_br, BLOCK_K, DOT)
+                if SUB == 1:
+                    # The base output tile is loaded first, so its HBM latency overlaps the B loads (L2).
+                    o_ptrs = o_rows + (col + cols)[None, :].to(tl.int64) * stride_oc
+                    o_mask = row_ok[:, None] & col_ok[None, :]
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    base = tl.load(o_ptrs, mask=o_mask, other=0.0) if ACCUMULATE else acc
+                    if ONE_K:
+                        acc = _b_dot(acc, yt, b_cols, 0, rank, col_ok, stride_br, BLOCK_K, DOT)
+                    else:
+                        for k0 in range(0, rank, BLOCK_K):
+                            yk = _y_block(y_rows, k0, rank, row_ok, BLOCK_K, LOW, DOT)
+                            acc = _b_dot(acc, yk, b_cols, k0, rank, col_ok, stride_br, BLOCK_K, DOT)
+                    _store_tile(acc, base, o_ptrs, o_mask, factor, HAS_SCALE, ACCUMULATE, LOW, DOT)
                 else:
-                    for k0 in range(0, rank, BLOCK_K):
-                        yk = _y_block(y_rows, k0, rank, row_ok, BLOCK_K, LOW, DOT)
-                        acc = _b_dot(acc, yk, b_cols, k0, rank, col_ok, stride_br, BLOCK_K, DOT)
-                if HAS_SCALE:
-                    acc = acc * factor
-                res = base.to(tl.float32) + acc if ACCUMULATE else acc
-                if out_ptr.dtype.element_ty != tl.float32:
-                    res = to_low(res, LOW, DOT == DOT_EMULATED)
-                tl.store(o_ptrs, res, mask=o_mask)
+                    bt = _b_block(b_cols, 0, rank, col_ok, stride_br, BLOCK_K)
+                    for u in range(0, n_sub):
+                        rows = first_row + u * BLOCK_M + tl.arange(0, BLOCK_M)
+                        row_ok = rows < seg_len
+                        tok = tl.load(sorted_ptr + seg_start + rows, mask=row_ok, other=0).to(tl.int64)
+                        o_ptrs = out_ptr + tok[:, None] * stride_ot + (col + cols)[None, :].to(tl.int64) * stride_oc
+                        o_mask = row_ok[:, None] & col_ok[None, :]
+                        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                        base = tl.load(o_ptrs, mask=o_mask, other=0.0) if ACCUMULATE else acc
+                        yt = _y_block(y_ptr + tok[:, None] * stride_yt + s * stride_ys, 0, rank, row_ok, BLOCK_K, LOW,
+                                      DOT)
+                        acc = _dot(acc, yt, bt, DOT)
+                        _store_tile(acc, base, o_ptrs, o_mask, factor, HAS_SCALE, ACCUMULATE, LOW, DOT)
             first_tile += tiles
 
 
-def expand_config(num_tokens: int, rows_per_slot: int, max_rank: int, sms: int) -> KernelConfig:
-    """Launch parameters from host ints: T, tokens per adapter (`LoRAKernelMeta.rows_per_slot`), the rank.
+def expand_config(num_tokens: int, rows_per_slot: int, max_rank: int, sms: int, n_out: int = 0,
+                  segments_known: bool = False) -> KernelConfig:
+    """Launch parameters from host ints: T, tokens per adapter (`LoRAKernelMeta.rows_per_slot`), the rank, the
+    output columns (0: unknown), whether the adapters present are known (`LoRAKernelMeta.distinct` given).
     Expand is bound by reading B (decode, many adapters) or by reading and writing `out` (prefill: T x
     out_features x 2 bytes x 2). Row tiles follow the tokens per adapter: 128-row tiles over 16-token
     segments would be 7/8 masked. Tiles from sweeps on an H200 (`kernels.bench --sweep`, and wider ones over
@@ -143,18 +186,42 @@ def expand_config(num_tokens: int, rows_per_slot: int, max_rank: int, sms: int) 
     column programs fill it), each looping over its column tiles with y's rows held: at rank <= 32,
     32 x 256 tiles of 8 warps, three loads deep (gate_up r16, 2,048 tokens: 85 us against 110 with 64 x 256
     of 4 warps); at rank 64, 128 x 128 tiles of 4 warps (gate_up r64, 8,192 tokens: 304 us against 380
-    with 64 x 128; down r64, 2,048 tokens: 21 against 25 with 128 x 256)."""
+    with 64 x 128; down r64, 2,048 tokens: 21 against 25 with 128 x 256).
+    Decode-sized row tiles over at most 32 column tiles (qkv, o, down) run 4 programs an SM, not 16: fewer
+    programs find no tile (H200: qkv r16, 64 tokens of 32 adapters, 8.8 us against 10.6; down r16, 256 tokens of
+    32, 5.8 against 7.7); over gate_up's 112 the rows need the programs. Past rank 32, where one adapter could
+    hold many of the tokens (the adapters present unknown, as in a graph replayed for any batch, or more than a
+    row tile each), a row tile of the grid is a chunk of `sub_tiles` row tiles under one B: B's reads fall by
+    that factor, the programs too, so chunks grow (up to 8) while the grid would still give every SM a program
+    were all tokens one adapter's (H200, rank 64, 256 tokens of one adapter: gate_up 43.7 -> 25.4 us with 8, qkv
+    15.1 -> 11.4 with 2; 64 tokens, gate_up 14.9 -> 12.3 with 2; 8 adapters, qkv 16.0 -> 11.5). At rank 16 B's
+    tile is small and the chunks lost more to fewer programs than they saved (qkv, 256 tokens of one adapter:
+    7.9 -> 8.5 us); with short segments a chunk is one row tile, a few percent slower than the plain walk."""
     bk = max(16, next_pow2(max_rank))
     bm = max(16, min(next_pow2(rows_per_slot), 128 if bk <= 64 else 32))
     if num_tokens <= 64 or bm <= 32:
-        return KernelConfig(bm if num_tokens > 64 else 16, 256 if bk <= 64 else 128, min(bk, 128),
-                            num_warps=4, num_stages=2)
+        bm = bm if num_tokens > 64 else 16
+        bn = 256 if bk <= 64 else 128
+        col_tiles, sub = cdiv(n_out, bn), 1
+        if n_out and 32 < bk <= 128 and (not segments_known or rows_per_slot > bm):
+            # T rounded up to a power of two, as the engine's warm-up compiles the variants (backends.warmup).
+            while sub < 8 and col_tiles * cdiv(next_pow2(num_tokens), bm * sub * 2) >= sms:
+                sub *= 2
+        return KernelConfig(bm, bn, min(bk, 128), num_warps=4, num_stages=2,
+                            programs_per_sm=4 if 0 < col_tiles <= 32 else 16, sub_tiles=sub)
     if bk <= 32:
         if num_tokens > 4096:  # gate_up r16, 8,192 tokens: 286 us against 310 with 32 x 256 of 8 warps
             return KernelConfig(64, 256, bk, num_warps=4, num_stages=3, programs_per_sm=2, col_programs=4)
         return KernelConfig(32, 256, bk, num_warps=8, num_stages=3, programs_per_sm=2, col_programs=FILL)
     return KernelConfig(bm, 128, bk, num_warps=4, num_stages=2 if bm == 128 else 3, programs_per_sm=2,
                         col_programs=FILL)
+
+
+def default_config(t: int, widths: Sequence[int], max_rank: int, meta: LoRAKernelMeta,
+                   device: torch.device) -> KernelConfig:
+    """`expand_config` for a launch of T tokens into slices of these widths, with this step's metadata."""
+    return expand_config(t, meta.rows_per_slot(), max_rank, sm_count(device), n_out=sum(widths),
+                         segments_known=meta.distinct is not None)
 
 
 def lora_expand(
@@ -235,12 +302,15 @@ def expand_launch(
         raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, y has {t}")
     if t == 0:
         return lambda y, b, out: None
-    cfg = config or expand_config(t, meta.rows_per_slot(), r, sm_count(out.device))
+    cfg = config or default_config(t, widths, r, meta, out.device)
     pad = MAX_SLICES - s
     bp = list(b) + [b[0]] * pad
+    if cfg.sub_tiles > 1 and cfg.block_k < r:
+        raise ValueError(f"sub_tiles={cfg.sub_tiles} holds all of B's ranks in one block: block_k {cfg.block_k} < "
+                         f"rank {r}")
     n_tiles = sum(cdiv(w, cfg.block_n) for w in widths)
     # Column programs per row tile (see KernelConfig.col_programs); the row tiles take the rest of the grid.
-    m_bound = m_tiles_bound(t, meta.slots_bound(), cfg.block_m)
+    m_bound = m_tiles_bound(t, meta.slots_bound(), cfg.block_m * cfg.sub_tiles)
     programs = cfg.programs_per_sm * sm_count(out.device)
     if cfg.col_programs == FILL:
         grid_n = max(1, min(n_tiles, programs // m_bound))
@@ -255,7 +325,7 @@ def expand_launch(
     kernel = Launch(_expand_kernel, (grid_n, grid_m), out.device, MAX_SLOTS=meta.max_slots,
                     SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     BLOCK_K=cfg.block_k, ONE_K=cfg.block_k >= r, HAS_SCALE=scale is not None, DOT=dot_mode(out),
-                    ACCUMULATE=accumulate, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    ACCUMULATE=accumulate, SUB=cfg.sub_tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def launch(y: torch.Tensor, b: Sequence[torch.Tensor], out: torch.Tensor) -> None:
         kernel(y, out, *tables, *b, *[b[0]] * pad, *scalars)

@@ -476,3 +476,37 @@ def test_hooks_run_lora_only_on_the_groups_of_the_step():
                 assert rel_err(out, ref) <= TOLERANCE[torch.float32]
             else:
                 assert torch.equal(out, base), (type(hook).__name__, group)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expand_chunks_of_row_tiles_under_one_b(dtype):
+    """Decode-sized row tiles walked in chunks (sub_tiles): segments longer than a chunk (two chunks, the second
+    partial), exactly one row tile, shorter than one, a rank-0 slot, tokens without an adapter; against the
+    reference and the same tiles one by one. B's ranks in one block or the launch refuses."""
+    slots = [0] * 37 + [1] * 16 + [-1] * 3 + [2] * 5 + [3] * 2
+    c = make_case(slots, [16, 9, 0, 12], widths=(24, 8, 40), in_features=32, dtype=dtype)
+    meta = LoRAKernelMeta(max_tokens=64, max_slots=4, device=DEVICE, chunk=16)
+    meta.prepare(c.token_slots)
+    case = Case(c.x, c.a, c.b, c.ranks, c.token_slots, c.offsets, meta)
+    for cfg in (KernelConfig(16, 16, 16, programs_per_sm=1, sub_tiles=2),
+                KernelConfig(16, 32, 16, programs_per_sm=2, col_programs=2, sub_tiles=4)):
+        check_both(case, None, cfg)
+    y = lora_shrink(c.x, c.a, c.ranks, meta)
+    with pytest.raises(ValueError, match="sub_tiles"):
+        lora_expand(y, c.b, torch.zeros(len(slots), out_width(c), device=DEVICE, dtype=dtype), c.ranks, meta,
+                    slice_offsets=c.offsets, config=KernelConfig(16, 16, 8, sub_tiles=2))
+
+
+def test_decode_expand_config_chunks_row_tiles_past_rank_32():
+    """Decode-sized tiles: chunks of row tiles under one B past rank 32 while every SM would still get a program
+    (all tokens one adapter's), never at rank 16 nor when the segments are known to be short; 4 programs an SM
+    over few column tiles, 16 over many."""
+    gate_up, qkv = 28672, 6144
+    assert expand_config(256, 2, 64, 132, n_out=gate_up).sub_tiles == 8  # 112 column tiles x 2 chunks
+    assert expand_config(256, 2, 64, 132, n_out=qkv).sub_tiles == 2  # 24 column tiles x 8 chunks
+    assert expand_config(256, 2, 16, 132, n_out=gate_up).sub_tiles == 1
+    assert expand_config(256, 2, 64, 132, n_out=gate_up, segments_known=True).sub_tiles == 1
+    assert expand_config(16, 1, 64, 132, n_out=gate_up).sub_tiles == 1  # one row tile in all
+    assert expand_config(256, 2, 64, 132).sub_tiles == 1  # widths unknown
+    assert expand_config(64, 1, 16, 132, n_out=qkv).programs_per_sm == 4
+    assert expand_config(64, 1, 16, 132, n_out=gate_up).programs_per_sm == 16
