@@ -327,7 +327,8 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, widths: tuple[int,
                     for pps in (2, 16):
                         expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, 2, pps))
                 if de.block_k >= rank:  # chunks of row tiles under one B (lora_expand's config doc)
-                    for sub in (1, 2, 4, 8):
+                    # Prefill too: a long chunk is a column tile streaming its rows under one B held in registers.
+                    for sub in (1, 2, 4, 8) if tokens <= DECODE_TOKENS else (1, 4, 16, 64):
                         for pps in (4, 16):
                             expand.add(KernelConfig(bm, bn, de.block_k, 1, 4, 2, pps, sub_tiles=sub))
                 continue
