@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from .consumer_expand import PendingExpand
 from .elementwise import EXPAND_MAX_ROWS
-from .lora_expand import default_config as default_expand_config
 from .lora_expand import expand_launch
 from .lora_shrink import default_config, shrink_launch, shrink_workspace
 from .lora_shrink_rows import MAX_TOKENS as ROWS_MAX_TOKENS
@@ -143,13 +142,11 @@ class TritonLoRA:
                     self._scratch = self._grown(self._scratch, need, x.device)
                     self._plans = {}
                 shrink = shrink_launch(x, a, self.buffers.ranks, self.meta, y, cfg, self._scratch)
-            bs = self.buffers.b[layer][group]
-            expand = default_expand_config(t, [b.shape[1] for b in bs], r, self.meta, x.device)
+            # The expand's launch config: lora_expand's default for these widths and this step's metadata.
             plan = self._plans[(group, accumulate)] = (
                 key, y, shrink,
                 expand_launch(y, self.buffers.b[layer][group], out, self.buffers.ranks, self.meta,
-                              slice_offsets=self.buffers.shapes[group].slice_offsets, config=expand,
-                              accumulate=accumulate))
+                              slice_offsets=self.buffers.shapes[group].slice_offsets, accumulate=accumulate))
         return plan
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
