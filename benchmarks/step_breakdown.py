@@ -12,6 +12,8 @@ weights, 128-token prompts, base-only and 8 rank-16 adapters mixed (benchmarks/s
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import time
 from collections import defaultdict
 
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-stacked", action="store_true", help="also an engine whose decode graphs run the LoRA "
                    "kernels beside the base GEMMs at every batch size instead of the stacked GEMMs "
                    "(decode_graphs.STACKED_MAX_BATCH = 0), the same adapter batches timed on both, side by side")
+    p.add_argument("--compare-set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="also an engine captured with a module constant set (a Python literal, e.g. "
+                   "kernels.engine_backend.PREFETCH_B=''), base and adapter batches; may repeat")
     args = p.parse_args(argv)
     import kernels.engine_backend
     from gpu_worker.engine import EngineArgs, LLMEngine, decode_graphs
@@ -94,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_gate_up:
         variants["gate_up's LoRA kernels beside its GEMM"] = make_with(kernels.engine_backend,
                                                                       "STACKED_GATE_UP_MAX_SLOTS", 0)
+    both = set()
+    for spec in args.compare_set:
+        target, value = spec.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        variants[spec] = make_with(importlib.import_module(module), name, ast.literal_eval(value))
+        both.add(spec)
     totals: dict[str, float] = defaultdict(float)
     owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,
               "engine": engine}
@@ -114,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 step, gpu = run_batch(in_place, batch, adapters, args.steps, seed=2 * n + with_lora)
                 print(f"batch {batch}, {label}, LoRA in place after each GEMM (overlap_lora=False): "
                       f"step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
-            for name, other in variants.items() if with_lora else ():
+            for name, other in variants.items():
+                if not with_lora and name not in both:
+                    continue
                 step, gpu = run_batch(other, batch, adapters, args.steps, seed=2 * n + with_lora)
                 print(f"batch {batch}, {label}, {name}: step {step:.3f} ms, graph replay alone {gpu:.3f} ms")
     return 0

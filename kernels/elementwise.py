@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._common import dot_mode, emulated, next_pow2, round_low, to_low
 from .consumer_expand import PendingExpand, expand_row, expand_tile, rank_block
+from .l2_prefetch import Blocks, prefetch_share
 from .launch import Launches
 
 # The adapters' part an op is handed: none, values to add (LoRADelta), or to expand first (PendingExpand); the
@@ -92,9 +93,12 @@ def _delta_args(delta, like: torch.Tensor) -> tuple:
 def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N, eps,
                          s_h, s_r, s_x, s_ho,
                          y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P, b_ptr,
+                         pf_base, pf_stride, pf_nbytes, pf_per_block, pf_total, pf_per_program,
                          HAS_RESIDUAL: tl.constexpr, LORA: tl.constexpr, BLOCK: tl.constexpr,
-                         EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr):
+                         EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, PREFETCH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if PREFETCH:  # bytes a later kernel reads, asked into L2 (kernels/l2_prefetch.py)
+        prefetch_share(pf_base, pf_stride, pf_nbytes, pf_per_block, pf_total, pf_per_program, row, 256, True)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
     dt: tl.constexpr = x_ptr.dtype.element_ty
@@ -118,10 +122,10 @@ _add_rms_norm = Launches(_add_rms_norm_kernel)
 
 
 def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float, delta=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, delta=None, prefetch: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h + residual) * weight, h + residual) for h, residual [T, N] (rows contiguous), weight [N];
     residual None: (RMSNorm(h) * weight, h). delta: the adapters' part of residual, as values or pending (see
-    the module doc)."""
+    the module doc). prefetch: bytes to ask into L2 on the way (CUDA only; the programs share the asking)."""
     t, n = h.shape
     if h.stride(1) != 1 or weight.shape != (n,) or (residual is not None and (residual.shape != h.shape
                                                                               or residual.stride(1) != 1)):
@@ -138,10 +142,12 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         # Expanding, a row's B tile is [N, RB] values: 8 warps keep it in registers at N = 4,096.
         warps = 8 if pending is not None or n > 4096 else 4
         args, consts = _expand_args(pending, r, 1)
+        asks = prefetch is not None and h.is_cuda
+        pf = prefetch.args(t) if asks else (0, 0, 1, 1, 1, 0)
         _add_rms_norm((t,), h, r, weight, x, h_out, d, ds, n, eps, h.stride(0), r.stride(0), x.stride(0),
-                      h_out.stride(0), *args, HAS_RESIDUAL=residual is not None,
+                      h_out.stride(0), *args, *pf, HAS_RESIDUAL=residual is not None,
                       LORA=EXPAND if pending is not None else DELTA if has_delta else NO_LORA, BLOCK=next_pow2(n),
-                      EMULATED=emulated(h), **consts, num_warps=warps)
+                      EMULATED=emulated(h), **consts, PREFETCH=asks, num_warps=warps)
     return x, h_out
 
 

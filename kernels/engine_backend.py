@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .consumer_expand import PendingExpand
 from .elementwise import EXPAND_MAX_ROWS
+from .l2_prefetch import Blocks, prefetch_blocks
 from .lora_expand import expand_launch
 from .lora_shrink import default_config, shrink_launch, shrink_workspace
 from .lora_shrink_rows import MAX_TOKENS as ROWS_MAX_TOKENS
@@ -41,6 +42,9 @@ from .metadata import LoRAKernelMeta
 # (the longest GEMM of a layer, so they hide behind it).
 STACKED_GROUPS = frozenset({"qkv", "o", "down"})
 STACKED_GATE_UP_MAX_SLOTS = 8
+# Stacked steps ask each layer's B (the first P slots', the step's groups) into L2 in the layer's first norm
+# (kernels/l2_prefetch.py says why); "launch": in a launch of its own as the layer starts; "": not at all.
+PREFETCH_B = "norm"
 
 
 class _GroupShape(Protocol):
@@ -55,6 +59,10 @@ class SlotBuffersLike(Protocol):
     shapes: dict[str, _GroupShape]
     ranks: torch.Tensor  # [slots] int32
     stacked: list[dict[str, torch.Tensor]] | None  # [layer][group]: [N + slots * S * R, in], base then A
+    b_flat: torch.Tensor  # [slots, values]: every slot's B, in one row a slot
+
+    def b_runs(self, layer: int, groups: frozenset[str] | None = None) -> list[tuple[int, int]]:
+        """(offset, values) runs of b_flat's rows holding layer's B of `groups`."""
 
 
 class TritonLoRA:
@@ -108,6 +116,22 @@ class TritonLoRA:
         self._overlap = overlap
         self._groups = groups
         self._deltas = {}
+
+    def layer_prefetch(self, layer: int) -> Blocks | None:
+        """In a stacked step, the layer's B for the first P slots (and the step's groups), for the layer's first
+        norm to ask into L2 (PREFETCH_B); None otherwise."""
+        if self._stacked_slots is None or not PREFETCH_B or self.buffers.b_flat.device.type != "cuda":
+            return None
+        flat = self.buffers.b_flat
+        runs = self.buffers.b_runs(layer, self._groups)
+        size = flat.element_size()
+        start, end = runs[0][0], runs[-1][0] + runs[-1][1]  # one run, over any gap between the groups'
+        where = Blocks(flat.data_ptr() + start * size, self._stacked_slots, flat.stride(0) * size,
+                       (end - start) * size)
+        if PREFETCH_B == "launch":
+            prefetch_blocks(where)
+            return None
+        return where
 
     def _runs(self, group: str) -> bool:
         return self._groups is None or group in self._groups

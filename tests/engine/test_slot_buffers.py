@@ -111,3 +111,27 @@ def test_stacked_prefixes_and_the_graph_a_batch_replays():
     assert graphs.find(40, every, [31]) == (64, every, 32)
     assert graphs.find(100, every, [31]) == (128, every, None)  # past STACKED_MAX_BATCH: not stacked
     assert graphs.find(200, every, [0]) is None  # no bucket
+
+
+def test_b_runs_cover_each_layers_b_in_a_slots_row():
+    """b_runs: where a layer's B lies in b_flat's rows, the groups asked for merged where adjacent; every B view of
+    the layer lies in its runs, and nothing else of the layer's does."""
+    buffers = SlotBuffers(CFG, 3, 4, torch.device("cpu"), torch.float32)
+    base = buffers.b_flat.data_ptr()
+    size = buffers.b_flat.element_size()
+
+    def spans(layer, groups):  # (offset, values) of each B view of the layer's groups, in a slot's row
+        return sorted(((bs.data_ptr() - base) // size, bs[0].numel())
+                      for g in groups for bs in buffers.b[layer][g])
+
+    for layer in range(CFG.num_layers):
+        every = buffers.b_runs(layer)
+        assert len(every) == 1
+        views = spans(layer, buffers.shapes)
+        assert every[0] == (views[0][0], sum(n for _, n in views))
+        assert views[-1][0] + views[-1][1] == every[0][0] + every[0][1]
+        qkv_o = buffers.b_runs(layer, frozenset({"qkv", "o"}))
+        assert len(qkv_o) == 1 and qkv_o[0][0] == every[0][0]
+        assert qkv_o[0][1] == sum(n for _, n in spans(layer, ["qkv", "o"]))
+        apart = buffers.b_runs(layer, frozenset({"qkv", "down"}))  # gate_up and o between them
+        assert [r[0] for r in apart] == [spans(layer, ["qkv"])[0][0], spans(layer, ["down"])[0][0]]

@@ -111,6 +111,21 @@ class SlotBuffers:
             self._staging = torch.empty(self.per_slot, device=self.device, dtype=self.dtype)
             self._slot_copy = SlotCopy(self._slot_pieces, self.device)
 
+    def b_runs(self, layer: int, groups: frozenset[str] | None = None) -> list[tuple[int, int]]:
+        """Where layer's B (of `groups`, None: all) lies in each slot's row of b_flat: (offset, values) runs, the
+        adjacent groups' merged (every group's, in one run: a layer's B is contiguous within a slot)."""
+        runs: list[tuple[int, int]] = []
+        for g, s in self.shapes.items():
+            if groups is not None and g not in groups:
+                continue
+            at = self._b_at[layer, g, 0] - self.a_size
+            size = sum(w * self.max_rank for w in s.slice_widths)
+            if runs and runs[-1][0] + runs[-1][1] == at:
+                runs[-1] = (runs[-1][0], runs[-1][1] + size)
+            else:
+                runs.append((at, size))
+        return runs
+
     @staticmethod
     def _view(flat: torch.Tensor, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
         n = 1

@@ -47,6 +47,9 @@ class TorchLoRA:
         self.batch = batch
         self.groups = groups
 
+    def layer_prefetch(self, layer: int) -> None:
+        """Nothing to ask into a cache on this path."""
+
     def project(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """F.linear(x, weight, bias) with the adapters' part added in place: (out, None)."""
         out = F.linear(x, weight, bias)

@@ -57,7 +57,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class TorchOps:
     @staticmethod
-    def add_norm(h, residual, weight, eps, delta=None):
+    def add_norm(h, residual, weight, eps, delta=None, prefetch=None):
         delta = as_delta(delta)
         if delta is not None:
             residual = plus_delta(residual, *delta)
@@ -89,10 +89,10 @@ class TorchOps:
 
 class FusedOps:
     @staticmethod
-    def add_norm(h, residual, weight, eps, delta=None):
+    def add_norm(h, residual, weight, eps, delta=None, prefetch=None):
         from kernels.elementwise import add_rms_norm
 
-        return add_rms_norm(h, residual, weight, eps, delta)
+        return add_rms_norm(h, residual, weight, eps, delta, prefetch)
 
     @staticmethod
     def rope_and_cache(q, k, v, positions, rope: RotaryEmbedding, k_cache, v_cache, meta,

@@ -23,6 +23,9 @@ from .weights import iter_tensors
 
 
 class LoRAHook(Protocol):
+    def layer_prefetch(self, layer: int):
+        """What the layer's first norm should ask into L2 on the way (kernels/l2_prefetch.Blocks), or None."""
+
     def project(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> tuple[torch.Tensor, tuple | None]:
         """F.linear(x, weight, bias) with the adapters' part for projection `group` of `layer`: added in place,
@@ -137,7 +140,8 @@ class LlamaModel:
         """Layer i up to attention: the previous sublayer's output (residual, its adapters' part delta) added to h,
         the norm, q / k / v, RoPE, k and v into the cache at meta.slot_mapping. Returns (q [T, H, D], h)."""
         w = self.layers[i]
-        x, h = self.ops.add_norm(h, residual, w.input_norm, self.cfg.rms_norm_eps, delta)
+        prefetch = lora.layer_prefetch(i) if lora is not None else None
+        x, h = self.ops.add_norm(h, residual, w.input_norm, self.cfg.rms_norm_eps, delta, prefetch)
         qkv, delta = self._project(lora, i, "qkv", x, w.qkv, w.qkv_bias)
         q, k, v = self._heads(qkv)
         if isinstance(delta, LoRADelta):

@@ -1,0 +1,87 @@
+"""Bytes asked into the L2 cache ahead of the kernel that reads them: `prefetch.global.L2::evict_last`, one
+instruction a 128-byte line, fire and forget (no register waits for it).
+
+The decode graphs' consumer kernels (kernels/consumer_expand.py) read each row's slot's B right after the GEMM
+before them. A step streams ~2.5 GB of weights through the 60 MB L2 of an H200, so a layer's B (5.9 MB for 8
+rank-16 slots of Llama-3.2-1B) comes from memory at every use, on the critical path: RMSNorm with its expand
+took 6.2 us in a step against 4.3 alone with B in L2. Asked for when the layer starts, with the evict-last
+hint so the weights streaming past do not push it out, it is in L2 by the time the norms, RoPE and SiLU read it.
+
+The asking rides on the layer's first norm (`prefetch_share`: each of its programs asks for a share), since a
+launch of its own sits on the step's critical path. H200, graph replay, 8 rank-16 adapters (`python3 -m
+benchmarks.step_breakdown --compare-set "kernels.engine_backend.PREFETCH_B=''" ...`): batch 64 1,560 us against
+1,593 without and 1,592 with a launch of its own (its 1.5 us a layer eat what it saves); batch 32 1,471 / 1,500
+/ 1,506. Without the hint, in a launch of its own: 1,617 (a loss). Prefetching the base weights the same way
+(gate_up's first 16-48 MB, loaded on a side stream while attention runs) slowed the step 3-17%.
+
+    where = Blocks(base, blocks, stride, nbytes)   # blocks of nbytes at base + i * stride (byte addresses)
+    prefetch_blocks(where)                         # one launch of its own
+    prefetch_share(*where.args(programs), program, BLOCK, True)   # inside a kernel of `programs` programs
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+LINE = 128
+LINES = 512  # lines a program of the standalone kernel asks for (64 KB)
+
+
+class Blocks(NamedTuple):
+    """`blocks` runs of nbytes at byte addresses base, base + stride, ... (a layer's B in each of P slots)."""
+
+    base: int
+    blocks: int
+    stride: int
+    nbytes: int
+
+    def args(self, programs: int) -> tuple[int, int, int, int, int, int]:
+        """(base, stride, nbytes, lines a block, lines in all, lines a program) for `prefetch_share` over
+        `programs` programs."""
+        per_block = triton.cdiv(self.nbytes, LINE)
+        total = per_block * self.blocks
+        return self.base, self.stride, self.nbytes, per_block, total, triton.cdiv(total, programs)
+
+
+@triton.jit
+def _ask(addr, EVICT_LAST: tl.constexpr):
+    if EVICT_LAST:
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [addr],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def share_addresses(base, stride, nbytes, per_block, total, first, BLOCK: tl.constexpr):
+    """The byte addresses of lines first .. first + BLOCK - 1 of the Blocks (past the end: the last line)."""
+    line = tl.minimum(first + tl.arange(0, BLOCK), total - 1).to(tl.int64)
+    block = line // per_block
+    return base + block * stride + tl.minimum((line - block * per_block) * 128, nbytes - 1)
+
+
+@triton.jit
+def prefetch_share(base, stride, nbytes, per_block, total, per_program, program, BLOCK: tl.constexpr,
+                   EVICT_LAST: tl.constexpr):
+    """Program `program`'s share (lines [program * per_program, + per_program)) of the Blocks' lines, BLOCK
+    lines at a time: for a kernel that has this to do beside its own work."""
+    for j in range(0, per_program, BLOCK):
+        _ask(share_addresses(base, stride, nbytes, per_block, total, program * per_program + j, BLOCK), EVICT_LAST)
+
+
+@triton.jit
+def _prefetch_kernel(base, stride, nbytes, per_block, total, per_program, BLOCK: tl.constexpr,
+                     EVICT_LAST: tl.constexpr):
+    prefetch_share(base, stride, nbytes, per_block, total, per_program, tl.program_id(0), BLOCK, EVICT_LAST)
+
+
+def prefetch_blocks(where: Blocks, evict_last: bool = True) -> None:
+    """Ask L2 for the Blocks' bytes, one standalone launch (CUDA, sm_80 or later)."""
+    if where.blocks <= 0 or where.nbytes <= 0:
+        return
+    programs = triton.cdiv(where.blocks * triton.cdiv(where.nbytes, LINE), LINES)
+    _prefetch_kernel[(programs,)](*where.args(programs), BLOCK=LINES, EVICT_LAST=evict_last, num_warps=4)
