@@ -54,19 +54,22 @@ def roofline(cfg: dict, batch: int, n_adapters: int, rank: int, bw: float, targe
     return batch / ((weights + n_adapters * adapter + kv) / bw)
 
 
-def replay_us(engine, reps: int = 30) -> float:
+def replay_us(engine, reps: int = 30) -> tuple[float, str]:
     """GPU time of the decode graph the engine's last step replayed, replayed alone `reps` times (its static
-    inputs are that step's: the replays recompute the same K/V and logits). A host slower than the GPU shows in
-    tok/s and decode ms, not here."""
+    inputs are that step's: the replays recompute the same K/V and logits), and the graph's key (bucket, LoRA
+    variant, stacked P). A host slower than the GPU shows in tok/s and decode ms, not here."""
     graphs = engine.runner.graphs
     if graphs is None or graphs.last is None:
-        return math.nan
+        return math.nan, ""
     torch.cuda.synchronize()
-    return 1e3 * replay_ms(graphs.graphs[graphs.last][0], reps)
+    bucket, variant, stacked = graphs.last
+    key = f"{bucket}/{'+'.join(sorted(variant)) if variant else 'base'}/P={stacked}"
+    return 1e3 * replay_ms(graphs.graphs[graphs.last][0], reps), key
 
 
-def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float, float]:
-    """(tok/s, median decode step ms, decode graph replay us) of `batch` requests over `loras`."""
+def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float, float, str]:
+    """(tok/s, median decode step ms, decode graph replay us, that graph's key) of `batch` requests over
+    `loras`."""
     from gpu_worker.engine import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +77,7 @@ def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float, 
     for i in range(batch):
         prompt = torch.randint(10, 128000, (PROMPT,), generator=g).tolist()
         engine.add_request(f"r{seed}-{i}", prompt, params, lora_request=loras[i % len(loras)] if loras else None)
-    steps, generated, replay = [], 0, math.nan
+    steps, generated, replay, graph = [], 0, math.nan, ""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     # No synchronize per step: with async scheduling a step launches the next batch and returns once the
@@ -88,12 +91,12 @@ def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float, 
             steps.append(time.perf_counter() - s)
             if len(steps) == NEW // 2:  # mid-run, once: outside the timed steps' wall time
                 paused = time.perf_counter()
-                replay = replay_us(engine)
+                replay, graph = replay_us(engine)
                 t0 += time.perf_counter() - paused
         generated += sum(len(o.outputs[0].delta_token_ids) for o in outs)
     wall = time.perf_counter() - t0
     assert generated == batch * NEW, (generated, batch * NEW)
-    return generated / wall, 1000 * statistics.median(steps), replay
+    return generated / wall, 1000 * statistics.median(steps), replay, graph
 
 
 def prefill(engine, loras: list, n: int = 8, length: int = 2048) -> float:
@@ -230,7 +233,7 @@ def main() -> None:
     batches = [32] if args.quick else [32, 64]
     rows = []
 
-    def record(name, batch, n_adapters, tok_s, step_ms, replay, targets=PROJ):
+    def record(name, batch, n_adapters, tok_s, step_ms, replay, graph, targets=PROJ):
         roof = roofline(cfg, batch, n_adapters, rank, bw, targets)
         # tok/s counts the whole run, prefill included; the roofline is a decode step's. decode tok/s (batch over
         # the median decode step) is the like-for-like figure; both are reported.
@@ -238,7 +241,7 @@ def main() -> None:
                          roofline_tok_s=round(roof), pct_roofline=round(100 * tok_s / roof, 1),
                          decode_tok_s=round(1000 * batch / step_ms),
                          decode_pct_roofline=round(100 * 1000 * batch / step_ms / roof, 1),
-                         replay_us=round(replay, 1)))
+                         replay_us=round(replay, 1), graph=graph))
         print(rows[-1], flush=True)
 
     # Both engines live side by side: base-only traffic is timed on each in turn, so "LoRA enabled, no

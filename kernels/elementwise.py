@@ -37,6 +37,8 @@ from .launch import Launches
 # The adapters' part an op is handed: none, values to add (LoRADelta), or to expand first (PendingExpand); the
 # kernels' LORA argument (host ints, and the same as constexprs for the kernels: Triton reads no other globals).
 NO_LORA, DELTA, EXPAND = 0, 1, 2
+# Warps of a norm's or RoPE's program (one row) when it expands the adapters' part.
+EXPAND_WARPS = 8
 _NO_LORA: tl.constexpr = tl.constexpr(NO_LORA)
 _DELTA: tl.constexpr = tl.constexpr(DELTA)
 _EXPAND: tl.constexpr = tl.constexpr(EXPAND)
@@ -140,7 +142,7 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         d, ds, has_delta = _delta_args(delta, r)
         pending = delta if isinstance(delta, PendingExpand) else None
         # Expanding, a row's B tile is [N, RB] values: 8 warps keep it in registers at N = 4,096.
-        warps = 8 if pending is not None or n > 4096 else 4
+        warps = EXPAND_WARPS if pending is not None else 8 if n > 4096 else 4
         args, consts = _expand_args(pending, r, 1)
         asks = prefetch is not None and h.is_cuda
         pf = prefetch.args(t) if asks else (0, 0, 1, 1, 1, 0)
@@ -273,7 +275,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         kc.stride(0), kc.stride(1), *args,
         H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2,
         LORA=EXPAND if pending is not None else NO_LORA if delta is None else DELTA,
-        EMULATED=emulated(q), **consts, num_warps=8 if pending is not None else 4,
+        EMULATED=emulated(q), **consts, num_warps=EXPAND_WARPS if pending is not None else 4,
     )
 
 

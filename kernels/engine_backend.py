@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .consumer_expand import PendingExpand
 from .elementwise import EXPAND_MAX_ROWS
-from .l2_prefetch import Blocks, prefetch_blocks
+from .l2_prefetch import Blocks
 from .lora_expand import expand_launch
 from .lora_shrink import default_config, shrink_launch, shrink_workspace
 from .lora_shrink_rows import MAX_TOKENS as ROWS_MAX_TOKENS
@@ -42,9 +42,13 @@ from .metadata import LoRAKernelMeta
 # (the longest GEMM of a layer, so they hide behind it).
 STACKED_GROUPS = frozenset({"qkv", "o", "down"})
 STACKED_GATE_UP_MAX_SLOTS = 8
-# Stacked steps ask each layer's B (the first P slots', the step's groups) into L2 in the layer's first norm
-# (kernels/l2_prefetch.py says why); "launch": in a launch of its own as the layer starts; "": not at all.
-PREFETCH_B = "norm"
+# Stacked steps of up to PREFETCH_B_MAX_SLOTS slots ask each layer's B of the stacked groups (the first P slots')
+# into L2 from the layer's norms (kernels/l2_prefetch.py says why): the input norm asks for the first run of them
+# (all four groups while gate_up is stacked; else qkv and o), the post-attention norm for the rest (down).
+PREFETCH_B = True
+# Past it the bytes asked for (P slots' whether used or not, with the evict-last hint) crowd the L2: H200, 32
+# adapters mixed at P = 32, all groups asked for, graph replay 1,800 -> 1,866 us (batch 64), 1,708 -> 1,778 (32).
+PREFETCH_B_MAX_SLOTS = 16
 
 
 class _GroupShape(Protocol):
@@ -117,21 +121,23 @@ class TritonLoRA:
         self._groups = groups
         self._deltas = {}
 
-    def layer_prefetch(self, layer: int) -> Blocks | None:
-        """In a stacked step, the layer's B for the first P slots (and the step's groups), for the layer's first
-        norm to ask into L2 (PREFETCH_B); None otherwise."""
-        if self._stacked_slots is None or not PREFETCH_B or self.buffers.b_flat.device.type != "cuda":
+    def layer_prefetch(self, layer: int, norm: str) -> Blocks | None:
+        """What the layer's `norm` ("input" or "post") asks into L2 in a stacked step (PREFETCH_B): the first P
+        slots' B of the stacked groups, their first run at the input norm, the rest (as one run) at the post-
+        attention norm; None otherwise."""
+        if self._stacked_slots is None or self._stacked_slots > PREFETCH_B_MAX_SLOTS or not PREFETCH_B \
+                or self.buffers.b_flat.device.type != "cuda":
+            return None
+        groups = self._stacked_groups if self._groups is None else self._stacked_groups & self._groups
+        runs = self.buffers.b_runs(layer, groups)
+        runs = runs[:1] if norm == "input" else runs[1:]
+        if not runs:
             return None
         flat = self.buffers.b_flat
-        runs = self.buffers.b_runs(layer, self._groups)
         size = flat.element_size()
-        start, end = runs[0][0], runs[-1][0] + runs[-1][1]  # one run, over any gap between the groups'
-        where = Blocks(flat.data_ptr() + start * size, self._stacked_slots, flat.stride(0) * size,
-                       (end - start) * size)
-        if PREFETCH_B == "launch":
-            prefetch_blocks(where)
-            return None
-        return where
+        start, end = runs[0][0], runs[-1][0] + runs[-1][1]
+        return Blocks(flat.data_ptr() + start * size, self._stacked_slots, flat.stride(0) * size,
+                      (end - start) * size)
 
     def _runs(self, group: str) -> bool:
         return self._groups is None or group in self._groups

@@ -47,7 +47,7 @@ class TorchLoRA:
         self.batch = batch
         self.groups = groups
 
-    def layer_prefetch(self, layer: int) -> None:
+    def layer_prefetch(self, layer: int, norm: str) -> None:
         """Nothing to ask into a cache on this path."""
 
     def project(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

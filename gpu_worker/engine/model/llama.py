@@ -23,8 +23,9 @@ from .weights import iter_tensors
 
 
 class LoRAHook(Protocol):
-    def layer_prefetch(self, layer: int):
-        """What the layer's first norm should ask into L2 on the way (kernels/l2_prefetch.Blocks), or None."""
+    def layer_prefetch(self, layer: int, norm: str):
+        """What the layer's norm ("input", "post") should ask into L2 on the way (kernels/l2_prefetch.Blocks), or
+        None."""
 
     def project(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> tuple[torch.Tensor, tuple | None]:
@@ -140,7 +141,7 @@ class LlamaModel:
         """Layer i up to attention: the previous sublayer's output (residual, its adapters' part delta) added to h,
         the norm, q / k / v, RoPE, k and v into the cache at meta.slot_mapping. Returns (q [T, H, D], h)."""
         w = self.layers[i]
-        prefetch = lora.layer_prefetch(i) if lora is not None else None
+        prefetch = lora.layer_prefetch(i, "input") if lora is not None else None
         x, h = self.ops.add_norm(h, residual, w.input_norm, self.cfg.rms_norm_eps, delta, prefetch)
         qkv, delta = self._project(lora, i, "qkv", x, w.qkv, w.qkv_bias)
         q, k, v = self._heads(qkv)
@@ -154,7 +155,8 @@ class LlamaModel:
         adapters' part or None): the next layer's norm (or final_norm_rows) adds them to h."""
         w, eps = self.layers[i], self.cfg.rms_norm_eps
         o, delta = self._project(lora, i, "o", attn.reshape(-1, self.cfg.q_size), w.o)
-        x, h = self.ops.add_norm(h, o, w.post_norm, eps, delta)
+        prefetch = lora.layer_prefetch(i, "post") if lora is not None else None
+        x, h = self.ops.add_norm(h, o, w.post_norm, eps, delta, prefetch)
         gate_up, delta = self._project(lora, i, "gate_up", x, w.gate_up)
         act = self.ops.silu_mul(gate_up, delta)
         residual, delta = self._project(lora, i, "down", act, w.down)
