@@ -51,6 +51,13 @@ PREFETCH_B = True
 PREFETCH_B_MAX_SLOTS = 16
 
 
+def prefetch_span(runs: list[tuple[int, int]], norm: str) -> tuple[int, int] | None:
+    """Of a layer's B runs in a slot's row ((offset, values), in order), the [start, end) the `norm` asks for:
+    the first run at the input norm, the rest (start to end, over any gap) at the post-attention norm."""
+    runs = runs[:1] if norm == "input" else runs[1:]
+    return (runs[0][0], runs[-1][0] + runs[-1][1]) if runs else None
+
+
 class _GroupShape(Protocol):
     slice_offsets: tuple[int, ...]
 
@@ -129,15 +136,13 @@ class TritonLoRA:
                 or self.buffers.b_flat.device.type != "cuda":
             return None
         groups = self._stacked_groups if self._groups is None else self._stacked_groups & self._groups
-        runs = self.buffers.b_runs(layer, groups)
-        runs = runs[:1] if norm == "input" else runs[1:]
-        if not runs:
+        span = prefetch_span(self.buffers.b_runs(layer, groups), norm)
+        if span is None:
             return None
         flat = self.buffers.b_flat
         size = flat.element_size()
-        start, end = runs[0][0], runs[-1][0] + runs[-1][1]
-        return Blocks(flat.data_ptr() + start * size, self._stacked_slots, flat.stride(0) * size,
-                      (end - start) * size)
+        return Blocks(flat.data_ptr() + span[0] * size, self._stacked_slots, flat.stride(0) * size,
+                      (span[1] - span[0]) * size)
 
     def _runs(self, group: str) -> bool:
         return self._groups is None or group in self._groups

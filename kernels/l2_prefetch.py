@@ -7,12 +7,17 @@ rank-16 slots of Llama-3.2-1B) comes from memory at every use, on the critical p
 took 6.2 us in a step against 4.3 alone with B in L2. Asked for when the layer starts, with the evict-last
 hint so the weights streaming past do not push it out, it is in L2 by the time the norms, RoPE and SiLU read it.
 
-The asking rides on the layer's first norm (`prefetch_share`: each of its programs asks for a share), since a
-launch of its own sits on the step's critical path. H200, graph replay, 8 rank-16 adapters (`python3 -m
-benchmarks.step_breakdown --compare-set "kernels.engine_backend.PREFETCH_B=''" ...`): batch 64 1,560 us against
-1,593 without and 1,592 with a launch of its own (its 1.5 us a layer eat what it saves); batch 32 1,471 / 1,500
-/ 1,506. Without the hint, in a launch of its own: 1,617 (a loss). Prefetching the base weights the same way
-(gate_up's first 16-48 MB, loaded on a side stream while attention runs) slowed the step 3-17%.
+The asking rides on the layer's norms (`prefetch_share`: each of a norm's programs asks for a share), since a
+launch of its own sits on the step's critical path: the input norm asks for the layer's B of the stacked groups
+(all four while gate_up is stacked, P <= 8; else qkv's and o's), the post-attention norm for down's
+(kernels/engine_backend.py `layer_prefetch`, up to P = 16). H200, graph replay, 8 rank-16 adapters (`python3 -m
+benchmarks.step_breakdown --compare-set "kernels.engine_backend.PREFETCH_B=False"`, P = 8): batch 64 1,560 us
+against 1,593 without and 1,592 with a launch of its own (its 1.5 us a layer eat what it saves); batch 32 1,471 /
+1,500 / 1,506; without the hint, in a launch of its own: 1,617 (a loss). At P = 16 (`python3 -m
+benchmarks.worker`, batch 64): 1 adapter 1,588 -> 1,545 us, 8 adapters 1,625 -> 1,587. At P = 32 the 23.5 MB a
+layer asked for cost 66-70 us a step, so none past 16. Prefetching the base weights the same way (gate_up's
+first 16-48 MB, loaded on a side stream while attention runs) slowed the step 3-17%; Hopper's bulk L2 prefetch
+(`cp.async.bulk.prefetch.L2`) slowed gate_up's GEMM after a 30 us stretch from 19.5 to 28.5 us.
 
     where = Blocks(base, blocks, stride, nbytes)   # blocks of nbytes at base + i * stride (byte addresses)
     prefetch_blocks(where)                         # one launch of its own

@@ -135,3 +135,29 @@ def test_b_runs_cover_each_layers_b_in_a_slots_row():
         assert qkv_o[0][1] == sum(n for _, n in spans(layer, ["qkv", "o"]))
         apart = buffers.b_runs(layer, frozenset({"qkv", "down"}))  # gate_up and o between them
         assert [r[0] for r in apart] == [spans(layer, ["qkv"])[0][0], spans(layer, ["down"])[0][0]]
+
+
+def test_the_norms_prefetch_spans_split_the_stacked_groups_b():
+    """What each norm asks into L2 (kernels.engine_backend.prefetch_span over b_runs): with every group stacked
+    (P <= 8) the input norm asks for the layer's whole B and the post-attention norm for nothing; with gate_up's
+    LoRA beside its GEMM (P = 16), the input norm asks for qkv's and o's B and the post-attention norm for down's;
+    a q/v batch asks for qkv's alone."""
+    from kernels.engine_backend import STACKED_GROUPS, prefetch_span
+
+    buffers = SlotBuffers(CFG, 3, 4, torch.device("cpu"), torch.float32)
+    base, size = buffers.b_flat.data_ptr(), buffers.b_flat.element_size()
+
+    def span_of(layer, groups):  # [start, end) of the groups' B views in a slot's row
+        views = [bs for g in groups for bs in buffers.b[layer][g]]
+        return (min((v.data_ptr() - base) // size for v in views),
+                max((v.data_ptr() - base) // size + v[0].numel() for v in views))
+
+    layer = CFG.num_layers - 1
+    every = STACKED_GROUPS | {"gate_up"}
+    assert prefetch_span(buffers.b_runs(layer, every), "input") == span_of(layer, every)
+    assert prefetch_span(buffers.b_runs(layer, every), "post") is None
+    assert prefetch_span(buffers.b_runs(layer, STACKED_GROUPS), "input") == span_of(layer, ["qkv", "o"])
+    assert prefetch_span(buffers.b_runs(layer, STACKED_GROUPS), "post") == span_of(layer, ["down"])
+    qv = STACKED_GROUPS & frozenset({"qkv"})
+    assert prefetch_span(buffers.b_runs(layer, qv), "input") == span_of(layer, ["qkv"])
+    assert prefetch_span(buffers.b_runs(layer, qv), "post") is None
