@@ -15,11 +15,23 @@ Key = Hashable
 V = TypeVar("V")
 
 
+def stacked_prefixes(num_slots: int) -> list[int]:
+    """The slot counts P stacked decode graphs are captured for: 8, 16, 32, ... and all slots (a stacked GEMM
+    reads P slots' A whether a token uses them or not, so few adapters replay a small P)."""
+    return sorted({min(num_slots, 8 << k) for k in range(max(1, num_slots.bit_length()))} | {num_slots})
+
+
+def prefix_for(n: int, num_slots: int) -> int:
+    """The least stacked prefix that holds n slots (the decode graph a batch whose top slot is n - 1 replays)."""
+    return next(p for p in stacked_prefixes(num_slots) if p >= n)
+
+
 class SlotTable:
     """`num_slots` device slots. A slot in use by a running request is pinned; an idle one is kept for
     reuse and evicted least recently used first when another adapter needs a slot. A new adapter takes the
-    lowest free slot: decode graphs read the A of a prefix of the slots (decode_graphs.stacked_prefixes), so
-    a few adapters in low slots replay a small prefix."""
+    lowest free slot: decode graphs read the A of a prefix of the slots (`stacked_prefixes`), so a few
+    adapters in low slots replay a small prefix. An adapter can also move to a lower slot while it runs
+    (`begin_move`, `finish_move`: the scheduler's compaction), keeping its old slot until the copy is in."""
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
@@ -27,6 +39,7 @@ class SlotTable:
         self._refs: dict[Key, int] = {}
         self._idle: OrderedDict[Key, None] = OrderedDict()  # resident, refcount 0, LRU first
         self._free: list[int] = list(range(num_slots))  # a heap
+        self._moving: dict[Key, int] = {}  # key -> the slot it is being copied into (reserved: neither free nor idle)
 
     def slot_of(self, key: Key) -> int | None:
         return self._slot_of.get(key)
@@ -70,6 +83,45 @@ class SlotTable:
 
     def in_use(self, key: Key) -> int:
         return self._refs.get(key, 0)
+
+    def open_slot_below(self, bound: int) -> int | None:
+        """The lowest slot under `bound` an adapter could move into: a free one, else an idle adapter's (which
+        the move would evict); None when there is none."""
+        if self._free and self._free[0] < bound:
+            return self._free[0]
+        idle = [self._slot_of[k] for k in self._idle if self._slot_of[k] < bound]
+        return min(idle) if idle else None
+
+    def begin_move(self, key: Key, slot: int) -> Key | None:
+        """Reserve `slot` (free, or an idle adapter's, which is evicted: returned) for `key`, which keeps its
+        own slot and an extra pin until `finish_move`."""
+        if key not in self._slot_of or key in self._moving:
+            raise RuntimeError(f"cannot move {key}: not resident, or already moving")
+        evicted = next((k for k in self._idle if self._slot_of[k] == slot), None)
+        if evicted is not None:
+            self._idle.pop(evicted)
+            del self._slot_of[evicted], self._refs[evicted]
+        elif slot in self._free:
+            self._free.remove(slot)
+            heapq.heapify(self._free)
+        else:
+            raise RuntimeError(f"slot {slot} is neither free nor idle")
+        self._moving[key] = slot
+        self._refs[key] += 1
+        self._idle.pop(key, None)
+        return evicted
+
+    def moving(self, key: Key) -> int | None:
+        """The slot `key` is being moved into, or None."""
+        return self._moving.get(key)
+
+    def finish_move(self, key: Key) -> int:
+        """The copy is in: `key` now lives in its new slot; its old slot is free (returned)."""
+        old = self._slot_of[key]
+        self._slot_of[key] = self._moving.pop(key)
+        heapq.heappush(self._free, old)
+        self.release(key)
+        return old
 
     def resident(self) -> dict[Key, int]:
         """Resident adapters and their slots."""

@@ -9,7 +9,8 @@ adapters target only the attention projections (PEFT's default for Llama is q_pr
 that run LoRA on those projections alone (`LORA_VARIANTS`). Up to STACKED_MAX_BATCH rows, a LoRA graph
 runs no LoRA kernel: each projection's GEMM takes the first P slots' A along (stacked under the base weight)
 and the op after it expands the adapters' part (kernels/consumer_expand.py); a batch replays the graph of
-the least P in `stacked_prefixes` past its adapters' slots (the slot table hands out the lowest free slot).
+the least P in `stacked_prefixes` past its adapters' slots (the slot table hands out the lowest free slot, and
+the scheduler moves a running adapter down when its slot lies past the prefix its batch needs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from .adapter_slots import stacked_prefixes
 from .model.attention import DecodeMetadata, write_block_tables
 from .model.llama import LlamaModel
 
@@ -32,12 +34,6 @@ LORA_VARIANTS = (frozenset({"qkv"}), frozenset({"qkv", "o"}), frozenset({"qkv", 
 
 # Up to this many rows, LoRA graphs use the stacked GEMMs (past it, the LoRA kernels beside the base GEMMs).
 STACKED_MAX_BATCH = 64
-
-
-def stacked_prefixes(num_slots: int) -> list[int]:
-    """The slot counts P stacked graphs are captured for: 8, 16, 32, ... and all slots (a stacked GEMM reads
-    P slots' A whether a token uses them or not, so few adapters replay a small P)."""
-    return sorted({min(num_slots, 8 << k) for k in range(max(1, num_slots.bit_length()))} | {num_slots})
 
 
 def graph_variants(lora) -> list[frozenset[str] | None]:

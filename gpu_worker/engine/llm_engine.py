@@ -149,6 +149,9 @@ class LLMEngine:
             if args.piecewise_graphs:
                 self.runner.enable_mixed_graphs(args.max_num_batched_tokens, scratch_block=num_blocks,
                                                 overlap_lora=args.overlap_lora)
+        # Stacked decode graphs cost more the more slots a batch spans: running adapters move down (scheduler.py).
+        self.scheduler.compact_slots = bool(self.lora is not None and self.runner.graphs is not None
+                                            and self.runner.graphs.prefixes)
         self._seqs: dict[str, Sequence] = {}
         # Async scheduling: the step launched last, whose tokens the next step() hands out while the device runs
         # the one after it; and how many live requests have penalties (their steps cannot overlap).

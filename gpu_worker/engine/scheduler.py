@@ -6,6 +6,11 @@ waiting request whose adapter cannot get a slot (every slot pinned by running re
 stays waiting while requests behind it that can run go ahead; a slot in use is never taken away.
 When KV blocks run out, the most recently admitted running sequence is preempted (its blocks freed, to be
 recomputed later) so that older ones finish.
+
+With `compact_slots` (the engine's stacked decode graphs, whose cost grows with the prefix of slots a batch
+spans: adapter_slots.prefix_for), a running adapter whose slot lies past the prefix its batch's adapters would
+need is copied into a free (or idle) slot inside it, one at a time, while its requests keep running from the old
+slot; once the copy is in they switch to the new one and the old slot is freed.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .adapter_slots import SlotTable
+from .adapter_slots import SlotTable, prefix_for
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
@@ -54,7 +59,7 @@ class AdapterLoader(Protocol):
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, slots: SlotTable | None, max_num_seqs: int, max_num_batched_tokens: int,
-                 loader: AdapterLoader | None = None, max_model_len: int | None = None):
+                 loader: AdapterLoader | None = None, max_model_len: int | None = None, compact_slots: bool = False):
         self.blocks = blocks
         self.slots = slots
         self.loader = loader
@@ -63,6 +68,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.compact_slots = compact_slots and slots is not None and loader is not None
+        self._move: tuple[str, str] | None = None  # the adapter being copied into a lower slot
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -74,6 +81,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        self._finish_move()
 
         # Running sequences first, oldest first: one decode token each, or the next prefill chunk.
         for seq in list(self.running):
@@ -98,7 +106,40 @@ class Scheduler:
         # Then waiting ones, in arrival order, unless memory was short this step.
         if not out.preempted:
             self._admit(out, budget)
+        self._start_move()
         return out
+
+    def _start_move(self) -> None:
+        """With compact_slots and no move under way: the running adapter in the highest slot, when that slot lies
+        past the prefix the running adapters need, starts its copy into the lowest open slot inside it."""
+        if not self.compact_slots or self._move is not None:
+            return
+        active = {seq.adapter_key for seq in self.running if seq.adapter_key is not None and seq.slot >= 0}
+        if not active:
+            return
+        top = max(active, key=self.slots.slot_of)
+        need = prefix_for(len(active), self.slots.num_slots)
+        if self.slots.slot_of(top) < need:
+            return
+        target = self.slots.open_slot_below(need)
+        if target is None:
+            return
+        self.slots.begin_move(top, target)
+        self._move = top
+        if self.loader.start_load(target, top):
+            self._finish_move()
+
+    def _finish_move(self) -> None:
+        """The move's copy is in: its sequences (running, or waiting with its slot) switch to the new slot."""
+        key = self._move
+        if key is None or not self.loader.ready(key):
+            return
+        old = self.slots.finish_move(key)
+        new = self.slots.slot_of(key)
+        for seq in (*self.running, *self.waiting):
+            if seq.adapter_key == key and seq.slot == old:
+                seq.slot = new
+        self._move = None
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         for seq in list(self.waiting):

@@ -168,3 +168,74 @@ def test_request_waits_for_its_adapter_copy_while_others_run():
     assert slots.in_use(("b", "h")) == 1
     sched.finish(b)
     assert slots.in_use(("b", "h")) == 0
+
+
+def test_stacked_prefixes_and_the_prefix_a_count_of_slots_needs():
+    from gpu_worker.engine.adapter_slots import prefix_for, stacked_prefixes
+
+    assert stacked_prefixes(32) == [8, 16, 32] and stacked_prefixes(12) == [8, 12] and stacked_prefixes(4) == [4]
+    assert [prefix_for(n, 32) for n in (1, 8, 9, 16, 17, 32)] == [8, 8, 16, 16, 32, 32]
+
+
+def test_slot_table_moves_an_adapter_into_a_lower_slot():
+    slots = SlotTable(4)
+    a, b, c = ("a", "h"), ("b", "h"), ("c", "h")
+    assert [slots.acquire(k)[0] for k in (a, b, c)] == [0, 1, 2]
+    slots.release(a)  # a idle in slot 0; slot 3 free
+    assert slots.open_slot_below(4) == 3 and slots.open_slot_below(3) == 0 and slots.open_slot_below(0) is None
+    assert slots.begin_move(c, 0) == a  # slot 0's idle adapter gives way
+    assert slots.slot_of(a) is None and slots.slot_of(c) == 2 and slots.moving(c) == 0
+    # The reserved slot is handed to no one; c stays pinned by the move even with no request left.
+    assert slots.acquire(("d", "h")) == (3, True)
+    slots.release(c)
+    assert slots.in_use(c) == 1 and slots.acquire(("e", "h")) is None
+    assert slots.finish_move(c) == 2
+    assert slots.slot_of(c) == 0 and slots.in_use(c) == 0 and slots.moving(c) is None
+    assert slots.acquire(("e", "h")) == (2, True)  # the old slot is free again
+
+
+class MoveLoader:
+    """Every copy stays in flight until the test completes it (ready is per copy, as the engine's loader's is)."""
+
+    def __init__(self):
+        self.started, self.pending = [], set()
+
+    def start_load(self, slot, key):
+        self.started.append((slot, key))
+        self.pending.add(key)
+        return False
+
+    def ready(self, key):
+        return key not in self.pending
+
+
+def test_compaction_moves_a_running_adapter_inside_the_prefix_its_batch_needs():
+    loader, slots = MoveLoader(), SlotTable(16)
+    sched = Scheduler(BlockManager(256, 4), slots, max_num_seqs=32, max_num_batched_tokens=200, loader=loader,
+                      compact_slots=True)
+    keys = [(f"a{i}", "h") for i in range(10)]
+    seqs = [seq(f"r{i}", 4, k) for i, k in enumerate(keys)]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)
+    loader.pending.clear()  # every first copy in
+    run_step(sched)
+    assert [s.slot for s in seqs] == list(range(10))  # 10 adapters: the prefix of 16 is needed, no move
+    assert not [m for m in loader.started if m[0] < 10 and m[1] != keys[m[0]]]
+    for s in seqs[1:9]:
+        sched.finish(s)  # a1..a8 idle in slots 1-8; a0 (slot 0) and a9 (slot 9) still run
+    run_step(sched)
+    assert loader.started[-1] == (1, keys[9])  # into the lowest idle slot inside the prefix of 8
+    assert slots.slot_of(keys[1]) is None and slots.moving(keys[9]) == 1
+    late = seq("late", 4, keys[9])
+    sched.add(late)
+    out = run_step(sched)  # the copy is in flight: a9's running request keeps slot 9, a new one waits
+    assert seqs[9].slot == 9 and "late" not in [c.seq.request_id for c in out.chunks] and late.slot == 9
+    loader.pending.clear()
+    out = run_step(sched)
+    assert seqs[9].slot == 1 and late.slot == 1 and slots.slot_of(keys[9]) == 1
+    assert {c.seq.request_id for c in out.chunks} >= {"r0", "r9", "late"}
+    assert slots.acquire(("new", "h")) == (9, True)  # the old slot is free again (2-8 hold idle adapters)
+    slots.release(("new", "h"))
+    run_step(sched)
+    assert len(loader.started) == 11  # nothing more to move: a0, a9 in slots 0 and 1
