@@ -102,7 +102,7 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
                          EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, PREFETCH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     if PREFETCH:  # bytes a later kernel reads, asked into L2 (kernels/l2_prefetch.py)
-        prefetch_share(pf_base, pf_stride, pf_nbytes, pf_per_block, pf_total, pf_per_program, row, 256, True)
+        prefetch_share(pf_base, pf_stride, pf_nbytes, pf_per_block, pf_total, pf_per_program, row, 256)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
     dt: tl.constexpr = x_ptr.dtype.element_ty

@@ -20,8 +20,7 @@ first 16-48 MB, loaded on a side stream while attention runs) slowed the step 3-
 (`cp.async.bulk.prefetch.L2`) slowed gate_up's GEMM after a 30 us stretch from 19.5 to 28.5 us.
 
     where = Blocks(base, blocks, stride, nbytes)   # blocks of nbytes at base + i * stride (byte addresses)
-    prefetch_blocks(where)                         # one launch of its own
-    prefetch_share(*where.args(programs), program, BLOCK, True)   # inside a kernel of `programs` programs
+    prefetch_share(*where.args(programs), program, BLOCK)   # inside a kernel of `programs` programs
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-LINE = 128
-LINES = 512  # lines a program of the standalone kernel asks for (64 KB)
+LINE = 128  # bytes a prefetch instruction asks for
+_LINE: tl.constexpr = tl.constexpr(LINE)
 
 
 class Blocks(NamedTuple):
@@ -52,41 +51,18 @@ class Blocks(NamedTuple):
 
 
 @triton.jit
-def _ask(addr, EVICT_LAST: tl.constexpr):
-    if EVICT_LAST:
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [addr],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def share_addresses(base, stride, nbytes, per_block, total, first, BLOCK: tl.constexpr):
     """The byte addresses of lines first .. first + BLOCK - 1 of the Blocks (past the end: the last line)."""
     line = tl.minimum(first + tl.arange(0, BLOCK), total - 1).to(tl.int64)
     block = line // per_block
-    return base + block * stride + tl.minimum((line - block * per_block) * 128, nbytes - 1)
+    return base + block * stride + tl.minimum((line - block * per_block) * _LINE, nbytes - 1)
 
 
 @triton.jit
-def prefetch_share(base, stride, nbytes, per_block, total, per_program, program, BLOCK: tl.constexpr,
-                   EVICT_LAST: tl.constexpr):
+def prefetch_share(base, stride, nbytes, per_block, total, per_program, program, BLOCK: tl.constexpr):
     """Program `program`'s share (lines [program * per_program, + per_program)) of the Blocks' lines, BLOCK
-    lines at a time: for a kernel that has this to do beside its own work."""
+    lines at a time, asked for with the evict-last hint: for a kernel that has this to do beside its own work."""
     for j in range(0, per_program, BLOCK):
-        _ask(share_addresses(base, stride, nbytes, per_block, total, program * per_program + j, BLOCK), EVICT_LAST)
-
-
-@triton.jit
-def _prefetch_kernel(base, stride, nbytes, per_block, total, per_program, BLOCK: tl.constexpr,
-                     EVICT_LAST: tl.constexpr):
-    prefetch_share(base, stride, nbytes, per_block, total, per_program, tl.program_id(0), BLOCK, EVICT_LAST)
-
-
-def prefetch_blocks(where: Blocks, evict_last: bool = True) -> None:
-    """Ask L2 for the Blocks' bytes, one standalone launch (CUDA, sm_80 or later)."""
-    if where.blocks <= 0 or where.nbytes <= 0:
-        return
-    programs = triton.cdiv(where.blocks * triton.cdiv(where.nbytes, LINE), LINES)
-    _prefetch_kernel[(programs,)](*where.args(programs), BLOCK=LINES, EVICT_LAST=evict_last, num_warps=4)
+        addr = share_addresses(base, stride, nbytes, per_block, total, program * per_program + j, BLOCK)
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [addr],
+                                  dtype=tl.int32, is_pure=False, pack=1)

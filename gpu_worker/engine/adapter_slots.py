@@ -21,11 +21,6 @@ def stacked_prefixes(num_slots: int) -> list[int]:
     return sorted({min(num_slots, 8 << k) for k in range(max(1, num_slots.bit_length()))} | {num_slots})
 
 
-def prefix_for(n: int, num_slots: int) -> int:
-    """The least stacked prefix that holds n slots (the decode graph a batch whose top slot is n - 1 replays)."""
-    return next(p for p in stacked_prefixes(num_slots) if p >= n)
-
-
 class SlotTable:
     """`num_slots` device slots. A slot in use by a running request is pinned; an idle one is kept for
     reuse and evicted least recently used first when another adapter needs a slot. A new adapter takes the
@@ -40,6 +35,11 @@ class SlotTable:
         self._idle: OrderedDict[Key, None] = OrderedDict()  # resident, refcount 0, LRU first
         self._free: list[int] = list(range(num_slots))  # a heap
         self._moving: dict[Key, int] = {}  # key -> the slot it is being copied into (reserved: neither free nor idle)
+        self._prefixes = stacked_prefixes(num_slots)
+
+    def prefix_for(self, n: int) -> int:
+        """The least stacked prefix that holds n slots (the decode graph a batch whose top slot is n - 1 replays)."""
+        return next(p for p in self._prefixes if p >= n)
 
     def slot_of(self, key: Key) -> int | None:
         return self._slot_of.get(key)

@@ -8,7 +8,7 @@ When KV blocks run out, the most recently admitted running sequence is preempted
 recomputed later) so that older ones finish.
 
 With `compact_slots` (the engine's stacked decode graphs, whose cost grows with the prefix of slots a batch
-spans: adapter_slots.prefix_for), a running adapter whose slot lies past the prefix its batch's adapters would
+spans: SlotTable.prefix_for), a running adapter whose slot lies past the prefix its batch's adapters would
 need is copied into a free (or idle) slot inside it, one at a time, while its requests keep running from the old
 slot; once the copy is in they switch to the new one and the old slot is freed.
 """
@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .adapter_slots import SlotTable, prefix_for
+from .adapter_slots import SlotTable
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
@@ -118,7 +118,7 @@ class Scheduler:
         if not active:
             return
         top = max(active, key=self.slots.slot_of)
-        need = prefix_for(len(active), self.slots.num_slots)
+        need = self.slots.prefix_for(len(active))
         if self.slots.slot_of(top) < need:
             return
         target = self.slots.open_slot_below(need)

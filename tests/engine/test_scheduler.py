@@ -171,10 +171,10 @@ def test_request_waits_for_its_adapter_copy_while_others_run():
 
 
 def test_stacked_prefixes_and_the_prefix_a_count_of_slots_needs():
-    from gpu_worker.engine.adapter_slots import prefix_for, stacked_prefixes
+    from gpu_worker.engine.adapter_slots import stacked_prefixes
 
     assert stacked_prefixes(32) == [8, 16, 32] and stacked_prefixes(12) == [8, 12] and stacked_prefixes(4) == [4]
-    assert [prefix_for(n, 32) for n in (1, 8, 9, 16, 17, 32)] == [8, 8, 16, 16, 32, 32]
+    assert [SlotTable(32).prefix_for(n) for n in (1, 8, 9, 16, 17, 32)] == [8, 8, 16, 16, 32, 32]
 
 
 def test_slot_table_moves_an_adapter_into_a_lower_slot():
