@@ -2,7 +2,13 @@
 from the engine's CUDA graphs, per case (base only, 8 and 32 rank-16 adapters mixed), the kernels grouped by name
 with their time per step, launches per step and time per launch.
 
-    python3 -m benchmarks.decode_kernels [--batch 64] [--steps 5] [--rows 16]
+    python3 -m benchmarks.decode_kernels [--batch 64] [--steps 5] [--rows 16] [--cases 0,8,32]
+
+Under Nsight Compute, `--ncu` runs the profiled steps inside cudaProfilerStart / Stop instead of torch.profiler,
+so `ncu --profile-from-start off` reads the counters of those steps' kernels alone (not the prompts' or warm-up's):
+
+    ncu --profile-from-start off --clock-control none --kernel-name regex:_add_rms_norm \\
+        python3 -m benchmarks.decode_kernels --cases 8 --steps 1 --ncu
 
 Llama-3.2-1B shape, random bf16 weights, 128-token prompts (benchmarks/synthetic.py); synchronous steps, so each
 step's kernels are its own. The sum is the step's kernel time, not its wall time: with overlap_lora the LoRA
@@ -34,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=16, help="kernels listed per case")
+    p.add_argument("--cases", default="0,8,32", help="distinct adapters per case (0: base only)")
+    p.add_argument("--ncu", action="store_true", help="profile through cudaProfilerStart / Stop (for ncu)")
     args = p.parse_args(argv)
     from gpu_worker.engine import EngineArgs, LLMEngine, SamplingParams
 
@@ -44,18 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, batch {args.batch}, overlap_lora {engine.args.overlap_lora}")
-    for n, distinct in enumerate((0, 8, 32)):
+    for n, distinct in enumerate(int(c) for c in args.cases.split(",")):
         for i in range(args.batch):
             engine.add_request(f"r{n}-{i}", torch.randint(10, 128000, (128,), generator=g).tolist(), params,
                                lora_request=loras[i % distinct] if distinct else None)
         for _ in range(8):  # the prompts, then decode steps
             engine.step()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        if args.ncu:
+            torch.cuda.profiler.start()
             for _ in range(args.steps):
                 engine.step()
             torch.cuda.synchronize()
-        rows = kernel_table(prof, args.steps)
+            torch.cuda.profiler.stop()
+            rows = []
+        else:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    engine.step()
+                torch.cuda.synchronize()
+            rows = kernel_table(prof, args.steps)
         label = f"{distinct} adapters mixed" if distinct else "base only"
         print(f"--- {label}: kernel time {sum(r[1] for r in rows):.0f} us a step")
         for name, us, launches in rows[:args.rows]:
