@@ -321,9 +321,9 @@ def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp,
     slots = tl.load(es_ptr + rows, mask=row_ok, other=-1)
     slots = tl.where((slots >= 0) & (slots < P), slots, -1)
     dg = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, 0, s_yt, s_yp, bg_ptr, s_bp,
-                     ranks_ptr, P, R, BK, EVEN_K, DOT)
+                     P, R, BK, EVEN_K, DOT)
     du = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, R, s_yt, s_yp, bu_ptr, s_bp,
-                     ranks_ptr, P, R, BK, EVEN_K, DOT)
+                     P, R, BK, EVEN_K, DOT)
     has = (slots >= 0)[:, None]
     g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
     u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)

@@ -167,13 +167,15 @@ def test_bad_shapes_are_refused():
         silu_mul(torch.randn(3, 7, device=DEVICE))
 
 
-def pending_for(like: torch.Tensor, widths: list[int], dtype, g, rank: int = 16, p: int = 3):
+def pending_for(like: torch.Tensor, widths: list[int], dtype, g, rank: int = 16, p: int = 3,
+                past_rank: float = float("nan")):
     """The adapters' part of a projection output shaped like `like` [T, sum(widths)], not yet expanded, as the
     concatenated GEMM leaves it (consumer_expand.PendingExpand): y [T, P, S, R] in the columns past the output's,
     B per slice over P + 1 slots with ranks that differ. What the kernels must not read is NaN: y of the slots a
-    row does not use and past its slot's rank, everything of rows without an adapter (slot -1) and of the row whose
-    slot is past P (which gets no adapter part); B past each slot's rank is large (the slots hold zeros there, and
-    the kernels may read it only against y masked to zero)."""
+    row does not use, everything of rows without an adapter (slot -1) and of the row whose slot is past P (which
+    gets no adapter part); y past its slot's rank is `past_rank` (NaN: the kernel must not read it; 0: what the
+    stacked GEMM gives there, x times the slot's zero rows of A); B past each slot's rank is large (the slots hold
+    zeros there, and the kernels may read it only against y masked or zero)."""
     t, s = like.shape[0], len(widths)
     slots = torch.randint(-1, p, (t,), generator=g, dtype=torch.int32)
     slots[0], slots[1], slots[-1] = -1, p, p - 1
@@ -190,7 +192,7 @@ def pending_for(like: torch.Tensor, widths: list[int], dtype, g, rank: int = 16,
             if slot != keep:
                 y[row, slot] = float("nan")
             else:
-                y[row, slot, :, int(ranks[slot]):] = float("nan")
+                y[row, slot, :, int(ranks[slot]):] = past_rank
     return PendingExpand(y, b, ranks.to(DEVICE), slots.to(DEVICE))
 
 
@@ -205,7 +207,8 @@ def assert_close_where_expanded(got, want, dtype):
 def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
     """add_rms_norm, silu_mul and rope_and_cache handed the adapters' part still to expand (decode graphs' concatenated
     GEMMs): as if its values (consumer_expand.expand_values, the reference) had been added to the rows with an
-    adapter first, every NaN the kernels must not read unread."""
+    adapter first, every NaN the kernels must not read unread. silu_mul reads each row's own slot's y at every rank
+    (past the slot's rank, the GEMM's zero); the per-row expands stop at the rank."""
     g = gen()
     n, t = 96, 7
     h, r = rand(t, n, dtype=dtype, g=g), rand(t, n, dtype=dtype, g=g)
@@ -220,7 +223,7 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
 
     for rows in (t, 40):  # one row tile of 16; of 64, most rows padding
         gate_up = rand(rows, 2 * 80, dtype=dtype, g=g)
-        pending = pending_for(gate_up, [80, 80], dtype, g)
+        pending = pending_for(gate_up, [80, 80], dtype, g, past_rank=0.0)
         gate, up = plus_delta(gate_up, expand_values(pending, dtype), pending.slots).chunk(2, dim=-1)
         out = silu_mul(gate_up, pending)
         assert_close_where_expanded(out, F.silu(gate) * up, dtype)
