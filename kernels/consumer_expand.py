@@ -107,19 +107,22 @@ def expand_values(pending: PendingExpand, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
-def expand_row(row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slots_ptr, P, R: tl.constexpr,
-               RB: tl.constexpr):
-    """For one row of a projection's output: (sum over r < rank of y[row, slot, r] * B[slot, n, r] as float32,
-    whether the row has an adapter), n a 1-D block of column indices within the slice (masked by ok); y_ptr +
-    y_off is the slice's y, b_ptr its B (rows of R). RB (`rank_block`) divides R. B is read up to R, against y
-    masked to zero past the slot's rank (the slots hold zeros there)."""
+def row_slot(row, ranks_ptr, slots_ptr, P):
+    """(slot as int64, 0 where none; whether the row has an adapter; the slot's rank, 0 where none) for one row:
+    looked up once per row, before any store of the kernel (a load after a store cannot be hoisted above it)."""
     slot = tl.load(slots_ptr + row)
     has = (slot >= 0) & (slot < P)
     sl = tl.where(has, slot, 0).to(tl.int64)
-    rank = tl.where(has, tl.load(ranks_ptr + sl), 0)
+    return sl, has, tl.where(has, tl.load(ranks_ptr + sl), 0)
+
+
+@triton.jit
+def expand_cols(n, ok, y_row, b_slot, has, rank, R: tl.constexpr, RB: tl.constexpr):
+    """sum over r < rank of y_row[r] * b_slot[n, r] as float32, for a 1-D block n of column indices within the
+    slice (masked by ok); y_row is the row's y of the slice for its slot, b_slot the slot's B of the slice (rows
+    of R); has, rank from row_slot. RB (`rank_block`) divides R. B is read up to R, against y masked to zero past
+    the slot's rank (the slots hold zeros there)."""
     acc = tl.zeros(n.shape, tl.float32)
-    y_row = y_ptr + y_off + row * s_yt + sl * s_yp
-    b_slot = b_ptr + sl * s_bp
     # Whether the row has an adapter, as a block (a scalar in a mask trips the interpreter).
     b_ok = ok & ((n * 0 + tl.where(has, 1, 0)) > 0)
     # A static loop whose loads wait for the slot alone (not the rank, which masks y after its load): the row's
@@ -129,6 +132,16 @@ def expand_row(row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slo
         yk = tl.where(k < rank, tl.load(y_row + k).to(tl.float32), 0.0)
         bt = tl.load(b_slot + n[:, None] * R + k[None, :], mask=b_ok[:, None], other=0.0).to(tl.float32)
         acc += tl.sum(bt * yk[None, :], 1)
+    return acc
+
+
+@triton.jit
+def expand_row(row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slots_ptr, P, R: tl.constexpr,
+               RB: tl.constexpr):
+    """For one row of a projection's output: (expand_cols of the row's slot, whether the row has an adapter);
+    y_ptr + y_off is the slice's y, b_ptr its B."""
+    sl, has, rank = row_slot(row, ranks_ptr, slots_ptr, P)
+    acc = expand_cols(n, ok, y_ptr + y_off + row * s_yt + sl * s_yp, b_ptr + sl * s_bp, has, rank, R, RB)
     return acc, has
 
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_mode, emulated, next_pow2, round_low, to_low
-from .consumer_expand import PendingExpand, expand_row, expand_tile, rank_block
+from .consumer_expand import PendingExpand, expand_cols, expand_row, expand_tile, rank_block, row_slot
 from .l2_prefetch import Blocks, prefetch_share
 from .launch import Launches
 
@@ -156,18 +156,27 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 @triton.jit
-def _expand_in_place(x_ptr, row, s_t, s_h, width, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, es_ptr, P,
-                     D: tl.constexpr, WIDTH: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr,
-                     R: tl.constexpr, RB: tl.constexpr):
-    """x[row] (heads x D, `width` values) plus the adapters' part, in place: the row as one 1-D block, whose
-    expand is a 2-D [columns, ranks] tile (a 3-D one over heads ran 7x slower)."""
-    n = tl.arange(0, WIDTH)
-    ok = n < width
-    offs = row * s_t + (n // D) * s_h + n % D
-    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    v = _plus_expand(v, row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, es_ptr, P, R, dt, EMULATED,
-                     RB)
-    tl.store(x_ptr + offs, v.to(dt), mask=ok)
+def _expanded_halves(x_ptr, row, s_t, s_h, n_heads, y_row, b_slot, has, rank, HEADS: tl.constexpr,
+                     HALF: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
+                     RB: tl.constexpr):
+    """x[row] (n_heads x 2 HALF values, HEADS >= n_heads a power of two) plus the adapters' part (y_row, b_slot,
+    has, rank: consumer_expand.row_slot's), rounded as an in-place add rounds it, as its two halves [HEADS, HALF]
+    (float32). The row is one 1-D block, whose expand is a 2-D [columns, ranks] tile (a 3-D one over heads ran 7x
+    slower); its halves are split in registers, not stored and read back."""
+    n = tl.arange(0, HEADS * 2 * HALF)
+    ok = n < n_heads * 2 * HALF
+    v = tl.load(x_ptr + row * s_t + (n // (2 * HALF)) * s_h + n % (2 * HALF), mask=ok, other=0.0).to(tl.float32)
+    d = expand_cols(n, ok, y_row, b_slot, has, rank, R, RB)
+    v = tl.where(has, round_low(v + round_low(d, dt, EMULATED), dt, EMULATED), v)
+    return tl.split(tl.permute(tl.reshape(v, [HEADS, 2, HALF]), (0, 2, 1)))
+
+
+@triton.jit
+def _rotated(x1, x2, cos1, sin1, cos2, sin2, dt: tl.constexpr, EMULATED: tl.constexpr):
+    """The halves of x * cos + rotate_half(x) * sin in dt, with torch's roundings."""
+    o1 = to_low(round_low(x1 * cos1, dt, EMULATED) + round_low(-x2 * sin1, dt, EMULATED), dt, EMULATED)
+    o2 = to_low(round_low(x2 * cos2, dt, EMULATED) + round_low(x1 * sin2, dt, EMULATED), dt, EMULATED)
+    return o1, o2
 
 
 @triton.jit
@@ -182,8 +191,7 @@ def _rotate(x_ptr, d_ptr, ds_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, si
     x2 = tl.load(base + HALF, mask=ok, other=0.0).to(tl.float32)
     x1 = _plus_delta(x1, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA, dt, EMULATED)
     x2 = _plus_delta(x2, d_ptr, ds_ptr, row, offs + HALF, ok, HAS_DELTA, dt, EMULATED)
-    o1 = to_low(round_low(x1 * cos1, dt, EMULATED) + round_low(-x2 * sin1, dt, EMULATED), dt, EMULATED)
-    o2 = to_low(round_low(x2 * cos2, dt, EMULATED) + round_low(x1 * sin2, dt, EMULATED), dt, EMULATED)
+    o1, o2 = _rotated(x1, x2, cos1, sin1, cos2, sin2, dt, EMULATED)
     tl.store(base, o1, mask=ok)
     tl.store(base + HALF, o2, mask=ok)
     return o1, o2
@@ -198,44 +206,65 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
                        LORA: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dt: tl.constexpr = q_ptr.dtype.element_ty
-    if LORA == _EXPAND:  # q, k and v plus the adapters' part, in place; then on as without one
-        _expand_in_place(q_ptr, row, s_qt, s_qh, H * 2 * HALF, y_ptr, 0, s_yt, s_yp, bq_ptr, s_bp, ranks_ptr,
-                         es_ptr, P, 2 * HALF, H_PAD * 2 * HALF, dt, EMULATED, R, RB)
-        _expand_in_place(k_ptr, row, s_kt, s_kh, KVH * 2 * HALF, y_ptr, R, s_yt, s_yp, bk_ptr, s_bp,
-                         ranks_ptr, es_ptr, P, 2 * HALF, KVH_PAD * 2 * HALF, dt, EMULATED, R, RB)
-        _expand_in_place(v_ptr, row, s_vt, s_vh, KVH * 2 * HALF, y_ptr, 2 * R, s_yt, s_yp, bv_ptr, s_bp,
-                         ranks_ptr, es_ptr, P, 2 * HALF, KVH_PAD * 2 * HALF, dt, EMULATED, R, RB)
-        tl.debug_barrier()  # the row's threads read back what the others wrote
-    has_delta: tl.constexpr = LORA == _DELTA
     d1 = tl.arange(0, HALF)
     p = tl.load(pos_ptr + row)
     cos1 = tl.load(cos_ptr + p * s_cos + d1).to(tl.float32)[None, :]
     cos2 = tl.load(cos_ptr + p * s_cos + HALF + d1).to(tl.float32)[None, :]
     sin1 = tl.load(sin_ptr + p * s_cos + d1).to(tl.float32)[None, :]
     sin2 = tl.load(sin_ptr + p * s_cos + HALF + d1).to(tl.float32)[None, :]
-    _rotate(q_ptr, dq_ptr, ds_ptr, row, tl.arange(0, H_PAD), s_qt, s_qh, d1, cos1, sin1, cos2, sin2, H, dt, HALF,
-            has_delta, EMULATED)
-    kvh = tl.arange(0, KVH_PAD)
-    k1, k2 = _rotate(k_ptr, dk_ptr, ds_ptr, row, kvh, s_kt, s_kh, d1, cos1, sin1, cos2, sin2, KVH, dt, HALF,
-                     has_delta, EMULATED)
-    # The new key and value into their cache slot (the cache is [blocks * block_size, KVH, D] flat).
+    # The new key and value go to their cache slot (the cache is [blocks * block_size, KVH, D] flat).
     slot = tl.load(slot_ptr + row).to(tl.int64)
+    heads = tl.arange(0, H_PAD)
+    kvh = tl.arange(0, KVH_PAD)
     ok = (kvh < KVH)[:, None]
     dst = slot * s_cs + kvh[:, None] * s_ch + d1[None, :]
-    tl.store(kc_ptr + dst, k1, mask=ok)
-    tl.store(kc_ptr + dst + HALF, k2, mask=ok)
     v_offs = row * s_vt + kvh[:, None] * s_vh + d1[None, :]
-    if has_delta:  # v plus the adapters' part goes to the cache, and back into v for whoever reads it there
-        for half in tl.static_range(2):
-            o = v_offs + half * HALF
-            v = _plus_delta(tl.load(v_ptr + o, mask=ok, other=0.0).to(tl.float32), dv_ptr, ds_ptr, row, o, ok,
-                            has_delta, dt, EMULATED).to(dt)
-            tl.store(v_ptr + o, v, mask=ok)
-            tl.store(vc_ptr + dst + half * HALF, v, mask=ok)
+    if LORA == _EXPAND:
+        # q, k and v plus the adapters' part, every load (the row's slot, y, B, the values) issued before the first
+        # store, and kept in registers up to their rotation: a load after a store waits for it.
+        sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
+        y_row = y_ptr + row * s_yt + sl * s_yp
+        q1, q2 = _expanded_halves(q_ptr, row, s_qt, s_qh, H, y_row, bq_ptr + sl * s_bp, has, rank, H_PAD, HALF, dt,
+                                  EMULATED, R, RB)
+        k1, k2 = _expanded_halves(k_ptr, row, s_kt, s_kh, KVH, y_row + R, bk_ptr + sl * s_bp, has, rank, KVH_PAD,
+                                  HALF, dt, EMULATED, R, RB)
+        v1, v2 = _expanded_halves(v_ptr, row, s_vt, s_vh, KVH, y_row + 2 * R, bv_ptr + sl * s_bp, has, rank,
+                                  KVH_PAD, HALF, dt, EMULATED, R, RB)
+        q_at = q_ptr + row * s_qt + heads[:, None] * s_qh + d1[None, :]
+        q_ok = (heads < H)[:, None]
+        o1, o2 = _rotated(q1, q2, cos1, sin1, cos2, sin2, dt, EMULATED)
+        tl.store(q_at, o1, mask=q_ok)
+        tl.store(q_at + HALF, o2, mask=q_ok)
+        k_at = k_ptr + row * s_kt + kvh[:, None] * s_kh + d1[None, :]
+        k1, k2 = _rotated(k1, k2, cos1, sin1, cos2, sin2, dt, EMULATED)
+        tl.store(k_at, k1, mask=ok)
+        tl.store(k_at + HALF, k2, mask=ok)
+        tl.store(kc_ptr + dst, k1, mask=ok)
+        tl.store(kc_ptr + dst + HALF, k2, mask=ok)
+        # v plus the adapters' part goes to the cache, and back into v for whoever reads it there
+        tl.store(v_ptr + v_offs, v1.to(dt), mask=ok)
+        tl.store(v_ptr + v_offs + HALF, v2.to(dt), mask=ok)
+        tl.store(vc_ptr + dst, v1.to(dt), mask=ok)
+        tl.store(vc_ptr + dst + HALF, v2.to(dt), mask=ok)
     else:
-        v = v_ptr + v_offs
-        tl.store(vc_ptr + dst, tl.load(v, mask=ok, other=0.0), mask=ok)
-        tl.store(vc_ptr + dst + HALF, tl.load(v + HALF, mask=ok, other=0.0), mask=ok)
+        has_delta: tl.constexpr = LORA == _DELTA
+        _rotate(q_ptr, dq_ptr, ds_ptr, row, heads, s_qt, s_qh, d1, cos1, sin1, cos2, sin2, H, dt, HALF, has_delta,
+                EMULATED)
+        k1, k2 = _rotate(k_ptr, dk_ptr, ds_ptr, row, kvh, s_kt, s_kh, d1, cos1, sin1, cos2, sin2, KVH, dt, HALF,
+                         has_delta, EMULATED)
+        tl.store(kc_ptr + dst, k1, mask=ok)
+        tl.store(kc_ptr + dst + HALF, k2, mask=ok)
+        if has_delta:  # v plus the adapters' part goes to the cache, and back into v for whoever reads it there
+            for half in tl.static_range(2):
+                o = v_offs + half * HALF
+                v = _plus_delta(tl.load(v_ptr + o, mask=ok, other=0.0).to(tl.float32), dv_ptr, ds_ptr, row, o, ok,
+                                has_delta, dt, EMULATED).to(dt)
+                tl.store(v_ptr + o, v, mask=ok)
+                tl.store(vc_ptr + dst + half * HALF, v, mask=ok)
+        else:
+            v = v_ptr + v_offs
+            tl.store(vc_ptr + dst, tl.load(v, mask=ok, other=0.0), mask=ok)
+            tl.store(vc_ptr + dst + HALF, tl.load(v + HALF, mask=ok, other=0.0), mask=ok)
 
 
 _rope_cache = Launches(_rope_cache_kernel)
