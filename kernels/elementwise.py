@@ -166,7 +166,7 @@ def _expanded_halves(x_ptr, row, s_t, s_h, n_heads, y_row, b_slot, has, rank, HE
     n = tl.arange(0, HEADS * 2 * HALF)
     ok = n < n_heads * 2 * HALF
     v = tl.load(x_ptr + row * s_t + (n // (2 * HALF)) * s_h + n % (2 * HALF), mask=ok, other=0.0).to(tl.float32)
-    d = expand_cols(n, ok, y_row, b_slot, has, rank, R, RB)
+    d = expand_cols(n, ok, y_row, b_slot, has, rank, R, RB, True)
     v = tl.where(has, round_low(v + round_low(d, dt, EMULATED), dt, EMULATED), v)
     return tl.split(tl.permute(tl.reshape(v, [HEADS, 2, HALF]), (0, 2, 1)))
 
