@@ -1,0 +1,158 @@
+"""The decode step's elementwise kernels compiled for Hopper (sm_90) on any machine, no GPU needed, and their machine
+code (SASS) counted: instructions by opcode, global loads (and how many carry a predicate), barriers, shuffles, and
+where in the program the loads sit. At decode sizes these kernels are bound by instruction issue and load latency,
+not bandwidth (ncu on an H200: ~11% of peak issue, L2 at 5-10% of its throughput), so the counts say much of what a
+change will do before it reaches the GPU.
+
+    python3 -m benchmarks.kernel_sass [--kernels add_rms_norm,rope_and_cache,silu_mul] [--dump DIR]
+
+Compiled by the Triton installed here (which may be newer than the GPU machine's), at Llama-3.2-1B sizes, rank 16,
+P = 8, with the constexprs and warps the launchers pick (kernels/elementwise.py); --dump writes each variant's SASS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)")
+
+
+class Variant(NamedTuple):
+    kernel: str  # kernels.elementwise attribute
+    types: dict  # runtime argument -> Triton type (others: i32)
+    consts: dict
+    num_warps: int
+    num_stages: int = 3
+
+
+def _nvdisasm() -> str:
+    import triton.backends.nvidia
+
+    return os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "nvdisasm")
+
+
+def compile_sass(fn, types: dict, consts: dict, num_warps: int, num_stages: int = 3) -> str:
+    """fn (a @triton.jit function) compiled for sm_90 with the constexprs `consts`, its SASS as text. Pointers and
+    the integer arguments named in types as "i32:16" are taken as 16-divisible, as Triton specialises them at a
+    launch (strides and widths that are multiples of 16)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32").split(":")[0] for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in consts and (sig[n].startswith("*") or types.get(n, "").endswith(":16"))}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        return subprocess.run([_nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def opcodes(sass: str) -> list[tuple[str, bool]]:
+    """(opcode with its modifiers, whether a predicate guards it) per instruction, in program order."""
+    out = []
+    for line in sass.splitlines():
+        m = INSTRUCTION.match(line)
+        if m:
+            out.append((m.group(2), m.group(1) is not None))
+    return out
+
+
+def summary(sass: str) -> dict:
+    ops = opcodes(sass)
+    counts = Counter(op for op, _ in ops)
+    loads = [i for i, (op, _) in enumerate(ops) if op.startswith("LDG")]
+    return {
+        "instructions": len(ops),
+        "global loads": len(loads),
+        "predicated loads": sum(1 for i in loads if ops[i][1]),
+        "load span": (loads[-1] - loads[0]) if loads else 0,  # instructions from the first load to the last
+        "barriers": sum(n for op, n in counts.items() if op.startswith("BAR")),
+        "shuffles": sum(n for op, n in counts.items() if op.startswith("SHFL")),
+        # bf16 rounded on the bits (an add of 0x7fff plus the kept bit), not by the convert: the interpreter's way
+        "bit roundings": sum(1 for line in sass.splitlines() if INSTRUCTION.match(line) and "0x7fff," in line),
+        "top": counts.most_common(8),
+    }
+
+
+def variants() -> dict[str, Variant]:
+    """The elementwise kernels as the engine's batch-64, 8-adapter decode step launches them (base and expanding)."""
+    from kernels.consumer_expand import rank_block
+    from kernels.elementwise import EXPAND_WARPS
+
+    rb = rank_block(16)
+    bf16 = "*bf16"
+    norm_types = {n: bf16 for n in ("h_ptr", "r_ptr", "w_ptr", "x_ptr", "hout_ptr", "d_ptr", "y_ptr", "b_ptr")}
+    norm_types.update(ds_ptr="*i32", ranks_ptr="*i32", es_ptr="*i32", eps="fp32", pf_base="i64", pf_stride="i64",
+                      **{n: "i32:16" for n in ("N", "s_h", "s_r", "s_x", "s_ho", "s_yt", "s_yp", "s_bp")})
+    norm = dict(HAS_RESIDUAL=True, BLOCK=2048, EMULATED=False, PREFETCH=False)
+    rope_types = {n: bf16 for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr", "dq_ptr",
+                                    "dk_ptr", "dv_ptr", "y_ptr", "bq_ptr", "bk_ptr", "bv_ptr")}
+    rope_types.update(pos_ptr="*i64", slot_ptr="*i64", ds_ptr="*i32", ranks_ptr="*i32", es_ptr="*i32",
+                      **{n: "i32:16" for n in ("H", "s_qt", "s_qh", "s_kt", "s_kh", "s_vt", "s_vh", "s_cos", "s_cs",
+                                               "s_ch", "s_yt", "s_yp", "s_bp")})
+    rope = dict(H_PAD=32, KVH_PAD=8, HALF=32, EMULATED=False)
+    silu_types = {"gu_ptr": bf16, "out_ptr": bf16, "d_ptr": bf16, "y_ptr": bf16, "bg_ptr": bf16, "bu_ptr": bf16,
+                  "ds_ptr": "*i32", "ranks_ptr": "*i32", "es_ptr": "*i32",
+                  **{n: "i32:16" for n in ("N", "s_gu", "s_o", "s_yt", "s_yp", "s_bp")}}
+    return {
+        "add_rms_norm base": Variant("_add_rms_norm_kernel", norm_types, {**norm, "LORA": 0, "R": 1, "RB": 1}, 4),
+        "add_rms_norm expand": Variant("_add_rms_norm_kernel", norm_types, {**norm, "LORA": 2, "R": 16, "RB": rb},
+                                       EXPAND_WARPS),
+        "rope_and_cache base": Variant("_rope_cache_kernel", rope_types, {**rope, "LORA": 0, "R": 1, "RB": 1}, 4),
+        "rope_and_cache expand": Variant("_rope_cache_kernel", rope_types, {**rope, "LORA": 2, "R": 16, "RB": rb},
+                                         EXPAND_WARPS),
+        "silu_mul base": Variant("_silu_mul_kernel", silu_types, {"HAS_DELTA": False, "BLOCK": 1024,
+                                                                  "EMULATED": False}, 4),
+        "silu_mul expand": Variant("_silu_mul_expand_kernel", silu_types,
+                                   {"BM": 64, "BN": 32, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
+                                    "R": 16, "RB": rb}, 4, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m benchmarks.kernel_sass", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernels", default="add_rms_norm,rope_and_cache,silu_mul")
+    p.add_argument("--dump", type=Path, help="write each variant's SASS here")
+    p.add_argument("--json", action="store_true", help="one JSON object: variant -> counts and opcodes used")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU machine's Triton fuses; say so to a newer one
+    import kernels.elementwise as ew
+
+    if getattr(ew._add_rms_norm_kernel, "cache_key", None) is None:
+        raise SystemExit("the kernels are interpreted here (TRITON_INTERPRET=1): run without it")
+    wanted = args.kernels.split(",")
+    report = {}
+    for name, v in variants().items():
+        if name.split()[0] not in wanted:
+            continue
+        sass = compile_sass(getattr(ew, v.kernel), v.types, v.consts, v.num_warps, v.num_stages)
+        s = summary(sass)
+        if args.json:
+            report[name] = {**s, "opcodes": sorted({op for op, _ in opcodes(sass)})}
+            continue
+        print(f"{name:24} {v.num_warps} warps: {s['instructions']:5d} instructions, {s['global loads']:3d} global "
+              f"loads ({s['predicated loads']} predicated, spread over {s['load span']}), {s['barriers']} barriers, "
+              f"{s['shuffles']} shuffles; " + ", ".join(f"{op} {n}" for op, n in s["top"]))
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"{name.replace(' ', '-')}.sass").write_text(sass)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
