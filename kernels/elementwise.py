@@ -107,6 +107,8 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
     ok = cols < N
     dt: tl.constexpr = x_ptr.dtype.element_ty
     h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
+    # The weight is loaded with the row, not after h_out's store (a load after a store waits for it).
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
         if LORA == _EXPAND:
@@ -118,7 +120,6 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
         tl.store(hout_ptr + row * s_ho + cols, h.to(dt), mask=ok)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
     y = round_low(h * rstd, dt, EMULATED)  # normalized in fp32, then cast (Hugging Face's order)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(x_ptr + row * s_x + cols, to_low(w * y, dt, EMULATED), mask=ok)
 
 
