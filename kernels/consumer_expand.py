@@ -15,10 +15,15 @@ both launches out of the step:
   made that 4x slower in a trial, runs tiles of every row against the P slots' B with tensor-core dots
   (`expand_tile`).
 
-H200, batch 64, 8 adapters, P = 8, each op alone: RMSNorm 2.1 -> 4.3 us, RoPE + cache 3.1 -> 6.7, SiLU-and-multiply
-1.7 -> 6.4 (16 at P = 32: the tile reads every one of the P slots' B). The engine stacks qkv, o and down
-(kernels/engine_backend.STACKED_GROUPS), and gate_up while P <= 8 (graph replay, batch 64, 8 adapters: 1,591 us
-against 1,626 with gate_up's LoRA kernels beside its GEMM; batch 32: 1,500 against 1,520).
+H200, batch 64, 8 adapters, P = 8, each op alone (python3 -m benchmarks.consumer_kernels): RMSNorm 1.5 -> 3.9 us,
+RoPE + cache 2.2 -> 4.8, SiLU-and-multiply 1.8 -> 5.0 (more at P = 32: the tile reads every one of the P slots' B).
+In a step they are bound by instruction issue and load latency, not bandwidth (ncu: ~11% of the SMs' issue peak,
+L2 at 5-10% of its throughput, 64 one-row programs for the norms and RoPE): the expand's cost is the instructions
+that widen and multiply a row's B (128 values a thread at 8 warps), and the round trips slot -> y, B.
+
+The engine stacks qkv, o and down (kernels/engine_backend.STACKED_GROUPS), and gate_up while P <= 8 (graph replay,
+batch 64, 8 adapters: 1,591 us against 1,626 with gate_up's LoRA kernels beside its GEMM; batch 32: 1,500 against
+1,520).
 
     pending = PendingExpand(y, b, ranks, slots)   # y: [T, P, S, R], the GEMM output's columns past N
     add_rms_norm(h, residual, w, eps, pending)    # or rope_and_cache(..., pending), silu_mul(gate_up, pending)
