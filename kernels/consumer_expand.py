@@ -45,10 +45,9 @@ from ._common import DOT_NATIVE
 class PendingExpand(NamedTuple):
     """A projection's adapters' part, not yet expanded: y [T, P, S, R] (the shrink of every token for the first
     P slots, rank R = the slots' max rank, last two dims contiguous; zero past each slot's rank, as the stacked
-    GEMM gives it), b (S tensors [slots, out_s, R], the rank
-    dim contiguous and the same strides for every slice), ranks [slots] int32 (each slot's real rank), slots
-    [T] int32 (each token's slot; -1, or a slot at or past P, adds nothing: the caller picks P past every
-    token's slot)."""
+    GEMM gives it), b (S tensors [slots, out_s, R], the rank dim contiguous and the same strides for every
+    slice), ranks [slots] int32 (each slot's real rank), slots [T] int32 (each token's slot; -1, or a slot at or
+    past P, adds nothing: the caller picks P past every token's slot)."""
 
     y: torch.Tensor
     b: tuple[torch.Tensor, ...]
