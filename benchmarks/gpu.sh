@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
 # PARTS picks what runs (default: all, which can take longer than the device tool's 10 minutes a call: split it,
 # e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
-# tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels and the mixed step; worker = the
+# tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels and the mixed step; worker = the
 # worker benchmark; gemms (not in the default) = the base projections at decode sizes, cuBLAS ways and the Triton candidate.
 parts=" ${PARTS:-tests kernels steps worker} "
 if [[ $parts == *" tests "* ]]; then
@@ -24,6 +24,8 @@ if [[ $parts == *" steps "* ]]; then
   # Decode step vs its graph replay alone, and the host phases: GPU- or host-bound, per batch, base and LoRA.
   python3 -m benchmarks.step_breakdown --compare-overlap --compare-shrink --compare-stacked --compare-gate-up 2>&1 | tee "$out/step_breakdown.log" | tail -n 40
   python3 -m benchmarks.decode_kernels 2>&1 | tee "$out/decode_kernels.log" | tail -n 60
+  # The elementwise kernels alone, base and with the expand they carry.
+  python3 -m benchmarks.consumer_kernels 2>&1 | tee "$out/consumer_kernels.log" | tail -n 8
   # The step a prompt joins: from graph pieces cut at attention and eager, side by side.
   python3 -m benchmarks.profile_step --compare-piecewise 2>&1 | tee "$out/profile_step.log" | tail -n 8
 fi
