@@ -1,13 +1,15 @@
-"""The decode step's elementwise kernels compiled for Hopper (sm_90) on any machine, no GPU needed, and their machine
-code (SASS) counted: instructions by opcode, global loads (and how many carry a predicate), barriers, shuffles, and
-where in the program the loads sit. At decode sizes these kernels are bound by instruction issue and load latency,
-not bandwidth (ncu on an H200: ~11% of peak issue, L2 at 5-10% of its throughput), so the counts say much of what a
-change will do before it reaches the GPU.
+"""The decode step's elementwise kernels and the LoRA expand compiled for Hopper (sm_90) on any machine, no GPU needed,
+and their machine code (SASS) counted: instructions by opcode, global loads by width (and how many carry a
+predicate), barriers, shuffles, and where in the program the loads sit. At decode sizes these kernels are bound by
+instruction issue and load latency, not bandwidth (ncu on an H200: ~11% of peak issue, L2 at 5-10% of its
+throughput), so the counts say much of what a change will do before it reaches the GPU; a load that should be a
+16-byte vector and is not shows here as many narrow ones.
 
-    python3 -m benchmarks.kernel_sass [--kernels add_rms_norm,rope_and_cache,silu_mul] [--dump DIR]
+    python3 -m benchmarks.kernel_sass [--kernels add_rms_norm,rope_and_cache,silu_mul,lora_expand] [--dump DIR]
 
-Compiled by the Triton installed here (which may be newer than the GPU machine's), at Llama-3.2-1B sizes, rank 16,
-P = 8, with the constexprs and warps the launchers pick (kernels/elementwise.py); --dump writes each variant's SASS.
+Compiled by the Triton installed here (which may be newer than the GPU machine's), the elementwise kernels at
+Llama-3.2-1B sizes, rank 16, P = 8, with the constexprs and warps the launchers pick (kernels/elementwise.py), the
+expand with prefill tiles at ranks 16 and 64; --dump writes each variant's SASS.
 """
 
 from __future__ import annotations
@@ -70,13 +72,27 @@ def opcodes(sass: str) -> list[tuple[str, bool]]:
     return out
 
 
+def _load_bits(op: str) -> int:
+    """LDG.E.128 -> 128, LDG.E.U16 -> 16, LDG.E -> 32, ...; LDGSTS (an asynchronous copy into shared memory) and
+    LDGDEPBAR (its wait) -> 0."""
+    if op.startswith("LDGSTS") or op.startswith("LDGDEPBAR"):
+        return 0
+    for part in reversed(op.split(".")):
+        digits = part.lstrip("US")
+        if digits.isdigit():
+            return int(digits)
+    return 32
+
+
 def summary(sass: str) -> dict:
     ops = opcodes(sass)
     counts = Counter(op for op, _ in ops)
     loads = [i for i, (op, _) in enumerate(ops) if op.startswith("LDG")]
+    widths = Counter(_load_bits(ops[i][0]) for i in loads)
     return {
         "instructions": len(ops),
         "global loads": len(loads),
+        "load bits": dict(sorted(widths.items())),  # width -> loads (0: asynchronous copies to shared memory)
         "predicated loads": sum(1 for i in loads if ops[i][1]),
         "load span": (loads[-1] - loads[0]) if loads else 0,  # instructions from the first load to the last
         "barriers": sum(n for op, n in counts.items() if op.startswith("BAR")),
@@ -107,7 +123,20 @@ def variants() -> dict[str, Variant]:
     silu_types = {"gu_ptr": bf16, "out_ptr": bf16, "d_ptr": bf16, "y_ptr": bf16, "bg_ptr": bf16, "bu_ptr": bf16,
                   "ds_ptr": "*i32", "ranks_ptr": "*i32", "es_ptr": "*i32",
                   **{n: "i32:16" for n in ("N", "s_gu", "s_o", "s_yt", "s_yp", "s_bp")}}
+    # The LoRA expand at prefill sizes (kernels/lora_expand.py), gate_up of Llama-3-8B (2 x 14,336 columns), as
+    # kernels.bench's 2,048-8,192-token cases launch it; Triton specialises the unit strides to constants.
+    expand_types = {n: bf16 for n in ("out_ptr", "b0_ptr", "b1_ptr", "b2_ptr", "b3_ptr")}
+    expand_types.update(y_ptr="*fp32", ranks_ptr="*i32", scale_ptr="*fp32", sorted_ptr="*i32", active_ptr="*i32",
+                        start_ptr="*i32", len_ptr="*i32",
+                        **{n: "i32:16" for n in ("stride_b0", "stride_b1", "stride_b2", "stride_b3", "stride_bo", "w0",
+                                                 "w1", "col0", "col1", "stride_yt", "stride_ys", "stride_ot", "R")})
+    expand = dict(MAX_SLOTS=128, SLOTS_PAD=128, NUM_SLICES=2, ONE_K=True, HAS_SCALE=False, DOT=0, ACCUMULATE=True,
+                  SUB=1, stride_oc=1, stride_br=1)
     return {
+        "lora_expand r16": Variant("_expand_kernel", expand_types,
+                                   {**expand, "BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 16}, 4, 3),
+        "lora_expand r64": Variant("_expand_kernel", expand_types,
+                                   {**expand, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 2),
         "add_rms_norm base": Variant("_add_rms_norm_kernel", norm_types, {**norm, "LORA": 0, "R": 1, "RB": 1}, 4),
         "add_rms_norm expand": Variant("_add_rms_norm_kernel", norm_types, {**norm, "LORA": 2, "R": 16, "RB": rb},
                                        EXPAND_WARPS),
@@ -124,13 +153,16 @@ def variants() -> dict[str, Variant]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.kernel_sass", description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", default="add_rms_norm,rope_and_cache,silu_mul")
+    p.add_argument("--kernels", default="add_rms_norm,rope_and_cache,silu_mul,lora_expand")
     p.add_argument("--dump", type=Path, help="write each variant's SASS here")
     p.add_argument("--json", action="store_true", help="one JSON object: variant -> counts and opcodes used")
     args = p.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU machine's Triton fuses; say so to a newer one
+    import importlib
+
     import kernels.elementwise as ew
 
+    expand_module = importlib.import_module("kernels.lora_expand")  # `kernels.lora_expand` is also the function
     if getattr(ew._add_rms_norm_kernel, "cache_key", None) is None:
         raise SystemExit("the kernels are interpreted here (TRITON_INTERPRET=1): run without it")
     wanted = args.kernels.split(",")
@@ -138,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in variants().items():
         if name.split()[0] not in wanted:
             continue
-        sass = compile_sass(getattr(ew, v.kernel), v.types, v.consts, v.num_warps, v.num_stages)
+        module = expand_module if v.kernel == "_expand_kernel" else ew
+        sass = compile_sass(getattr(module, v.kernel), v.types, v.consts, v.num_warps, v.num_stages)
         s = summary(sass)
         if args.json:
             report[name] = {**s, "opcodes": sorted({op for op, _ in opcodes(sass)})}
             continue
         print(f"{name:24} {v.num_warps} warps: {s['instructions']:5d} instructions, {s['global loads']:3d} global "
-              f"loads ({s['predicated loads']} predicated, spread over {s['load span']}), {s['barriers']} barriers, "
+              f"loads (bits: {s['load bits']}; {s['predicated loads']} predicated, spread over {s['load span']}), "
+              f"{s['barriers']} barriers, "
               f"{s['shuffles']} shuffles; " + ", ".join(f"{op} {n}" for op, n in s["top"]))
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)

@@ -26,13 +26,16 @@ def report() -> dict:
 
 
 def test_every_kernel_compiles_for_hopper_and_its_code_is_counted(report):
-    assert {name.split()[0] for name in report} == {"add_rms_norm", "rope_and_cache", "silu_mul"}
+    assert {name.split()[0] for name in report} == {"add_rms_norm", "rope_and_cache", "silu_mul", "lora_expand"}
     for op in ("add_rms_norm", "rope_and_cache", "silu_mul"):
         base, expand = report[f"{op} base"], report[f"{op} expand"]
         assert 100 < base["instructions"] < expand["instructions"]
         # The expand also reads the row's slot and y, and B: more loads than the op alone.
         assert expand["global loads"] >= base["global loads"] + 4
         assert sum(n for _, n in base["top"]) <= base["instructions"]
+        assert sum(expand["load bits"].values()) == expand["global loads"]
+    # The expanding norm reads B in 16-byte vectors (8 ranks of a column a thread), as the row.
+    assert report["add_rms_norm expand"]["load bits"].get("128", 0) >= 16  # (JSON keys are strings)
 
 
 def test_bf16_is_rounded_by_the_hardware_convert(report):
