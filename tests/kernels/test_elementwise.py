@@ -228,16 +228,17 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
         out = silu_mul(gate_up, pending)
         assert_close_where_expanded(out, F.silu(gate) * up, dtype)
 
-    heads, kv_heads, hd = 4, 2, 16
-    sizes = [heads * hd, kv_heads * hd, kv_heads * hd]
-    cat = rand(t, sum(sizes) + 3 * 3 * 16, dtype=dtype, g=g)
-    qkv = cat[:, :sum(sizes)]  # the projection's output is a view into the concatenated GEMM's
-    pending = pending_for(qkv, sizes, dtype, g)
-    pending = pending._replace(y=cat[:, sum(sizes):].view(t, 3, 3, 16).copy_(pending.y))
-    out, cache_slots = rope_case(qkv, heads, kv_heads, hd, dtype, g, values=expand_values(pending, dtype),
-                                 slots=pending.slots, pending=pending)
-    for name in "qkv":
-        assert_close_where_expanded(*out[name], dtype)
-    for got, want in (out["kc"], out["vc"]):  # the cache rows the tokens wrote, in token order
-        assert_close_where_expanded(got.view(-1, got[0, 0].numel())[cache_slots],
-                                    want.view(-1, got[0, 0].numel())[cache_slots], dtype)
+    for heads, kv_heads in ((4, 2), (6, 3)):  # head counts a power of two, and not (the kernel pads them)
+        hd = 16
+        sizes = [heads * hd, kv_heads * hd, kv_heads * hd]
+        cat = rand(t, sum(sizes) + 3 * 3 * 16, dtype=dtype, g=g)
+        qkv = cat[:, :sum(sizes)]  # the projection's output is a view into the concatenated GEMM's
+        pending = pending_for(qkv, sizes, dtype, g)
+        pending = pending._replace(y=cat[:, sum(sizes):].view(t, 3, 3, 16).copy_(pending.y))
+        out, cache_slots = rope_case(qkv, heads, kv_heads, hd, dtype, g, values=expand_values(pending, dtype),
+                                     slots=pending.slots, pending=pending)
+        for name in "qkv":
+            assert_close_where_expanded(*out[name], dtype)
+        for got, want in (out["kc"], out["vc"]):  # the cache rows the tokens wrote, in token order
+            assert_close_where_expanded(got.view(-1, got[0, 0].numel())[cache_slots],
+                                        want.view(-1, got[0, 0].numel())[cache_slots], dtype)
