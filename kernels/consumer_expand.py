@@ -11,7 +11,8 @@ both launches out of the step:
 - The expand runs inside the op that reads the projection (kernels/elementwise.py): each output value gets
   y[t, slot(t), s, :rank] . B_s[slot(t), n, :rank] before anything else, rounded to the model's dtype as the
   delta buffer it replaces would round it. The norms and the RoPE + cache op do it per row
-  (`expand_row`: a row's B tile from L2, a 2-D [columns, ranks] block); silu_mul, whose 2 x 8,192-wide rows
+  (`row_slot` once, then `expand_cols` per slice: a row's B tile from L2, a 2-D [columns, ranks] block;
+  `expand_row` both for one slice); silu_mul, whose 2 x 8,192-wide rows
   made that 4x slower in a trial, runs tiles of every row against the P slots' B with tensor-core dots
   (`expand_tile`).
 
