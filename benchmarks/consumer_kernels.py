@@ -13,30 +13,12 @@ call), side by side with the defaults in the same run.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
-from contextlib import contextmanager
 
 import torch
 
+from benchmarks.module_set import module_set
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, RANK = 2048, 32, 8, 64, 8192, 16
-
-
-@contextmanager
-def module_set(spec: str | None):
-    """MODULE.NAME=VALUE set for the duration (None: nothing)."""
-    if spec is None:
-        yield
-        return
-    target, value = spec.split("=", 1)
-    module_name, name = target.rsplit(".", 1)
-    module = importlib.import_module(module_name)
-    saved = getattr(module, name)
-    setattr(module, name, ast.literal_eval(value))
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def graph_us(fn, calls: int = 50, reps: int = 20) -> float:

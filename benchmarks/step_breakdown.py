@@ -12,13 +12,12 @@ weights, 128-token prompts, base-only and 8 rank-16 adapters mixed (benchmarks/s
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import time
 from collections import defaultdict
 
 import torch
 
+from benchmarks.module_set import constant, module_set
 from benchmarks.synthetic import llama_1b_with_adapters
 
 # (object attribute holding it, method name, label): the host phases timed per step.
@@ -82,12 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     def make_with(module, name: str, value):
         """An engine captured with module.<name> = value: the graphs keep what was planned while they were
         captured."""
-        saved = getattr(module, name)
-        setattr(module, name, value)
-        try:
+        with constant(module, name, value):
             return make(True)
-        finally:
-            setattr(module, name, saved)
 
     engine = make(True)
     in_place = make(False) if args.compare_overlap else None
@@ -101,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                       "STACKED_GATE_UP_MAX_SLOTS", 0)
     both = set()
     for spec in args.compare_set:
-        target, value = spec.split("=", 1)
-        module, name = target.rsplit(".", 1)
-        variants[spec] = make_with(importlib.import_module(module), name, ast.literal_eval(value))
+        with module_set(spec):
+            variants[spec] = make(True)
         both.add(spec)
     totals: dict[str, float] = defaultdict(float)
     owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,

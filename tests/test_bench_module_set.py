@@ -1,0 +1,33 @@
+"""benchmarks.module_set: the A/B flags' module constants, set inside the block and restored after it, also when the
+block raises."""
+
+from __future__ import annotations
+
+import pytest
+
+import kernels.consumer_expand as ce
+from benchmarks.module_set import module_set
+
+
+def rank_block() -> int:
+    return ce.RANK_BLOCK
+
+
+def test_a_constant_is_set_inside_the_block_and_restored_after_it():
+    before = rank_block()
+    with module_set(f"kernels.consumer_expand.RANK_BLOCK={before * 2}"):
+        assert rank_block() == before * 2
+    assert rank_block() == before
+    with pytest.raises(RuntimeError), module_set("kernels.consumer_expand.RANK_BLOCK=1"):
+        assert rank_block() == 1
+        raise RuntimeError
+    assert rank_block() == before
+    with module_set(None):
+        assert rank_block() == before
+
+
+def test_a_bad_spec_is_refused():
+    with pytest.raises(AttributeError), module_set("kernels.consumer_expand.NO_SUCH_CONSTANT=1"):
+        pass
+    with pytest.raises(ValueError, match="literal"), module_set("kernels.consumer_expand.RANK_BLOCK=not a literal"):
+        pass
