@@ -276,6 +276,7 @@ def main() -> None:
     # One 8 x 2048 prefill takes ~80 ms: single runs swung by 15% (H200); base and LoRA interleaved, medians.
     pairs = [(prefill(engine, []), prefill(engine, reqs[:8])) for _ in range(5)]
     prefill_base, prefill_lora = (statistics.median(p[k] for p in pairs) for k in (0, 1))
+    print("prefill runs (base, 8 adapters), k tok/s:", [(round(b / 1e3), round(a / 1e3)) for b, a in pairs], flush=True)
     cold = cold_load(engine, reqs[:8], colds(0))
     del engine
     torch.cuda.empty_cache()
