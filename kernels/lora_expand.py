@@ -46,11 +46,10 @@ def _y_block(y_rows, k0, rank, R, row_ok, BLOCK_K: tl.constexpr, LOW: tl.constex
              VEC: tl.constexpr):
     """Rows of y (fp32) for ranks [k0, k0 + BLOCK_K), as the MMA's left operand (zero past the rank)."""
     rk = k0 + tl.arange(0, BLOCK_K)
+    bound = _rank_bound(rank, R) if VEC else rank
+    yt = tl.load(y_rows + rk[None, :], mask=row_ok[:, None] & (rk < bound)[None, :], other=0.0)
     if VEC:
-        yt = tl.load(y_rows + rk[None, :], mask=row_ok[:, None] & (rk < _rank_bound(rank, R))[None, :], other=0.0)
         yt = tl.where((rk < rank)[None, :], yt, 0.0)
-    else:
-        yt = tl.load(y_rows + rk[None, :], mask=row_ok[:, None] & (rk < rank)[None, :], other=0.0)
     # y is fp32; bf16/fp16 operands run on the tensor cores at full rate, accumulating in fp32.
     # Rounding y costs ~2**-9 relative, as much as the bf16 output's own rounding.
     if DOT == DOT_NATIVE:
@@ -64,12 +63,10 @@ def _y_block(y_rows, k0, rank, R, row_ok, BLOCK_K: tl.constexpr, LOW: tl.constex
 def _b_block(b_cols, k0, rank, R, col_ok, stride_br, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """B's ranks [k0, k0 + BLOCK_K) for a tile of columns, as the MMA's right operand (zero past the rank)."""
     rk = k0 + tl.arange(0, BLOCK_K)
+    bound = _rank_bound(rank, R) if VEC else rank
+    bt = tl.load(b_cols + rk[:, None] * stride_br, mask=(rk < bound)[:, None] & col_ok[None, :], other=0.0)
     if VEC:
-        bt = tl.load(b_cols + rk[:, None] * stride_br, mask=(rk < _rank_bound(rank, R))[:, None] & col_ok[None, :],
-                     other=0.0)
         bt = tl.where((rk < rank)[:, None], bt, tl.zeros_like(bt))
-    else:
-        bt = tl.load(b_cols + rk[:, None] * stride_br, mask=(rk < rank)[:, None] & col_ok[None, :], other=0.0)
     return bt
 
 

@@ -27,7 +27,12 @@ def test_a_constant_is_set_inside_the_block_and_restored_after_it():
 
 
 def test_a_bad_spec_is_refused():
-    with pytest.raises(AttributeError), module_set("kernels.consumer_expand.NO_SUCH_CONSTANT=1"):
-        pass
+    before = rank_block()
+    for spec, error in (("kernels.consumer_expand.NO_SUCH_CONSTANT=1", AttributeError),
+                        ("kernels.consumer_expand.RANK_BLOCK=not a literal", ValueError)):
+        with pytest.raises(error), module_set(spec):
+            pytest.fail(f"the block ran under {spec!r}")
+        assert rank_block() == before
+        assert not hasattr(ce, "NO_SUCH_CONSTANT")
     with pytest.raises(ValueError, match="literal"), module_set("kernels.consumer_expand.RANK_BLOCK=not a literal"):
-        pass
+        pytest.fail("the block ran under a value that is not a literal")
