@@ -148,6 +148,10 @@ def variants() -> dict[str, Variant]:
         "silu_mul expand": Variant("_silu_mul_expand_kernel", silu_types,
                                    {"BM": 64, "BN": 32, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
                                     "R": 16, "RB": rb}, 4, 1),
+        # Eager steps (prompts): the segmented shrink's float32 y, tiles of 64 rows mostly of one slot.
+        "silu_mul eager": Variant("_silu_mul_expand_kernel", {**silu_types, "y_ptr": "*fp32"},
+                                  {"BM": 64, "BN": 64, "BK": 16, "EVEN_K": True, "DOT": 0, "EMULATED": False,
+                                   "R": 16, "RB": rb}, 4, 1),
     }
 
 

@@ -13,8 +13,10 @@ both launches out of the step:
   delta buffer it replaces would round it. The norms and the RoPE + cache op do it per row
   (`row_slot` once, then `expand_cols` per slice: a row's B tile from L2, a 2-D [columns, ranks] block;
   `expand_row` both for one slice); silu_mul, whose 2 x 8,192-wide rows
-  made that 4x slower in a trial, runs tiles of every row against the P slots' B with tensor-core dots
-  (`expand_tile`).
+  made that 4x slower in a trial, runs tiles of rows against the slots' B with tensor-core dots
+  (`expand_tile`), from the lowest slot of a tile's rows to its highest (`tile_span`). Eager steps hand it
+  gate_up's y from the segmented shrink instead (float32 [T, S, R] with a zero stride over P): there a tile of
+  64 rows is mostly one prompt's, so it reads one slot's B.
 
 H200, batch 64, 8 adapters, P = 8, each op alone (python3 -m benchmarks.consumer_kernels): RMSNorm 1.5 -> 3.9 us,
 RoPE + cache 2.2 -> 4.8, SiLU-and-multiply 1.8 -> 5.0 (more at P = 32: the tile reads every one of the P slots' B).
@@ -40,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_NATIVE
+from ._common import DOT_NATIVE, to_low
 
 
 class PendingExpand(NamedTuple):
@@ -165,15 +167,18 @@ def expand_row(row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slo
 
 
 @triton.jit
-def expand_tile(acc, rows, row_slots, cols, col_ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, P,
-                R: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr):
+def expand_tile(acc, rows, row_slots, cols, col_ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, P, k_lo, k_hi,
+                R: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
+                EMULATED: tl.constexpr):
     """acc [BM, BN] (float32) plus each row's y[row, slot(row), :rank] @ B[slot(row), cols, :rank].T for a tile
     of rows (row_slots: their slots, -1 for none or padding) and columns: a dot over the flattened (slot, r)
     axis of the first P slots, y masked to each row's own slot. Unlike expand_row it reads every rank R: y past
     a slot's rank must be zero (the stacked GEMM's is: the slots' A rows there are), as B is there. No branch on
     the data: the loads of every block pipeline. EVEN_K: BK divides P * R (no block runs past the P slots, and
-    B's loads need no mask along k)."""
-    for k0 in range(0, P * R, BK):
+    B's loads need no mask along k). [k_lo, k_hi): the span of the flattened axis the loop covers, a multiple of
+    BK to past the last (slot, r) of the tile's rows (`tile_span`). A float32 y (the segmented shrink's, in eager
+    steps) is rounded to B's dtype first, as lora_expand rounds it."""
+    for k0 in range(k_lo, k_hi, BK):
         k = k0 + tl.arange(0, BK)
         ks = k // R
         kr = k % R
@@ -188,8 +193,21 @@ def expand_tile(acc, rows, row_slots, cols, col_ok, y_ptr, y_off, s_yt, s_yp, b_
             bt = tl.load(b_at, mask=col_ok[None, :], other=0.0)
         else:
             bt = tl.load(b_at, mask=k_in[:, None] & col_ok[None, :], other=0.0)
+        if yt.dtype != bt.dtype and bt.dtype != tl.float32:
+            yt = to_low(yt, bt.dtype, EMULATED)
         if DOT == DOT_NATIVE:  # noqa: SIM108 (a static branch: only one dot is compiled)
             acc = tl.dot(yt, bt, acc)
         else:  # fp32 models, and the interpreter (which multiplies bf16 as raw bits): widened exactly
             acc = tl.dot(yt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def tile_span(row_slots, P, R: tl.constexpr, BK: tl.constexpr):
+    """[k_lo, k_hi) of expand_tile's flattened (slot, r) axis that a tile of rows needs: from its lowest slot's
+    first rank (down to a multiple of BK) to past its highest slot's last; empty where no row has a slot
+    (row_slots: -1 there). Rows of one adapter sit together in eager steps (a prompt's tokens), so a tile there
+    reads one slot's B, not all P slots'."""
+    lo = tl.min(tl.where(row_slots >= 0, row_slots, P), 0)
+    hi = tl.max(row_slots, 0) + 1
+    return lo * R // BK * BK, hi * R

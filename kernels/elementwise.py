@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_mode, emulated, next_pow2, round_low, to_low
-from .consumer_expand import PendingExpand, expand_cols, expand_row, expand_tile, rank_block, row_slot
+from .consumer_expand import PendingExpand, expand_cols, expand_row, expand_tile, rank_block, row_slot, tile_span
 from .l2_prefetch import Blocks, prefetch_share
 from .launch import Launches
 
@@ -328,8 +328,10 @@ def _silu_mul_kernel(gu_ptr, out_ptr, d_ptr, ds_ptr, N, s_gu, s_o, HAS_DELTA: tl
 
 _silu_mul = Launches(_silu_mul_kernel)
 
-# silu_mul expands a pending adapters' part for all rows of a column tile at once: up to this many rows.
+# silu_mul expands a pending adapters' part for all rows of a column tile at once up to this many rows (decode
+# steps: the stacked GEMMs' P slots mixed in any order); past it, in tiles of EXPAND_TILE_ROWS rows.
 EXPAND_MAX_ROWS = 128
+EXPAND_TILE_ROWS = 64
 
 
 @triton.jit
@@ -337,9 +339,9 @@ def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp,
                             bg_ptr, bu_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             EVEN_K: tl.constexpr, DOT: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
                             RB: tl.constexpr):
-    # One program per BN columns, every row: each present slot's B tile is read once per column tile, not
-    # once per row (consumer_expand.expand_tile).
-    rows = tl.arange(0, BM)
+    # One program per BM rows and BN columns: each present slot's B tile is read once per tile, not once per row
+    # (consumer_expand.expand_tile), and only the slots from the tile's lowest to its highest.
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
     row_ok = rows < T
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
@@ -350,10 +352,11 @@ def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp,
     u = tl.load(gu_ptr + at + N, mask=ok, other=0.0).to(tl.float32)
     slots = tl.load(es_ptr + rows, mask=row_ok, other=-1)
     slots = tl.where((slots >= 0) & (slots < P), slots, -1)
+    k_lo, k_hi = tile_span(slots, P, R, BK)
     dg = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, 0, s_yt, s_yp, bg_ptr, s_bp,
-                     P, R, BK, EVEN_K, DOT)
+                     P, k_lo, k_hi, R, BK, EVEN_K, DOT, EMULATED)
     du = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, R, s_yt, s_yp, bu_ptr, s_bp,
-                     P, R, BK, EVEN_K, DOT)
+                     P, k_lo, k_hi, R, BK, EVEN_K, DOT, EMULATED)
     has = (slots >= 0)[:, None]
     g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
     u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)
@@ -366,24 +369,27 @@ _silu_mul_expand = Launches(_silu_mul_expand_kernel)
 
 def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
     """gate_up [T, 2N] (gate then up, rows contiguous) -> silu(gate) * up [T, N]. delta: the adapters' part of
-    gate_up, as values or pending (see the module doc; pending: T <= EXPAND_MAX_ROWS)."""
+    gate_up, as values or pending (see the module doc)."""
     t, n2 = gate_up.shape
     if n2 % 2 or gate_up.stride(1) != 1:
         raise ValueError(f"gate_up must be [T, 2N] with contiguous rows, got {tuple(gate_up.shape)}")
     n = n2 // 2
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     if t and isinstance(delta, PendingExpand):
-        if t > EXPAND_MAX_ROWS:
-            raise ValueError(f"silu_mul expands a pending adapters' part for up to {EXPAND_MAX_ROWS} rows, got {t}")
         args, consts = _expand_args(delta, gate_up, 2)
-        kp = delta.y.shape[1] * delta.y.shape[3]  # P * R: the dot's k
-        bk = max(16, min(128, kp & -kp))
-        # H200, 64 rows, P = 8, N = 8,192 (a sweep of BN 16-64, 2-8 warps, 1-2 stages, BK 32-128): 6.4 us, against
-        # 8.5 for BN 64, 8 warps, 2 stages; one stage is the difference (the loop runs once or a few times).
-        bn = 32
-        _silu_mul_expand((-(-n // bn),), gate_up, out, t, n, gate_up.stride(0), out.stride(0), *args,
-                         BM=max(16, next_pow2(t)), BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
-                         EMULATED=emulated(gate_up), **consts, num_warps=4, num_stages=1)
+        r = delta.y.shape[3]
+        kp = delta.y.shape[1] * r  # P * R: the dot's k
+        if t <= EXPAND_MAX_ROWS:
+            # H200, 64 rows, P = 8, N = 8,192 (a sweep of BN 16-64, 2-8 warps, 1-2 stages, BK 32-128): 6.4 us,
+            # against 8.5 for BN 64, 8 warps, 2 stages: one stage where the loop runs once. At P = 32 (4 blocks of
+            # 128) three stages: 14.1 -> 10.1 us (B rotated past the L2; scratch sweep, 2-8 warps, BN 16-64).
+            bm, bn, bk = max(16, next_pow2(t)), 32, max(16, min(128, kp & -kp))
+            stages = 1 if kp <= bk else 3
+        else:  # eager steps: a tile's rows are mostly one prompt's, one slot; BK one slot's ranks (at least 16)
+            bm, bn, bk, stages = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1
+        _silu_mul_expand((-(-n // bn), -(-t // bm)), gate_up, out, t, n, gate_up.stride(0), out.stride(0), *args,
+                         BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
+                         EMULATED=emulated(gate_up), **consts, num_warps=4, num_stages=stages)
     elif t:
         block = min(1024, next_pow2(n))
         d, ds, has_delta = _delta_args(delta, gate_up)

@@ -17,7 +17,8 @@ while the base GEMM runs on the main one, and the adapters' part comes back as a
 elementwise op adds (kernels/elementwise.py) instead of an in-place add after the GEMM: at decode sizes the
 LoRA launches are latency, not bandwidth, and hide behind the GEMM's (H200, Llama-3.2-1B layer, 64 tokens of
 8 rank-16 adapters: LoRA added 40 us a layer serially, 20 overlapped). In a graph the fork and join are free
-edges; eagerly they would cost host time at every projection, so eager steps add in place.
+edges; eagerly they would cost host time at every projection, so eager steps add in place, but for gate_up
+(EAGER_PENDING_GROUPS): with the fused elementwise ops, silu_mul expands its shrink's y itself.
 """
 
 from __future__ import annotations
@@ -37,11 +38,17 @@ from .lora_shrink_rows import shrink_rows_config, shrink_rows_launch
 from .metadata import LoRAKernelMeta
 
 # The projections stacked steps run stacked. gate_up too while P is at most STACKED_GATE_UP_MAX_SLOTS: its
-# silu_mul expand reads every one of the P slots' B for 2 x 8,192 columns (H200, 64 rows: 6.4 us at P = 8, 16 at
-# P = 32, against 1.7 for silu_mul alone); past that its LoRA kernels run beside the base GEMM as with overlap
-# (the longest GEMM of a layer, so they hide behind it).
+# silu_mul expand reads every one of the P slots' B for 2 x 8,192 columns (H200, 64 rows: 6.4 us at P = 8, 10 at
+# P = 32 with its loop pipelined, against 1.7 for silu_mul alone); past that its LoRA kernels run beside the base
+# GEMM as with overlap (the longest GEMM of a layer: they partly hide behind it, but slow it, and at P = 32 the
+# expand outlasted it). H200, graph replay, 32 adapters at P = 32, stacked against beside: batch 64 1,680 against
+# 1,740 us, batch 32 1,588 against 1,662 (scratch probe, two engines each).
 STACKED_GROUPS = frozenset({"qkv", "o", "down"})
-STACKED_GATE_UP_MAX_SLOTS = 8
+STACKED_GATE_UP_MAX_SLOTS = 32
+# Eager steps (prompts past the mixed graphs' buckets) hand these groups' adapters' part on to the op that reads the
+# projection (`consumer_expands`): the shrink runs, the expand is done by silu_mul in tiles of one prompt's rows,
+# instead of an expand that reads and writes gate_up's whole output again (8,192 tokens: 537 MB a layer).
+EAGER_PENDING_GROUPS = frozenset({"gate_up"})
 # Stacked steps of up to PREFETCH_B_MAX_SLOTS slots ask each layer's B of the stacked groups (the first P slots')
 # into L2 from the layer's norms (kernels/l2_prefetch.py says why): the input norm asks for the first run of them
 # (all four groups while gate_up is stacked; else qkv and o), the post-attention norm for the rest (down).
@@ -79,9 +86,13 @@ class SlotBuffersLike(Protocol):
 class TritonLoRA:
     """LoRAHook over SlotBuffers: shrink + expand per projection, metadata shared by the whole step."""
 
-    def __init__(self, buffers: SlotBuffersLike, meta: LoRAKernelMeta):
+    def __init__(self, buffers: SlotBuffersLike, meta: LoRAKernelMeta, consumer_expands: bool = False):
+        """consumer_expands: the model's elementwise ops are the fused kernels, which expand a PendingExpand
+        themselves (eager steps hand EAGER_PENDING_GROUPS on to them; the torch ops would expand it slot by
+        slot)."""
         self.buffers = buffers
         self.meta = meta
+        self.consumer_expands = consumer_expands
         # One fp32 y and one split-K scratch for every projection (they run one after another on one
         # stream): they grow to the largest step seen, instead of an allocation per layer and projection.
         self._y: torch.Tensor | None = None
@@ -200,6 +211,9 @@ class TritonLoRA:
         stacked_slots, (out, PendingExpand) for the next op to expand and add."""
         if self._stacked_slots is not None and group in self._stacked_groups and self._runs(group):
             return self._stacked(layer, group, x, weight, bias)
+        if self.consumer_expands and not self._overlap and self._stacked_slots is None \
+                and group in EAGER_PENDING_GROUPS and self._runs(group):
+            return self._shrunk(layer, group, x, weight, bias)
         if not self._overlap or not self._runs(group):
             out = F.linear(x, weight, bias)
             self.apply(layer, group, x, out)
@@ -226,6 +240,18 @@ class TritonLoRA:
         out = F.linear(x, weight, bias)
         main.wait_stream(self._side)
         return out, (delta, self._slots)
+
+    def _shrunk(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> tuple[torch.Tensor, PendingExpand]:
+        """The base output and the segmented shrink's y, handed on unexpanded: y [T, S, R] stands for every slot
+        (a zero stride over P, the slot count), and the consumer reads each row's own slot of it."""
+        out = F.linear(x, weight, bias)
+        _, y, shrink, _ = self._plan(layer, group, x, out)
+        a = self.buffers.a[layer][group]
+        shrink(x, a, y)
+        p = self.buffers.ranks.shape[0]
+        return out, PendingExpand(y[:, None].expand(y.shape[0], p, *y.shape[1:]), tuple(self.buffers.b[layer][group]),
+                                  self.buffers.ranks, self._slots)
 
     def _stacked(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                  ) -> tuple[torch.Tensor, PendingExpand]:

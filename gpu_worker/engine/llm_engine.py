@@ -134,7 +134,8 @@ class LLMEngine:
                                    max_model_len=self.max_model_len)
         backend = None
         if self.lora is not None:
-            backend = make_backend(args.lora_backend, self.lora.buffers, self.device, args.max_num_batched_tokens)
+            backend = make_backend(args.lora_backend, self.lora.buffers, self.device, args.max_num_batched_tokens,
+                                   consumer_expands=self.model.fused)
             # Compiles the kernels' variants before serving; off CUDA (Triton's interpreter) nothing compiles, and
             # running them all took ~10 s a test engine.
             if hasattr(backend, "warmup") and self.device.type == "cuda":

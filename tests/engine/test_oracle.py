@@ -121,6 +121,34 @@ def _force_lora_mode(monkeypatch, stacked: bool) -> list[tuple[str, bool]]:
     return log
 
 
+def test_eager_steps_expand_gate_up_in_silu_mul_and_match_peft(tiny_model_dir, tiny_adapters, monkeypatch):
+    """Eager steps with the fused ops: gate_up's shrink runs and silu_mul expands its y in row tiles (a first step
+    of more rows than one tile, prompts of three adapters and none in it), the other projections add in place;
+    still transformers + PEFT's tokens and logprobs."""
+    from kernels.consumer_expand import PendingExpand
+    from kernels.elementwise import EXPAND_MAX_ROWS
+    from kernels.engine_backend import TritonLoRA
+
+    project, log = TritonLoRA.project, []
+
+    def logged(self, layer, group, x, *args):
+        out, delta = project(self, layer, group, x, *args)
+        if self._runs(group):
+            log.append((group, x.shape[0], isinstance(delta, PendingExpand)))
+        return out, delta
+
+    monkeypatch.setattr(TritonLoRA, "project", logged)
+    names = ["sql-lora", None, "chat-lora", "math-lora"]
+    prompts = [" ".join(PROMPTS * 3), PROMPTS[1], PROMPTS[3] * 4, PROMPTS[5] * 3]
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=4, max_lora_rank=16, num_kv_blocks=128,
+              block_size=8, lora_backend="triton", fused_elementwise=True)
+    _check(llm, tiny_model_dir, prompts, tiny_adapters, names)
+    assert {(group, pending) for group, _, pending in log} == {("qkv", False), ("o", False), ("gate_up", True),
+                                                              ("down", False)}
+    assert max(rows for _, rows, _ in log) > EXPAND_MAX_ROWS
+    assert llm.engine.blocks.num_free == 128
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["delta", "stacked"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-ops"])
 def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch, fused, stacked):

@@ -242,3 +242,39 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
         for got, want in (out["kc"], out["vc"]):  # the cache rows the tokens wrote, in token order
             assert_close_where_expanded(got.view(-1, got[0, 0].numel())[cache_slots],
                                         want.view(-1, got[0, 0].numel())[cache_slots], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_mul_expands_the_segmented_shrinks_y_in_row_tiles(dtype):
+    """Eager steps hand silu_mul gate_up's y from the segmented shrink (float32 [T, S, R], one y a token standing
+    for every slot: a zero stride over P) for more rows than one tile: tiles of rows mostly of one prompt, some
+    mixing slots, rows without an adapter and one past P. As the reference adds the expanded values first; what
+    must stay unread is NaN (y of rows without an adapter), B past each slot's rank large."""
+    g = gen()
+    t, n, p, rank = 150, 80, 4, 16
+    slots = torch.full((t,), 2, dtype=torch.int32)
+    slots[70:80], slots[80:141], slots[141:] = -1, 0, 3
+    slots[[5, 100]] = -1
+    slots[110] = p  # past P: no adapter part
+    ranks = torch.tensor([rank, 3, rank - 5, 7], dtype=torch.int32)
+    y = torch.randn(t, 2, rank, generator=g)
+    for row in range(t):
+        slot = int(slots[row])
+        if 0 <= slot < p:
+            y[row, :, int(ranks[slot]):] = 0.0  # the shrink writes zeros past the slot's rank
+        else:
+            y[row] = float("nan")
+    y = y.to(DEVICE)
+    b = (rand(p, 2 * n, rank, dtype=dtype, g=g) * 0.1).split([n, n], dim=1)
+    for slot in range(p):
+        for bs in b:
+            bs[slot, :, int(ranks[slot]):] = 1e4
+    pending = PendingExpand(y[:, None].expand(t, p, 2, rank), b, ranks.to(DEVICE), slots.to(DEVICE))
+    gate_up = rand(t, 2 * n, dtype=dtype, g=g)
+    out = silu_mul(gate_up, pending)
+    gate, up = plus_delta(gate_up, expand_values(pending, dtype), pending.slots).chunk(2, dim=-1)
+    assert_close_where_expanded(out, F.silu(gate) * up, dtype)
+    none = ((slots < 0) | (slots >= p)).to(DEVICE)
+    plain = silu_mul(gate_up)  # rows without an adapter: silu_mul's own values
+    assert torch.equal(out[none], plain[none])
+    assert not torch.equal(out[~none], plain[~none])

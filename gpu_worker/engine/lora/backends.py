@@ -47,7 +47,7 @@ class TritonBackend:
     name = "triton"
     graphable = True  # metadata and kernels read fixed-size device buffers only
 
-    def __init__(self, buffers: SlotBuffers, device: torch.device, max_tokens: int):
+    def __init__(self, buffers: SlotBuffers, device: torch.device, max_tokens: int, consumer_expands: bool = False):
         from kernels import LoRAKernelMeta
         from kernels.engine_backend import TritonLoRA
 
@@ -55,7 +55,7 @@ class TritonBackend:
         if device.type == "cuda" and device.index is None:  # tensors report cuda:N; compare like with like
             device = torch.device("cuda", torch.cuda.current_device())
         self.meta = LoRAKernelMeta(max_tokens, buffers.num_slots, device)
-        self.hook = TritonLoRA(buffers, self.meta)
+        self.hook = TritonLoRA(buffers, self.meta, consumer_expands)
 
     def bind(self, runs, groups):
         distinct = len({s for s, n in runs if s >= 0 and n > 0})
@@ -79,16 +79,36 @@ class TritonBackend:
                     self.hook.apply(0, group, x, out)
                     n += 1
             t = t * 2 if t * 2 <= self.meta.max_tokens or t == self.meta.max_tokens else self.meta.max_tokens
+        n += self._warm_consumer_expand()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("LoRA kernels compiled for %d shapes", n)
 
+    def _warm_consumer_expand(self) -> int:
+        """Eager steps hand gate_up's adapters' part to silu_mul (consumer_expands), whose expand compiles per
+        row tile (up to EXPAND_MAX_ROWS rows one tile, past it tiles of EXPAND_TILE_ROWS): each variant once."""
+        from kernels.elementwise import EXPAND_MAX_ROWS, silu_mul
 
-def make_backend(name: str, buffers: SlotBuffers, device: torch.device, max_tokens: int) -> LoRABackend:
+        a = self.buffers.a[0].get("gate_up")
+        if not self.hook.consumer_expands or a is None:
+            return 0
+        sizes = [t for t in (16, 32, 64, EXPAND_MAX_ROWS, EXPAND_MAX_ROWS + 1) if t <= self.meta.max_tokens]
+        weight = torch.zeros(sum(b.shape[1] for b in self.buffers.b[0]["gate_up"]), a.shape[-1], dtype=a.dtype,
+                             device=self.device)
+        for t in sizes:
+            self.hook.prepare(torch.zeros(t, dtype=torch.int32, device=self.device), 1)
+            x = torch.zeros(t, a.shape[-1], dtype=a.dtype, device=self.device)
+            silu_mul(*self.hook.project(0, "gate_up", x, weight, None))
+        return len(sizes)
+
+
+def make_backend(name: str, buffers: SlotBuffers, device: torch.device, max_tokens: int,
+                 consumer_expands: bool = False) -> LoRABackend:
+    """consumer_expands: the model's elementwise ops are the fused kernels (kernels/engine_backend.TritonLoRA)."""
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchBackend(buffers, device)
     try:
-        return TritonBackend(buffers, device, max_tokens)
+        return TritonBackend(buffers, device, max_tokens, consumer_expands)
     except ImportError as e:
         if name == "triton":
             raise

@@ -51,7 +51,7 @@ class LlamaModel:
         self.cfg = cfg
         # The layers' RMSNorm + residual, RoPE + cache write and SiLU-and-multiply: fused Triton kernels or torch
         # (None: fused on CUDA).
-        fused = device.type == "cuda" if fused_elementwise is None else fused_elementwise
+        fused = self.fused = device.type == "cuda" if fused_elementwise is None else fused_elementwise
         self.ops = FusedOps if fused else TorchOps
         self.device = device
         self.dtype = dtype
