@@ -121,7 +121,7 @@ def variants() -> dict[str, Variant]:
                                                "s_ch", "s_yt", "s_yp", "s_bp")})
     rope = dict(H_PAD=32, KVH_PAD=8, HALF=32, EMULATED=False)
     silu_types = {"gu_ptr": bf16, "out_ptr": bf16, "d_ptr": bf16, "y_ptr": bf16, "bg_ptr": bf16, "bu_ptr": bf16,
-                  "ds_ptr": "*i32", "ranks_ptr": "*i32", "es_ptr": "*i32", "order_ptr": "*i32",
+                  "ds_ptr": "*i32", "ranks_ptr": "*i32", "es_ptr": "*i32",
                   **{n: "i32:16" for n in ("N", "s_gu", "s_o", "s_yt", "s_yp", "s_bp")}}
     # The LoRA expand at prefill sizes (kernels/lora_expand.py), gate_up of Llama-3-8B (2 x 14,336 columns), as
     # kernels.bench's 2,048-8,192-token cases launch it; Triton specialises the unit strides to constants.
@@ -147,14 +147,11 @@ def variants() -> dict[str, Variant]:
                                                                   "EMULATED": False}, 4),
         "silu_mul expand": Variant("_silu_mul_expand_kernel", silu_types,
                                    {"BM": 64, "BN": 32, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
-                                    "R": 16, "RB": rb, "SORTED": False}, 4, 1),
-        "silu_mul sorted": Variant("_silu_mul_expand_kernel", silu_types,
-                                   {"BM": 16, "BN": 32, "BK": 64, "EVEN_K": True, "DOT": 0, "EMULATED": False,
-                                    "R": 16, "RB": rb, "SORTED": True}, 4, 2),
+                                    "R": 16, "RB": rb}, 4, 1),
         # Eager steps (prompts): the segmented shrink's float32 y, tiles of 64 rows mostly of one slot.
         "silu_mul eager": Variant("_silu_mul_expand_kernel", {**silu_types, "y_ptr": "*fp32"},
                                   {"BM": 64, "BN": 64, "BK": 16, "EVEN_K": True, "DOT": 0, "EMULATED": False,
-                                   "R": 16, "RB": rb, "SORTED": True}, 4, 1),
+                                   "R": 16, "RB": rb}, 4, 1),
     }
 
 

@@ -50,15 +50,12 @@ class PendingExpand(NamedTuple):
     P slots, rank R = the slots' max rank, last two dims contiguous; zero past each slot's rank, as the stacked
     GEMM gives it), b (S tensors [slots, out_s, R], the rank dim contiguous and the same strides for every
     slice), ranks [slots] int32 (each slot's real rank), slots [T] int32 (each token's slot; -1, or a slot at or
-    past P, adds nothing: the caller picks P past every token's slot). order: optionally, the tokens ordered by
-    slot ([T] int32, LoRAKernelMeta.sorted_tokens): silu_mul then tiles the rows in that order, so that a tile's
-    rows hold a few slots and it reads their B alone."""
+    past P, adds nothing: the caller picks P past every token's slot)."""
 
     y: torch.Tensor
     b: tuple[torch.Tensor, ...]
     ranks: torch.Tensor
     slots: torch.Tensor
-    order: torch.Tensor | None = None
 
     def check(self, like: torch.Tensor) -> None:
         """Against the projection's output `like` [T, sum(out_s)] (or [T, ...] for q / k / v): shapes,
@@ -78,8 +75,6 @@ class PendingExpand(NamedTuple):
             raise ValueError(f"ranks must be int32 [{b[0].shape[0]}]")
         if self.slots.dtype != torch.int32 or self.slots.shape != (t,):
             raise ValueError(f"slots must be int32 [{t}]")
-        if self.order is not None and (self.order.dtype != torch.int32 or self.order.shape != (t,)):
-            raise ValueError(f"order must be int32 [{t}]")
 
     def args(self) -> tuple:
         """(y, s_yt, s_yp, s_bp, ranks, slots, P) for the kernels (R, the rank dim, goes as a constexpr)."""

@@ -332,25 +332,17 @@ _silu_mul = Launches(_silu_mul_kernel)
 # steps: the stacked GEMMs' P slots mixed in any order); past it, in tiles of EXPAND_TILE_ROWS rows.
 EXPAND_MAX_ROWS = 128
 EXPAND_TILE_ROWS = 64
-# Tiles of silu_mul's expand over rows ordered by slot (PendingExpand.order), up to EXPAND_MAX_ROWS rows: (BM, BN,
-# BK, stages). Off (None): one tile of every row in batch order, whatever the order says.
-SORTED_TILE: tuple[int, int, int, int] | None = (16, 32, 64, 2)
 
 
 @triton.jit
 def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P,
-                            bg_ptr, bu_ptr, order_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            bg_ptr, bu_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             EVEN_K: tl.constexpr, DOT: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
-                            RB: tl.constexpr, SORTED: tl.constexpr):
+                            RB: tl.constexpr):
     # One program per BM rows and BN columns: each present slot's B tile is read once per tile, not once per row
-    # (consumer_expand.expand_tile), and only the slots from the tile's lowest to its highest. SORTED: the tile's
-    # rows are the next BM of the tokens ordered by slot (order_ptr), so that span is short.
-    at_ = tl.program_id(1) * BM + tl.arange(0, BM)
-    row_ok = at_ < T
-    if SORTED:  # noqa: SIM108 (a static branch: only one is compiled)
-        rows = tl.load(order_ptr + at_, mask=row_ok, other=0)
-    else:
-        rows = at_
+    # (consumer_expand.expand_tile), and only the slots from the tile's lowest to its highest.
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    row_ok = rows < T
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
     ok = row_ok[:, None] & col_ok[None, :]
@@ -359,7 +351,7 @@ def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp,
     g = tl.load(gu_ptr + at, mask=ok, other=0.0).to(tl.float32)  # first: their latency beside the expand's
     u = tl.load(gu_ptr + at + N, mask=ok, other=0.0).to(tl.float32)
     slots = tl.load(es_ptr + rows, mask=row_ok, other=-1)
-    slots = tl.where((slots >= 0) & (slots < P) & row_ok, slots, -1)
+    slots = tl.where((slots >= 0) & (slots < P), slots, -1)
     k_lo, k_hi = tile_span(slots, P, R, BK)
     dg = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, 0, s_yt, s_yp, bg_ptr, s_bp,
                      P, k_lo, k_hi, R, BK, EVEN_K, DOT, EMULATED)
@@ -387,11 +379,7 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
         args, consts = _expand_args(delta, gate_up, 2)
         r = delta.y.shape[3]
         kp = delta.y.shape[1] * r  # P * R: the dot's k
-        order = delta.order if SORTED_TILE is not None or t > EXPAND_MAX_ROWS else None
-        if order is not None and t <= EXPAND_MAX_ROWS:
-            bm, bn, bk, stages = SORTED_TILE
-            bk = max(16, min(bk, kp & -kp))
-        elif t <= EXPAND_MAX_ROWS:
+        if t <= EXPAND_MAX_ROWS:
             # H200, 64 rows, P = 8, N = 8,192 (a sweep of BN 16-64, 2-8 warps, 1-2 stages, BK 32-128): 6.4 us,
             # against 8.5 for BN 64, 8 warps, 2 stages: one stage where the loop runs once. At P = 32 (4 blocks of
             # 128) three stages: 14.1 -> 10.1 us (B rotated past the L2; scratch sweep, 2-8 warps, BN 16-64).
@@ -400,9 +388,8 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
         else:  # eager steps: a tile's rows are mostly one prompt's, one slot; BK one slot's ranks (at least 16)
             bm, bn, bk, stages = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1
         _silu_mul_expand((-(-n // bn), -(-t // bm)), gate_up, out, t, n, gate_up.stride(0), out.stride(0), *args,
-                         gate_up if order is None else order, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0,
-                         DOT=dot_mode(gate_up), EMULATED=emulated(gate_up), **consts, SORTED=order is not None,
-                         num_warps=4, num_stages=stages)
+                         BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
+                         EMULATED=emulated(gate_up), **consts, num_warps=4, num_stages=stages)
     elif t:
         block = min(1024, next_pow2(n))
         d, ds, has_delta = _delta_args(delta, gate_up)

@@ -28,7 +28,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from . import elementwise
 from .consumer_expand import PendingExpand
 from .elementwise import EXPAND_MAX_ROWS
 from .l2_prefetch import Blocks
@@ -111,7 +110,6 @@ class TritonLoRA:
         self._side: torch.cuda.Stream | None = None
         self._deltas: dict[str, torch.Tensor] = {}  # group -> this step's [T, N] buffer for the adapters' part
         self._stacked_slots: int | None = None
-        self._order = False
         self._stacked_groups = STACKED_GROUPS
         self._biases: dict[tuple[int, str, int], torch.Tensor] = {}  # zero-padded to a stacked GEMM's rows
 
@@ -133,10 +131,7 @@ class TritonLoRA:
         # The metadata serves the LoRA kernels alone: a stacked step whose groups all run stacked launches none.
         self._stacked_groups = STACKED_GROUPS if stacked_slots is None or stacked_slots > STACKED_GATE_UP_MAX_SLOTS \
             else STACKED_GROUPS | {"gate_up"}
-        # silu_mul tiles a stacked gate_up's rows in slot order (elementwise.SORTED_TILE): the metadata's order.
-        self._order = stacked_slots is not None and "gate_up" in self._stacked_groups and \
-            (groups is None or "gate_up" in groups) and elementwise.SORTED_TILE is not None
-        if stacked_slots is None or groups is None or not groups <= self._stacked_groups or self._order:
+        if stacked_slots is None or groups is None or not groups <= self._stacked_groups:
             self.meta.prepare(token_slots, distinct)
         self._plans = {}
         self._slots = token_slots
@@ -256,7 +251,7 @@ class TritonLoRA:
         shrink(x, a, y)
         p = self.buffers.ranks.shape[0]
         return out, PendingExpand(y[:, None].expand(y.shape[0], p, *y.shape[1:]), tuple(self.buffers.b[layer][group]),
-                                  self.buffers.ranks, self._slots, self.meta.sorted_tokens[:x.shape[0]])
+                                  self.buffers.ranks, self._slots)
 
     def _stacked(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                  ) -> tuple[torch.Tensor, PendingExpand]:
@@ -274,5 +269,4 @@ class TritonLoRA:
             bias = self._biases[key]
         out = F.linear(x, stacked[:rows], bias)
         y = out[:, n:].view(x.shape[0], self._stacked_slots, s, r)
-        order = self.meta.sorted_tokens[:x.shape[0]] if self._order and group == "gate_up" else None
-        return out[:, :n], PendingExpand(y, tuple(self.buffers.b[layer][group]), self.buffers.ranks, self._slots, order)
+        return out[:, :n], PendingExpand(y, tuple(self.buffers.b[layer][group]), self.buffers.ranks, self._slots)

@@ -281,26 +281,3 @@ def test_silu_mul_expands_the_segmented_shrinks_y_in_row_tiles(dtype):
     plain = silu_mul(gate_up)  # rows without an adapter: silu_mul's own values
     assert torch.equal(out[none], plain[none])
     assert not torch.equal(out[~none], plain[~none])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [7, 40, 150], ids=lambda r: f"{r}rows")
-def test_silu_mul_tiles_rows_in_slot_order(dtype, rows):
-    """PendingExpand.order (the tokens ordered by slot, as LoRAKernelMeta sorts them: no adapter last): silu_mul
-    tiles the rows in that order (16-row tiles up to EXPAND_MAX_ROWS rows, 64 past it) and writes each row where
-    it belongs: the reference's values, NaN the kernels must not read unread; a wrong order (rows reversed within
-    the sort) changes nothing either, the order only groups the tiles."""
-    g = gen()
-    gate_up = rand(rows, 2 * 80, dtype=dtype, g=g)
-    pending = pending_for(gate_up, [80, 80], dtype, g, past_rank=0.0)
-    p = pending.y.shape[1]
-    slots = pending.slots.long()
-    keys = torch.where((slots < 0) | (slots >= p), p, slots)
-    order = torch.sort(keys, stable=True).indices.to(torch.int32)
-    gate, up = plus_delta(gate_up, expand_values(pending, dtype), pending.slots).chunk(2, dim=-1)
-    want = F.silu(gate) * up
-    for o in (order, order.flip(0)):
-        out = silu_mul(gate_up, pending._replace(order=o))
-        assert_close_where_expanded(out, want, dtype)
-    with pytest.raises(ValueError, match="order"):
-        silu_mul(gate_up, pending._replace(order=order[:-1]))
