@@ -97,9 +97,9 @@ def test_fused_elementwise_kernels_match_peft(tiny_model_dir, tiny_adapters):
     assert llm.engine.blocks.num_free == 64
 
 
-def _force_lora_mode(monkeypatch, stacked: bool) -> list[tuple[str, bool]]:
+def _force_lora_mode(monkeypatch, stacked: bool, p: int = 2) -> list[tuple[str, bool]]:
     """Every step of the Triton LoRA backend hands the adapters' part on (overlap) and, with stacked, as a pending
-    expand for the stacked groups (2 slots stacked: every group, gate_up included): what decode graphs do, forced on
+    expand for the stacked groups (p slots stacked: every group, gate_up included): what decode graphs do, forced on
     every step. Returns the log of (group, whether the projection handed on what the mode asks for), one entry for
     each projection that ran LoRA."""
     from kernels.consumer_expand import PendingExpand
@@ -108,7 +108,7 @@ def _force_lora_mode(monkeypatch, stacked: bool) -> list[tuple[str, bool]]:
     prepare, project, log = TritonLoRA.prepare, TritonLoRA.project, []
     monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False, groups=None,
                         stacked_slots=None: prepare(self, slots, distinct, overlap=True, groups=groups,
-                                                    stacked_slots=2 if stacked else None))
+                                                    stacked_slots=p if stacked else None))
 
     def logged(self, layer, group, *args):
         out, delta = project(self, layer, group, *args)
@@ -164,6 +164,17 @@ def test_lora_as_a_delta_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", None, "chat-lora"])
     assert log and all(ok for _, ok in log)
     assert {group for group, _ in log} == {"qkv", "o", "gate_up", "down"}  # chat-lora targets every projection
+
+
+def test_one_slot_stacked_matches_peft(tiny_model_dir, tiny_adapters, monkeypatch):
+    """Decode graphs of one adapter stack one slot (P = 1, adapter_slots.SMALLEST_PREFIX): every projection's GEMM
+    with the one slot's A under it and the ops after it expanding, forced on every step, fused ops: still
+    transformers + PEFT's tokens and logprobs beside a base request."""
+    log = _force_lora_mode(monkeypatch, stacked=True, p=1)
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
+              block_size=8, max_num_batched_tokens=16, lora_backend="triton", fused_elementwise=True)
+    _check(llm, tiny_model_dir, PROMPTS[:2], tiny_adapters, [None, "chat-lora"])
+    assert {group for group, ok in log if ok} == {"qkv", "o", "gate_up", "down"} and all(ok for _, ok in log)
 
 
 def test_stacked_projections_with_a_qkv_bias_match_peft(monkeypatch, tmp_path_factory):

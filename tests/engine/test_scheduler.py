@@ -173,8 +173,9 @@ def test_request_waits_for_its_adapter_copy_while_others_run():
 def test_stacked_prefixes_and_the_prefix_a_count_of_slots_needs():
     from gpu_worker.engine.adapter_slots import stacked_prefixes
 
-    assert stacked_prefixes(32) == [8, 16, 32] and stacked_prefixes(12) == [8, 12] and stacked_prefixes(4) == [4]
-    assert [SlotTable(32).prefix_for(n) for n in (1, 8, 9, 16, 17, 32)] == [8, 8, 16, 16, 32, 32]
+    assert stacked_prefixes(32) == [1, 2, 4, 8, 16, 32] and stacked_prefixes(12) == [1, 2, 4, 8, 12]
+    assert stacked_prefixes(4) == [1, 2, 4]
+    assert [SlotTable(32).prefix_for(n) for n in (1, 2, 3, 8, 9, 16, 17, 32)] == [1, 2, 4, 8, 16, 16, 32, 32]
 
 
 def test_slot_table_moves_an_adapter_into_a_lower_slot():
@@ -225,7 +226,7 @@ def test_compaction_moves_a_running_adapter_inside_the_prefix_its_batch_needs():
     for s in seqs[1:9]:
         sched.finish(s)  # a1..a8 idle in slots 1-8; a0 (slot 0) and a9 (slot 9) still run
     run_step(sched)
-    assert loader.started[-1] == (1, keys[9])  # into the lowest idle slot inside the prefix of 8
+    assert loader.started[-1] == (1, keys[9])  # into the lowest idle slot inside the prefix of 2 (two adapters run)
     assert slots.slot_of(keys[1]) is None and slots.moving(keys[9]) == 1
     late = seq("late", 4, keys[9])
     sched.add(late)

@@ -96,8 +96,8 @@ def test_attach_base_stacks_a_under_the_base_weights_and_loads_land_there(copy_k
 
 
 def test_stacked_prefixes_and_the_graph_a_batch_replays():
-    assert stacked_prefixes(32) == [8, 16, 32]
-    assert stacked_prefixes(12) == [8, 12]
+    assert stacked_prefixes(32) == [1, 2, 4, 8, 16, 32]
+    assert stacked_prefixes(12) == [1, 2, 4, 8, 12]
     assert stacked_prefixes(1) == [1]
     every = frozenset({"qkv", "o", "gate_up", "down"})
     graphs = DecodeGraphs.__new__(DecodeGraphs)  # find() alone: which captured graph a batch replays
