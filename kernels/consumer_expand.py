@@ -24,9 +24,9 @@ In a step they are bound by instruction issue and load latency, not bandwidth (n
 L2 at 5-10% of its throughput, 64 one-row programs for the norms and RoPE): the expand's cost is the instructions
 that widen and multiply a row's B (128 values a thread at 8 warps), and the round trips slot -> y, B.
 
-The engine stacks qkv, o and down (kernels/engine_backend.STACKED_GROUPS), and gate_up while P <= 8 (graph replay,
+The engine stacks qkv, o and down (kernels/engine_backend.STACKED_GROUPS), and gate_up while P <= 32 (graph replay,
 batch 64, 8 adapters: 1,591 us against 1,626 with gate_up's LoRA kernels beside its GEMM; batch 32: 1,500 against
-1,520).
+1,520; 32 adapters at P = 32: 1,680 against 1,740).
 
     pending = PendingExpand(y, b, ranks, slots)   # y: [T, P, S, R], the GEMM output's columns past N
     add_rms_norm(h, residual, w, eps, pending)    # or rope_and_cache(..., pending), silu_mul(gate_up, pending)

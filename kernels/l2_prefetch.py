@@ -9,7 +9,7 @@ hint so the weights streaming past do not push it out, it is in L2 by the time t
 
 The asking rides on the layer's norms (`prefetch_share`: each of a norm's programs asks for a share), since a
 launch of its own sits on the step's critical path: the input norm asks for the layer's B of the stacked groups
-(all four while gate_up is stacked, P <= 8; else qkv's and o's), the post-attention norm for down's
+(all four while gate_up is stacked, P <= 32; else qkv's and o's), the post-attention norm for down's
 (kernels/engine_backend.py `layer_prefetch`, up to P = 16). H200, graph replay, 8 rank-16 adapters (`python3 -m
 benchmarks.step_breakdown --compare-set "kernels.engine_backend.PREFETCH_B=False"`, P = 8): batch 64 1,560 us
 against 1,593 without and 1,592 with a launch of its own (its 1.5 us a layer eat what it saves); batch 32 1,471 /

@@ -139,8 +139,8 @@ def test_b_runs_cover_each_layers_b_in_a_slots_row():
 
 def test_the_norms_prefetch_spans_split_the_stacked_groups_b():
     """What each norm asks into L2 (kernels.engine_backend.prefetch_span over b_runs): with every group stacked
-    (P <= 8) the input norm asks for the layer's whole B and the post-attention norm for nothing; with gate_up's
-    LoRA beside its GEMM (P = 16), the input norm asks for qkv's and o's B and the post-attention norm for down's;
+    (P <= 32) the input norm asks for the layer's whole B and the post-attention norm for nothing; with gate_up's
+    LoRA beside its GEMM (past 32), the input norm asks for qkv's and o's B and the post-attention norm for down's;
     a q/v batch asks for qkv's alone."""
     from kernels.engine_backend import STACKED_GROUPS, prefetch_span
 
