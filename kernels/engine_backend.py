@@ -199,9 +199,14 @@ class TritonLoRA:
         """Add the adapters' contribution for projection `group` of `layer` into `out` in place."""
         if not self._runs(group):
             return
+        y, expand = self._shrink(layer, group, x, out)
+        expand(y, self.buffers.b[layer][group], out)
+
+    def _shrink(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """The segmented (or per-token) shrink of x into this step's y; returns (y, the planned expand into out)."""
         _, y, shrink, expand = self._plan(layer, group, x, out)
         shrink(x, self.buffers.a[layer][group], y)
-        expand(y, self.buffers.b[layer][group], out)
+        return y, expand
 
     def project(self, layer: int, group: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | PendingExpand | None]:
@@ -246,9 +251,7 @@ class TritonLoRA:
         """The base output and the segmented shrink's y, handed on unexpanded: y [T, S, R] stands for every slot
         (a zero stride over P, the slot count), and the consumer reads each row's own slot of it."""
         out = F.linear(x, weight, bias)
-        _, y, shrink, _ = self._plan(layer, group, x, out)
-        a = self.buffers.a[layer][group]
-        shrink(x, a, y)
+        y, _ = self._shrink(layer, group, x, out)
         p = self.buffers.ranks.shape[0]
         return out, PendingExpand(y[:, None].expand(y.shape[0], p, *y.shape[1:]), tuple(self.buffers.b[layer][group]),
                                   self.buffers.ranks, self._slots)
