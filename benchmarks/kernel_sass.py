@@ -120,6 +120,8 @@ def variants() -> dict[str, Variant]:
                       **{n: "i32:16" for n in ("H", "s_qt", "s_qh", "s_kt", "s_kh", "s_vt", "s_vh", "s_cos", "s_cs",
                                                "s_ch", "s_yt", "s_yp", "s_bp")})
     rope = dict(H_PAD=32, KVH_PAD=8, HALF=32, EMULATED=False)
+    # Expanding in a decode graph on Hopper: the row's B loaded first, launched dependent (kernels/launch.py).
+    plain, early = {"EARLY_B": False, "PDL": False}, {"EARLY_B": True, "PDL": True}
     silu_types = {"gu_ptr": bf16, "out_ptr": bf16, "d_ptr": bf16, "y_ptr": bf16, "bg_ptr": bf16, "bu_ptr": bf16,
                   "ds_ptr": "*i32", "ranks_ptr": "*i32", "es_ptr": "*i32",
                   **{n: "i32:16" for n in ("N", "s_gu", "s_o", "s_yt", "s_yp", "s_bp")}}
@@ -137,21 +139,23 @@ def variants() -> dict[str, Variant]:
                                    {**expand, "BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 16}, 4, 3),
         "lora_expand r64": Variant("_expand_kernel", expand_types,
                                    {**expand, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 2),
-        "add_rms_norm base": Variant("_add_rms_norm_kernel", norm_types, {**norm, "LORA": 0, "R": 1, "RB": 1}, 4),
-        "add_rms_norm expand": Variant("_add_rms_norm_kernel", norm_types, {**norm, "LORA": 2, "R": 16, "RB": rb},
-                                       EXPAND_WARPS),
-        "rope_and_cache base": Variant("_rope_cache_kernel", rope_types, {**rope, "LORA": 0, "R": 1, "RB": 1}, 4),
-        "rope_and_cache expand": Variant("_rope_cache_kernel", rope_types, {**rope, "LORA": 2, "R": 16, "RB": rb},
-                                         EXPAND_WARPS),
+        "add_rms_norm base": Variant("_add_rms_norm_kernel", norm_types,
+                                     {**norm, "LORA": 0, "R": 1, "RB": 1, **plain}, 4),
+        "add_rms_norm expand": Variant("_add_rms_norm_kernel", norm_types,
+                                       {**norm, "LORA": 2, "R": 16, "RB": rb, **early}, EXPAND_WARPS),
+        "rope_and_cache base": Variant("_rope_cache_kernel", rope_types,
+                                       {**rope, "LORA": 0, "R": 1, "RB": 1, **plain}, 4),
+        "rope_and_cache expand": Variant("_rope_cache_kernel", rope_types,
+                                         {**rope, "LORA": 2, "R": 16, "RB": rb, **early}, EXPAND_WARPS),
         "silu_mul base": Variant("_silu_mul_kernel", silu_types, {"HAS_DELTA": False, "BLOCK": 1024,
                                                                   "EMULATED": False}, 4),
         "silu_mul expand": Variant("_silu_mul_expand_kernel", silu_types,
                                    {"BM": 64, "BN": 32, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
-                                    "R": 16, "RB": rb}, 4, 1),
+                                    "R": 16, "RB": rb, "PDL": True, "GROUPED": False}, 4, 1),
         # Eager steps (prompts): the segmented shrink's float32 y, tiles of 64 rows mostly of one slot.
         "silu_mul eager": Variant("_silu_mul_expand_kernel", {**silu_types, "y_ptr": "*fp32"},
                                   {"BM": 64, "BN": 64, "BK": 16, "EVEN_K": True, "DOT": 0, "EMULATED": False,
-                                   "R": 16, "RB": rb}, 4, 1),
+                                   "R": 16, "RB": rb, "PDL": False, "GROUPED": False}, 4, 1),
     }
 
 

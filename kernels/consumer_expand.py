@@ -11,10 +11,12 @@ both launches out of the step:
 - The expand runs inside the op that reads the projection (kernels/elementwise.py): each output value gets
   y[t, slot(t), s, :rank] . B_s[slot(t), n, :rank] before anything else, rounded to the model's dtype as the
   delta buffer it replaces would round it. The norms and the RoPE + cache op do it per row
-  (`row_slot` once, then `expand_cols` per slice: a row's B tile from L2, a 2-D [columns, ranks] block;
-  `expand_row` both for one slice); silu_mul, whose 2 x 8,192-wide rows
-  made that 4x slower in a trial, runs tiles of rows against the slots' B with tensor-core dots
-  (`expand_tile`), from the lowest slot of a tile's rows to its highest (`tile_span`). Eager steps hand it
+  (`row_slot` once, then per slice the row's B loaded whole first, `row_b`, and `expand_loaded` once y is
+  there; past EARLY_B_PER_THREAD values a thread, `expand_cols`: B in [columns, ranks] blocks with y); silu_mul,
+  whose 2 x 8,192-wide rows made that 4x slower in a trial, runs tiles of rows against the slots' B with
+  tensor-core dots (`tile_b`, `tile_dot`; `expand_tile` loops them), from the lowest slot of a tile's rows to
+  its highest (`tile_span`). What a kernel reads first, before its grid-dependency wait (kernels/launch.py's
+  PDL), is what no kernel of the step writes: the slots and B. Eager steps hand it
   gate_up's y from the segmented shrink instead (float32 [T, S, R] with a zero stride over P): there a tile of
   64 rows is mostly one prompt's, so it reads one slot's B.
 
@@ -156,14 +158,65 @@ def expand_cols(n, ok, y_row, b_slot, has, rank, R: tl.constexpr, RB: tl.constex
     return acc
 
 
+# A row's B is loaded whole, ahead of the row's values (`row_b`, then `expand_loaded`), where it takes at most this
+# many values a thread: under programmatic dependent launch (kernels/launch.py) its loads then overlap the end of
+# the kernel before. Past it (wider rows, higher ranks) the expand reads B in blocks of ranks with y (expand_cols).
+EARLY_B_PER_THREAD = 192
+
+
+def early_b(block: int, r: int, warps: int) -> bool:
+    """Whether a per-row expand over `block` columns at rank R loads its B whole, first (EARLY_B_PER_THREAD)."""
+    return block * r <= EARLY_B_PER_THREAD * 32 * warps
+
+
 @triton.jit
-def expand_row(row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slots_ptr, P, R: tl.constexpr,
-               RB: tl.constexpr):
-    """For one row of a projection's output: (expand_cols of the row's slot, whether the row has an adapter);
-    y_ptr + y_off is the slice's y, b_ptr its B."""
-    sl, has, rank = row_slot(row, ranks_ptr, slots_ptr, P)
-    acc = expand_cols(n, ok, y_ptr + y_off + row * s_yt + sl * s_yp, b_ptr + sl * s_bp, has, rank, R, RB, False)
-    return acc, has
+def row_b(b_slot, n, ok, has, R: tl.constexpr):
+    """The row's slot's B [columns n, R] (b_slot from row_slot's slot), zero where not ok or the row has no
+    adapter: loaded before anything the kernel waits for."""
+    k = tl.arange(0, R)
+    b_ok = ok & ((n * 0 + tl.where(has, 1, 0)) > 0)  # a scalar in a mask trips the interpreter
+    return tl.load(b_slot + n[:, None] * R + k[None, :], mask=b_ok[:, None], other=0.0)
+
+
+@triton.jit
+def expand_loaded(bt, y_row, rank, R: tl.constexpr):
+    """expand_cols over a B already loaded (row_b): sum over r < rank of y_row[r] * bt[:, r], float32."""
+    k = tl.arange(0, R)
+    yk = tl.where(k < rank, tl.load(y_row + k).to(tl.float32), 0.0)
+    return tl.sum(bt.to(tl.float32) * yk[None, :], 1)
+
+
+@triton.jit
+def tile_b(b_ptr, s_bp, cols, col_ok, k0, k_end, R: tl.constexpr, BK: tl.constexpr, MASK_K: tl.constexpr):
+    """B [BK, BN] of the flattened (slot, r) axis from k0 for columns cols: B[k // R, cols, k % R], zero past
+    k_end where MASK_K (else every k0 + BK must lie within the slots b holds) and where not col_ok."""
+    k = k0 + tl.arange(0, BK)
+    b_at = b_ptr + (k // R)[:, None].to(tl.int64) * s_bp + cols[None, :].to(tl.int64) * R + (k % R)[:, None]
+    if MASK_K:
+        return tl.load(b_at, mask=(k < k_end)[:, None] & col_ok[None, :], other=0.0)
+    return tl.load(b_at, mask=col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def tile_dot(acc, rows, row_slots, y_ptr, y_off, s_yt, s_yp, bt, k0, P, R: tl.constexpr, BK: tl.constexpr,
+             DOT: tl.constexpr, EMULATED: tl.constexpr):
+    """acc + y @ bt for the block of the flattened (slot, r) axis from k0, bt its B (tile_b): each row's y of its
+    own slot (masked to zero elsewhere, and past the P slots). Only the row's own slot's y is loaded (a mask that
+    holds over each slot's R values, so the loads stay vectors; H200, batch 64, P = 8: silu_mul 5.9 -> 5.0 us
+    against loading all P slots' y and masking after), every rank: past a slot's rank both y (x times the
+    slot's zero rows of A) and B are zero. A float32 y (the segmented shrink's, in eager steps) is rounded to
+    B's dtype first, as lora_expand rounds it."""
+    k = k0 + tl.arange(0, BK)
+    ks = k // R
+    yt = tl.load(y_ptr + y_off + rows[:, None].to(tl.int64) * s_yt + ks[None, :].to(tl.int64) * s_yp
+                 + (k % R)[None, :], mask=(row_slots[:, None] == ks[None, :]) & (k < P * R)[None, :], other=0.0)
+    if yt.dtype != bt.dtype and bt.dtype != tl.float32:
+        yt = to_low(yt, bt.dtype, EMULATED)
+    if DOT == DOT_NATIVE:  # noqa: SIM108 (a static branch: only one dot is compiled)
+        acc = tl.dot(yt, bt, acc)
+    else:  # fp32 models, and the interpreter (which multiplies bf16 as raw bits): widened exactly
+        acc = tl.dot(yt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -172,33 +225,14 @@ def expand_tile(acc, rows, row_slots, cols, col_ok, y_ptr, y_off, s_yt, s_yp, b_
                 EMULATED: tl.constexpr):
     """acc [BM, BN] (float32) plus each row's y[row, slot(row), :rank] @ B[slot(row), cols, :rank].T for a tile
     of rows (row_slots: their slots, -1 for none or padding) and columns: a dot over the flattened (slot, r)
-    axis of the first P slots, y masked to each row's own slot. Unlike expand_row it reads every rank R: y past
-    a slot's rank must be zero (the stacked GEMM's is: the slots' A rows there are), as B is there. No branch on
-    the data: the loads of every block pipeline. EVEN_K: BK divides P * R (no block runs past the P slots, and
-    B's loads need no mask along k). [k_lo, k_hi): the span of the flattened axis the loop covers, a multiple of
-    BK to past the last (slot, r) of the tile's rows (`tile_span`). A float32 y (the segmented shrink's, in eager
-    steps) is rounded to B's dtype first, as lora_expand rounds it."""
+    axis of the first P slots, y masked to each row's own slot (tile_dot). Unlike the per-row expands it reads
+    every rank R: y past a slot's rank must be zero (the stacked GEMM's is: the slots' A rows there are), as B is
+    there. No branch on the data: the loads of every block pipeline. EVEN_K: BK divides P * R (no block runs past
+    the P slots, and B's loads need no mask along k). [k_lo, k_hi): the span of the flattened axis the loop
+    covers, a multiple of BK to past the last (slot, r) of the tile's rows (`tile_span`)."""
     for k0 in range(k_lo, k_hi, BK):
-        k = k0 + tl.arange(0, BK)
-        ks = k // R
-        kr = k % R
-        k_in = k < P * R
-        # Only the row's own slot's y is loaded (a mask that holds over each slot's R values, so the loads stay
-        # vectors; H200, batch 64, P = 8: silu_mul 5.9 -> 5.0 us against loading all P slots' y and masking after),
-        # every rank: past a slot's rank both y (x times the slot's zero rows of A) and B are zero.
-        yt = tl.load(y_ptr + y_off + rows[:, None].to(tl.int64) * s_yt + ks[None, :].to(tl.int64) * s_yp
-                     + kr[None, :], mask=(row_slots[:, None] == ks[None, :]) & k_in[None, :], other=0.0)
-        b_at = b_ptr + ks[:, None].to(tl.int64) * s_bp + cols[None, :].to(tl.int64) * R + kr[:, None]
-        if EVEN_K:
-            bt = tl.load(b_at, mask=col_ok[None, :], other=0.0)
-        else:
-            bt = tl.load(b_at, mask=k_in[:, None] & col_ok[None, :], other=0.0)
-        if yt.dtype != bt.dtype and bt.dtype != tl.float32:
-            yt = to_low(yt, bt.dtype, EMULATED)
-        if DOT == DOT_NATIVE:  # noqa: SIM108 (a static branch: only one dot is compiled)
-            acc = tl.dot(yt, bt, acc)
-        else:  # fp32 models, and the interpreter (which multiplies bf16 as raw bits): widened exactly
-            acc = tl.dot(yt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
+        bt = tile_b(b_ptr, s_bp, cols, col_ok, k0, P * R, R, BK, not EVEN_K)
+        acc = tile_dot(acc, rows, row_slots, y_ptr, y_off, s_yt, s_yp, bt, k0, P, R, BK, DOT, EMULATED)
     return acc
 
 

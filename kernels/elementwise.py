@@ -28,11 +28,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from ._common import dot_mode, emulated, next_pow2, round_low, to_low
-from .consumer_expand import PendingExpand, expand_cols, expand_row, expand_tile, rank_block, row_slot, tile_span
+from .consumer_expand import (
+    PendingExpand,
+    early_b,
+    expand_cols,
+    expand_loaded,
+    expand_tile,
+    rank_block,
+    row_b,
+    row_slot,
+    tile_b,
+    tile_dot,
+    tile_span,
+)
 from .l2_prefetch import Blocks, prefetch_share
-from .launch import Launches
+from .launch import Launches, pdl
 
 # The adapters' part an op is handed: none, values to add (LoRADelta), or to expand first (PendingExpand); the
 # kernels' LORA argument (host ints, and the same as constexprs for the kernels: Triton reads no other globals).
@@ -59,15 +72,6 @@ def _plus_delta(v, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA: tl.constexpr, dt: tl
     return v
 
 
-@triton.jit
-def _plus_expand(v, row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slots_ptr, P, R: tl.constexpr,
-                 dt: tl.constexpr, EMULATED: tl.constexpr, RB: tl.constexpr):
-    """v [BLOCK] (fp32, the projection's output at columns n of its slice) plus the adapters' part expanded here
-    (consumer_expand.expand_row), rounded as _plus_delta rounds a delta buffer's values."""
-    d, has = expand_row(row, n, ok, y_ptr, y_off, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, slots_ptr, P, R, RB)
-    return tl.where(has, round_low(v + round_low(d, dt, EMULATED), dt, EMULATED), v)
-
-
 def _expand_args(pending: PendingExpand | None, like: torch.Tensor, slices: int) -> tuple[tuple, dict]:
     """((y, s_yt, s_yp, s_bp, ranks, slots, P, b_0 .. b_{slices-1}) kernel arguments, {R, RB} constexprs); `like`
     stands in for the tensors when there is nothing to expand."""
@@ -78,6 +82,12 @@ def _expand_args(pending: PendingExpand | None, like: torch.Tensor, slices: int)
     pending.check(like)
     r = pending.y.shape[3]
     return pending.args() + tuple(pending.b), {"R": r, "RB": rank_block(r)}
+
+
+def _pdl_launch(pending: PendingExpand | None, like: torch.Tensor) -> dict:
+    """{PDL constexpr, launch_pdl}: on for ops that expand the adapters' part on Hopper on (kernels/launch.py)."""
+    on = pending is not None and pdl(like)
+    return {"PDL": on, "launch_pdl": on}
 
 
 def _delta_args(delta, like: torch.Tensor) -> tuple:
@@ -99,21 +109,33 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
                          y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P, b_ptr,
                          pf_base, pf_stride, pf_nbytes, pf_per_block, pf_total, pf_per_program,
                          HAS_RESIDUAL: tl.constexpr, LORA: tl.constexpr, BLOCK: tl.constexpr,
-                         EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, PREFETCH: tl.constexpr):
+                         EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, PREFETCH: tl.constexpr,
+                         EARLY_B: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     if PREFETCH:  # bytes a later kernel reads, asked into L2 (kernels/l2_prefetch.py)
         prefetch_share(pf_base, pf_stride, pf_nbytes, pf_per_block, pf_total, pf_per_program, row, 256)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
     dt: tl.constexpr = x_ptr.dtype.element_ty
-    h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
-    # The weight is loaded with the row, not after h_out's store (a load after a store waits for it).
+    # What no kernel of the step writes first (the weight, the row's slot and its B): under PDL it overlaps the
+    # kernel before, up to the wait.
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if LORA == _EXPAND:
+        sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
+        if EARLY_B:
+            bt = row_b(b_ptr + sl * s_bp, cols, ok, has, R)
+    if PDL:
+        gdc_wait()
+    h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
         if LORA == _EXPAND:
-            r = _plus_expand(r, row, cols, ok, y_ptr, 0, s_yt, s_yp, b_ptr, s_bp, ranks_ptr, es_ptr, P, R, dt,
-                             EMULATED, RB)
+            y_row = y_ptr + row * s_yt + sl * s_yp
+            if EARLY_B:
+                d = expand_loaded(bt, y_row, rank, R)
+            else:
+                d = expand_cols(cols, ok, y_row, b_ptr + sl * s_bp, has, rank, R, RB, False)
+            r = tl.where(has, round_low(r + round_low(d, dt, EMULATED), dt, EMULATED), r)
         else:
             r = _plus_delta(r, d_ptr, ds_ptr, row, row * s_r + cols, ok, LORA == _DELTA, dt, EMULATED)
         h = round_low(h + r, dt, EMULATED)  # the sum in the model's dtype, as torch rounds it
@@ -149,27 +171,50 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         args, consts = _expand_args(pending, r, 1)
         asks = prefetch is not None and h.is_cuda
         pf = prefetch.args(t) if asks else (0, 0, 1, 1, 1, 0)
+        block = next_pow2(n)
         _add_rms_norm((t,), h, r, weight, x, h_out, d, ds, n, eps, h.stride(0), r.stride(0), x.stride(0),
                       h_out.stride(0), *args, *pf, HAS_RESIDUAL=residual is not None,
-                      LORA=EXPAND if pending is not None else DELTA if has_delta else NO_LORA, BLOCK=next_pow2(n),
-                      EMULATED=emulated(h), **consts, PREFETCH=asks, num_warps=warps)
+                      LORA=EXPAND if pending is not None else DELTA if has_delta else NO_LORA, BLOCK=block,
+                      EMULATED=emulated(h), **consts, PREFETCH=asks,
+                      EARLY_B=pending is not None and early_b(block, consts["R"], warps),
+                      **_pdl_launch(pending, h), num_warps=warps)
     return x, h_out
 
 
 @triton.jit
-def _expanded_halves(x_ptr, row, s_t, s_h, n_heads, y_row, b_slot, has, rank, HEADS: tl.constexpr,
-                     HALF: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
-                     RB: tl.constexpr):
-    """x[row] (n_heads x 2 HALF values, HEADS >= n_heads a power of two) plus the adapters' part (y_row, b_slot,
-    has, rank: consumer_expand.row_slot's), rounded as an in-place add rounds it, as its two halves [HEADS, HALF]
-    (float32). The row is one 1-D block, whose expand is a 2-D [columns, ranks] tile (a 3-D one over heads ran 7x
-    slower); its halves are split in registers, not stored and read back."""
+def _row_cols(n_heads, HEADS: tl.constexpr, HALF: tl.constexpr):
+    """(the columns of a row of n_heads heads of 2 HALF values as one 1-D block, which are real)."""
     n = tl.arange(0, HEADS * 2 * HALF)
-    ok = n < n_heads * 2 * HALF
+    return n, n < n_heads * 2 * HALF
+
+
+@triton.jit
+def _expanded_halves(x_ptr, row, s_t, s_h, n_heads, y_row, b_slot, bt, has, rank, HEADS: tl.constexpr,
+                     HALF: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
+                     RB: tl.constexpr, EARLY_B: tl.constexpr):
+    """x[row] (n_heads x 2 HALF values, HEADS >= n_heads a power of two) plus the adapters' part (y_row, b_slot,
+    has, rank: consumer_expand.row_slot's; bt the row's B loaded already where EARLY_B), rounded as an in-place add
+    rounds it, as its two halves [HEADS, HALF] (float32). The row is one 1-D block, whose expand is a 2-D
+    [columns, ranks] tile (a 3-D one over heads ran 7x slower); its halves are split in registers, not stored and
+    read back."""
+    n, ok = _row_cols(n_heads, HEADS, HALF)
     v = tl.load(x_ptr + row * s_t + (n // (2 * HALF)) * s_h + n % (2 * HALF), mask=ok, other=0.0).to(tl.float32)
-    d = expand_cols(n, ok, y_row, b_slot, has, rank, R, RB, True)
+    if EARLY_B:  # noqa: SIM108 (a static branch: only one is compiled)
+        d = expand_loaded(bt, y_row, rank, R)
+    else:
+        d = expand_cols(n, ok, y_row, b_slot, has, rank, R, RB, True)
     v = tl.where(has, round_low(v + round_low(d, dt, EMULATED), dt, EMULATED), v)
     return tl.split(tl.permute(tl.reshape(v, [HEADS, 2, HALF]), (0, 2, 1)))
+
+
+@triton.jit
+def _row_b(b_slot, n_heads, has, HEADS: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
+           EARLY_B: tl.constexpr):
+    """The row's B of a slice of n_heads heads where EARLY_B (consumer_expand.row_b); else zeros, unused."""
+    n, ok = _row_cols(n_heads, HEADS, HALF)
+    if EARLY_B:
+        return row_b(b_slot, n, ok, has, R)
+    return tl.zeros([HEADS * 2 * HALF, R], b_slot.dtype.element_ty)
 
 
 @triton.jit
@@ -204,7 +249,8 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
                        H, KVH, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cs, s_ch,
                        y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P, bq_ptr, bk_ptr, bv_ptr,
                        H_PAD: tl.constexpr, KVH_PAD: tl.constexpr, HALF: tl.constexpr,
-                       LORA: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr):
+                       LORA: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr,
+                       EARLY_B: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dt: tl.constexpr = q_ptr.dtype.element_ty
     d1 = tl.arange(0, HALF)
@@ -222,15 +268,22 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
     v_offs = row * s_vt + kvh[:, None] * s_vh + d1[None, :]
     if LORA == _EXPAND:
         # q, k and v plus the adapters' part, every load (the row's slot, y, B, the values) issued before the first
-        # store, and kept in registers up to their rotation: a load after a store waits for it.
+        # store, and kept in registers up to their rotation: a load after a store waits for it. What no kernel of
+        # the step writes (the positions' cos / sin, the slots, B) first: under PDL it overlaps the kernel before.
         sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
+        bq_slot, bk_slot, bv_slot = bq_ptr + sl * s_bp, bk_ptr + sl * s_bp, bv_ptr + sl * s_bp
+        bq = _row_b(bq_slot, H, has, H_PAD, HALF, R, EARLY_B)
+        bk = _row_b(bk_slot, KVH, has, KVH_PAD, HALF, R, EARLY_B)
+        bv = _row_b(bv_slot, KVH, has, KVH_PAD, HALF, R, EARLY_B)
+        if PDL:
+            gdc_wait()
         y_row = y_ptr + row * s_yt + sl * s_yp
-        q1, q2 = _expanded_halves(q_ptr, row, s_qt, s_qh, H, y_row, bq_ptr + sl * s_bp, has, rank, H_PAD, HALF, dt,
-                                  EMULATED, R, RB)
-        k1, k2 = _expanded_halves(k_ptr, row, s_kt, s_kh, KVH, y_row + R, bk_ptr + sl * s_bp, has, rank, KVH_PAD,
-                                  HALF, dt, EMULATED, R, RB)
-        v1, v2 = _expanded_halves(v_ptr, row, s_vt, s_vh, KVH, y_row + 2 * R, bv_ptr + sl * s_bp, has, rank,
-                                  KVH_PAD, HALF, dt, EMULATED, R, RB)
+        q1, q2 = _expanded_halves(q_ptr, row, s_qt, s_qh, H, y_row, bq_slot, bq, has, rank, H_PAD, HALF, dt,
+                                  EMULATED, R, RB, EARLY_B)
+        k1, k2 = _expanded_halves(k_ptr, row, s_kt, s_kh, KVH, y_row + R, bk_slot, bk, has, rank, KVH_PAD, HALF, dt,
+                                  EMULATED, R, RB, EARLY_B)
+        v1, v2 = _expanded_halves(v_ptr, row, s_vt, s_vh, KVH, y_row + 2 * R, bv_slot, bv, has, rank, KVH_PAD,
+                                  HALF, dt, EMULATED, R, RB, EARLY_B)
         q_at = q_ptr + row * s_qt + heads[:, None] * s_qh + d1[None, :]
         q_ok = (heads < H)[:, None]
         o1, o2 = _rotated(q1, q2, cos1, sin1, cos2, sin2, dt, EMULATED)
@@ -307,7 +360,9 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         kc.stride(0), kc.stride(1), *args,
         H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2,
         LORA=EXPAND if pending is not None else NO_LORA if delta is None else DELTA,
-        EMULATED=emulated(q), **consts, num_warps=EXPAND_WARPS if pending is not None else 4,
+        EMULATED=emulated(q), **consts,
+        EARLY_B=pending is not None and early_b((next_pow2(h) + 2 * next_pow2(kvh)) * d, consts["R"], EXPAND_WARPS),
+        **_pdl_launch(pending, q), num_warps=EXPAND_WARPS if pending is not None else 4,
     )
 
 
@@ -332,31 +387,59 @@ _silu_mul = Launches(_silu_mul_kernel)
 # steps: the stacked GEMMs' P slots mixed in any order); past it, in tiles of EXPAND_TILE_ROWS rows.
 EXPAND_MAX_ROWS = 128
 EXPAND_TILE_ROWS = 64
+# Tiles of at least this many rows (up to EXPAND_MAX_ROWS) past BK = 128 (P > 8 slots at rank 16): a program per
+# column tile and block of 128 / R slots, each taking the rows of its slots, one block each with its B loaded
+# before the wait, in place of one looping over the blocks. H200, graph replay (scratch A/B, two engines): batch
+# 64, 32 adapters at P = 32 1,659 us against 1,718, 16 at P = 16 1,528 against 1,567 (alone, 10.9 us against
+# 11.9); batch 32 (tiles of 32 rows) 1,588 against 1,550 (alone 12.1 against 9.0), so not there.
+EXPAND_GROUPED_MIN_ROWS = 64
 
 
 @triton.jit
 def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P,
                             bg_ptr, bu_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             EVEN_K: tl.constexpr, DOT: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
-                            RB: tl.constexpr):
+                            RB: tl.constexpr, PDL: tl.constexpr, GROUPED: tl.constexpr):
     # One program per BM rows and BN columns: each present slot's B tile is read once per tile, not once per row
-    # (consumer_expand.expand_tile), and only the slots from the tile's lowest to its highest.
+    # (consumer_expand.expand_tile), and only the slots from the tile's lowest to its highest. GROUPED: a program
+    # per block of BK // R slots too (program_id 2), which takes only the rows of those slots (the first block
+    # also the rows without an adapter): no row's expand is split, and no program loops over blocks.
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     row_ok = rows < T
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
-    ok = row_ok[:, None] & col_ok[None, :]
     dt: tl.constexpr = out_ptr.dtype.element_ty
+    # What no kernel of the step writes first (the rows' slots, the B of the span's first block): under PDL it
+    # overlaps the kernel before, up to the wait. In decode steps that block is the whole span (P * R <= BK, or
+    # GROUPED), and in prompts' tiles (one slot) most often.
+    slots = tl.load(es_ptr + rows, mask=row_ok, other=-1)
+    slots = tl.where((slots >= 0) & (slots < P), slots, -1)
+    if GROUPED:
+        group = tl.program_id(2)
+        k_lo = group * BK
+        k_hi = k_lo + BK
+        row_ok &= tl.where(slots >= 0, slots // (BK // R), 0) == group
+        if tl.max(row_ok.to(tl.int32), 0) == 0:
+            return
+    else:
+        k_lo, k_hi = tile_span(slots, P, R, BK)
+    ok = row_ok[:, None] & col_ok[None, :]
+    bg = tile_b(bg_ptr, s_bp, cols, col_ok, k_lo, k_hi, R, BK, True)
+    bu = tile_b(bu_ptr, s_bp, cols, col_ok, k_lo, k_hi, R, BK, True)
+    if PDL:
+        gdc_wait()
     at = rows[:, None].to(tl.int64) * s_gu + cols[None, :]
     g = tl.load(gu_ptr + at, mask=ok, other=0.0).to(tl.float32)  # first: their latency beside the expand's
     u = tl.load(gu_ptr + at + N, mask=ok, other=0.0).to(tl.float32)
-    slots = tl.load(es_ptr + rows, mask=row_ok, other=-1)
-    slots = tl.where((slots >= 0) & (slots < P), slots, -1)
-    k_lo, k_hi = tile_span(slots, P, R, BK)
-    dg = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, 0, s_yt, s_yp, bg_ptr, s_bp,
-                     P, k_lo, k_hi, R, BK, EVEN_K, DOT, EMULATED)
-    du = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, R, s_yt, s_yp, bu_ptr, s_bp,
-                     P, k_lo, k_hi, R, BK, EVEN_K, DOT, EMULATED)
+    dg = tile_dot(tl.zeros([BM, BN], tl.float32), rows, slots, y_ptr, 0, s_yt, s_yp, bg, k_lo, P, R, BK, DOT,
+                  EMULATED)
+    du = tile_dot(tl.zeros([BM, BN], tl.float32), rows, slots, y_ptr, R, s_yt, s_yp, bu, k_lo, P, R, BK, DOT,
+                  EMULATED)
+    if not GROUPED:
+        dg = expand_tile(dg, rows, slots, cols, col_ok, y_ptr, 0, s_yt, s_yp, bg_ptr, s_bp, P, k_lo + BK, k_hi, R,
+                         BK, EVEN_K, DOT, EMULATED)
+        du = expand_tile(du, rows, slots, cols, col_ok, y_ptr, R, s_yt, s_yp, bu_ptr, s_bp, P, k_lo + BK, k_hi, R,
+                         BK, EVEN_K, DOT, EMULATED)
     has = (slots >= 0)[:, None]
     g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
     u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)
@@ -384,12 +467,14 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
             # against 8.5 for BN 64, 8 warps, 2 stages: one stage where the loop runs once. At P = 32 (4 blocks of
             # 128) three stages: 14.1 -> 10.1 us (B rotated past the L2; scratch sweep, 2-8 warps, BN 16-64).
             bm, bn, bk = max(16, next_pow2(t)), 32, max(16, min(128, kp & -kp))
-            stages = 1 if kp <= bk else 3
+            groups = kp // bk if bm >= EXPAND_GROUPED_MIN_ROWS and kp % bk == 0 and bk % r == 0 else 1
+            stages = 1 if kp <= bk or groups > 1 else 3
         else:  # eager steps: a tile's rows are mostly one prompt's, one slot; BK one slot's ranks (at least 16)
-            bm, bn, bk, stages = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1
-        _silu_mul_expand((-(-n // bn), -(-t // bm)), gate_up, out, t, n, gate_up.stride(0), out.stride(0), *args,
-                         BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
-                         EMULATED=emulated(gate_up), **consts, num_warps=4, num_stages=stages)
+            bm, bn, bk, stages, groups = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1, 1
+        _silu_mul_expand((-(-n // bn), -(-t // bm), groups), gate_up, out, t, n, gate_up.stride(0), out.stride(0),
+                         *args, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
+                         EMULATED=emulated(gate_up), **consts, **_pdl_launch(delta, gate_up), GROUPED=groups > 1,
+                         num_warps=4, num_stages=stages)
     elif t:
         block = min(1024, next_pow2(n))
         d, ds, has_delta = _delta_args(delta, gate_up)
