@@ -1,12 +1,14 @@
 """Where a graphed decode step's wall time goes, on the GPU: the step as the engine runs it (async scheduling, CUDA
 graphs, steps back to back), the GPU time of its graph replay alone, and the host time of each phase.
 
-    python3 -m benchmarks.step_breakdown [--batches 32,64] [--steps 50] [--compare-overlap] [--compare-shrink]
-                                         [--compare-stacked] [--compare-gate-up]
+    python3 -m benchmarks.step_breakdown [--batches 32,64] [--adapters 8] [--steps 50] [--compare-overlap]
+                                         [--compare-shrink] [--compare-stacked] [--compare-gate-up]
+                                         [--compare-set MODULE.NAME=VALUE ...]
 
 When the step takes about as long as its replay, the engine is GPU-bound; when it takes longer, the host's
 phases (which with async scheduling overlap the replay) are the limit. Llama-3.2-1B shape, random bf16
-weights, 128-token prompts, base-only and 8 rank-16 adapters mixed (benchmarks/synthetic.py).
+weights, 128-token prompts, base-only and rank-16 adapters mixed, 8 by default (`--adapters 1,8,32`: each count in
+turn; benchmarks/synthetic.py).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def replay_ms(graph, reps: int = 20) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.step_breakdown", description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="32,64")
+    p.add_argument("--adapters", default="8", help="distinct adapters mixed in the adapter batches (comma list)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compare-overlap", action="store_true", help="also an engine with overlap_lora=False (LoRA in "
                    "place after each GEMM), the same adapter batches timed on both, side by side")
@@ -71,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     import kernels.engine_backend
     from gpu_worker.engine import EngineArgs, LLMEngine, decode_graphs
 
-    model, loras = llama_1b_with_adapters("step-breakdown-", 8)
+    counts = [int(n) for n in args.adapters.split(",")]
+    model, loras = llama_1b_with_adapters("step-breakdown-", max(counts))
+    slots = max(16, max(counts))
 
     def make(overlap: bool):
         return LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
-                                    enable_lora=True, max_loras=16, max_lora_rank=16, max_cpu_loras=16,
+                                    enable_lora=True, max_loras=slots, max_lora_rank=16, max_cpu_loras=slots,
                                     overlap_lora=overlap))
 
     def make_with(module, name: str, value):
@@ -107,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}; async scheduling {engine.async_scheduling}, "
           f"elementwise {engine.model.ops.__name__}")
     for n, batch in enumerate(int(b) for b in args.batches.split(",")):
-        for with_lora in (False, True):
-            adapters = loras if with_lora else None
+        for count in [0, *counts]:
+            with_lora = count > 0
+            adapters = loras[:count] if with_lora else None
             step, gpu = run_batch(engine, batch, adapters, args.steps, seed=2 * n + with_lora, on_start=totals.clear)
-            label = "8 adapters" if with_lora else "base"
+            label = f"{count} adapter{'s' * (count > 1)}" if with_lora else "base"
             print(f"batch {batch}, {label}: step {step:.3f} ms, graph replay alone {gpu:.3f} ms on the GPU "
                   f"({'GPU' if step < 1.1 * gpu else 'host'}-bound)")
             for key, total in totals.items():
