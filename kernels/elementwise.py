@@ -393,6 +393,14 @@ EXPAND_TILE_ROWS = 64
 # 64, 32 adapters at P = 32 1,659 us against 1,718, 16 at P = 16 1,528 against 1,567 (alone, 10.9 us against
 # 11.9); batch 32 (tiles of 32 rows) 1,588 against 1,550 (alone 12.1 against 9.0), so not there.
 EXPAND_GROUPED_MIN_ROWS = 64
+# Decode tiles (up to EXPAND_MAX_ROWS rows): columns a program (in slot groups, EXPAND_GROUPED_BN), the most of the
+# (slot, rank) axis a block covers, warps. H200, alone (python3 -m benchmarks.consumer_kernels --set ...), B in L2:
+# P = 8, BN 64 against 32: batch 64 4.16 us against 4.43, batch 32 3.65 against 4.37; P = 32, batch 32 (one
+# program looping over the blocks) 8.05 against 9.06; in slot groups (batch 64) 11.57 against 10.95. BN 16, 2 or 8
+# warps, BK 32 or 64: none better. In the step BN 64 is within the noise (graph replay, two engines: batch 32, 8
+# adapters 1,363 us against 1,375, 32 adapters 1,527 against 1,530; batch 64, 8 adapters 1,448 against 1,444, base
+# 1,283 against 1,275).
+EXPAND_DECODE_BN, EXPAND_GROUPED_BN, EXPAND_DECODE_BK, EXPAND_DECODE_WARPS = 64, 32, 128, 4
 
 
 @triton.jit
@@ -466,15 +474,16 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
             # H200, 64 rows, P = 8, N = 8,192 (a sweep of BN 16-64, 2-8 warps, 1-2 stages, BK 32-128): 6.4 us,
             # against 8.5 for BN 64, 8 warps, 2 stages: one stage where the loop runs once. At P = 32 (4 blocks of
             # 128) three stages: 14.1 -> 10.1 us (B rotated past the L2; scratch sweep, 2-8 warps, BN 16-64).
-            bm, bn, bk = max(16, next_pow2(t)), 32, max(16, min(128, kp & -kp))
+            bm, bk = max(16, next_pow2(t)), max(16, min(EXPAND_DECODE_BK, kp & -kp))
             groups = kp // bk if bm >= EXPAND_GROUPED_MIN_ROWS and kp % bk == 0 and bk % r == 0 else 1
-            stages = 1 if kp <= bk or groups > 1 else 3
+            bn = EXPAND_GROUPED_BN if groups > 1 else EXPAND_DECODE_BN
+            stages, warps = 1 if kp <= bk or groups > 1 else 3, EXPAND_DECODE_WARPS
         else:  # eager steps: a tile's rows are mostly one prompt's, one slot; BK one slot's ranks (at least 16)
-            bm, bn, bk, stages, groups = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1, 1
+            bm, bn, bk, stages, groups, warps = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1, 1, 4
         _silu_mul_expand((-(-n // bn), -(-t // bm), groups), gate_up, out, t, n, gate_up.stride(0), out.stride(0),
                          *args, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
                          EMULATED=emulated(gate_up), **consts, **_pdl_launch(delta, gate_up), GROUPED=groups > 1,
-                         num_warps=4, num_stages=stages)
+                         num_warps=warps, num_stages=stages)
     elif t:
         block = min(1024, next_pow2(n))
         d, ds, has_delta = _delta_args(delta, gate_up)
