@@ -150,7 +150,7 @@ def variants() -> dict[str, Variant]:
         "silu_mul base": Variant("_silu_mul_kernel", silu_types, {"HAS_DELTA": False, "BLOCK": 1024,
                                                                   "EMULATED": False}, 4),
         "silu_mul expand": Variant("_silu_mul_expand_kernel", silu_types,
-                                   {"BM": 64, "BN": 32, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
+                                   {"BM": 64, "BN": 64, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
                                     "R": 16, "RB": rb, "PDL": True, "GROUPED": False}, 4, 1),
         # Eager steps (prompts): the segmented shrink's float32 y, tiles of 64 rows mostly of one slot.
         "silu_mul eager": Variant("_silu_mul_expand_kernel", {**silu_types, "y_ptr": "*fp32"},
