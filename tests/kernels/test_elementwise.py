@@ -281,3 +281,75 @@ def test_silu_mul_expands_the_segmented_shrinks_y_in_row_tiles(dtype):
     plain = silu_mul(gate_up)  # rows without an adapter: silu_mul's own values
     assert torch.equal(out[none], plain[none])
     assert not torch.equal(out[~none], plain[~none])
+
+
+def _stacked_gemm_case(t: int, g):
+    """Inputs of a layer's three expanding ops as a decode graph has them, each projection's output (and y) written
+    by a stacked GEMM: {name: (weight, output)} and a `step` that runs the GEMMs and the ops, returning what the ops
+    wrote. P = 16 slots of rank 16 (past BK: silu_mul's slot groups at 64 rows, its loop at 32)."""
+    dt, p, r, k, hd, heads, kvh, hidden, inter = torch.bfloat16, 16, 16, 1024, 64, 8, 2, 512, 1024
+    slots = torch.randint(-1, p, (t,), generator=g, dtype=torch.int32).to(DEVICE)
+    ranks = torch.full((p,), r, dtype=torch.int32, device=DEVICE)
+    x = rand(t, k, dtype=dt, g=g)
+
+    def stacked(widths):
+        n, s = sum(widths), len(widths)
+        w = rand(n + p * s * r, k, dtype=dt, g=g) * 0.05
+        out = torch.empty(t, n + p * s * r, dtype=dt, device=DEVICE)
+        b = (rand(p, n, r, dtype=dt, g=g) * 0.1).split(widths, dim=1)
+        return (w, out), PendingExpand(out[:, n:].view(t, p, s, r), b, ranks, slots)
+
+    sizes = [heads * hd, kvh * hd, kvh * hd]
+    (w_o, o), o_pending = stacked([hidden])
+    (w_qkv, qkv), qkv_pending = stacked(sizes)
+    (w_gu, gu), gu_pending = stacked([inter, inter])
+    h, norm_w = rand(t, hidden, dtype=dt, g=g), (torch.rand(hidden, generator=g) + 0.5).to(DEVICE, dt)
+    cos, sin = rand(64, hd, dtype=dt, g=g), rand(64, hd, dtype=dt, g=g)
+    positions = torch.randint(0, 64, (t,), generator=g).to(DEVICE)
+    kc = torch.full((8, 16, kvh, hd), float("nan"), dtype=dt, device=DEVICE)
+    vc = torch.full_like(kc, float("nan"))
+    cache_slots = torch.randperm(8 * 16, generator=g)[:t].to(DEVICE)
+    q, kk, v = (y.view(t, -1, hd) for y in qkv[:, :sum(sizes)].split(sizes, dim=-1))
+    block, at = cache_slots // 16, cache_slots % 16
+
+    def step():
+        torch.mm(x, w_o.T, out=o)
+        normed, h_new = add_rms_norm(h, o[:, :hidden], norm_w, 1e-5, o_pending)
+        torch.mm(x, w_qkv.T, out=qkv)
+        rope_and_cache(q, kk, v, positions, cos, sin, kc, vc, cache_slots, qkv_pending)
+        torch.mm(x, w_gu.T, out=gu)
+        act = silu_mul(gu[:, :2 * inter], gu_pending)
+        return {"norm": normed, "residual": h_new, "q": q, "k": kk, "v": v, "silu": act,
+                "k cache": kc[block, at], "v cache": vc[block, at]}
+
+    return {"o": o, "qkv": qkv, "gate_up": gu}, step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper GPU")
+@pytest.mark.parametrize("t", [32, 64])
+def test_dependent_launches_wait_for_the_gemm_before_them(monkeypatch, t):
+    """On Hopper the ops that expand launch dependent on the kernel before them (kernels/launch.py PDL) and load
+    their B before the grid-dependency wait. Captured in a CUDA graph right after the stacked GEMMs whose outputs
+    they read (NaN before each replay: a read before the GEMM ends would see it), they give what the same graph
+    with plain launches gives, bit for bit, and nothing they read is NaN."""
+    import kernels.launch
+
+    outputs, step = _stacked_gemm_case(t, gen())
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(kernels.launch, "PDL", on)
+        assert kernels.launch.pdl(outputs["o"]) == on
+        step()  # compiled and planned outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            written = step()
+        for buf in outputs.values():
+            buf.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        got[on] = {name: x.clone() for name, x in written.items()}
+    for name, plain in got[False].items():
+        assert torch.isfinite(plain).all(), name
+        assert torch.equal(plain, got[True][name]), name
