@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from ._common import dot_mode, emulated, next_pow2, round_low, to_low
 from .consumer_expand import (
@@ -45,7 +44,7 @@ from .consumer_expand import (
     tile_span,
 )
 from .l2_prefetch import Blocks, prefetch_share
-from .launch import Launches, pdl
+from .launch import Launches, gdc_wait, pdl
 
 # The adapters' part an op is handed: none, values to add (LoRADelta), or to expand first (PendingExpand); the
 # kernels' LORA argument (host ints, and the same as constexprs for the kernels: Triton reads no other globals).

@@ -20,6 +20,11 @@ from typing import Any
 import torch
 from triton.runtime import driver
 
+try:  # the grid-dependency wait of programmatic dependent launch (PDL below); older Tritons lack it
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:
+    gdc_wait = None
+
 # Off: every call goes through Triton's dispatch (benchmarks.profile_step --compare-launch times both).
 DIRECT = True
 # Programmatic dependent launch (Hopper on): a kernel launched with it (`launch_pdl`) may start while the kernel
@@ -41,7 +46,7 @@ def _major(index: int) -> int:
 
 def pdl(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with programmatic dependent launch (PDL above)."""
-    return PDL and t.is_cuda and _major(t.device.index if t.device.index is not None
+    return PDL and gdc_wait is not None and t.is_cuda and _major(t.device.index if t.device.index is not None
                                         else torch.cuda.current_device()) >= 9
 
 
