@@ -2,7 +2,8 @@
 from the engine's CUDA graphs, per case (base only, 8 and 32 rank-16 adapters mixed), the kernels grouped by name
 with their time per step, launches per step and time per launch.
 
-    python3 -m benchmarks.decode_kernels [--batch 64] [--steps 5] [--rows 16] [--cases 0,8,32]
+    python3 -m benchmarks.decode_kernels [--batch 64] [--steps 5] [--rows 16] [--cases 0,8,32] \\
+        [--set MODULE.NAME=VALUE]
 
 Under Nsight Compute, `--ncu` runs the profiled steps inside cudaProfilerStart / Stop instead of torch.profiler,
 so `ncu --profile-from-start off` reads the counters of those steps' kernels alone (not the prompts' or warm-up's):
@@ -12,7 +13,9 @@ so `ncu --profile-from-start off` reads the counters of those steps' kernels alo
 
 Llama-3.2-1B shape, random bf16 weights, 128-token prompts (benchmarks/synthetic.py); synchronous steps, so each
 step's kernels are its own. The sum is the step's kernel time, not its wall time: with overlap_lora the LoRA
-kernels run beside the GEMMs (benchmarks.step_breakdown times the replay).
+kernels run beside the GEMMs, and a kernel launched dependent on the one before it (kernels/launch.py's PDL: the
+expanding norms, RoPE and SiLU) counts its wait beside that kernel as its own time; `--set kernels.launch.PDL=False`
+captures the engine's graphs without it (benchmarks.step_breakdown times the replay).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import defaultdict
 
 import torch
 
+from benchmarks.module_set import module_set
 from benchmarks.synthetic import llama_1b_with_adapters
 
 
@@ -42,13 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=16, help="kernels listed per case")
     p.add_argument("--cases", default="0,8,32", help="distinct adapters per case (0: base only)")
     p.add_argument("--ncu", action="store_true", help="profile through cudaProfilerStart / Stop (for ncu)")
+    p.add_argument("--set", metavar="MODULE.NAME=VALUE", help="a module constant set while the engine's graphs are "
+                   "captured (a Python literal, e.g. kernels.launch.PDL=False)")
     args = p.parse_args(argv)
     from gpu_worker.engine import EngineArgs, LLMEngine, SamplingParams
 
     model, loras = llama_1b_with_adapters("decode-kernels-", 32)
-    engine = LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096,
-                                  max_num_seqs=max(128, args.batch), enable_lora=True, max_loras=32, max_lora_rank=16,
-                                  max_cpu_loras=32, async_scheduling=False))
+    with module_set(args.set):
+        engine = LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096,
+                                      max_num_seqs=max(128, args.batch), enable_lora=True, max_loras=32,
+                                      max_lora_rank=16, max_cpu_loras=32, async_scheduling=False))
     params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, batch {args.batch}, overlap_lora {engine.args.overlap_lora}")
