@@ -151,11 +151,15 @@ def variants() -> dict[str, Variant]:
                                                                   "EMULATED": False}, 4),
         "silu_mul expand": Variant("_silu_mul_expand_kernel", silu_types,
                                    {"BM": 64, "BN": 64, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
-                                    "R": 16, "RB": rb, "PDL": True, "GROUPED": False}, 4, 1),
+                                    "R": 16, "RB": rb, "PDL": True, "GROUPS": 1}, 4, 1),
+        # 32 adapters at P = 32: a program per block of 8 slots (the rows of its slots), 32 columns.
+        "silu_mul grouped": Variant("_silu_mul_expand_kernel", silu_types,
+                                    {"BM": 64, "BN": 32, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
+                                     "R": 16, "RB": rb, "PDL": True, "GROUPS": 4}, 4, 1),
         # Eager steps (prompts): the segmented shrink's float32 y, tiles of 64 rows mostly of one slot.
         "silu_mul eager": Variant("_silu_mul_expand_kernel", {**silu_types, "y_ptr": "*fp32"},
                                   {"BM": 64, "BN": 64, "BK": 16, "EVEN_K": True, "DOT": 0, "EMULATED": False,
-                                   "R": 16, "RB": rb, "PDL": False, "GROUPED": False}, 4, 1),
+                                   "R": 16, "RB": rb, "PDL": False, "GROUPS": 0}, 4, 1),
     }
 
 

@@ -392,6 +392,10 @@ EXPAND_TILE_ROWS = 64
 # 64, 32 adapters at P = 32 1,659 us against 1,718, 16 at P = 16 1,528 against 1,567 (alone, 10.9 us against
 # 11.9); batch 32 (tiles of 32 rows) 1,588 against 1,550 (alone 12.1 against 9.0), so not there.
 EXPAND_GROUPED_MIN_ROWS = 64
+# Where P * R <= BK (P <= 8 at rank 16): the program's one block from slot 0, not from its rows' lowest slot, so
+# B's loads need not wait for the slots and a reduction over them (SASS: 1,832 -> 1,552 instructions, 17 -> 11
+# barriers; not yet timed on the GPU).
+EXPAND_ONE_BLOCK = True
 # Decode tiles (up to EXPAND_MAX_ROWS rows): columns a program (in slot groups, EXPAND_GROUPED_BN), the most of the
 # (slot, rank) axis a block covers, warps. H200, alone (python3 -m benchmarks.consumer_kernels --set ...), B in L2:
 # P = 8, BN 64 against 32: batch 64 4.16 us against 4.43, batch 32 3.65 against 4.37; P = 32, batch 32 (one
@@ -406,30 +410,33 @@ EXPAND_DECODE_BN, EXPAND_GROUPED_BN, EXPAND_DECODE_BK, EXPAND_DECODE_WARPS = 64,
 def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P,
                             bg_ptr, bu_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             EVEN_K: tl.constexpr, DOT: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
-                            RB: tl.constexpr, PDL: tl.constexpr, GROUPED: tl.constexpr):
+                            RB: tl.constexpr, PDL: tl.constexpr, GROUPS: tl.constexpr):
     # One program per BM rows and BN columns: each present slot's B tile is read once per tile, not once per row
-    # (consumer_expand.expand_tile), and only the slots from the tile's lowest to its highest. GROUPED: a program
-    # per block of BK // R slots too (program_id 2), which takes only the rows of those slots (the first block
-    # also the rows without an adapter): no row's expand is split, and no program loops over blocks.
+    # (consumer_expand.expand_tile). GROUPS 0: over the slots from the tile's lowest to its highest, in blocks of
+    # BK. GROUPS 1: P * R <= BK, one block from slot 0, so B's loads wait for nothing. GROUPS > 1: a program per
+    # block of BK // R slots too (program_id 2), which takes only the rows of those slots (the first block also
+    # the rows without an adapter): no row's expand is split, and no program loops over blocks.
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     row_ok = rows < T
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
     dt: tl.constexpr = out_ptr.dtype.element_ty
     # What no kernel of the step writes first (the rows' slots, the B of the span's first block): under PDL it
-    # overlaps the kernel before, up to the wait. In decode steps that block is the whole span (P * R <= BK, or
-    # GROUPED), and in prompts' tiles (one slot) most often.
+    # overlaps the kernel before, up to the wait. In decode steps that block is the whole span (GROUPS > 0), and
+    # in prompts' tiles (one slot) most often.
     slots = tl.load(es_ptr + rows, mask=row_ok, other=-1)
     slots = tl.where((slots >= 0) & (slots < P), slots, -1)
-    if GROUPED:
+    if GROUPS == 0:
+        k_lo, k_hi = tile_span(slots, P, R, BK)
+    elif GROUPS == 1:
+        k_lo, k_hi = 0, P * R
+    else:
         group = tl.program_id(2)
         k_lo = group * BK
         k_hi = k_lo + BK
         row_ok &= tl.where(slots >= 0, slots // (BK // R), 0) == group
         if tl.max(row_ok.to(tl.int32), 0) == 0:
             return
-    else:
-        k_lo, k_hi = tile_span(slots, P, R, BK)
     ok = row_ok[:, None] & col_ok[None, :]
     bg = tile_b(bg_ptr, s_bp, cols, col_ok, k_lo, k_hi, R, BK, True)
     bu = tile_b(bu_ptr, s_bp, cols, col_ok, k_lo, k_hi, R, BK, True)
@@ -442,7 +449,7 @@ def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp,
                   EMULATED)
     du = tile_dot(tl.zeros([BM, BN], tl.float32), rows, slots, y_ptr, R, s_yt, s_yp, bu, k_lo, P, R, BK, DOT,
                   EMULATED)
-    if not GROUPED:
+    if GROUPS == 0:
         dg = expand_tile(dg, rows, slots, cols, col_ok, y_ptr, 0, s_yt, s_yp, bg_ptr, s_bp, P, k_lo + BK, k_hi, R,
                          BK, EVEN_K, DOT, EMULATED)
         du = expand_tile(du, rows, slots, cols, col_ok, y_ptr, R, s_yt, s_yp, bu_ptr, s_bp, P, k_lo + BK, k_hi, R,
@@ -474,14 +481,19 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
             # against 8.5 for BN 64, 8 warps, 2 stages: one stage where the loop runs once. At P = 32 (4 blocks of
             # 128) three stages: 14.1 -> 10.1 us (B rotated past the L2; scratch sweep, 2-8 warps, BN 16-64).
             bm, bk = max(16, next_pow2(t)), max(16, min(EXPAND_DECODE_BK, kp & -kp))
-            groups = kp // bk if bm >= EXPAND_GROUPED_MIN_ROWS and kp % bk == 0 and bk % r == 0 else 1
+            if kp <= bk and EXPAND_ONE_BLOCK:
+                groups = 1
+            elif kp > bk and bm >= EXPAND_GROUPED_MIN_ROWS and kp % bk == 0 and bk % r == 0:
+                groups = kp // bk
+            else:
+                groups = 0
             bn = EXPAND_GROUPED_BN if groups > 1 else EXPAND_DECODE_BN
-            stages, warps = 1 if kp <= bk or groups > 1 else 3, EXPAND_DECODE_WARPS
+            stages, warps = 1 if kp <= bk or groups else 3, EXPAND_DECODE_WARPS
         else:  # eager steps: a tile's rows are mostly one prompt's, one slot; BK one slot's ranks (at least 16)
-            bm, bn, bk, stages, groups, warps = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1, 1, 4
-        _silu_mul_expand((-(-n // bn), -(-t // bm), groups), gate_up, out, t, n, gate_up.stride(0), out.stride(0),
-                         *args, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
-                         EMULATED=emulated(gate_up), **consts, **_pdl_launch(delta, gate_up), GROUPED=groups > 1,
+            bm, bn, bk, stages, groups, warps = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1, 0, 4
+        _silu_mul_expand((-(-n // bn), -(-t // bm), max(groups, 1)), gate_up, out, t, n, gate_up.stride(0),
+                         out.stride(0), *args, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
+                         EMULATED=emulated(gate_up), **consts, **_pdl_launch(delta, gate_up), GROUPS=groups,
                          num_warps=warps, num_stages=stages)
     elif t:
         block = min(1024, next_pow2(n))

@@ -221,9 +221,11 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
     with pytest.raises(ValueError, match="slices"):
         add_rms_norm(h, r, w, 1e-5, pending._replace(b=pending.b * 2))
 
-    for rows in (t, 40):  # one row tile of 16; of 64, most rows padding
+    # One row tile of 16; of 64, most rows padding. P = 3 slots: over the tile's span of slots (16 rows), in a program
+    # per slot (64 rows: slot groups); P = 2: one block from slot 0.
+    for rows, p in ((t, 3), (40, 3), (t, 2), (40, 2)):
         gate_up = rand(rows, 2 * 80, dtype=dtype, g=g)
-        pending = pending_for(gate_up, [80, 80], dtype, g, past_rank=0.0)
+        pending = pending_for(gate_up, [80, 80], dtype, g, p=p, past_rank=0.0)
         gate, up = plus_delta(gate_up, expand_values(pending, dtype), pending.slots).chunk(2, dim=-1)
         out = silu_mul(gate_up, pending)
         assert_close_where_expanded(out, F.silu(gate) * up, dtype)
