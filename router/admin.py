@@ -17,13 +17,13 @@ then every worker evicts it (in-use versions as soon as their requests finish).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 from router import errors, policy
 from router.catalog import AdapterCatalog, check_name
 from router.domain import AdapterInfo, AdapterRef, AdapterState, LoadRequest, Residency
 from router.registry import WorkerRegistry
+from service_kit import admin_guard
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +32,11 @@ RETIRE_SWEEP_S = 2.0
 RETIRE_GIVE_UP_S = 3600.0
 
 
-class AdminGuard:
-    def __init__(self, enabled: bool, token: str):
-        if enabled and not token:
-            raise ValueError("admin RPCs need a token")
-        self.enabled = enabled
-        self._token = token.encode()
-
-    def check(self, authorization: str | None) -> None:
-        """Return if `authorization` (the metadata value, or None) grants admin; raise otherwise."""
-        if not self.enabled:
-            raise errors.PermissionDeniedError(
-                "runtime adapter updates are disabled on this router: start it with --enable-runtime-lora-updating "
-                "(LORASERVE_ROUTER_ENABLE_RUNTIME_LORA_UPDATING=true) and LORASERVE_ADMIN_TOKEN")
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
-            raise errors.UnauthenticatedError(
-                "admin RPCs need the metadata 'authorization: Bearer <LORASERVE_ADMIN_TOKEN>'")
+class AdminGuard(admin_guard.AdminGuard):
+    denied, unauthenticated = errors.PermissionDeniedError, errors.UnauthenticatedError
+    disabled_message = ("runtime adapter updates are disabled on this router: start it with "
+                        "--enable-runtime-lora-updating (LORASERVE_ROUTER_ENABLE_RUNTIME_LORA_UPDATING=true) and "
+                        "LORASERVE_ADMIN_TOKEN")
 
 
 class AdapterAdmin:

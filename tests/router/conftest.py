@@ -4,9 +4,7 @@ by ordinary sync gRPC clients from the tests, as any client would."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -16,40 +14,15 @@ import pytest
 from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from router.config import RouterConfig
 from router.server import RouterServer
+from tests.loop_thread import LoopThread
 from tests.router.fakes import FakeWorker, serving
 
 ADMIN_TOKEN = "s3cret-admin-token"
 
 
-class LoopThread:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="router-test-loop", daemon=True)
-        self.thread.start()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro, timeout: float = 120):
-        return self.submit(coro).result(timeout)
-
-    def call(self, fn: Callable, *args):
-        """Run a plain function on the loop's thread (to touch loop-owned state safely)."""
-
-        async def wrapper():
-            return fn(*args)
-
-        return self.run(wrapper())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="session")
 def loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
+    lt = LoopThread("router-test-loop", timeout=120)
     yield lt
     lt.close()
 

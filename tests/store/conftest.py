@@ -4,11 +4,8 @@ one loop per server; tests call it over real gRPC, as workers do)."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,29 +15,12 @@ import pytest
 from adapter_store.config import StoreConfig
 from adapter_store.server import StoreServer
 from loraserve.v1 import adapter_store_pb2, adapter_store_pb2_grpc
-
-
-class LoopThread:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="store-test-loop", daemon=True)
-        self.thread.start()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro, timeout: float = 60):
-        return self.submit(coro).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+from tests.loop_thread import LoopThread
 
 
 @pytest.fixture(scope="session")
 def store_loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
+    lt = LoopThread("store-test-loop")
     yield lt
     lt.close()
 

@@ -6,10 +6,7 @@ over real gRPC, as the router will.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,31 +19,14 @@ from gpu_worker.config import WorkerConfig
 from gpu_worker.engine import LLM, LoRARequest, SamplingParams
 from gpu_worker.server import WorkerServer
 from loraserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.loop_thread import LoopThread
 
 NUM_KV_BLOCKS = 256
 
 
-class LoopThread:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-aio-loop", daemon=True)
-        self.thread.start()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro, timeout: float = 60):
-        return self.submit(coro).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="session")
 def aio_loop() -> Iterator[LoopThread]:
-    lt = LoopThread()
+    lt = LoopThread("test-aio-loop")
     yield lt
     lt.close()
 
