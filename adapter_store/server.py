@@ -29,6 +29,7 @@ from adapter_store.sources.hub import HubResolver
 from adapter_store.sources.plugins import load_plugins
 from adapter_store.sources.s3 import S3Clients, S3Resolver
 from adapter_store.store import AdapterStore
+from service_kit.lifecycle import StartupError, listen
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,6 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-
-class StartupError(Exception):
-    """The store cannot start; the message says why and what to change."""
 
 
 class StoreServer:
@@ -67,11 +65,7 @@ class StoreServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)],
         )
-        host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
-        try:
-            self.port = server.add_insecure_port(f"{host}:{cfg.port}")
-        except RuntimeError as e:
-            raise StartupError(f"cannot listen on {host}:{cfg.port} ({e}); is the port taken?") from None
+        host, self.port = listen(server, cfg.host, cfg.port)
         self.listen_address = f"{host}:{self.port}"
         add_to_server(AdapterStoreService(self.runtime), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

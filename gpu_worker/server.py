@@ -24,6 +24,7 @@ from gpu_worker.service import SERVICE_NAME, WorkerService, error_interceptor
 from gpu_worker.store_client import StoreClient
 from loraserve.v1 import worker_pb2_grpc
 from service_kit import keepalive
+from service_kit.lifecycle import StartupError, listen
 from service_kit.worker_registry import RegistryMembership
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,6 @@ _WILDCARD = {"0.0.0.0", "::", "[::]", ""}
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-
-class StartupError(Exception):
-    """The worker cannot start; the message says why and what to change."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +75,7 @@ class WorkerServer:
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), ("grpc.so_reuseport", 0),
                      *keepalive.server_options()],
         )
-        host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
-        try:
-            self.port = server.add_insecure_port(f"{host}:{cfg.port}")
-        except RuntimeError as e:
-            raise StartupError(f"cannot listen on {host}:{cfg.port} ({e}); is the port taken?") from None
+        host, self.port = listen(server, cfg.host, cfg.port)
         self.listen_address = f"{host}:{self.port}"
         name = socket.gethostname()
         self.worker_id = cfg.worker_id or f"{name}-{self.port}"

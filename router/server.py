@@ -26,6 +26,7 @@ from router.registry_redis import RedisMembership
 from router.service import SERVICE_NAME, InferenceService
 from router.store_client import StoreClient
 from router.worker_client import WorkerClient
+from service_kit.lifecycle import StartupError, listen
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,6 @@ MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-
-class StartupError(Exception):
-    """The router cannot start; the message says why and what to change."""
 
 
 class RouterServer:
@@ -68,11 +66,7 @@ class RouterServer:
         server = grpc.aio.server(interceptors=[error_interceptor(SERVICE_NAME)],
                                  options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                                           ("grpc.so_reuseport", 0)])
-        host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
-        try:
-            self.port = server.add_insecure_port(f"{host}:{cfg.port}")
-        except RuntimeError as e:
-            raise StartupError(f"cannot listen on {host}:{cfg.port} ({e}); is the port taken?") from None
+        host, self.port = listen(server, cfg.host, cfg.port)
         self.listen_address = f"{host}:{self.port}"
         service = InferenceService(self.dispatcher, self.catalog, self.admin, self.registry)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)

@@ -18,6 +18,20 @@ class Server(Protocol):
     async def shutdown(self, grace: float | None = None) -> None: ...
 
 
+class StartupError(Exception):
+    """The service cannot start; the message says why and what to change."""
+
+
+def listen(server, host: str, port: int) -> tuple[str, int]:
+    """Bind a grpc.aio server to host:port: (the host as an address names it, an IPv6 one in brackets; the port
+    bound, which port 0 picks). StartupError where it cannot (the port is taken)."""
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    try:
+        return host, server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:
+        raise StartupError(f"cannot listen on {host}:{port} ({e}); is the port taken?") from None
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,4 +1,4 @@
-"""Helpers behind the conftest fixtures: ports, the moto S3 server, uploads, Redis connection/cleanup.
+"""Helpers behind the conftest fixtures: ports, the moto S3 server, uploads, Redis connection/cleanup, polling.
 
 Kept out of conftest.py so tests and scripts can import them directly (``from tests.services import ...``).
 """
@@ -6,6 +6,8 @@ Kept out of conftest.py so tests and scripts can import them directly (``from te
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -107,3 +109,13 @@ def delete_prefix(client, prefix: str) -> int:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def wait_until(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.02):
+    """Poll `check` until it returns something truthy; return that, or the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -85,12 +84,3 @@ def stream_request(model: str = "", prompt: str = "hello", max_tokens: int = 4,
 def admin_metadata(token: str = ADMIN_TOKEN) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
-
-def wait_until(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.02):
-    """Poll `check` until it returns something truthy; return that, or the last value after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)

@@ -31,9 +31,9 @@ from tests.router.conftest import (
     router_stub,
     running_router,
     stream_request,
-    wait_until,
 )
 from tests.router.processes import Proc, ready, spawn, worker_cmd
+from tests.services import wait_until
 
 ADAPTERS = ("sql-lora", "chat-lora", "code-lora", "math-lora")
 EXTRA = tuple(f"extra-{i}" for i in range(8))  # more names the store resolves from its root (copies of sql-lora)

@@ -13,9 +13,10 @@ import time
 import grpc
 import pytest
 
-from tests.router.conftest import gen_request, router_config, router_stub, running_router, wait_until
+from tests.router.conftest import gen_request, router_config, router_stub, running_router
 from tests.router.processes import ready as ready_line
 from tests.router.processes import spawn, worker_cmd
+from tests.services import wait_until
 
 
 def store_cmd(root, cache, port: str = "0") -> list[str]:

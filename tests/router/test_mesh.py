@@ -18,8 +18,9 @@ from router import errors
 from router.config import RouterConfig
 from router.registry_dns import DnsMembership
 from router.store_client import StoreClient
-from tests.router.conftest import gen_request, router_config, router_stub, running_router, stream_request, wait_until
+from tests.router.conftest import gen_request, router_config, router_stub, running_router, stream_request
 from tests.router.fakes import FakeWorker, serving
+from tests.services import wait_until
 
 NAME = "workers.loraserve.test"
 

@@ -16,8 +16,9 @@ from router.domain import WorkerStatus
 from router.policy import preference
 from router.registry_redis import read_workers
 from service_kit.worker_registry import deregister_worker, heartbeat, register_worker
-from tests.router.conftest import fake_workers, gen_request, router_config, router_stub, running_router, wait_until
+from tests.router.conftest import fake_workers, gen_request, router_config, router_stub, running_router
 from tests.router.fakes import FakeWorker
+from tests.services import wait_until
 
 
 @pytest.fixture

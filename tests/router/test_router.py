@@ -29,10 +29,9 @@ from tests.router.conftest import (
     router_stub,
     running_router,
     stream_request,
-    wait_until,
 )
 from tests.router.fakes import FakeWorker, fake_hash, serving
-from tests.services import free_port
+from tests.services import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = {"sql-lora": 1, "chat-lora": 1, "code-lora": 1, "math-lora": 1}

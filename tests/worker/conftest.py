@@ -7,7 +7,6 @@ over real gRPC, as the router will.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -94,12 +93,3 @@ def generate_request(prompt: str, adapter: str | None = None, content_hash: str 
         req.adapter.name, req.adapter.content_hash = adapter, content_hash
     return req
 
-
-def wait_until(check: Callable[[], object], timeout: float = 5.0, interval: float = 0.02):
-    """Poll `check` until it returns something truthy; return that, or the last value after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)

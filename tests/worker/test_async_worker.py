@@ -11,8 +11,9 @@ import pytest
 from gpu_worker.adapters import LoRAModule
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.server import WorkerServer
+from tests.services import wait_until
 
-from .conftest import generate_request, stub_for, wait_until, worker_config
+from .conftest import generate_request, stub_for, worker_config
 from .test_generate import PROMPTS, check_against, collect
 from .test_lifecycle import FREED_WITHIN_S, LONG, idle, status
 

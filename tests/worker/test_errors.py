@@ -8,8 +8,9 @@ import pytest
 
 from gpu_worker.engine.lora.peft_adapter import content_hash
 from loraserve.v1 import common_pb2, worker_pb2
+from tests.services import wait_until
 
-from .conftest import generate_request, running_worker, stub_for, wait_until, worker_config
+from .conftest import generate_request, running_worker, stub_for, worker_config
 
 
 def error_of(stream_or_call) -> grpc.RpcError:

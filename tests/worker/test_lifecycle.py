@@ -20,8 +20,9 @@ from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora.peft_adapter import content_hash
 from gpu_worker.server import StartupError, WorkerServer
 from loraserve.v1 import common_pb2, worker_pb2
+from tests.services import wait_until
 
-from .conftest import NUM_KV_BLOCKS, generate_request, running_worker, stub_for, wait_until, worker_config
+from .conftest import NUM_KV_BLOCKS, generate_request, running_worker, stub_for, worker_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "loraserve.v1.WorkerService"
