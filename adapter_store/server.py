@@ -39,7 +39,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-
 class StoreServer:
     def __init__(self, config: StoreConfig):
         self.config = config

@@ -37,7 +37,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-
 @dataclass(frozen=True)
 class _Record:
     """What the worker writes into the registry."""

@@ -35,7 +35,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-
 class RouterServer:
     def __init__(self, config: RouterConfig):
         self.config = config
