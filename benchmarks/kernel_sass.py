@@ -98,7 +98,9 @@ def summary(sass: str) -> dict:
         "barriers": sum(n for op, n in counts.items() if op.startswith("BAR")),
         "shuffles": sum(n for op, n in counts.items() if op.startswith("SHFL")),
         # bf16 rounded on the bits (an add of 0x7fff plus the kept bit), not by the convert: the interpreter's way
-        "bit roundings": sum(1 for line in sass.splitlines() if INSTRUCTION.match(line) and "0x7fff," in line),
+        # (an AND with 0x7fff, as a shared-memory offset's, is not one)
+        "bit roundings": sum(1 for line in sass.splitlines()
+                             if (m := INSTRUCTION.match(line)) and "ADD" in m.group(2) and "0x7fff," in line),
         "top": counts.most_common(8),
     }
 
@@ -106,7 +108,7 @@ def summary(sass: str) -> dict:
 def variants() -> dict[str, Variant]:
     """The elementwise kernels as the engine's batch-64, 8-adapter decode step launches them (base and expanding)."""
     from kernels.consumer_expand import rank_block
-    from kernels.elementwise import EXPAND_WARPS
+    from kernels.elementwise import EXPAND_ONE_BLOCK_WARPS, EXPAND_WARPS
 
     rb = rank_block(16)
     bf16 = "*bf16"
@@ -144,14 +146,16 @@ def variants() -> dict[str, Variant]:
         "add_rms_norm expand": Variant("_add_rms_norm_kernel", norm_types,
                                        {**norm, "LORA": 2, "R": 16, "RB": rb, **early}, EXPAND_WARPS),
         "rope_and_cache base": Variant("_rope_cache_kernel", rope_types,
-                                       {**rope, "LORA": 0, "R": 1, "RB": 1, **plain}, 4),
+                                       {**rope, "LORA": 0, "R": 1, "RB": 1, **plain, "Q_PARTS": 0}, 4),
+        # A program per part of a row (q in 4 parts, k, v: elementwise.rope_parts).
         "rope_and_cache expand": Variant("_rope_cache_kernel", rope_types,
-                                         {**rope, "LORA": 2, "R": 16, "RB": rb, **early}, EXPAND_WARPS),
+                                         {**rope, "LORA": 2, "R": 16, "RB": rb, **early, "Q_PARTS": 4},
+                                         EXPAND_WARPS),
         "silu_mul base": Variant("_silu_mul_kernel", silu_types, {"HAS_DELTA": False, "BLOCK": 1024,
                                                                   "EMULATED": False}, 4),
         "silu_mul expand": Variant("_silu_mul_expand_kernel", silu_types,
                                    {"BM": 64, "BN": 64, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
-                                    "R": 16, "RB": rb, "PDL": True, "GROUPS": 1}, 4, 1),
+                                    "R": 16, "RB": rb, "PDL": True, "GROUPS": 1}, EXPAND_ONE_BLOCK_WARPS, 1),
         # 32 adapters at P = 32: a program per block of 8 slots (the rows of its slots), 32 columns.
         "silu_mul grouped": Variant("_silu_mul_expand_kernel", silu_types,
                                     {"BM": 64, "BN": 32, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,

@@ -10,10 +10,11 @@ both launches out of the step:
   path multiplies by the first N rows alone, as before.
 - The expand runs inside the op that reads the projection (kernels/elementwise.py): each output value gets
   y[t, slot(t), s, :rank] . B_s[slot(t), n, :rank] before anything else, rounded to the model's dtype as the
-  delta buffer it replaces would round it. The norms and the RoPE + cache op do it per row
-  (`row_slot` once, then per slice the row's B loaded whole first, `row_b`, and `expand_loaded` once y is
-  there; past EARLY_B_PER_THREAD values a thread, `expand_cols`: B in [columns, ranks] blocks with y); silu_mul,
-  whose 2 x 8,192-wide rows made that 4x slower in a trial, runs tiles of rows against the slots' B with
+  delta buffer it replaces would round it. The norms do it per row, RoPE + cache per part of a row (q's heads in
+  parts, k, v: a program each; `row_slot` once, then the part's B loaded whole first, `row_b`, and
+  `expand_loaded` once y is there; past EARLY_B_PER_THREAD values a thread, `expand_cols`: B in [columns,
+  ranks] blocks with y); silu_mul, whose 2 x 8,192-wide rows made that 4x slower in a trial, runs tiles of rows
+  against the slots' B with
   tensor-core dots (`tile_b`, `tile_dot`; `expand_tile` loops them), from the lowest slot of a tile's rows to
   its highest (`tile_span`; decode tiles over P * R <= 128 take their one block from slot 0, past it a program
   per block of slots). What a kernel reads first, before its grid-dependency wait (kernels/launch.py's

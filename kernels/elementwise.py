@@ -49,9 +49,9 @@ from .launch import Launches, gdc_wait, pdl
 # The adapters' part an op is handed: none, values to add (LoRADelta), or to expand first (PendingExpand); the
 # kernels' LORA argument (host ints, and the same as constexprs for the kernels: Triton reads no other globals).
 NO_LORA, DELTA, EXPAND = 0, 1, 2
-# Warps of a norm's or RoPE's program (one row) when it expands the adapters' part (H200, graph replay, 8 rank-16
-# adapters: 4 and 16 warps ran 1,569 / 1,571 us a step at batch 64 against 1,558 with 8; 1,485 / 1,489 against
-# 1,469 at batch 32).
+# Warps of a norm's program (one row) or RoPE's (a part of a row) when it expands the adapters' part (H200, graph
+# replay, 8 rank-16 adapters, one program a row: 4 and 16 warps ran 1,569 / 1,571 us a step at batch 64 against
+# 1,558 with 8; 1,485 / 1,489 against 1,469 at batch 32).
 EXPAND_WARPS = 8
 _NO_LORA: tl.constexpr = tl.constexpr(NO_LORA)
 _DELTA: tl.constexpr = tl.constexpr(DELTA)
@@ -243,13 +243,36 @@ def _rotate(x_ptr, d_ptr, ds_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, si
 
 
 @triton.jit
+def _kv_part(x_ptr, cache_ptr, row, s_t, s_h, dst, y_row, b_slot, has, rank, cos1, sin1, cos2, sin2, KVH,
+             KVH_PAD: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
+             RB: tl.constexpr, EARLY_B: tl.constexpr, PDL: tl.constexpr, ROTATE: tl.constexpr):
+    """A row's k (ROTATE) or v plus the adapters' part (y_row, b_slot: the slice's), back in place and to its cache
+    slot (dst): the row's B first, then the wait, the values, the stores."""
+    kvh = tl.arange(0, KVH_PAD)
+    ok = (kvh < KVH)[:, None]
+    d1 = tl.arange(0, HALF)
+    bt = _row_b(b_slot, KVH, has, KVH_PAD, HALF, R, EARLY_B)
+    if PDL:
+        gdc_wait()
+    x1, x2 = _expanded_halves(x_ptr, row, s_t, s_h, KVH, y_row, b_slot, bt, has, rank, KVH_PAD, HALF, dt, EMULATED, R,
+                              RB, EARLY_B)
+    if ROTATE:
+        x1, x2 = _rotated(x1, x2, cos1, sin1, cos2, sin2, dt, EMULATED)
+    at = x_ptr + row * s_t + kvh[:, None] * s_h + d1[None, :]
+    tl.store(at, x1.to(dt), mask=ok)
+    tl.store(at + HALF, x2.to(dt), mask=ok)
+    tl.store(cache_ptr + dst, x1.to(dt), mask=ok)
+    tl.store(cache_ptr + dst + HALF, x2.to(dt), mask=ok)
+
+
+@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                        dq_ptr, dk_ptr, dv_ptr, ds_ptr,
                        H, KVH, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos, s_cs, s_ch,
                        y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P, bq_ptr, bk_ptr, bv_ptr,
                        H_PAD: tl.constexpr, KVH_PAD: tl.constexpr, HALF: tl.constexpr,
                        LORA: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr,
-                       EARLY_B: tl.constexpr, PDL: tl.constexpr):
+                       EARLY_B: tl.constexpr, PDL: tl.constexpr, Q_PARTS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dt: tl.constexpr = q_ptr.dtype.element_ty
     d1 = tl.arange(0, HALF)
@@ -266,39 +289,35 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
     dst = slot * s_cs + kvh[:, None] * s_ch + d1[None, :]
     v_offs = row * s_vt + kvh[:, None] * s_vh + d1[None, :]
     if LORA == _EXPAND:
-        # q, k and v plus the adapters' part, every load (the row's slot, y, B, the values) issued before the first
-        # store, and kept in registers up to their rotation: a load after a store waits for it. What no kernel of
-        # the step writes (the positions' cos / sin, the slots, B) first: under PDL it overlaps the kernel before.
+        # A program per part of the row (rope_parts): q's heads in Q_PARTS parts, then k, then v. Each loads what
+        # no kernel of the step writes (cos / sin, the slot, its part's B) first: under PDL it overlaps the kernel
+        # before; then all its loads before its first store (a load after a store waits for it).
         sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
-        bq_slot, bk_slot, bv_slot = bq_ptr + sl * s_bp, bk_ptr + sl * s_bp, bv_ptr + sl * s_bp
-        bq = _row_b(bq_slot, H, has, H_PAD, HALF, R, EARLY_B)
-        bk = _row_b(bk_slot, KVH, has, KVH_PAD, HALF, R, EARLY_B)
-        bv = _row_b(bv_slot, KVH, has, KVH_PAD, HALF, R, EARLY_B)
-        if PDL:
-            gdc_wait()
         y_row = y_ptr + row * s_yt + sl * s_yp
-        q1, q2 = _expanded_halves(q_ptr, row, s_qt, s_qh, H, y_row, bq_slot, bq, has, rank, H_PAD, HALF, dt,
-                                  EMULATED, R, RB, EARLY_B)
-        k1, k2 = _expanded_halves(k_ptr, row, s_kt, s_kh, KVH, y_row + R, bk_slot, bk, has, rank, KVH_PAD, HALF, dt,
-                                  EMULATED, R, RB, EARLY_B)
-        v1, v2 = _expanded_halves(v_ptr, row, s_vt, s_vh, KVH, y_row + 2 * R, bv_slot, bv, has, rank, KVH_PAD,
-                                  HALF, dt, EMULATED, R, RB, EARLY_B)
-        q_at = q_ptr + row * s_qt + heads[:, None] * s_qh + d1[None, :]
-        q_ok = (heads < H)[:, None]
-        o1, o2 = _rotated(q1, q2, cos1, sin1, cos2, sin2, dt, EMULATED)
-        tl.store(q_at, o1, mask=q_ok)
-        tl.store(q_at + HALF, o2, mask=q_ok)
-        k_at = k_ptr + row * s_kt + kvh[:, None] * s_kh + d1[None, :]
-        k1, k2 = _rotated(k1, k2, cos1, sin1, cos2, sin2, dt, EMULATED)
-        tl.store(k_at, k1, mask=ok)
-        tl.store(k_at + HALF, k2, mask=ok)
-        tl.store(kc_ptr + dst, k1, mask=ok)
-        tl.store(kc_ptr + dst + HALF, k2, mask=ok)
-        # v plus the adapters' part goes to the cache, and back into v for whoever reads it there
-        tl.store(v_ptr + v_offs, v1.to(dt), mask=ok)
-        tl.store(v_ptr + v_offs + HALF, v2.to(dt), mask=ok)
-        tl.store(vc_ptr + dst, v1.to(dt), mask=ok)
-        tl.store(vc_ptr + dst + HALF, v2.to(dt), mask=ok)
+        part = tl.program_id(1)
+        if part < Q_PARTS:
+            QH: tl.constexpr = H_PAD // Q_PARTS
+            head0 = part * QH
+            n_q = H - head0
+            q_part = q_ptr + head0 * s_qh
+            bq_slot = bq_ptr + sl * s_bp + head0 * (2 * HALF * R)
+            bq = _row_b(bq_slot, n_q, has, QH, HALF, R, EARLY_B)
+            if PDL:
+                gdc_wait()
+            q1, q2 = _expanded_halves(q_part, row, s_qt, s_qh, n_q, y_row, bq_slot, bq, has, rank, QH, HALF, dt,
+                                      EMULATED, R, RB, EARLY_B)
+            qh = tl.arange(0, QH)
+            q_at = q_part + row * s_qt + qh[:, None] * s_qh + d1[None, :]
+            q_ok = (qh < n_q)[:, None]
+            o1, o2 = _rotated(q1, q2, cos1, sin1, cos2, sin2, dt, EMULATED)
+            tl.store(q_at, o1, mask=q_ok)
+            tl.store(q_at + HALF, o2, mask=q_ok)
+        elif part == Q_PARTS:  # k, rotated, to k and the cache
+            _kv_part(k_ptr, kc_ptr, row, s_kt, s_kh, dst, y_row + R, bk_ptr + sl * s_bp, has, rank, cos1, sin1, cos2,
+                     sin2, KVH, KVH_PAD, HALF, dt, EMULATED, R, RB, EARLY_B, PDL, True)
+        else:  # v to the cache, and back into v for whoever reads it there
+            _kv_part(v_ptr, vc_ptr, row, s_vt, s_vh, dst, y_row + 2 * R, bv_ptr + sl * s_bp, has, rank, cos1, sin1,
+                     cos2, sin2, KVH, KVH_PAD, HALF, dt, EMULATED, R, RB, EARLY_B, PDL, False)
     else:
         has_delta: tl.constexpr = LORA == _DELTA
         _rotate(q_ptr, dq_ptr, ds_ptr, row, heads, s_qt, s_qh, d1, cos1, sin1, cos2, sin2, H, dt, HALF, has_delta,
@@ -321,6 +340,21 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
 
 
 _rope_cache = Launches(_rope_cache_kernel)
+
+# RoPE + cache expanding the adapters' part runs a program per part of a row: q's heads in up to ROPE_Q_PARTS parts
+# about as wide as k's, then k, then v (each with its cache write), so a row's expand (its B loaded whole, then
+# multiplied) is spread over 6 SMs (Llama-3.2-1B) instead of one. H200, 8 adapters in P = 8 slots, alone
+# (python3 -m benchmarks.consumer_kernels): batch 64 3.54 -> 2.42 us against 2.13 base (q in 2 parts beside k and v
+# together: 2.89), batch 32 3.43 -> 2.02 against 2.07; graph replay of the step (benchmarks.step_breakdown) batch
+# 64 1,432 -> 1,417-1,425 us, batch 32 1,352 -> 1,336-1,340. Parts of 4 warps: alone 2.79 against 2.90 at 8, in
+# the step 1,425 against 1,421.
+ROPE_Q_PARTS = 4
+
+
+def rope_parts(h_pad: int, kvh_pad: int) -> int:
+    """How many programs RoPE + cache splits q's h_pad heads into when it expands: a power of two, up to
+    ROPE_Q_PARTS, each part at least kvh_pad heads wide where there are that many."""
+    return min(ROPE_Q_PARTS, max(1, h_pad // kvh_pad))
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -352,16 +386,18 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         dk, _, _ = _delta_args((dk, slots), k)
         dv, _, _ = _delta_args((dv, slots), v)
     args, consts = _expand_args(pending, q, 3)
+    # expanding, a program per part of a row: q's parts, k, v (rope_parts); else one a row
+    q_parts = rope_parts(next_pow2(h), next_pow2(kvh)) if pending is not None else 0
     _rope_cache(
-        (t,), q, k, v, positions, cos, sin, kc, v_cache.view(-1, kvh, d), slot_mapping,
+        (t, q_parts + 2 if q_parts else 1), q, k, v, positions, cos, sin, kc, v_cache.view(-1, kvh, d), slot_mapping,
         *((q, q, q, q) if dq is None else (dq, dk, dv, ds)),
         h, kvh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1), *args,
         H_PAD=next_pow2(h), KVH_PAD=next_pow2(kvh), HALF=d // 2,
         LORA=EXPAND if pending is not None else NO_LORA if delta is None else DELTA,
         EMULATED=emulated(q), **consts,
-        EARLY_B=pending is not None and early_b((next_pow2(h) + 2 * next_pow2(kvh)) * d, consts["R"], EXPAND_WARPS),
-        **_pdl_launch(pending, q), num_warps=EXPAND_WARPS if pending is not None else 4,
+        EARLY_B=pending is not None and early_b(next_pow2(h) // max(q_parts, 1) * d, consts["R"], EXPAND_WARPS),
+        Q_PARTS=q_parts, **_pdl_launch(pending, q), num_warps=EXPAND_WARPS if pending is not None else 4,
     )
 
 
@@ -393,8 +429,9 @@ EXPAND_TILE_ROWS = 64
 # 11.9); batch 32 (tiles of 32 rows) 1,588 against 1,550 (alone 12.1 against 9.0), so not there.
 EXPAND_GROUPED_MIN_ROWS = 64
 # Where P * R <= BK (P <= 8 at rank 16): the program's one block from slot 0, not from its rows' lowest slot, so
-# B's loads need not wait for the slots and a reduction over them (SASS: 1,832 -> 1,552 instructions, 17 -> 11
-# barriers; not yet timed on the GPU).
+# B's loads need not wait for the slots and a reduction over them (SASS: 1,832 -> 1,464 instructions, 17 -> 9
+# barriers; H200, graph replay, 8 adapters: batch 64 1,436 -> 1,428 us, batch 32 1,356 -> 1,349,
+# python3 -m benchmarks.step_breakdown --adapters 1,8 --compare-set kernels.elementwise.EXPAND_ONE_BLOCK=False).
 EXPAND_ONE_BLOCK = True
 # Decode tiles (up to EXPAND_MAX_ROWS rows): columns a program (in slot groups, EXPAND_GROUPED_BN), the most of the
 # (slot, rank) axis a block covers, warps. H200, alone (python3 -m benchmarks.consumer_kernels --set ...), B in L2:
@@ -404,6 +441,12 @@ EXPAND_ONE_BLOCK = True
 # adapters 1,363 us against 1,375, 32 adapters 1,527 against 1,530; batch 64, 8 adapters 1,448 against 1,444, base
 # 1,283 against 1,275).
 EXPAND_DECODE_BN, EXPAND_GROUPED_BN, EXPAND_DECODE_BK, EXPAND_DECODE_WARPS = 64, 32, 128, 4
+# The one-block tiles' warps. H200, P = 8, alone: batch 64 4.22 us at 4 warps, 3.75 at 8, 3.92 at 16; batch 32 3.54,
+# 3.41, 4.40; graph replay, 8 adapters, batch 64 1,418 -> 1,406 us, batch 32 1,337 -> 1,330. At P = 32 (slot groups,
+# or a loop) 8 warps were slower (alone 10.95 -> 11.55 us at batch 64; replay 1,638 -> 1,646). Tiles of fewer rows
+# (BM 32 or 16 at batch 64: 4.87, 6.35 us; more programs, each reading all of B) and a block of 64 of the (slot,
+# rank) axis in slot groups at P = 8 (4.38 us; 32: 5.41) were slower too.
+EXPAND_ONE_BLOCK_WARPS = 8
 
 
 @triton.jit
@@ -488,7 +531,8 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
             else:
                 groups = 0
             bn = EXPAND_GROUPED_BN if groups > 1 else EXPAND_DECODE_BN
-            stages, warps = 1 if kp <= bk or groups else 3, EXPAND_DECODE_WARPS
+            stages = 1 if kp <= bk or groups else 3
+            warps = EXPAND_ONE_BLOCK_WARPS if groups == 1 else EXPAND_DECODE_WARPS
         else:  # eager steps: a tile's rows are mostly one prompt's, one slot; BK one slot's ranks (at least 16)
             bm, bn, bk, stages, groups, warps = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1, 0, 4
         _silu_mul_expand((-(-n // bn), -(-t // bm), max(groups, 1)), gate_up, out, t, n, gate_up.stride(0),

@@ -230,7 +230,9 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
         out = silu_mul(gate_up, pending)
         assert_close_where_expanded(out, F.silu(gate) * up, dtype)
 
-    for heads, kv_heads in ((4, 2), (6, 3)):  # head counts a power of two, and not (the kernel pads them)
+    # Head counts a power of two, and not (the kernel pads them); q in 2 parts, and in 4 (the third part partly past
+    # the heads, the fourth wholly), then k and v (kernels.elementwise.rope_parts).
+    for heads, kv_heads in ((4, 2), (6, 3), (10, 2)):
         hd = 16
         sizes = [heads * hd, kv_heads * hd, kv_heads * hd]
         cat = rand(t, sum(sizes) + 3 * 3 * 16, dtype=dtype, g=g)
