@@ -4,6 +4,8 @@ block keeps the value.
 
     with module_set("kernels.consumer_expand.RANK_BLOCK=16"):   # MODULE.NAME=VALUE, VALUE a Python literal
         ...
+    with module_set("kernels.elementwise.EXPAND_DECODE_BK=64;kernels.elementwise.EXPAND_GROUPED_MIN_ROWS=32"):
+        ...                                                     # several, joined by ";"
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ def constant(module: ModuleType, name: str, value) -> Iterator[None]:
 
 @contextmanager
 def module_set(spec: str | None) -> Iterator[None]:
-    """`constant` from a "MODULE.NAME=VALUE" spec (None: nothing set)."""
+    """`constant` from a "MODULE.NAME=VALUE" spec, or several joined by ";" (None: nothing set)."""
     if spec is None:
         yield
+        return
+    first, _, rest = spec.partition(";")
+    if rest:
+        with module_set(first), module_set(rest):
+            yield
         return
     target, value = spec.split("=", 1)
     module, name = target.rsplit(".", 1)

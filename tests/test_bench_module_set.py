@@ -36,3 +36,15 @@ def test_a_bad_spec_is_refused():
         assert not hasattr(ce, "NO_SUCH_CONSTANT")
     with pytest.raises(ValueError, match="literal"), module_set("kernels.consumer_expand.RANK_BLOCK=not a literal"):
         pytest.fail("the block ran under a value that is not a literal")
+
+
+def test_several_constants_joined_by_semicolons_are_set_together_and_all_restored():
+    before, early = rank_block(), ce.EARLY_B_PER_THREAD
+    with module_set(f"kernels.consumer_expand.RANK_BLOCK={before * 2};kernels.consumer_expand.EARLY_B_PER_THREAD=7"):
+        assert (rank_block(), ce.EARLY_B_PER_THREAD) == (before * 2, 7)
+    assert (rank_block(), ce.EARLY_B_PER_THREAD) == (before, early)
+    # the second one bad: the first is restored too
+    bad = "kernels.consumer_expand.RANK_BLOCK=1;kernels.consumer_expand.NOPE=1"
+    with pytest.raises(AttributeError), module_set(bad):
+        pytest.fail("the block ran")
+    assert rank_block() == before
