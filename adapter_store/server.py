@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from adapter_store.auth import AdminGuard
 from adapter_store.cache import DiskCache
@@ -29,20 +27,19 @@ from adapter_store.sources.hub import HubResolver
 from adapter_store.sources.plugins import load_plugins
 from adapter_store.sources.s3 import S3Clients, S3Resolver
 from adapter_store.store import AdapterStore
+from service_kit.health import SERVING, ServiceHealth
 from service_kit.lifecycle import StartupError, listen
 
 log = logging.getLogger(__name__)
 
 # Fetch messages are ~1 MiB of data plus a few fields.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class StoreServer:
     def __init__(self, config: StoreConfig):
         self.config = config
-        self.health = health.aio.HealthServicer()
+        self.health = ServiceHealth(SERVICE_NAME)
         self.runtime = Runtime(
             guard=AdminGuard(config.enable_admin, config.admin_token),
             downloads=ThreadPoolExecutor(config.download_threads, thread_name_prefix="store-download"),
@@ -67,10 +64,7 @@ class StoreServer:
         host, self.port = listen(server, cfg.host, cfg.port)
         self.listen_address = f"{host}:{self.port}"
         add_to_server(AdapterStoreService(self.runtime), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        for svc in ("", SERVICE_NAME):
-            await self.health.set(svc, NOT_SERVING)
-        reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+        await self.health.expose(server)
         self.server = server
         await server.start()
         log.info("adapter store listening on %s; opening cache %s", self.listen_address, cfg.cache_dir)
@@ -83,8 +77,7 @@ class StoreServer:
             self._close_pools()
             raise StartupError(f"the adapter store failed to start: {e}") from e
         self.runtime.store = store
-        for svc in ("", SERVICE_NAME):
-            await self.health.set(svc, SERVING)
+        await self.health.set(SERVING)
         log.info("adapter store ready in %.2fs: resolvers %s, %d registered names, admin %s",
                  time.perf_counter() - t0, [k for k in cfg.resolvers if k == REGISTERED or k in store.registry.resolvers
                                             or k == "plugins"], len(store.registry.all()),

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gpu_worker.adapters import LocalAdapterSource, StoreAdapterSource
 from gpu_worker.async_engine import AsyncEngine
@@ -24,6 +22,7 @@ from gpu_worker.service import SERVICE_NAME, WorkerService, error_interceptor
 from gpu_worker.store_client import StoreClient
 from loraserve.v1 import worker_pb2_grpc
 from service_kit import keepalive
+from service_kit.health import SERVING, ServiceHealth
 from service_kit.lifecycle import StartupError, listen
 from service_kit.worker_registry import RegistryMembership
 
@@ -33,8 +32,6 @@ MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 # After the drain, RPCs still open (WatchStatus, health Watch) get this long before they are cancelled.
 STOP_GRACE_S = 1.0
 _WILDCARD = {"0.0.0.0", "::", "[::]", ""}
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class WorkerServer:
             cache = config.adapter_cache_dir or str(Path(tempfile.gettempdir()) / "loraserve-worker-adapters")
             self.store_client = StoreClient(config.adapter_store)
             self.adapters = StoreAdapterSource(local, self.store_client, cache)
-        self.health = health.aio.HealthServicer()
+        self.health = ServiceHealth(SERVICE_NAME)
         self.registry: RegistryMembership | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -83,10 +80,7 @@ class WorkerServer:
         service = WorkerService(self.engine, self.adapters, cfg.enable_lora, self.worker_id, self.address,
                                 cfg.status_interval_ms)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        for svc in ("", SERVICE_NAME):
-            await self.health.set(svc, NOT_SERVING)
-        reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+        await self.health.expose(server)
         self.server = server
         await server.start()
         log.info("worker %s listening on %s; loading %s", self.worker_id, self.listen_address, cfg.model_dir)
@@ -103,8 +97,7 @@ class WorkerServer:
                 raise StartupError(f"the engine failed to start: {e}") from e
             raise
         self.engine.set_state("serving")
-        for svc in ("", SERVICE_NAME):
-            await self.health.set(svc, SERVING)
+        await self.health.set(SERVING)
         if cfg.redis_url:
             # Registered only while serving: the heartbeat reads the state at every beat.
             record = _Record(self.worker_id, self.address, info.served_model_name)

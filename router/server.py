@@ -9,8 +9,6 @@ import functools
 import logging
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from loraserve.v1 import inference_pb2_grpc
 from router.admin import AdapterAdmin, AdminGuard
@@ -26,19 +24,18 @@ from router.registry_redis import RedisMembership
 from router.service import SERVICE_NAME, InferenceService
 from router.store_client import StoreClient
 from router.worker_client import WorkerClient
+from service_kit.health import NOT_SERVING, SERVING, ServiceHealth
 from service_kit.lifecycle import StartupError, listen
 
 log = logging.getLogger(__name__)
 
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class RouterServer:
     def __init__(self, config: RouterConfig):
         self.config = config
-        self.health = health.aio.HealthServicer()
+        self.health = ServiceHealth(SERVICE_NAME)
         self.registry = WorkerRegistry(functools.partial(WorkerClient, keepalive_s=config.worker_keepalive_s),
                                        status_interval_ms=config.status_interval_ms, on_change=self._workers_changed)
         self.metrics = RouterMetrics(lambda: self.registry.published)
@@ -69,10 +66,7 @@ class RouterServer:
         self.listen_address = f"{host}:{self.port}"
         service = InferenceService(self.dispatcher, self.catalog, self.admin, self.registry)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        for svc in ("", SERVICE_NAME):
-            await self.health.set(svc, NOT_SERVING)
-        reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+        await self.health.expose(server)
         if cfg.metrics_port:
             try:
                 self._metrics_server = self.metrics.serve(cfg.metrics_port, cfg.host)
@@ -114,8 +108,7 @@ class RouterServer:
             self.serving.set()
         else:
             self.serving.clear()
-        for svc in ("", SERVICE_NAME):
-            asyncio.get_running_loop().create_task(self.health.set(svc, state))
+        asyncio.get_running_loop().create_task(self.health.set(state))
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, give running ones up to `drain_timeout_s` (default: the config's),
