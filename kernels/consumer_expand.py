@@ -14,11 +14,10 @@ both launches out of the step:
   parts, k, v: a program each; `row_slot` once, then the part's B loaded whole first, `row_b`, and
   `expand_loaded` once y is there; past EARLY_B_PER_THREAD values a thread, `expand_cols`: B in [columns,
   ranks] blocks with y); silu_mul, whose 2 x 8,192-wide rows made that 4x slower in a trial, runs tiles of rows
-  against the slots' B with
-  tensor-core dots (`tile_b`, `tile_dot`; `expand_tile` loops them), from the lowest slot of a tile's rows to
-  its highest (`tile_span`; decode tiles over P * R <= 128 take their one block from slot 0, past it a program
-  per block of slots). What a kernel reads first, before its grid-dependency wait (kernels/launch.py's
-  PDL), is what no kernel of the step writes: the slots and B. Eager steps hand it
+  against the slots' B with tensor-core dots (`tile_b`, `tile_dot`; `expand_tile` loops them), from the lowest
+  slot of a tile's rows to its highest (`tile_span`; decode tiles over P * R <= 128 take their one block from
+  slot 0, past it a program per block of slots). What a kernel reads first, before its grid-dependency wait
+  (kernels/launch.py's PDL), is what no kernel of the step writes: the slots and B. Eager steps hand it
   gate_up's y from the segmented shrink instead (float32 [T, S, R] with a zero stride over P): there a tile of
   64 rows is mostly one prompt's, so it reads one slot's B.
 

@@ -346,8 +346,8 @@ _rope_cache = Launches(_rope_cache_kernel)
 # multiplied) is spread over 6 SMs (Llama-3.2-1B) instead of one. H200, 8 adapters in P = 8 slots, alone
 # (python3 -m benchmarks.consumer_kernels): batch 64 3.54 -> 2.42 us against 2.13 base (q in 2 parts beside k and v
 # together: 2.89), batch 32 3.43 -> 2.02 against 2.07; graph replay of the step (benchmarks.step_breakdown) batch
-# 64 1,432 -> 1,417-1,425 us, batch 32 1,352 -> 1,336-1,340. Parts of 4 warps: alone 2.79 against 2.90 at 8, in
-# the step 1,425 against 1,421.
+# 64 1,432 -> 1,417-1,425 us, batch 32 1,352 -> 1,336-1,340. With q in 2 parts, parts of 4 warps ran 2.79 us alone
+# against 2.90 at 8 (EXPAND_WARPS), and 1,425 against 1,421 in the step.
 ROPE_Q_PARTS = 4
 
 
