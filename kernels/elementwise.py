@@ -243,26 +243,29 @@ def _rotate(x_ptr, d_ptr, ds_ptr, row, heads, s_t, s_h, d1, cos1, sin1, cos2, si
 
 
 @triton.jit
-def _kv_part(x_ptr, cache_ptr, row, s_t, s_h, dst, y_row, b_slot, has, rank, cos1, sin1, cos2, sin2, KVH,
-             KVH_PAD: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
-             RB: tl.constexpr, EARLY_B: tl.constexpr, PDL: tl.constexpr, ROTATE: tl.constexpr):
-    """A row's k (ROTATE) or v plus the adapters' part (y_row, b_slot: the slice's), back in place and to its cache
-    slot (dst): the row's B first, then the wait, the values, the stores."""
-    kvh = tl.arange(0, KVH_PAD)
-    ok = (kvh < KVH)[:, None]
+def _rope_part(x_ptr, cache_ptr, row, s_t, s_h, n_heads, dst, y_row, b_slot, has, rank, cos1, sin1, cos2, sin2,
+               HEADS: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
+               RB: tl.constexpr, EARLY_B: tl.constexpr, PDL: tl.constexpr, ROTATE: tl.constexpr,
+               CACHE: tl.constexpr):
+    """Heads [0, n_heads) of a row's q, k or v (x_ptr at the part's first head) plus the adapters' part (y_row,
+    b_slot: the part's), rotated where ROTATE, back in place and, where CACHE, to the row's cache slot (dst): the
+    part's B first, then the wait, the values, the stores."""
+    heads = tl.arange(0, HEADS)
+    ok = (heads < n_heads)[:, None]
     d1 = tl.arange(0, HALF)
-    bt = _row_b(b_slot, KVH, has, KVH_PAD, HALF, R, EARLY_B)
+    bt = _row_b(b_slot, n_heads, has, HEADS, HALF, R, EARLY_B)
     if PDL:
         gdc_wait()
-    x1, x2 = _expanded_halves(x_ptr, row, s_t, s_h, KVH, y_row, b_slot, bt, has, rank, KVH_PAD, HALF, dt, EMULATED, R,
-                              RB, EARLY_B)
+    x1, x2 = _expanded_halves(x_ptr, row, s_t, s_h, n_heads, y_row, b_slot, bt, has, rank, HEADS, HALF, dt, EMULATED,
+                              R, RB, EARLY_B)
     if ROTATE:
         x1, x2 = _rotated(x1, x2, cos1, sin1, cos2, sin2, dt, EMULATED)
-    at = x_ptr + row * s_t + kvh[:, None] * s_h + d1[None, :]
+    at = x_ptr + row * s_t + heads[:, None] * s_h + d1[None, :]
     tl.store(at, x1.to(dt), mask=ok)
     tl.store(at + HALF, x2.to(dt), mask=ok)
-    tl.store(cache_ptr + dst, x1.to(dt), mask=ok)
-    tl.store(cache_ptr + dst + HALF, x2.to(dt), mask=ok)
+    if CACHE:
+        tl.store(cache_ptr + dst, x1.to(dt), mask=ok)
+        tl.store(cache_ptr + dst + HALF, x2.to(dt), mask=ok)
 
 
 @triton.jit
@@ -295,29 +298,18 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
         sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
         y_row = y_ptr + row * s_yt + sl * s_yp
         part = tl.program_id(1)
-        if part < Q_PARTS:
+        if part < Q_PARTS:  # q's heads [head0, head0 + QH), rotated
             QH: tl.constexpr = H_PAD // Q_PARTS
             head0 = part * QH
-            n_q = H - head0
-            q_part = q_ptr + head0 * s_qh
-            bq_slot = bq_ptr + sl * s_bp + head0 * (2 * HALF * R)
-            bq = _row_b(bq_slot, n_q, has, QH, HALF, R, EARLY_B)
-            if PDL:
-                gdc_wait()
-            q1, q2 = _expanded_halves(q_part, row, s_qt, s_qh, n_q, y_row, bq_slot, bq, has, rank, QH, HALF, dt,
-                                      EMULATED, R, RB, EARLY_B)
-            qh = tl.arange(0, QH)
-            q_at = q_part + row * s_qt + qh[:, None] * s_qh + d1[None, :]
-            q_ok = (qh < n_q)[:, None]
-            o1, o2 = _rotated(q1, q2, cos1, sin1, cos2, sin2, dt, EMULATED)
-            tl.store(q_at, o1, mask=q_ok)
-            tl.store(q_at + HALF, o2, mask=q_ok)
+            _rope_part(q_ptr + head0 * s_qh, kc_ptr, row, s_qt, s_qh, H - head0, dst, y_row,
+                       bq_ptr + sl * s_bp + head0 * (2 * HALF * R), has, rank, cos1, sin1, cos2, sin2, QH, HALF, dt,
+                       EMULATED, R, RB, EARLY_B, PDL, True, False)
         elif part == Q_PARTS:  # k, rotated, to k and the cache
-            _kv_part(k_ptr, kc_ptr, row, s_kt, s_kh, dst, y_row + R, bk_ptr + sl * s_bp, has, rank, cos1, sin1, cos2,
-                     sin2, KVH, KVH_PAD, HALF, dt, EMULATED, R, RB, EARLY_B, PDL, True)
+            _rope_part(k_ptr, kc_ptr, row, s_kt, s_kh, KVH, dst, y_row + R, bk_ptr + sl * s_bp, has, rank, cos1, sin1,
+                       cos2, sin2, KVH_PAD, HALF, dt, EMULATED, R, RB, EARLY_B, PDL, True, True)
         else:  # v to the cache, and back into v for whoever reads it there
-            _kv_part(v_ptr, vc_ptr, row, s_vt, s_vh, dst, y_row + 2 * R, bv_ptr + sl * s_bp, has, rank, cos1, sin1,
-                     cos2, sin2, KVH, KVH_PAD, HALF, dt, EMULATED, R, RB, EARLY_B, PDL, False)
+            _rope_part(v_ptr, vc_ptr, row, s_vt, s_vh, KVH, dst, y_row + 2 * R, bv_ptr + sl * s_bp, has, rank, cos1,
+                       sin1, cos2, sin2, KVH_PAD, HALF, dt, EMULATED, R, RB, EARLY_B, PDL, False, True)
     else:
         has_delta: tl.constexpr = LORA == _DELTA
         _rotate(q_ptr, dq_ptr, ds_ptr, row, heads, s_qt, s_qh, d1, cos1, sin1, cos2, sin2, H, dt, HALF, has_delta,

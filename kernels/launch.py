@@ -40,14 +40,13 @@ PDL = True
 
 
 @functools.cache
-def _major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def pdl(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with programmatic dependent launch (PDL above)."""
-    return PDL and gdc_wait is not None and t.is_cuda and _major(t.device.index if t.device.index is not None
-                                        else torch.cuda.current_device()) >= 9
+    return PDL and gdc_wait is not None and t.is_cuda and _major(t.device) >= 9
 
 
 class Launch:
