@@ -4,11 +4,16 @@ walk from a flat tile index to (adapter segment, tile within it)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from .metadata import LoRAKernelMeta
 
 # How tl.dot runs: natively (bf16/fp16 on tensor cores, fp32 accumulation); in true fp32 ("ieee", not
 # tf32's 10-bit mantissa, which would miss the 1e-3 fp32 tolerance); or, in the CPU interpreter, whose
@@ -31,6 +36,7 @@ def dot_mode(t: torch.Tensor) -> int:
 
 
 FILL = -1  # KernelConfig.col_programs: derived from the grid
+MAX_SLICES = 4  # qkv has 3; the expand kernels take one pointer argument per slice
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,42 @@ def slots_pad(max_slots: int) -> int:
 
 def grid_size(tiles_bound: int, cfg: KernelConfig, device: torch.device) -> int:
     return max(1, min(tiles_bound, cfg.programs_per_sm * sm_count(device)))
+
+
+def check_expand_args(y: torch.Tensor, b: Sequence[torch.Tensor], out: torch.Tensor, ranks: torch.Tensor,
+                      meta: LoRAKernelMeta, slice_offsets: Sequence[int] | None, scale: torch.Tensor | None
+                      ) -> tuple[int, int, int, list[int], list[int]]:
+    """What every expand needs of its arguments (see `lora_expand`) -> (T, S, R, widths, slice offsets)."""
+    if y.dim() != 3 or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"y must be contiguous float32 [T, S, R], got {y.dtype} {tuple(y.shape)}")
+    t, s, r = y.shape
+    if len(b) != s or not 1 <= s <= MAX_SLICES:
+        raise ValueError(f"y has {s} slices, b has {len(b)} (1 to {MAX_SLICES} supported)")
+    if out.dim() != 2 or out.shape[0] != t:
+        raise ValueError(f"out must be [{t}, N], got {tuple(out.shape)}")
+    num_slots = b[0].shape[0]
+    for bs in b:
+        if bs.dim() != 3 or bs.shape[0] != num_slots or bs.shape[2] != r:
+            raise ValueError(f"each b[s] must be [{num_slots}, out_s, {r}], got {tuple(bs.shape)}")
+        if bs.dtype != out.dtype or bs.stride()[1:] != b[0].stride()[1:]:
+            raise ValueError("every b[s] must have out's dtype and the same strides in its last two dims")
+    if out.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out must be bf16, fp16 or fp32, got {out.dtype}")
+    widths = [bs.shape[1] for bs in b]
+    if slice_offsets is None:
+        slice_offsets = [sum(widths[:k]) for k in range(s)]
+    if len(slice_offsets) != s or any(o < 0 or o + w > out.shape[1] for o, w in zip(slice_offsets, widths)):
+        raise ValueError(f"slices of widths {widths} at columns {list(slice_offsets)} do not fit out's "
+                         f"{out.shape[1]} columns")
+    if ranks.dtype != torch.int32 or ranks.shape != (num_slots,):
+        raise ValueError(f"ranks must be int32 [{num_slots}], got {ranks.dtype} {tuple(ranks.shape)}")
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (num_slots,)):
+        raise ValueError(f"scale must be float32 [{num_slots}], got {scale.dtype} {tuple(scale.shape)}")
+    if num_slots < meta.max_slots:
+        raise ValueError(f"b has {num_slots} slots, fewer than the metadata's max_slots={meta.max_slots}")
+    if meta.num_tokens != t:
+        raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, y has {t}")
+    return t, s, r, widths, list(slice_offsets)
 
 
 @triton.jit

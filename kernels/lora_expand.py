@@ -8,12 +8,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import lora_expand_rows as expand_rows
 from ._common import (
     DOT_EMULATED,
     DOT_NATIVE,
     FILL,
+    MAX_SLICES,
     KernelConfig,
     cdiv,
+    check_expand_args,
     dot_mode,
     locate,
     m_tiles_bound,
@@ -26,8 +29,6 @@ from ._common import (
 )
 from .launch import Launch
 from .metadata import LoRAKernelMeta
-
-MAX_SLICES = 4  # qkv has 3; the kernel takes one pointer argument per slice
 
 
 @triton.jit
@@ -272,7 +273,8 @@ def lora_expand(
         meta: prepared for these T tokens.
         slice_offsets: column of out where each slice starts (default: the slices side by side from 0).
         scale: optional [num_slots] float32 per-slot factor (None: 1; the engine folds it into B).
-        config: launch parameters (default: `expand_config`).
+        config: launch parameters of the segmented kernel here (default: the rows kernel of lora_expand_rows.py
+           where the launch `fits` it, else `expand_config`).
     """
     expand_launch(y, b, out, ranks, meta, slice_offsets, scale, config, accumulate)(y, b, out)
 
@@ -290,37 +292,11 @@ def expand_launch(
 ) -> Callable[[torch.Tensor, Sequence[torch.Tensor], torch.Tensor], None]:
     """Check `lora_expand`'s arguments and work out its launch once; returns launch(y, b, out) for tensors of
     these shapes, strides and dtypes (one plan per projection and step, reused by every layer)."""
-    if y.dim() != 3 or y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"y must be contiguous float32 [T, S, R], got {y.dtype} {tuple(y.shape)}")
-    t, s, r = y.shape
-    if len(b) != s or not 1 <= s <= MAX_SLICES:
-        raise ValueError(f"y has {s} slices, b has {len(b)} (1 to {MAX_SLICES} supported)")
-    if out.dim() != 2 or out.shape[0] != t:
-        raise ValueError(f"out must be [{t}, N], got {tuple(out.shape)}")
-    num_slots = b[0].shape[0]
-    for bs in b:
-        if bs.dim() != 3 or bs.shape[0] != num_slots or bs.shape[2] != r:
-            raise ValueError(f"each b[s] must be [{num_slots}, out_s, {r}], got {tuple(bs.shape)}")
-        if bs.dtype != out.dtype or bs.stride()[1:] != b[0].stride()[1:]:
-            raise ValueError("every b[s] must have out's dtype and the same strides in its last two dims")
-    if out.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"out must be bf16, fp16 or fp32, got {out.dtype}")
-    widths = [bs.shape[1] for bs in b]
-    if slice_offsets is None:
-        slice_offsets = [sum(widths[:k]) for k in range(s)]
-    if len(slice_offsets) != s or any(o < 0 or o + w > out.shape[1] for o, w in zip(slice_offsets, widths)):
-        raise ValueError(f"slices of widths {widths} at columns {list(slice_offsets)} do not fit out's "
-                         f"{out.shape[1]} columns")
-    if ranks.dtype != torch.int32 or ranks.shape != (num_slots,):
-        raise ValueError(f"ranks must be int32 [{num_slots}], got {ranks.dtype} {tuple(ranks.shape)}")
-    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (num_slots,)):
-        raise ValueError(f"scale must be float32 [{num_slots}], got {scale.dtype} {tuple(scale.shape)}")
-    if num_slots < meta.max_slots:
-        raise ValueError(f"b has {num_slots} slots, fewer than the metadata's max_slots={meta.max_slots}")
-    if meta.num_tokens != t:
-        raise ValueError(f"metadata was prepared for {meta.num_tokens} tokens, y has {t}")
+    t, s, r, widths, slice_offsets = check_expand_args(y, b, out, ranks, meta, slice_offsets, scale)
     if t == 0:
         return lambda y, b, out: None
+    if config is None and expand_rows.fits(t, sum(widths), r):  # small launches: a row a program (its module)
+        return expand_rows.expand_rows_launch(y, b, out, ranks, meta, slice_offsets, scale, None, accumulate)
     cfg = config or default_config(t, widths, r, meta, out.device)
     pad = MAX_SLICES - s
     bp = list(b) + [b[0]] * pad

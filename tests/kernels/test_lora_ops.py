@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kernels.engine_backend as engine_backend
+import kernels.lora_expand_rows as expand_rows
 from gpu_worker.engine.lora.layout import GroupShape
 from gpu_worker.engine.lora.torch_backend import LoRABatch, TorchLoRA
 from kernels import (
@@ -32,6 +33,8 @@ from kernels import (
     shrink_workspace,
 )
 from kernels.engine_backend import TritonLoRA
+from kernels.lora_expand import expand_launch as lora_expand_launch
+from kernels.lora_expand_rows import lora_expand_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Relative error (Frobenius norm of the error over that of the float64 reference) allowed per input dtype.
@@ -104,11 +107,12 @@ def check_shrink(c: Case, config: KernelConfig | None = None):
     return ref
 
 
-def check_expand(c: Case, y: torch.Tensor, config: KernelConfig | None = None, scale=None):
+def check_expand(c: Case, y: torch.Tensor, config: KernelConfig | None = None, scale=None, expand=lora_expand):
+    """expand: lora_expand, or lora_expand_rows."""
     _, _, b = ref_inputs(c)
     base = torch.randn(c.x.shape[0], out_width(c), device=DEVICE).to(c.x.dtype)
     out = base.clone()
-    lora_expand(y, c.b, out, c.ranks, c.meta, slice_offsets=c.offsets, scale=scale, config=config)
+    expand(y, c.b, out, c.ranks, c.meta, slice_offsets=c.offsets, scale=scale, config=config)
     ref = lora_expand_ref(y, b, base, c.ranks, c.token_slots, c.offsets, scale)
     has = c.token_slots >= 0
     assert torch.equal(out[~has], base[~has]), "rows without an adapter must be untouched, bit for bit"
@@ -122,8 +126,7 @@ def check_expand(c: Case, y: torch.Tensor, config: KernelConfig | None = None, s
     # accumulate=False: the adapters' part alone, assigned (out is never read: NaN there must not leak);
     # rows without an adapter keep their NaN.
     part = torch.full_like(base, float("nan"))
-    lora_expand(y, c.b, part, c.ranks, c.meta, slice_offsets=c.offsets, scale=scale, config=config,
-                accumulate=False)
+    expand(y, c.b, part, c.ranks, c.meta, slice_offsets=c.offsets, scale=scale, config=config, accumulate=False)
     ref = lora_expand_ref(y, b, torch.zeros_like(base), c.ranks, c.token_slots, c.offsets, scale)
     assert part[~has].isnan().all()
     if has.any():
@@ -169,8 +172,11 @@ CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_cases(name, dtype):
+    """The default launches (at these sizes, lora_expand runs the rows kernel) and the segmented expand."""
     slots, ranks = CASES[name]()
-    check_both(make_case(slots, ranks, dtype=dtype))
+    c = make_case(slots, ranks, dtype=dtype)
+    check_both(c)
+    check_both(c, None, KernelConfig(16, 16, 16, programs_per_sm=1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -255,6 +261,56 @@ def test_expand_fills_the_grid_with_column_programs(dtype):
                KernelConfig(16, 16, 16, programs_per_sm=3, col_programs=FILL))
     assert expand_config(2048, 2048, 64, 132).col_programs == FILL  # prefill
     assert expand_config(64, 1, 64, 132).col_programs == 0  # decode: one program per column tile
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_expand_rows_cases(name, dtype):
+    """The decode-sized expand (a few sorted rows a program, B loaded where the slot changes) on the issue's
+    cases, against the reference: one row a program (the default), two and four (a slot's B reused)."""
+    slots, ranks = CASES[name]()
+    c = make_case(slots, ranks, dtype=dtype)
+    y = lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots).float()
+    for cfg in (None, KernelConfig(2, 16, 16), KernelConfig(4, 8, 16)):
+        check_expand(c, y, cfg, expand=lora_expand_rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expand_rows_slices_scale_and_slot_runs(dtype):
+    """Four slices of 2, 1, 3 and 1 column tiles at offsets with gaps, a scale, runs of one slot longer than a
+    program's rows and shorter, a rank-0 slot, odd ranks (B's vectors past the rank hold NaN), an R that is not
+    a power of two; slots past the metadata's count as no adapter."""
+    slots = [0] * 11 + [1] * 3 + [-1] * 3 + [2] * 5 + [3] * 2 + [5]
+    c = make_case(slots, [16, 9, 0, 12, 3], r=16, widths=(24, 8, 40, 3), gap=3, dtype=dtype)
+    y = lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots.clamp(max=4)).float()
+    scale = torch.rand(5, device=DEVICE) + 0.5
+    out = torch.randn(len(slots), out_width(c), device=DEVICE).to(dtype)
+    got = out.clone()
+    lora_expand_rows(y, c.b, got, c.ranks, c.meta, c.offsets, scale, KernelConfig(4, 16, 16))
+    has = (c.token_slots >= 0) & (c.token_slots < 5)
+    ref = lora_expand_ref(y, ref_inputs(c)[2], out, c.ranks, torch.where(has, c.token_slots, -1), c.offsets, scale)
+    assert torch.equal(got[~has], out[~has])
+    assert rel_err(got[has], ref[has]) <= TOLERANCE[dtype]
+    c = make_case(random_slots(20, 4, 0.2), [12, 5, 7, 1], r=12, widths=(20, 8), dtype=dtype)
+    y = lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots).float()
+    check_expand(c, y, KernelConfig(4, 8, 16), scale=torch.rand(4, device=DEVICE) + 0.5, expand=lora_expand_rows)
+    zeros = torch.zeros(20, out_width(c), device=DEVICE, dtype=dtype)
+    for cfg, match in ((KernelConfig(4, 8, 8), "block_k"), (KernelConfig(3, 8, 16), "block_m")):
+        with pytest.raises(ValueError, match=match):
+            lora_expand_rows(y, c.b, zeros, c.ranks, c.meta, c.offsets, config=cfg)
+
+
+def test_expand_picks_rows_for_small_launches():
+    """lora_expand runs the rows kernel where T x columns x R is small (decode), the segmented one past it and
+    whenever a config is given."""
+    assert expand_rows.fits(1, 28672, 64) and expand_rows.fits(64, 6144, 16)
+    assert not expand_rows.fits(64, 28672, 16) and not expand_rows.fits(2048, 6144, 16)
+    c = make_case([0, 1], [16, 16])
+    y = torch.randn(2, 3, 16, device=DEVICE)
+    out = torch.zeros(2, out_width(c), device=DEVICE)
+    assert lora_expand_launch(y, c.b, out, c.ranks, c.meta).__qualname__.startswith("expand_rows_launch")
+    seg = lora_expand_launch(y, c.b, out, c.ranks, c.meta, config=KernelConfig(16, 16, 16))
+    assert seg.__qualname__.startswith("expand_launch")
 
 
 def test_input_checks():
