@@ -25,6 +25,7 @@ class _NoLaunch:
 @contextmanager
 def launches_stubbed():
     import kernels.lora_expand  # noqa: F401 (the modules, not the functions kernels/__init__ re-exports)
+    import kernels.lora_expand_rows  # noqa: F401
     import kernels.lora_shrink  # noqa: F401
     import kernels.lora_shrink_rows  # noqa: F401
     import kernels.metadata  # noqa: F401
@@ -32,6 +33,7 @@ def launches_stubbed():
     mods = [(sys.modules["kernels.lora_shrink"], "_shrink_kernel"),
             (sys.modules["kernels.lora_shrink_rows"], "_shrink_rows_kernel"),
             (sys.modules["kernels.lora_expand"], "_expand_kernel"),
+            (sys.modules["kernels.lora_expand_rows"], "_expand_rows_kernel"),
             (sys.modules["kernels.metadata"], "_prepare_kernel")]
     saved = [getattr(m, name) for m, name in mods]
     for m, name in mods:
