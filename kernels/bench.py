@@ -21,6 +21,9 @@ For every (projection, rank, tokens, distinct adapters):
     `distinct`); decode sizes get none, as a CUDA graph replayed for any batch cannot;
   * floor: bytes that must move (each distinct adapter's A and B once, x once, out read and written)
     over the device-to-device copy bandwidth measured in the same run; `floor%` = floor / time;
+  * bare: the activations' traffic alone in two launches, as shrink and expand make it (x summed along its rows,
+    then out += 1 in place, torch, the same copies): what any pair of launches that reads x and then reads and
+    writes out takes before doing anything else; `bare_frac` = floor / bare, the most such a pair can reach;
   * torch: the faster of a loop over adapters (TorchLoRA's algorithm) and a per-token gather + bmm,
     timed the same way (gather + bmm is skipped where its gathered weights would pass 4 GiB).
 Targets (issue #4): >= 75% of the floor where the floor is >= 10 us; under 20 us otherwise; >= 3x torch
@@ -52,8 +55,10 @@ from . import (
     shrink_config,
     shrink_workspace,
 )
+from . import lora_expand_rows as expand_rows
 from ._common import sm_count
 from .lora_expand import default_config as default_expand_config
+from .lora_expand_rows import expand_rows_config
 from .lora_shrink import MAX_SPLIT
 from .reference import gather_bmm_bytes, lora_gather_bmm, lora_loop, lora_ref
 
@@ -92,6 +97,8 @@ class Row:
     eager_us: float = math.nan
     floor_us: float = math.nan
     floor_frac: float = math.nan
+    bare_us: float = math.nan
+    bare_frac: float = math.nan
     loop_us: float = math.nan
     gather_us: float = math.nan
     torch_us: float = math.nan
@@ -227,7 +234,8 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     m = copies[0].meta
     row.shrink_cfg = cfg_str(shrink_config(tokens, m.distinct, m.rows_per_slot(), in_features,
                                            len(widths) * rank, rank, sms))
-    row.expand_cfg = cfg_str(default_expand_config(tokens, widths, rank, m, torch.device(DEVICE)))
+    row.expand_cfg = ("rows " + cfg_str(expand_rows_config(rank)) if expand_rows.fits(tokens, n_out, rank) else
+                      cfg_str(default_expand_config(tokens, widths, rank, m, torch.device(DEVICE))))
 
     # Correctness first, on copy 0.
     c0 = copies[0]
@@ -262,6 +270,15 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     row.expand_us = graph_time_us(expand_only, n)
     row.eager_us = eager_time_us(pair, n)
     row.floor_frac = row.floor_us / row.pair_us
+    sums = [torch.empty(tokens, device=DEVICE, dtype=DTYPE) for _ in copies]
+
+    def bare():
+        for c, total in zip(copies, sums):
+            torch.sum(c.x, dim=1, out=total)
+            c.out.add_(1.0)
+
+    row.bare_us = graph_time_us(bare, n)
+    row.bare_frac = row.floor_us / row.bare_us
 
     if with_torch:
         def loop():
@@ -399,8 +416,8 @@ def check_prepare_in_graph() -> bool:
 
 
 COLUMNS = ["group", "rank", "tokens", "adapters", "ok", "rel_err", "pair_us", "shrink_us", "expand_us", "eager_us",
-           "floor_us", "floor_frac", "loop_us", "gather_us", "torch_us", "speedup", "target", "met", "copies",
-           "shrink_cfg", "expand_cfg", "notes"]
+           "floor_us", "floor_frac", "bare_us", "bare_frac", "loop_us", "gather_us", "torch_us", "speedup", "target",
+           "met", "copies", "shrink_cfg", "expand_cfg", "notes"]
 
 
 def fmt(v) -> str:
@@ -415,7 +432,8 @@ def fmt(v) -> str:
 
 def print_table(rows: list[Row]) -> None:
     cols = ["group", "rank", "tokens", "adapters", "pair_us", "shrink_us", "expand_us", "eager_us", "floor_us",
-            "floor_frac", "torch_us", "speedup", "rel_err", "target", "met", "shrink_cfg", "expand_cfg"]
+            "floor_frac", "bare_us", "bare_frac", "torch_us", "speedup", "rel_err", "target", "met", "shrink_cfg",
+            "expand_cfg"]
     cells = [[fmt(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
