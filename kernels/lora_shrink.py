@@ -129,11 +129,13 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
         max_split, slots, min_blocks = (8 if many else MAX_SPLIT), 2 * sms, 1
     else:
         # Prefill: bound by reading x. 64-row tiles, K blocks of 128, four loads deep, 8 warps (one program
-        # per SM: 131 KB of shared memory); past 4,096 tokens, 128-row tiles, K blocks of 64, 4 warps (two
-        # per SM). Splits of K until the programs reach 1.5 x the resident ones: qkv r16 at 2,048 tokens
-        # 12.8 us with 4 splits (15.7 before, 19.7 with 8); qkv r64 18.6 us with 2 (27.4 before); gate_up
-        # r64 at 8,192 tokens 35.0 us with 2 (44.1 before, 120 with 8).
-        if num_tokens > 4096 and bm == 128:
+        # per SM: 131 KB of shared memory); past 4,096 tokens at ranks over 16, 128-row tiles, K blocks of 64,
+        # 4 warps (two per SM). Splits of K until the programs reach 1.5 x the resident ones: qkv r16 at 2,048
+        # tokens 12.8 us with 4 splits (15.7 before, 19.7 with 8); qkv r64 18.6 us with 2 (27.4 before); gate_up
+        # r64 at 8,192 tokens 35.0 us with 2 (44.1 before, 120 with 8). At rank 16 and 8,192 tokens the 64-row
+        # tiles, unsplit, beat the 128-row ones split in 4 (rotated copies: qkv 28.4 against 32.7 us, gate_up
+        # 27.0 against 30.4, down 65.8 against 66.1).
+        if num_tokens > 4096 and bm == 128 and max_rank > 16:
             cfg, per_sm = KernelConfig(128, bn, 64, num_warps=4, num_stages=4, programs_per_sm=2), 2
         else:
             cfg, per_sm = KernelConfig(min(bm, 64), bn, 128, num_warps=8, num_stages=4, programs_per_sm=1), 1
