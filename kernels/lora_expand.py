@@ -13,7 +13,6 @@ from ._common import (
     DOT_EMULATED,
     DOT_NATIVE,
     FILL,
-    MAX_SLICES,
     KernelConfig,
     cdiv,
     check_expand_args,
@@ -21,8 +20,10 @@ from ._common import (
     locate,
     m_tiles_bound,
     next_pow2,
+    padded_slices,
     pick,
     segment_table,
+    slice_scalars,
     slots_pad,
     sm_count,
     to_low,
@@ -298,8 +299,6 @@ def expand_launch(
     if config is None and expand_rows.fits(t, sum(widths), r):  # small launches: a row a program (its module)
         return expand_rows.expand_rows_launch(y, b, out, ranks, meta, slice_offsets, scale, None, accumulate)
     cfg = config or default_config(t, widths, r, meta, out.device)
-    pad = MAX_SLICES - s
-    bp = list(b) + [b[0]] * pad
     if cfg.sub_tiles > 1 and cfg.block_k < r:
         raise ValueError(f"sub_tiles={cfg.sub_tiles} holds all of B's ranks in one block: block_k {cfg.block_k} < "
                          f"rank {r}")
@@ -314,8 +313,7 @@ def expand_launch(
     grid_m = max(1, min(m_bound, programs // grid_n))
     tables = (ranks, scale if scale is not None else ranks,
               meta.sorted_tokens, meta.active_slots, meta.seg_start, meta.seg_len)
-    scalars = (*[x.stride(0) for x in bp], b[0].stride(1), b[0].stride(2),
-               *(widths + [0] * pad), *(list(slice_offsets) + [0] * pad),
+    scalars = (*slice_scalars(b, widths, slice_offsets),
                r, y.stride(0), y.stride(1), out.stride(0), out.stride(1))
     kernel = Launch(_expand_kernel, (grid_n, grid_m), out.device, MAX_SLOTS=meta.max_slots,
                     SLOTS_PAD=slots_pad(meta.max_slots), NUM_SLICES=s, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -323,6 +321,6 @@ def expand_launch(
                     ACCUMULATE=accumulate, SUB=cfg.sub_tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def launch(y: torch.Tensor, b: Sequence[torch.Tensor], out: torch.Tensor) -> None:
-        kernel(y, out, *tables, *b, *[b[0]] * pad, *scalars)
+        kernel(y, out, *tables, *padded_slices(b), *scalars)
 
     return launch

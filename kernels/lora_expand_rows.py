@@ -21,7 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_EMULATED, MAX_SLICES, KernelConfig, cdiv, check_expand_args, dot_mode, next_pow2, to_low
+from ._common import (
+    DOT_EMULATED,
+    KernelConfig,
+    cdiv,
+    check_expand_args,
+    dot_mode,
+    next_pow2,
+    padded_slices,
+    slice_scalars,
+    to_low,
+)
 from .launch import Launch
 from .metadata import LoRAKernelMeta
 
@@ -162,7 +172,7 @@ def expand_rows_launch(
 ) -> Callable[[torch.Tensor, Sequence[torch.Tensor], torch.Tensor], None]:
     """Check the arguments and work out the launch once; returns launch(y, b, out). Semantics and arguments as
     `lora_expand`'s."""
-    t, s, r, widths, slice_offsets = check_expand_args(y, b, out, ranks, meta, slice_offsets, scale)
+    t, _, r, widths, slice_offsets = check_expand_args(y, b, out, ranks, meta, slice_offsets, scale)
     if t == 0:
         return lambda y, b, out: None
     cfg = config or expand_rows_config(r)
@@ -170,11 +180,8 @@ def expand_rows_launch(
         raise ValueError(f"block_k {cfg.block_k} < R = {r}: a program holds all of B's ranks")
     if cfg.block_m not in (1, 2, 4):
         raise ValueError(f"block_m (rows a program) must be 1, 2 or 4, got {cfg.block_m}")
-    pad = MAX_SLICES - s
-    bp = list(b) + [b[0]] * pad
     n_tiles = sum(cdiv(w, cfg.block_n) for w in widths)
-    scalars = (*[x.stride(0) for x in bp], b[0].stride(1), b[0].stride(2),
-               *(widths + [0] * pad), *(list(slice_offsets) + [0] * pad),
+    scalars = (*slice_scalars(b, widths, slice_offsets),
                t, r, y.stride(0), y.stride(1), out.stride(0), out.stride(1))
     kernel = Launch(_expand_rows_kernel, (n_tiles, cdiv(t, cfg.block_m)), out.device, BLOCK_N=cfg.block_n,
                     BLOCK_R=cfg.block_k, G=cfg.block_m, HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
@@ -182,7 +189,7 @@ def expand_rows_launch(
     tables = (ranks, scale if scale is not None else ranks, meta.sorted_tokens, meta.sorted_slots)
 
     def launch(y: torch.Tensor, b: Sequence[torch.Tensor], out: torch.Tensor) -> None:
-        kernel(y, out, *tables, *b, *[b[0]] * pad, *scalars)
+        kernel(y, out, *tables, *padded_slices(b), *scalars)
 
     return launch
 
