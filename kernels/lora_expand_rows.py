@@ -8,6 +8,9 @@ at 0.26 TB/s). Here program (j, c) takes the c-th row of the tokens sorted by sl
 its slot from `sorted_slots`) and column tile j across the slices: B's tile in 16-byte vectors along the rank, the
 row's y, its output tile, all loaded at once; the row's part is B's tile times y in fp32 registers, added and
 rounded once. Rows 2 or 4 a program (block_m) load B where the slot changes from the row before and reuse it.
+An adapter's B still comes from memory once a launch: the programs of one column tile for all rows are launched
+side by side (column tiles vary fastest in the grid, and the launches it is picked for fit in one or two waves),
+so its other rows read that tile from L2.
 
     launch = expand_rows_launch(y, b, out, ranks, meta)    # checks once
     launch(y, b, out)                                      # per layer
