@@ -5,11 +5,13 @@ instruction issue and load latency, not bandwidth (ncu on an H200: ~11% of peak 
 throughput), so the counts say much of what a change will do before it reaches the GPU; a load that should be a
 16-byte vector and is not shows here as many narrow ones.
 
-    python3 -m benchmarks.kernel_sass [--kernels add_rms_norm,rope_and_cache,silu_mul,lora_expand] [--dump DIR]
+    python3 -m benchmarks.kernel_sass [--kernels add_rms_norm,rope_and_cache,silu_mul,lora_expand,lora_expand_rows]
+                                      [--dump DIR]
 
 Compiled by the Triton installed here (which may be newer than the GPU machine's), the elementwise kernels at
 Llama-3.2-1B sizes, rank 16, P = 8, with the constexprs and warps the launchers pick (kernels/elementwise.py), the
-expand with prefill tiles at ranks 16 and 64; --dump writes each variant's SASS.
+expand with prefill tiles at ranks 16 and 64, the rows expand (decode) at ranks 16 and 64; --dump writes each
+variant's SASS.
 """
 
 from __future__ import annotations
@@ -136,7 +138,16 @@ def variants() -> dict[str, Variant]:
                                                  "w1", "col0", "col1", "stride_yt", "stride_ys", "stride_ot", "R")})
     expand = dict(MAX_SLOTS=128, SLOTS_PAD=128, NUM_SLICES=2, ONE_K=True, HAS_SCALE=False, DOT=0, ACCUMULATE=True,
                   SUB=1, stride_oc=1, stride_br=1)
+    # The rows expand (kernels/lora_expand_rows.py) as lora_expand launches it at decode sizes: a row a program.
+    rows_types = {**{n: t for n, t in expand_types.items() if n not in ("active_ptr", "start_ptr", "len_ptr")},
+                  "sorted_slots_ptr": "*i32", "T": "i32",
+                  **{n: "i32:16" for n in ("w2", "w3", "col2", "col3", "stride_ys")}}
+    rows = dict(G=1, HAS_SCALE=False, ACCUMULATE=True, DOT=0, stride_oc=1, stride_br=1)
     return {
+        "lora_expand_rows r16": Variant("_expand_rows_kernel", rows_types, {**rows, "BLOCK_N": 512, "BLOCK_R": 16}, 4,
+                                        1),
+        "lora_expand_rows r64": Variant("_expand_rows_kernel", rows_types, {**rows, "BLOCK_N": 128, "BLOCK_R": 64}, 4,
+                                        1),
         "lora_expand r16": Variant("_expand_kernel", expand_types,
                                    {**expand, "BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 16}, 4, 3),
         "lora_expand r64": Variant("_expand_kernel", expand_types,
@@ -169,7 +180,7 @@ def variants() -> dict[str, Variant]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.kernel_sass", description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", default="add_rms_norm,rope_and_cache,silu_mul,lora_expand")
+    p.add_argument("--kernels", default="add_rms_norm,rope_and_cache,silu_mul,lora_expand,lora_expand_rows")
     p.add_argument("--dump", type=Path, help="write each variant's SASS here")
     p.add_argument("--json", action="store_true", help="one JSON object: variant -> counts and opcodes used")
     args = p.parse_args(argv)
@@ -178,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import kernels.elementwise as ew
 
-    expand_module = importlib.import_module("kernels.lora_expand")  # `kernels.lora_expand` is also the function
+    # `kernels.lora_expand` is also the function, hence the modules by name.
+    modules = {"_expand_kernel": importlib.import_module("kernels.lora_expand"),
+               "_expand_rows_kernel": importlib.import_module("kernels.lora_expand_rows")}
     if getattr(ew._add_rms_norm_kernel, "cache_key", None) is None:
         raise SystemExit("the kernels are interpreted here (TRITON_INTERPRET=1): run without it")
     wanted = args.kernels.split(",")
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in variants().items():
         if name.split()[0] not in wanted:
             continue
-        module = expand_module if v.kernel == "_expand_kernel" else ew
+        module = modules.get(v.kernel, ew)
         sass = compile_sass(getattr(module, v.kernel), v.types, v.consts, v.num_warps, v.num_stages)
         s = summary(sass)
         if args.json:

@@ -26,7 +26,8 @@ def report() -> dict:
 
 
 def test_every_kernel_compiles_for_hopper_and_its_code_is_counted(report):
-    assert {name.split()[0] for name in report} == {"add_rms_norm", "rope_and_cache", "silu_mul", "lora_expand"}
+    assert {name.split()[0] for name in report} == {"add_rms_norm", "rope_and_cache", "silu_mul", "lora_expand",
+                                                    "lora_expand_rows"}
     for op in ("add_rms_norm", "rope_and_cache", "silu_mul"):
         base, expand = report[f"{op} base"], report[f"{op} expand"]
         assert 100 < base["instructions"] < expand["instructions"]
@@ -51,3 +52,12 @@ def test_interpreted_kernels_are_refused_with_a_message():
     out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_sass"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0 and "TRITON_INTERPRET" in out.stderr
+
+
+def test_the_rows_expand_reads_b_in_16_byte_vectors(report):
+    """lora_expand_rows loads B's tile (ranks contiguous) as 16-byte vectors, never element by element: 512 x 16 or
+    128 x 64 bf16 over 128 threads is 8 vectors a thread, and only the row's y, output row and tables besides."""
+    for name in ("lora_expand_rows r16", "lora_expand_rows r64"):
+        bits = report[name]["load bits"]
+        assert bits.get("128", 0) >= 8, (name, bits)
+        assert bits.get("16", 0) <= 1, (name, bits)  # at most the output tile's one narrow load a thread
