@@ -142,7 +142,7 @@ def variants() -> dict[str, Variant]:
     rows_types = {**{n: t for n, t in expand_types.items() if n not in ("active_ptr", "start_ptr", "len_ptr")},
                   "sorted_slots_ptr": "*i32", "T": "i32",
                   **{n: "i32:16" for n in ("w2", "w3", "col2", "col3", "stride_ys")}}
-    rows = dict(G=1, HAS_SCALE=False, ACCUMULATE=True, DOT=0, stride_oc=1, stride_br=1)
+    rows = dict(HAS_SCALE=False, ACCUMULATE=True, DOT=0, stride_oc=1, stride_br=1)
     return {
         "lora_expand_rows r16": Variant("_expand_rows_kernel", rows_types, {**rows, "BLOCK_N": 512, "BLOCK_R": 16}, 4,
                                         1),

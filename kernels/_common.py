@@ -140,18 +140,18 @@ def check_expand_args(y: torch.Tensor, b: Sequence[torch.Tensor], out: torch.Ten
     return t, s, r, widths, list(slice_offsets)
 
 
+def padded_slices(b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """B's slices as the expand kernels take them: MAX_SLICES pointers, the first repeated for absent slices."""
+    return [*b, *[b[0]] * (MAX_SLICES - len(b))]
+
 
 def slice_scalars(b: Sequence[torch.Tensor], widths: list[int], slice_offsets: list[int]) -> tuple[int, ...]:
     """The expand kernels' per-slice scalars, padded to MAX_SLICES: each slice's slot stride, B's column and rank
     strides, the widths (0 for padding), the columns of out where the slices start."""
     pad = MAX_SLICES - len(b)
-    return (*[x.stride(0) for x in [*b, *[b[0]] * pad]], b[0].stride(1), b[0].stride(2), *(widths + [0] * pad),
+    return (*[x.stride(0) for x in padded_slices(b)], b[0].stride(1), b[0].stride(2), *(widths + [0] * pad),
             *(slice_offsets + [0] * pad))
 
-
-def padded_slices(b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """B's slices as the expand kernels take them: MAX_SLICES pointers, the first repeated for absent slices."""
-    return [*b, *[b[0]] * (MAX_SLICES - len(b))]
 
 @triton.jit
 def segment_table(active_ptr, start_ptr, len_ptr, ranks_ptr, R,

@@ -224,7 +224,8 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     row = Row(group, rank, tokens, adapters)
 
     act_bytes = tokens * (in_features + 2 * n_out) * 2
-    moved = adapters * w.bytes_per_adapter() + act_bytes
+    weight_bytes = adapters * w.bytes_per_adapter()
+    moved = weight_bytes + act_bytes
     row.floor_us = moved / bw * 1e6
     # Rotate enough copies to pass 4x L2 (copies of few adapters use other slots, so other weights); the
     # activations of big batches are past it already.
@@ -279,7 +280,7 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
             c.out.add_(1.0)
 
     row.bare_us = graph_time_us(bare, n)
-    row.bare_frac = row.floor_us / (row.bare_us + adapters * w.bytes_per_adapter() / bw * 1e6)
+    row.bare_frac = row.floor_us / (row.bare_us + weight_bytes / bw * 1e6)
 
     if with_torch:
         def loop():

@@ -4,13 +4,12 @@ The segmented expand (lora_expand.py) runs each row tile of a segment through a 
 16-row tile holds one or two tokens of an adapter (256 tokens of 128 adapters), and the cost is not bytes but
 instructions: B moved into the MMA's layout (a 16-bit load and byte permutes an element) and the tile's segment
 found (reductions over the segment table) for every tile (H200: gate_up r16 at 256 tokens of 128 adapters read B
-at 0.26 TB/s). Here program (j, c) takes the c-th row of the tokens sorted by slot (`LoRAKernelMeta.sorted_tokens`,
+at 0.26 TB/s). Here program (j, p) takes the p-th row of the tokens sorted by slot (`LoRAKernelMeta.sorted_tokens`,
 its slot from `sorted_slots`) and column tile j across the slices: B's tile in 16-byte vectors along the rank, the
 row's y, its output tile, all loaded at once; the row's part is B's tile times y in fp32 registers, added and
-rounded once. Rows 2 or 4 a program (block_m) load B where the slot changes from the row before and reuse it.
-An adapter's B still comes from memory once a launch: the programs of one column tile for all rows are launched
-side by side (column tiles vary fastest in the grid, and the launches it is picked for fit in one or two waves),
-so its other rows read that tile from L2.
+rounded once. An adapter's B still comes from memory once a launch: the programs of one column tile for all rows
+are launched side by side (column tiles vary fastest in the grid, and the launches it is picked for fit in one or
+two waves), so its other rows read that tile from L2.
 
     launch = expand_rows_launch(y, b, out, ranks, meta)    # checks once
     launch(y, b, out)                                      # per layer
@@ -40,61 +39,19 @@ from .metadata import LoRAKernelMeta
 
 
 @triton.jit
-def _row_slot(sorted_ptr, sorted_slots_ptr, ranks_ptr, pos, T, R):
-    """The token at sorted position pos, its slot (-1: none, or pos past the batch) and the slot's rank."""
-    tok = tl.load(sorted_ptr + pos, mask=pos < T, other=0).to(tl.int64)
-    slot = tl.load(sorted_slots_ptr + pos, mask=pos < T, other=-1)
-    rank = tl.where(slot >= 0, tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R), 0)
-    return tok, slot, rank
-
-
-@triton.jit
-def _row_loads(slot, rank, prev_slot, b_cols, stride_bs, y_row, o_row, rk, cols, width, R,
-               ACCUMULATE: tl.constexpr):
-    """Everything a row reads: B's tile where its slot is not the row before's (16-byte vectors along the rank, up
-    to the rank rounded up to 8), its y, its output tile."""
-    new = (slot >= 0) & (slot != prev_slot)
-    bound = tl.where(new, tl.minimum((rank + 7) // 8 * 8, R), 0)
-    b_new = tl.load(b_cols + tl.maximum(slot, 0).to(tl.int64) * stride_bs,
-                    mask=(cols < width)[:, None] & (rk < bound)[None, :], other=0.0)
-    yr = tl.load(y_row + rk, mask=rk < rank, other=0.0)
-    # A rank-0 slot adds nothing: its row is not even read; assigned, it gets zeros.
-    o_mask = cols < tl.where((slot >= 0) & ((rank > 0) | (not ACCUMULATE)), width, 0)
-    base = tl.load(o_row, mask=o_mask, other=0.0).to(tl.float32) if ACCUMULATE else 0.0
-    return new, b_new, yr, o_mask, base
-
-
-@triton.jit
-def _row_store(b, new, b_new, rank, rk, yr, o_row, o_mask, base, scale_ptr, slot,
-               HAS_SCALE: tl.constexpr, LOW: tl.constexpr, DOT: tl.constexpr):
-    """The row's part (B's tile, the new one or the row before's, times its y, in fp32) added to its output tile;
-    returns the B tile for the next row. The ranks past the slot's are zeroed here, in registers."""
-    b = tl.where(new, tl.where((rk < rank)[None, :], b_new, tl.zeros_like(b_new)), b)
-    part = tl.sum(b.to(tl.float32) * yr[None, :], axis=1)
-    if HAS_SCALE:
-        part = part * tl.load(scale_ptr + tl.maximum(slot, 0))
-    part = base + part
-    if o_row.dtype.element_ty != tl.float32:
-        part = to_low(part, LOW, DOT == DOT_EMULATED)
-    tl.store(o_row, part, mask=o_mask)
-    return b
-
-
-@triton.jit
 def _expand_rows_kernel(
     y_ptr, out_ptr, ranks_ptr, scale_ptr, sorted_ptr, sorted_slots_ptr,
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,
     stride_b0, stride_b1, stride_b2, stride_b3, stride_bo, stride_br,
     w0, w1, w2, w3, col0, col1, col2, col3,
     T, R, stride_yt, stride_ys, stride_ot, stride_oc,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT: tl.constexpr,
 ):
-    # Program (j, c): column tile j, numbered across the slices, of sorted rows [c * G, c * G + G), G in 1, 2, 4.
-    # Every row's loads are issued before the first store (a store could alias a later load, so the compiler
-    # would keep them in order, and the rows' memory round trips would follow one another).
+    # Program (j, p): column tile j, numbered across the slices, of the token at sorted position p.
     LOW: tl.constexpr = out_ptr.dtype.element_ty
     j = tl.program_id(0)
+    pos = tl.program_id(1)
     c1 = (w0 + BLOCK_N - 1) // BLOCK_N
     c2 = c1 + (w1 + BLOCK_N - 1) // BLOCK_N
     c3 = c2 + (w2 + BLOCK_N - 1) // BLOCK_N
@@ -108,36 +65,28 @@ def _expand_rows_kernel(
     s = in1.to(tl.int32) + in2.to(tl.int32) + in3.to(tl.int32)
     cols = (j - tl.where(in3, c3, tl.where(in2, c2, tl.where(in1, c1, 0)))) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_R)
-    b_cols = b_ptr + cols[:, None].to(tl.int64) * stride_bo + rk[None, :] * stride_br
-    y_s = y_ptr + s * stride_ys
-    o_cols = out_ptr + (col + cols).to(tl.int64) * stride_oc
-    pos = tl.program_id(1) * G
-    tok0, slot0, rank0 = _row_slot(sorted_ptr, sorted_slots_ptr, ranks_ptr, pos, T, R)
-    if G > 1:
-        tok1, slot1, rank1 = _row_slot(sorted_ptr, sorted_slots_ptr, ranks_ptr, pos + 1, T, R)
-    if G > 2:
-        tok2, slot2, rank2 = _row_slot(sorted_ptr, sorted_slots_ptr, ranks_ptr, pos + 2, T, R)
-        tok3, slot3, rank3 = _row_slot(sorted_ptr, sorted_slots_ptr, ranks_ptr, pos + 3, T, R)
-    o0 = o_cols + tok0 * stride_ot
-    new0, b0, y0, m0, base0 = _row_loads(slot0, rank0, -1, b_cols, stride_bs, y_s + tok0 * stride_yt, o0,
-                                         rk, cols, width, R, ACCUMULATE)
-    if G > 1:
-        o1 = o_cols + tok1 * stride_ot
-        new1, b1, y1, m1, base1 = _row_loads(slot1, rank1, slot0, b_cols, stride_bs, y_s + tok1 * stride_yt,
-                                             o1, rk, cols, width, R, ACCUMULATE)
-    if G > 2:
-        o2 = o_cols + tok2 * stride_ot
-        new2, b2, y2, m2, base2 = _row_loads(slot2, rank2, slot1, b_cols, stride_bs, y_s + tok2 * stride_yt,
-                                             o2, rk, cols, width, R, ACCUMULATE)
-        o3 = o_cols + tok3 * stride_ot
-        new3, b3, y3, m3, base3 = _row_loads(slot3, rank3, slot2, b_cols, stride_bs, y_s + tok3 * stride_yt,
-                                             o3, rk, cols, width, R, ACCUMULATE)
-    b = _row_store(tl.zeros_like(b0), new0, b0, rank0, rk, y0, o0, m0, base0, scale_ptr, slot0, HAS_SCALE, LOW, DOT)
-    if G > 1:
-        b = _row_store(b, new1, b1, rank1, rk, y1, o1, m1, base1, scale_ptr, slot1, HAS_SCALE, LOW, DOT)
-    if G > 2:
-        b = _row_store(b, new2, b2, rank2, rk, y2, o2, m2, base2, scale_ptr, slot2, HAS_SCALE, LOW, DOT)
-        b = _row_store(b, new3, b3, rank3, rk, y3, o3, m3, base3, scale_ptr, slot3, HAS_SCALE, LOW, DOT)
+
+    tok = tl.load(sorted_ptr + pos).to(tl.int64)
+    slot = tl.load(sorted_slots_ptr + pos)  # -1: no adapter (those tokens sort last)
+    rank = tl.where(slot >= 0, tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R), 0)
+    # Everything the row reads at once: B's tile in 16-byte vectors along the rank (up to the rank rounded up to 8;
+    # the ranks past the slot's are zeroed in registers below), its y, its output tile.
+    bound = tl.minimum((rank + 7) // 8 * 8, R)
+    b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bo
+                + rk[None, :] * stride_br, mask=(cols < width)[:, None] & (rk < bound)[None, :], other=0.0)
+    yr = tl.load(y_ptr + tok * stride_yt + s * stride_ys + rk, mask=rk < rank, other=0.0)
+    o_row = out_ptr + tok * stride_ot + (col + cols).to(tl.int64) * stride_oc
+    # A rank-0 slot adds nothing: its row is not even read; assigned, it gets zeros.
+    o_mask = cols < tl.where((slot >= 0) & ((rank > 0) | (not ACCUMULATE)), width, 0)
+    base = tl.load(o_row, mask=o_mask, other=0.0).to(tl.float32) if ACCUMULATE else 0.0
+    b = tl.where((rk < rank)[None, :], b, tl.zeros_like(b))
+    part = tl.sum(b.to(tl.float32) * yr[None, :], axis=1)
+    if HAS_SCALE:
+        part = part * tl.load(scale_ptr + tl.maximum(slot, 0))
+    part = base + part
+    if o_row.dtype.element_ty != tl.float32:
+        part = to_low(part, LOW, DOT == DOT_EMULATED)
+    tl.store(o_row, part, mask=o_mask)
 
 
 # The rows kernel runs where its work is small: T x the output columns x R (its CUDA-core multiply-adds) at most
@@ -157,9 +106,10 @@ def fits(num_tokens: int, n_out: int, max_rank: int) -> bool:
 
 
 def expand_rows_config(max_rank: int) -> KernelConfig:
-    """One row a program (block_m; 2 and 4 reuse a slot's B across rows, but the rows are bound by their
-    multiply-adds, not by B: slower in every case measured), all BLOCK_R = R ranks (block_k), and 8,192 elements of
-    B's tile (512 columns at rank 16, 128 at 64: the fastest or within 5% in the sweep above), 4 warps."""
+    """One row a program (block_m), all BLOCK_R = R ranks (block_k), and 8,192 elements of B's tile (512 columns at
+    rank 16, 128 at 64: the fastest or within 5% in the sweep above), 4 warps. (Programs of 2 and 4 rows, loading B
+    where the slot changed and reusing it, were slower in every case measured: the rows are bound by their
+    multiply-adds, not by B.)"""
     r = max(8, next_pow2(max_rank))
     return KernelConfig(1, max(32, 8192 // r), r, num_warps=4, num_stages=1)
 
@@ -183,13 +133,13 @@ def expand_rows_launch(
     cfg = config or expand_rows_config(r)
     if cfg.block_k < r:
         raise ValueError(f"block_k {cfg.block_k} < R = {r}: a program holds all of B's ranks")
-    if cfg.block_m not in (1, 2, 4):
-        raise ValueError(f"block_m (rows a program) must be 1, 2 or 4, got {cfg.block_m}")
+    if cfg.block_m != 1:
+        raise ValueError(f"block_m (rows a program) must be 1, got {cfg.block_m}")
     n_tiles = sum(cdiv(w, cfg.block_n) for w in widths)
     scalars = (*slice_scalars(b, widths, slice_offsets),
                t, r, y.stride(0), y.stride(1), out.stride(0), out.stride(1))
-    kernel = Launch(_expand_rows_kernel, (n_tiles, cdiv(t, cfg.block_m)), out.device, BLOCK_N=cfg.block_n,
-                    BLOCK_R=cfg.block_k, G=cfg.block_m, HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
+    kernel = Launch(_expand_rows_kernel, (n_tiles, t), out.device, BLOCK_N=cfg.block_n,
+                    BLOCK_R=cfg.block_k, HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
                     DOT=dot_mode(out), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     tables = (ranks, scale if scale is not None else ranks, meta.sorted_tokens, meta.sorted_slots)
 

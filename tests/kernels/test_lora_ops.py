@@ -263,36 +263,36 @@ def test_expand_fills_the_grid_with_column_programs(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_expand_rows_cases(name, dtype):
-    """The decode-sized expand (a few sorted rows a program, B loaded where the slot changes) on the issue's
-    cases, against the reference: one row a program (the default), two and four (a slot's B reused)."""
+    """The decode-sized expand (a sorted row a program) on the issue's cases, against the reference: its default
+    tile and tiles narrower than the slices (a slice over several programs)."""
     slots, ranks = CASES[name]()
     c = make_case(slots, ranks, dtype=dtype)
     y = lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots).float()
-    for cfg in (None, KernelConfig(2, 16, 16), KernelConfig(4, 8, 16)):
+    for cfg in (None, KernelConfig(1, 16, 16), KernelConfig(1, 8, 16)):
         check_expand(c, y, cfg, expand=lora_expand_rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_expand_rows_slices_scale_and_slot_runs(dtype):
-    """Four slices of 2, 1, 3 and 1 column tiles at offsets with gaps, a scale, runs of one slot longer than a
-    program's rows and shorter, a rank-0 slot, odd ranks (B's vectors past the rank hold NaN), an R that is not
-    a power of two; slots past the metadata's count as no adapter."""
+    """Four slices of 2, 1, 3 and 1 column tiles at offsets with gaps, a scale, runs of one slot, a rank-0 slot, odd
+    ranks (B's vectors past the rank hold NaN), an R that is not a power of two; slots past the metadata's count as
+    no adapter."""
     slots = [0] * 11 + [1] * 3 + [-1] * 3 + [2] * 5 + [3] * 2 + [5]
     c = make_case(slots, [16, 9, 0, 12, 3], r=16, widths=(24, 8, 40, 3), gap=3, dtype=dtype)
     y = lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots.clamp(max=4)).float()
     scale = torch.rand(5, device=DEVICE) + 0.5
     out = torch.randn(len(slots), out_width(c), device=DEVICE).to(dtype)
     got = out.clone()
-    lora_expand_rows(y, c.b, got, c.ranks, c.meta, c.offsets, scale, KernelConfig(4, 16, 16))
+    lora_expand_rows(y, c.b, got, c.ranks, c.meta, c.offsets, scale, KernelConfig(1, 16, 16))
     has = (c.token_slots >= 0) & (c.token_slots < 5)
     ref = lora_expand_ref(y, ref_inputs(c)[2], out, c.ranks, torch.where(has, c.token_slots, -1), c.offsets, scale)
     assert torch.equal(got[~has], out[~has])
     assert rel_err(got[has], ref[has]) <= TOLERANCE[dtype]
     c = make_case(random_slots(20, 4, 0.2), [12, 5, 7, 1], r=12, widths=(20, 8), dtype=dtype)
     y = lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots).float()
-    check_expand(c, y, KernelConfig(4, 8, 16), scale=torch.rand(4, device=DEVICE) + 0.5, expand=lora_expand_rows)
+    check_expand(c, y, KernelConfig(1, 8, 16), scale=torch.rand(4, device=DEVICE) + 0.5, expand=lora_expand_rows)
     zeros = torch.zeros(20, out_width(c), device=DEVICE, dtype=dtype)
-    for cfg, match in ((KernelConfig(4, 8, 8), "block_k"), (KernelConfig(3, 8, 16), "block_m")):
+    for cfg, match in ((KernelConfig(1, 8, 8), "block_k"), (KernelConfig(4, 8, 16), "block_m")):
         with pytest.raises(ValueError, match=match):
             lora_expand_rows(y, c.b, zeros, c.ranks, c.meta, c.offsets, config=cfg)
 
