@@ -59,7 +59,7 @@ from . import (
 from . import lora_expand_rows as expand_rows
 from ._common import sm_count
 from .lora_expand import default_config as default_expand_config
-from .lora_expand_rows import expand_rows_config
+from .lora_expand_rows import expand_rows_config, lora_expand_rows
 from .lora_shrink import MAX_SPLIT
 from .reference import gather_bmm_bytes, lora_gather_bmm, lora_loop, lora_ref
 
@@ -217,6 +217,14 @@ def make_inputs(tokens: int, adapters: int, in_features: int, n_out: int, copy: 
     return Inputs(x, out, token_slots, segments, meta)
 
 
+def rotated_copies(tokens: int, adapters: int, in_features: int, n_out: int, w: Weights, l2: int) -> list[Inputs]:
+    """Enough copies of a case's inputs to pass 4x L2 when cycled (copies of few adapters use other slots, so other
+    weights); the activations of big batches are past it already."""
+    per_copy = min(adapters, NUM_SLOTS) * w.bytes_per_adapter() + tokens * (in_features + 2 * n_out) * 2
+    n = max(1, min(MAX_COPIES, math.ceil(4 * l2 / per_copy)))
+    return [make_inputs(tokens, adapters, in_features, n_out, c) for c in range(n)]
+
+
 def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: float, l2: int,
              with_torch: bool, shapes: dict = GROUPS) -> Row:
     in_features, widths = shapes[group]
@@ -227,11 +235,8 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     weight_bytes = adapters * w.bytes_per_adapter()
     moved = weight_bytes + act_bytes
     row.floor_us = moved / bw * 1e6
-    # Rotate enough copies to pass 4x L2 (copies of few adapters use other slots, so other weights); the
-    # activations of big batches are past it already.
-    per_copy = min(adapters, NUM_SLOTS) * w.bytes_per_adapter() + act_bytes
-    row.copies = max(1, min(MAX_COPIES, math.ceil(4 * l2 / per_copy)))
-    copies = [make_inputs(tokens, adapters, in_features, n_out, c) for c in range(row.copies)]
+    copies = rotated_copies(tokens, adapters, in_features, n_out, w, l2)
+    row.copies = len(copies)
     sms = sm_count(torch.device(DEVICE))
     m = copies[0].meta
     row.shrink_cfg = cfg_str(shrink_config(tokens, m.distinct, m.rows_per_slot(), in_features,
@@ -314,7 +319,8 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
 def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, widths: tuple[int, ...], rank: int, sms: int):
     """Launch configs around the defaults: row tiles from 16 to twice the default, column tiles, K blocks,
     splits of K, warps, programs per SM, and for expand the column programs per row tile (FILL too) and
-    pipeline depth. ~30-150 per op; each new one compiles (~1 s)."""
+    pipeline depth; where lora_expand runs the rows expand, its tiles too (and it is the default).
+    ~30-150 per op; each new one compiles (~1 s)."""
     p2 = triton.next_power_of_2
     tokens, rows = meta.num_tokens, meta.rows_per_slot()
     n_total = len(widths) * rank
@@ -356,37 +362,49 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, widths: tuple[int,
                     for stages in (2, 3):
                         for pps in (2, 8) if cols == FILL else (2,):
                             expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, stages, pps, cols))
+    if expand_rows.fits(tokens, sum(widths), rank):
+        # lora_expand runs the rows kernel here (block_m 1): its default, and tiles of half and twice the elements.
+        de = expand_rows_config(rank)
+        for scale, warps in ((1, 2), (1, 8), (2, 4), (2, 8), (4, 8)):
+            expand.add(de.with_(block_n=max(16, de.block_n * scale // 2), num_warps=warps))
+        expand.add(de)
     return ds, sorted(shrink, key=cfg_str), de, sorted(expand, key=cfg_str)
 
 
-def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, ops=("shrink", "expand"),
+def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, l2: int, ops=("shrink", "expand"),
                shapes: dict = GROUPS) -> None:
-    """Time alternative launch configs for one case, shrink and expand apart; print the default's time and
-    the best few. For retuning `shrink_config` / `expand_config` on a new GPU (or a new Triton)."""
+    """Time alternative launch configs for one case, shrink and expand apart, on rotated copies as the table times
+    them (a single copy kept its adapters' weights in L2 and misranked configs); print the default's time and the
+    best few. For retuning `shrink_config` / `expand_config` / the rows expand on a new GPU (or a new Triton).
+    Configs of one row a program are the rows expand's (lora_expand_rows.py)."""
     in_features, widths = shapes[group]
-    c = make_inputs(tokens, adapters, in_features, sum(widths), 0)
+    copies = rotated_copies(tokens, adapters, in_features, sum(widths), w, l2)
     sms = sm_count(torch.device(DEVICE))
-    ds, shrink_cands, de, expand_cands = _sweep_candidates(c.meta, in_features, widths, rank, sms)
-    y = lora_shrink(c.x, w.a, w.ranks, c.meta)
-    ws = torch.empty(MAX_SPLIT * y.numel(), dtype=torch.float32, device=DEVICE)
-    for name, default, cands, fn in (
-        ("shrink", ds, shrink_cands,
-         lambda cfg: lambda: lora_shrink(c.x, w.a, w.ranks, c.meta, y=y, config=cfg, workspace=ws)),
-        ("expand", de, expand_cands,
-         lambda cfg: lambda: lora_expand(y, w.b, c.out, w.ranks, c.meta, w.offsets, config=cfg)),
-    ):
+    ds, shrink_cands, de, expand_cands = _sweep_candidates(copies[0].meta, in_features, widths, rank, sms)
+    ys = [lora_shrink(c.x, w.a, w.ranks, c.meta) for c in copies]
+    ws = torch.empty(MAX_SPLIT * ys[0].numel(), dtype=torch.float32, device=DEVICE)
+
+    def shrink(cfg):
+        return lambda: [lora_shrink(c.x, w.a, w.ranks, c.meta, y=y, config=cfg, workspace=ws)
+                        for c, y in zip(copies, ys)]
+
+    def expand(cfg):
+        op = lora_expand_rows if cfg.block_m == 1 else lora_expand
+        return lambda: [op(y, w.b, c.out, w.ranks, c.meta, w.offsets, config=cfg) for c, y in zip(copies, ys)]
+
+    for name, default, cands, fn in (("shrink", ds, shrink_cands, shrink), ("expand", de, expand_cands, expand)):
         if name not in ops:
             continue
         timed = {}
         for cfg in cands:
             try:
-                timed[cfg] = graph_time_us(fn(cfg), 1, reps=10, warm=2)
+                timed[cfg] = graph_time_us(fn(cfg), len(copies), reps=10, warm=2)
             except Exception as e:  # out of shared memory or registers for this tile: skip it
                 print(f"#   {name} {cfg_str(cfg)}: {type(e).__name__}", file=sys.stderr)
         best = sorted(timed.items(), key=lambda kv: kv[1])
         top = ", ".join(f"{cfg_str(cfg)} {us:.1f}us" for cfg, us in best[:4])
-        print(f"# sweep {group} r{rank} T={tokens} n={adapters} {name} ({len(timed)} configs): default "
-              f"{cfg_str(default)} {timed.get(default, math.nan):.1f}us; best {top}", flush=True)
+        print(f"# sweep {group} r{rank} T={tokens} n={adapters} {name} ({len(timed)} configs, {len(copies)} copies): "
+              f"default {cfg_str(default)} {timed.get(default, math.nan):.1f}us; best {top}", flush=True)
 
 
 def prepare_time_us(tokens: int) -> float:
@@ -489,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             w = Weights.make(in_features, widths, rank)
             for _, _, t, n in (c for c in cases if c[:2] == (group, rank)):
                 if args.sweep:
-                    sweep_case(group, rank, t, n, w, ops=args.sweep_ops.split(","), shapes=shapes)
+                    sweep_case(group, rank, t, n, w, l2, ops=args.sweep_ops.split(","), shapes=shapes)
                     continue
                 r = run_case(group, rank, t, n, w, bw, l2, not args.no_torch, shapes)
                 rows.append(r)
