@@ -363,7 +363,7 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, widths: tuple[int,
                         for pps in (2, 8) if cols == FILL else (2,):
                             expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, stages, pps, cols))
     if expand_rows.fits(tokens, sum(widths), rank):
-        # lora_expand runs the rows kernel here (block_m 1): its default, and tiles of half and twice the elements.
+        # lora_expand runs the rows kernel here (block_m 1): its default, and tiles of half and twice the columns.
         de = expand_rows_config(rank)
         for scale, warps in ((1, 2), (1, 8), (2, 4), (2, 8), (4, 8)):
             expand.add(de.with_(block_n=max(16, de.block_n * scale // 2), num_warps=warps))
@@ -374,9 +374,9 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, widths: tuple[int,
 def sweep_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, l2: int, ops=("shrink", "expand"),
                shapes: dict = GROUPS) -> None:
     """Time alternative launch configs for one case, shrink and expand apart, on rotated copies as the table times
-    them (a single copy kept its adapters' weights in L2 and misranked configs); print the default's time and the
-    best few. For retuning `shrink_config` / `expand_config` / the rows expand on a new GPU (or a new Triton).
-    Configs of one row a program are the rows expand's (lora_expand_rows.py)."""
+    them (a single copy keeps its adapters' weights in L2: its figures did not match the table's); print the
+    default's time and the best few. For retuning `shrink_config` / `expand_config` / the rows expand on a new GPU
+    (or a new Triton). Configs of one row a program are the rows expand's (lora_expand_rows.py)."""
     in_features, widths = shapes[group]
     copies = rotated_copies(tokens, adapters, in_features, sum(widths), w, l2)
     sms = sm_count(torch.device(DEVICE))
