@@ -50,7 +50,7 @@ def stub_gpu(engine: LLMEngine, max_batch: int) -> None:
     for b in graphs.buckets:
         for lora in (None, *LORA_VARIANTS):
             for stacked in graphs._prefixes(b) if lora else [None]:
-                graphs.graphs[(b, lora, stacked)] = (_NoReplay(), logits[:b])
+                graphs.graphs[(b, lora, stacked, False)] = (_NoReplay(), logits[:b])
     runner.graphs = graphs
 
 

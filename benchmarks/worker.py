@@ -57,13 +57,13 @@ def roofline(cfg: dict, batch: int, n_adapters: int, rank: int, bw: float, targe
 def replay_us(engine, reps: int = 30) -> tuple[float, str]:
     """GPU time of the decode graph the engine's last step replayed, replayed alone `reps` times (its static
     inputs are that step's: the replays recompute the same K/V and logits), and the graph's key (bucket, LoRA
-    variant, stacked P). A host slower than the GPU shows in tok/s and decode ms, not here."""
+    variant, stacked P, spread). A host slower than the GPU shows in tok/s and decode ms, not here."""
     graphs = engine.runner.graphs
     if graphs is None or graphs.last is None:
         return math.nan, ""
     torch.cuda.synchronize()
-    bucket, variant, stacked = graphs.last
-    key = f"{bucket}/{'+'.join(sorted(variant)) if variant else 'base'}/P={stacked}"
+    bucket, variant, stacked, spread = graphs.last
+    key = f"{bucket}/{'+'.join(sorted(variant)) if variant else 'base'}/P={stacked}{'/spread' if spread else ''}"
     return 1e3 * replay_ms(graphs.graphs[graphs.last][0], reps), key
 
 

@@ -18,7 +18,8 @@ For every (projection, rank, tokens, distinct adapters):
     do not fit in L2;
   * layout: tokens grouped by slot, as the engine lays them out; past 256 tokens (eager prefill steps) the
     metadata gets the count of adapters present, as the engine passes it (`LoRAKernelMeta.prepare`'s
-    `distinct`); decode sizes get none, as a CUDA graph replayed for any batch cannot;
+    `distinct`); decode sizes get none, as a CUDA graph replayed for any batch cannot, only the class of graph
+    the engine replays for the batch (`spread`: no adapter holds more than SPREAD_ROWS tokens);
   * floor: bytes that must move (each distinct adapter's A and B once, x once, out read and written)
     over the device-to-device copy bandwidth measured in the same run; `floor%` = floor / time;
   * bare: the activations' traffic alone in two plain torch launches, as shrink and expand move it (x summed
@@ -211,7 +212,9 @@ def make_inputs(tokens: int, adapters: int, in_features: int, n_out: int, copy: 
         at += n
     token_slots = torch.tensor(ids, dtype=torch.int32, device=DEVICE)
     meta = LoRAKernelMeta(max_tokens=tokens, max_slots=NUM_SLOTS, device=DEVICE)
-    meta.prepare(token_slots, adapters if tokens > DECODE_TOKENS else None)
+    # Decode sizes: what the engine's graphs know, the spread class (no adapter over SPREAD_ROWS tokens) or nothing.
+    spread = expand_rows.SPREAD_ROWS if -(-tokens // adapters) <= expand_rows.SPREAD_ROWS else None
+    meta.prepare(token_slots, *((adapters, None) if tokens > DECODE_TOKENS else (None, spread)))
     x = torch.randn(tokens, in_features, generator=g).to(DEVICE, DTYPE)
     out = torch.randn(tokens, n_out, generator=g).to(DEVICE, DTYPE)
     return Inputs(x, out, token_slots, segments, meta)
@@ -241,7 +244,8 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     m = copies[0].meta
     row.shrink_cfg = cfg_str(shrink_config(tokens, m.distinct, m.rows_per_slot(), in_features,
                                            len(widths) * rank, rank, sms))
-    row.expand_cfg = ("rows " + cfg_str(expand_rows_config(rank)) if expand_rows.fits(tokens, n_out, rank) else
+    rows = expand_rows.fits(tokens, n_out, rank) or expand_rows.spread(tokens, m)
+    row.expand_cfg = ("rows " + cfg_str(expand_rows_config(rank)) if rows else
                       cfg_str(default_expand_config(tokens, widths, rank, m, torch.device(DEVICE))))
 
     # Correctness first, on copy 0.
@@ -362,7 +366,7 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, widths: tuple[int,
                     for stages in (2, 3):
                         for pps in (2, 8) if cols == FILL else (2,):
                             expand.add(KernelConfig(bm, bn, de.block_k, 1, warps, stages, pps, cols))
-    if expand_rows.fits(tokens, sum(widths), rank):
+    if expand_rows.fits(tokens, sum(widths), rank) or expand_rows.spread(tokens, meta):
         # lora_expand runs the rows kernel here (block_m 1): its default, and tiles of half and twice the columns.
         de = expand_rows_config(rank)
         for scale, warps in ((1, 2), (1, 8), (2, 4), (2, 8), (4, 8)):

@@ -114,9 +114,11 @@ class TritonLoRA:
         self._biases: dict[tuple[int, str, int], torch.Tensor] = {}  # zero-padded to a stacked GEMM's rows
 
     def prepare(self, token_slots: torch.Tensor, distinct: int | None = None, overlap: bool = False,
-                groups: frozenset[str] | None = None, stacked_slots: int | None = None) -> None:
+                groups: frozenset[str] | None = None, stacked_slots: int | None = None,
+                spread: int | None = None) -> None:
         """This step's tokens -> slots; call once per step before the forward. distinct: how many slots
-        the step holds, when the caller knows it (not in a graph replayed for other batches). overlap: the
+        the step holds, when the caller knows it (not in a graph replayed for other batches). spread: a bound on
+        the tokens of any one slot (`LoRAKernelMeta.spread`; a graph captured for such batches). overlap: the
         adapters' part beside the base GEMM, as a delta (the module doc; on CUDA, for graphs). groups: the
         fused groups the step's adapters target (None: all); projections of other groups run no LoRA launch.
         stacked_slots: P, more than any token's slot: each projection's GEMM takes the first P slots' A along
@@ -132,7 +134,7 @@ class TritonLoRA:
         self._stacked_groups = STACKED_GROUPS if stacked_slots is None or stacked_slots > STACKED_GATE_UP_MAX_SLOTS \
             else STACKED_GROUPS | {"gate_up"}
         if stacked_slots is None or groups is None or not groups <= self._stacked_groups:
-            self.meta.prepare(token_slots, distinct)
+            self.meta.prepare(token_slots, distinct, spread)
         self._plans = {}
         self._slots = token_slots
         self._overlap = overlap

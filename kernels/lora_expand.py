@@ -275,7 +275,8 @@ def lora_expand(
         slice_offsets: column of out where each slice starts (default: the slices side by side from 0).
         scale: optional [num_slots] float32 per-slot factor (None: 1; the engine folds it into B).
         config: launch parameters of the segmented kernel here (default: on a GPU the rows kernel of
-           lora_expand_rows.py where the launch `fits` it, else `expand_config`).
+           lora_expand_rows.py where the launch `fits` it or the step's tokens are `spread` over adapters, else
+           `expand_config`).
     """
     expand_launch(y, b, out, ranks, meta, slice_offsets, scale, config, accumulate)(y, b, out)
 
@@ -296,7 +297,8 @@ def expand_launch(
     t, s, r, widths, slice_offsets = check_expand_args(y, b, out, ranks, meta, slice_offsets, scale)
     if t == 0:
         return lambda y, b, out: None
-    if config is None and out.is_cuda and expand_rows.fits(t, sum(widths), r):  # small: a row a program
+    if config is None and out.is_cuda and (expand_rows.fits(t, sum(widths), r) or expand_rows.spread(t, meta)):
+        # small, or few tokens an adapter: a row a program
         return expand_rows.expand_rows_launch(y, b, out, ranks, meta, slice_offsets, scale, None, accumulate)
     cfg = config or default_config(t, widths, r, meta, out.device)
     if cfg.sub_tiles > 1 and cfg.block_k < r:

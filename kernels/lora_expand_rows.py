@@ -49,7 +49,6 @@ def _expand_rows_kernel(
     HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT: tl.constexpr,
 ):
     # Program (j, p): column tile j, numbered across the slices, of the token at sorted position p.
-    LOW: tl.constexpr = out_ptr.dtype.element_ty
     j = tl.program_id(0)
     pos = tl.program_id(1)
     c1 = (w0 + BLOCK_N - 1) // BLOCK_N
@@ -69,20 +68,33 @@ def _expand_rows_kernel(
     tok = tl.load(sorted_ptr + pos).to(tl.int64)
     slot = tl.load(sorted_slots_ptr + pos)  # -1: no adapter (those tokens sort last)
     rank = tl.where(slot >= 0, tl.minimum(tl.load(ranks_ptr + tl.maximum(slot, 0)), R), 0)
+    # A rank-0 slot adds nothing: its row is not even read; assigned, it gets zeros. Rows without an adapter (last in
+    # the sorted order) leave at once: masked, a row costs about what its work does, the kernel being bound by its
+    # instructions (H200, gate_up r16: 256 rows masked 33 us, skipped 7-10).
+    if (slot >= 0) & ((rank > 0) | (not ACCUMULATE)):
+        _add_row(y_ptr, out_ptr, scale_ptr, b_ptr, stride_bs, stride_bo, stride_br, tok, slot, rank, s, col, cols, rk,
+                 width, R, stride_yt, stride_ys, stride_ot, stride_oc, HAS_SCALE, ACCUMULATE, DOT)
+
+
+@triton.jit
+def _add_row(y_ptr, out_ptr, scale_ptr, b_ptr, stride_bs, stride_bo, stride_br, tok, slot, rank, s, col, cols, rk,
+             width, R, stride_yt, stride_ys, stride_ot, stride_oc,
+             HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT: tl.constexpr):
+    """The row's part of one column tile, added into out (or assigned)."""
+    LOW: tl.constexpr = out_ptr.dtype.element_ty
     # Everything the row reads at once: B's tile in 16-byte vectors along the rank (up to the rank rounded up to 8;
     # the ranks past the slot's are zeroed in registers below), its y, its output tile.
     bound = tl.minimum((rank + 7) // 8 * 8, R)
-    b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bo
+    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bo
                 + rk[None, :] * stride_br, mask=(cols < width)[:, None] & (rk < bound)[None, :], other=0.0)
     yr = tl.load(y_ptr + tok * stride_yt + s * stride_ys + rk, mask=rk < rank, other=0.0)
     o_row = out_ptr + tok * stride_ot + (col + cols).to(tl.int64) * stride_oc
-    # A rank-0 slot adds nothing: its row is not even read; assigned, it gets zeros.
-    o_mask = cols < tl.where((slot >= 0) & ((rank > 0) | (not ACCUMULATE)), width, 0)
+    o_mask = cols < width
     base = tl.load(o_row, mask=o_mask, other=0.0).to(tl.float32) if ACCUMULATE else 0.0
     b = tl.where((rk < rank)[None, :], b, tl.zeros_like(b))
     part = tl.sum(b.to(tl.float32) * yr[None, :], axis=1)
     if HAS_SCALE:
-        part = part * tl.load(scale_ptr + tl.maximum(slot, 0))
+        part = part * tl.load(scale_ptr + slot)
     part = base + part
     if o_row.dtype.element_ty != tl.float32:
         part = to_low(part, LOW, DOT == DOT_EMULATED)
@@ -98,11 +110,27 @@ def _expand_rows_kernel(
 MAX_WORK = 1 << 23
 
 
+# Where the step says (`LoRAKernelMeta.spread`) that no adapter holds more than SPREAD_ROWS of its tokens, the rows
+# kernel runs decode launches past MAX_WORK too, up to SPREAD_TOKENS tokens. H200, Llama-3-8B shapes, two tokens an
+# adapter, against the segmented kernel (rotated copies, README's results log, fifteenth session): gate_up r16 256
+# tokens of 128 adapters 48-50 us against 112; r64 167-171 against 257-260; gate_up r16 64 of 32 15.2-15.5 against
+# 31.2-31.9; qkv r16 256 of 128 10.9-12.1 against 24.8-25.8; down r64 256 of 128 31.5-32.6 against 45.8-46.6. At
+# eight tokens an adapter the two are even or the segmented one wins (qkv r64 256 of 32: 33 against 19).
+SPREAD_ROWS = 2
+SPREAD_TOKENS = 256
+
+
 def fits(num_tokens: int, n_out: int, max_rank: int) -> bool:
     """Whether `lora_expand` runs this launch on the rows kernel (MAX_WORK), on a GPU. Not in Triton's interpreter,
     which runs every program in Python: a program a row made the engine's CPU tests with the Triton backend 3.3x
     slower (test_mixed_graphs 128 -> 419 s); the kernel's own tests call it directly."""
     return num_tokens * n_out * max_rank <= MAX_WORK
+
+
+def spread(num_tokens: int, meta: LoRAKernelMeta) -> bool:
+    """Whether the step's tokens are spread thin enough over adapters that `lora_expand` runs the rows kernel past
+    MAX_WORK (SPREAD_ROWS above), on a GPU."""
+    return num_tokens <= SPREAD_TOKENS and meta.spread is not None and meta.spread <= SPREAD_ROWS
 
 
 def expand_rows_config(max_rank: int) -> KernelConfig:

@@ -96,6 +96,9 @@ class LoRAKernelMeta:
     fit each adapter's tokens (2,048 tokens over 128 adapters are 16 rows each, not 128-row tiles
     that are 7/8 masked). It must not be smaller than the real count, or tiles would be skipped; a graph
     captured once and replayed for other batches passes None (every slot may be present).
+    `spread` is an optional host-side bound on the tokens of any one slot (the engine's decode graphs for batches
+    that spread their tokens over many adapters: `kernels.lora_expand_rows.SPREAD_ROWS`). Only the choice of
+    kernel reads it (a bound that is too small makes a launch slower, never wrong); None: unknown.
     `chunk` (a power of two) is how many tokens one program of the sort handles; tests shrink it.
     `semaphores` is scratch for the kernels of the step, not metadata: int32 counters, zero between
     launches, that split-K shrink uses to find the last split of each tile (it re-arms them itself). One
@@ -108,6 +111,7 @@ class LoRAKernelMeta:
     chunk: int = 1024
     num_tokens: int = field(default=0, init=False)
     distinct: int | None = field(default=None, init=False)
+    spread: int | None = field(default=None, init=False)
     sorted_tokens: torch.Tensor = field(init=False)
     sorted_slots: torch.Tensor = field(init=False)
     active_slots: torch.Tensor = field(init=False)
@@ -139,10 +143,10 @@ class LoRAKernelMeta:
         self.num_active = i32(1, 0)
         self.semaphores = i32((self.max_tokens // 16 + self.max_slots) * 64, 0)
 
-    def prepare(self, token_slots: torch.Tensor, distinct: int | None = None) -> None:
+    def prepare(self, token_slots: torch.Tensor, distinct: int | None = None, spread: int | None = None) -> None:
         """Fill the buffers for this step's tokens. token_slots: [T] int32 on `device`, each in
         [-1, max_slots) (-1: no adapter; ids past max_slots are treated as -1: checking them would need
-        a host sync). distinct: see the class doc (None: unknown). Graph-capturable: one kernel launch,
+        a host sync). distinct, spread: see the class doc (None: unknown). Graph-capturable: one kernel launch,
         no sync, no allocation."""
         if token_slots.dim() != 1 or token_slots.dtype != torch.int32:
             raise ValueError(f"token_slots must be a 1-D int32 tensor, got {token_slots.dtype} "
@@ -154,8 +158,11 @@ class LoRAKernelMeta:
             raise ValueError(f"{t} tokens, over max_tokens={self.max_tokens}")
         if distinct is not None and distinct < 0:
             raise ValueError(f"distinct must be >= 0, got {distinct}")
+        if spread is not None and spread < 1:
+            raise ValueError(f"spread must be >= 1, got {spread}")
         self.num_tokens = t
         self.distinct = distinct
+        self.spread = spread
         if t == 0:
             self.num_active.zero_()
             self.seg_len.zero_()

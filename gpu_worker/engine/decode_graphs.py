@@ -10,7 +10,10 @@ that run LoRA on those projections alone (`LORA_VARIANTS`). Up to STACKED_MAX_BA
 runs no LoRA kernel: each projection's GEMM takes the first P slots' A along (stacked under the base weight)
 and the op after it expands the adapters' part (kernels/consumer_expand.py); a batch replays the graph of
 the least P in `stacked_prefixes` past its adapters' slots (the slot table hands out the lowest free slot, and
-the scheduler moves a running adapter down when its slot lies past the prefix its batch needs).
+the scheduler moves a running adapter down when its slot lies past the prefix its batch needs). Past it, a LoRA
+variant has two graphs: one for any mix of adapters, and one for batches none of whose adapters holds more than the
+backend's `spread_rows` sequences (many adapters, few sequences each), which runs the expand that is fastest for them
+(`LoRAKernelMeta.spread`); a graph replayed for any batch cannot know the mix, so the mix picks the graph.
 """
 
 from __future__ import annotations
@@ -86,24 +89,25 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.token_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, device=dev)
-        # (bucket, LoRA variant or None, stacked P or None) -> (graph, its logits)
-        self.graphs: dict[tuple[int, frozenset[str] | None, int | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, LoRA variant or None, stacked P or None, spread) -> (graph, its logits)
+        self.graphs: dict[tuple[int, frozenset[str] | None, int | None, bool],
+                          tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         stacked = lora is not None and getattr(lora, "graphable", False) and lora.buffers.stacked is not None
         self.prefixes = stacked_prefixes(lora.buffers.num_slots) if stacked else []
         self.stacked_max_batch = STACKED_MAX_BATCH  # as captured (benchmarks change the module's for other engines)
         self._staging = PinnedStaging(n * (7 + self.max_blocks), dev)
         self._pool = None
-        self.last: tuple[int, frozenset[str] | None, int | None] | None = None  # the graph the last step replayed
+        self.last: tuple[int, frozenset[str] | None, int | None, bool] | None = None  # the last step's graph
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _forward(self, b: int, lora: frozenset[str] | None, stacked: int | None) -> torch.Tensor:
+    def _forward(self, b: int, lora: frozenset[str] | None, stacked: int | None, spread: bool) -> torch.Tensor:
         meta = DecodeMetadata(self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b])
         hook = None
         if lora:
             self.lora.hook.prepare(self.token_slots[:b], overlap=self.overlap_lora, groups=lora,
-                                   stacked_slots=stacked)
+                                   stacked_slots=stacked, spread=self.lora.spread_rows if spread else None)
             hook = self.lora.hook
         return self.model.forward(self.ids[:b], self.positions[:b], meta, self.kv_caches, self.rows[:b], hook)
 
@@ -112,17 +116,28 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         # Largest first: smaller graphs then fit in the memory pool the largest one reserved.
         for b in reversed(self.buckets):
-            for lora in graph_variants(self.lora):
-                for stacked in self._prefixes(b) if lora else [None]:
-                    def forward(b=b, lora=lora, stacked=stacked):
-                        return self._forward(b, lora, stacked)
+            for key in self.keys(b):
+                def forward(key=key):
+                    return self._forward(*key)
 
-                    warm_up(forward)
-                    graph, logits = capture_graph(forward, self._pool)
-                    self._pool = graph.pool()
-                    self.graphs[(b, lora, stacked)] = (graph, logits)
+                warm_up(forward)
+                graph, logits = capture_graph(forward, self._pool)
+                self._pool = graph.pool()
+                self.graphs[key] = (graph, logits)
         torch.cuda.synchronize()
         log.info("captured %d decode graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
+
+    def keys(self, b: int) -> list[tuple[int, frozenset[str] | None, int | None, bool]]:
+        """The graphs of bucket b (the module doc): the base graph; per LoRA variant, one per stacked P, or one for
+        any mix and, for buckets of at most the backend's `spread_tokens`, one for batches that spread their tokens."""
+        spread = getattr(self.lora, "spread_tokens", 0) >= b
+        keys = [(b, None, None, False)]
+        for lora in graph_variants(self.lora)[1:]:
+            for stacked in self._prefixes(b):
+                keys.append((b, lora, stacked, False))
+                if stacked is None and spread:
+                    keys.append((b, lora, None, True))
+        return keys
 
     def _prefixes(self, b: int) -> list[int | None]:
         """The stacked P a LoRA graph of bucket b is captured for ([None]: not stacked)."""
@@ -134,11 +149,13 @@ class DecodeGraphs:
         b = self.bucket(n)
         if b is None:
             return None
-        stacked = None
+        stacked, spread = None, False
         if lora:  # the least P past every slot (the last prefix holds all slots); None when b is not stacked
             top = max(token_slots) + 1
             stacked = next(p for p in self._prefixes(b) if p is None or p >= top)
-        key = (b, lora, stacked)
+            if stacked is None and (b, lora, None, True) in self.graphs:  # no adapter over spread_rows sequences?
+                spread = int(np.bincount(np.asarray(token_slots) + 1)[1:].max(initial=0)) <= self.lora.spread_rows
+        key = (b, lora, stacked, spread)
         return key if key in self.graphs else None
 
     def run(self, key, ids: list[int], positions: list[int], block_tables: list[list[int]],

@@ -48,3 +48,35 @@ def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
             assert x.outputs[0].token_ids == y.outputs[0].token_ids
     assert fast.engine.blocks.num_free == 128
     assert fast.engine.stats()["prefix_cache_hit_tokens"] > 0
+
+
+def test_spread_graphs_run_the_rows_expand_and_match_eager(tiny_model_dir, tiny_adapters, monkeypatch):
+    """Past the stacked batches (lowered here to 2 rows), a batch whose adapters each hold few sequences replays the
+    graph captured for such batches, whose expands run on the rows kernel (its size bound lowered to nothing, so the
+    other graph's run on the segmented kernel); tokens match the eager torch path and logprobs agree; a batch with
+    one adapter on three sequences replays the graph for any mix."""
+    import kernels.lora_expand_rows as expand_rows
+    from gpu_worker.engine import decode_graphs
+
+    monkeypatch.setattr(decode_graphs, "STACKED_MAX_BATCH", 2)
+    monkeypatch.setattr(expand_rows, "MAX_WORK", 0)
+    kw = dict(enable_lora=True, max_loras=4, max_lora_rank=16, num_kv_blocks=128, dtype="float32", max_num_seqs=8)
+    eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
+    fast = LLM(str(tiny_model_dir), lora_backend="triton", **kw)
+    graphs = fast.engine.runner.graphs
+    every = frozenset({"qkv", "o", "gate_up", "down"})
+    assert (8, every, None, True) in graphs.graphs and (8, every, None, False) in graphs.graphs
+    replayed, run = [], graphs.run
+    monkeypatch.setattr(graphs, "run", lambda key, *a: (replayed.append(key), run(key, *a))[1])
+    # Every adapter on one sequence: the spread graphs alone; code-lora on three: the graphs for any mix (while the
+    # three decode together: sequences whose prompts ran in later steps end later, in smaller batches).
+    for names, spreads in ((NAMES, {True}), (["code-lora", "code-lora", "code-lora", None, "sql-lora"], {False})):
+        replayed.clear()
+        a = generate(eager, tiny_adapters, names)
+        b = generate(fast, tiny_adapters, names)
+        unstacked = {spread for _, variant, stacked, spread in replayed if variant and stacked is None}
+        assert spreads <= unstacked and (spreads == {False} or unstacked == {True}), replayed
+        for x, y in zip(a, b):
+            assert x.outputs[0].token_ids == y.outputs[0].token_ids
+            for p, q in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+                assert abs(p.logprob - q.logprob) < 2e-3

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_worker.engine import LLM
+from gpu_worker.engine import LLM, decode_graphs
 from gpu_worker.engine.decode_graphs import LORA_VARIANTS, DecodeGraphs
 
 from .test_oracle import PROMPTS, _check
@@ -26,8 +26,8 @@ class EagerReplay:
 
 
 def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, frozenset[str] | None]]:
-    """Route the engine's decode steps through DecodeGraphs.run; returns the log of (bucket, LoRA variant)
-    replayed."""
+    """Route the engine's decode steps through DecodeGraphs.run; returns the log of the graph keys (bucket, LoRA
+    variant, stacked P, spread) replayed."""
     engine = llm.engine
     runner = engine.runner
     graphs = DecodeGraphs(engine.model, engine.kv_caches, engine.args.block_size, max_batch, engine.max_model_len,
@@ -35,13 +35,11 @@ def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, frozenset[str] |
     replayed = []
     vocab = engine.model_config.vocab_size
     for b in graphs.buckets:
-        for lora in (None, *LORA_VARIANTS):
-            for stacked in graphs._prefixes(b) if lora else [None]:
-                key = (b, lora, stacked)
-                replay = EagerReplay(graphs, key, torch.empty(b, vocab))
-                inner = replay.replay
-                replay.replay = lambda inner=inner, key=key: (replayed.append(key), inner())[1]
-                graphs.graphs[key] = (replay, replay.logits)
+        for key in graphs.keys(b):
+            replay = EagerReplay(graphs, key, torch.empty(b, vocab))
+            inner = replay.replay
+            replay.replay = lambda inner=inner, key=key: (replayed.append(key), inner())[1]
+            graphs.graphs[key] = (replay, replay.logits)
     runner.fused_decode, runner.graphs = True, graphs
     return replayed
 
@@ -54,11 +52,11 @@ def test_graph_inputs_staged_for_mixed_and_base_batches(tiny_model_dir, tiny_ada
     replayed = replay_eagerly(llm, max_batch=4)
     # 3 requests (bucket 4: a padding row), base and adapters mixed; then base only (the graph without LoRA).
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
-    assert (4, LORA_VARIANTS[-1], 2) in replayed  # chat-lora targets every projection; 2 slots stacked
+    assert (4, LORA_VARIANTS[-1], 2, False) in replayed  # chat-lora targets every projection; 2 slots stacked
     assert llm.engine.runner.graphs.last == replayed[-1]  # what benchmarks.worker replays to time the GPU alone
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[3:5], tiny_adapters, [None, None])
-    assert replayed and set(replayed) == {(2, None, None)}
+    assert replayed and set(replayed) == {(2, None, None, False)}
     assert llm.engine.blocks.num_free == 64
 
 
@@ -70,7 +68,25 @@ def test_lora_graph_variant_follows_the_targets_of_the_batch(tiny_model_dir, tin
               lora_backend="triton", max_num_batched_tokens=64)
     replayed = replay_eagerly(llm, max_batch=4)
     _check(llm, tiny_model_dir, PROMPTS[:2], tiny_adapters, [None, "sql-lora"])
-    assert {v for _, v, _ in replayed} == {frozenset({"qkv"})}
+    assert {v for _, v, _, _ in replayed} == {frozenset({"qkv"})}
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", "math-lora", None])
-    assert {v for _, v, _ in replayed} == {frozenset({"qkv", "o"})}
+    assert {v for _, v, _, _ in replayed} == {frozenset({"qkv", "o"})}
+
+
+def test_unstacked_batches_replay_the_spread_graph_when_no_adapter_holds_many(tiny_model_dir, tiny_adapters,
+                                                                              monkeypatch):
+    """Past the stacked batches, a batch none of whose adapters holds more than the backend's spread_rows sequences
+    replays the graph captured for such batches (its step says so to the kernels); one with an adapter on more
+    sequences replays the graph for any mix. Results match transformers + PEFT either way."""
+    monkeypatch.setattr(decode_graphs, "STACKED_MAX_BATCH", 1)
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64,
+              lora_backend="triton", max_num_batched_tokens=64)
+    replayed = replay_eagerly(llm, max_batch=4)
+    every = LORA_VARIANTS[-1]
+    assert llm.engine.runner.lora.spread_rows == 2
+    _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
+    assert (4, every, None, True) in replayed and (4, every, None, False) not in replayed
+    replayed.clear()
+    _check(llm, tiny_model_dir, PROMPTS[:4], tiny_adapters, ["chat-lora", "chat-lora", "chat-lora", None])
+    assert (4, every, None, False) in replayed and (4, every, None, True) not in replayed

@@ -107,8 +107,8 @@ def _force_lora_mode(monkeypatch, stacked: bool, p: int = 2) -> list[tuple[str, 
 
     prepare, project, log = TritonLoRA.prepare, TritonLoRA.project, []
     monkeypatch.setattr(TritonLoRA, "prepare", lambda self, slots, distinct=None, overlap=False, groups=None,
-                        stacked_slots=None: prepare(self, slots, distinct, overlap=True, groups=groups,
-                                                    stacked_slots=p if stacked else None))
+                        stacked_slots=None, spread=None: prepare(self, slots, distinct, overlap=True, groups=groups,
+                                                                 stacked_slots=p if stacked else None, spread=spread))
 
     def logged(self, layer, group, *args):
         out, delta = project(self, layer, group, *args)

@@ -4,11 +4,13 @@ and after land where the kernels read them; and the decode graphs' choice of how
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.engine.decode_graphs import DecodeGraphs, stacked_prefixes
+from gpu_worker.engine.decode_graphs import LORA_VARIANTS, DecodeGraphs, stacked_prefixes
 from gpu_worker.engine.lora.layout import MODULE_GROUP
 from gpu_worker.engine.lora.peft_adapter import AdapterWeights
 from gpu_worker.engine.lora.slot_buffers import SlotBuffers
@@ -101,16 +103,21 @@ def test_stacked_prefixes_and_the_graph_a_batch_replays():
     assert stacked_prefixes(1) == [1]
     every = frozenset({"qkv", "o", "gate_up", "down"})
     graphs = DecodeGraphs.__new__(DecodeGraphs)  # find() alone: which captured graph a batch replays
-    graphs.buckets, graphs.prefixes, graphs.stacked_max_batch = [4, 64, 128], [8, 16, 32], 64
-    graphs.graphs = {(b, v, p): None for b in (4, 64) for v in (None, every) for p in ([None] if v is None else
-                                                                                        [8, 16, 32])}
-    graphs.graphs.update({(128, None, None): None, (128, every, None): None})
-    assert graphs.find(3, None, None) == (4, None, None)
-    assert graphs.find(3, every, [0, 7, -1]) == (4, every, 8)  # slots 0..7: the first 8 stacked
-    assert graphs.find(3, every, [8, -1, 2]) == (4, every, 16)
-    assert graphs.find(40, every, [31]) == (64, every, 32)
-    assert graphs.find(100, every, [31]) == (128, every, None)  # past STACKED_MAX_BATCH: not stacked
-    assert graphs.find(200, every, [0]) is None  # no bucket
+    graphs.buckets, graphs.prefixes, graphs.stacked_max_batch = [4, 64, 128, 512], [8, 16, 32], 64
+    graphs.lora = SimpleNamespace(graphable=True, spread_rows=2, spread_tokens=256)
+    graphs.graphs = {key: None for b in graphs.buckets for key in graphs.keys(b)}
+    assert set(graphs.keys(128)) == {(128, None, None, False)} | {(128, v, None, s) for v in LORA_VARIANTS
+                                                                  for s in (False, True)}
+    assert all(not spread for *_, spread in graphs.keys(512) + graphs.keys(64))  # past spread_tokens; stacked
+    assert graphs.find(3, None, None) == (4, None, None, False)
+    assert graphs.find(3, every, [0, 7, -1]) == (4, every, 8, False)  # slots 0..7: the first 8 stacked
+    assert graphs.find(3, every, [8, -1, 2]) == (4, every, 16, False)
+    assert graphs.find(40, every, [31]) == (64, every, 32, False)
+    # Past STACKED_MAX_BATCH: not stacked; the spread graph where no slot holds more than 2 sequences.
+    assert graphs.find(100, every, [31, 31, 5, -1, -1, -1]) == (128, every, None, True)
+    assert graphs.find(100, every, [31, 31, 5, 31]) == (128, every, None, False)
+    assert graphs.find(300, every, [0, 1]) == (512, every, None, False)
+    assert graphs.find(600, every, [0]) is None  # no bucket
 
 
 def test_b_runs_cover_each_layers_b_in_a_slots_row():

@@ -311,6 +311,27 @@ def test_expand_picks_rows_for_small_launches():
     assert seg.__qualname__.startswith("expand_launch")
 
 
+def test_expand_picks_rows_for_spread_steps(monkeypatch):
+    """Past the rows kernel's bound, a step that says no adapter holds more than SPREAD_ROWS of its tokens (up to
+    SPREAD_TOKENS tokens) runs the rows kernel too, on a GPU; any other step the segmented one. The result is the
+    same either way."""
+    monkeypatch.setattr(expand_rows, "MAX_WORK", 0)
+    c = make_case([0, 1, 1, -1, 2], [16, 16, 8])
+    y = lora_shrink_ref(*ref_inputs(c)[:2], c.ranks, c.token_slots).float()
+    out = torch.zeros(5, out_width(c), device=DEVICE)
+    rows = "expand_rows_launch" if DEVICE.type == "cuda" else "expand_launch"
+    for spread, picked in ((None, "expand_launch"), (2, rows), (3, "expand_launch")):
+        c.meta.prepare(c.token_slots, spread=spread)
+        assert expand_rows.spread(5, c.meta) == (spread == 2)
+        assert lora_expand_launch(y, c.b, out, c.ranks, c.meta).__qualname__.startswith(picked)
+        check_expand(c, y)
+    big = LoRAKernelMeta(max_tokens=300, max_slots=3, device=DEVICE)
+    big.prepare(torch.arange(300, dtype=torch.int32, device=DEVICE) % 3 - 1, spread=1)
+    assert not expand_rows.spread(300, big)  # past SPREAD_TOKENS
+    with pytest.raises(ValueError, match="spread"):
+        c.meta.prepare(c.token_slots, spread=0)
+
+
 def test_input_checks():
     c = make_case([0, 1], [16, 16])
     with pytest.raises(ValueError, match="prepared for 2 tokens"):

@@ -5,6 +5,7 @@ segmented shrink/expand kernels of `kernels/` on CUDA. "auto" picks triton on CU
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Protocol
 
 import numpy as np
@@ -50,16 +51,24 @@ class TritonBackend:
     def __init__(self, buffers: SlotBuffers, device: torch.device, max_tokens: int, consumer_expands: bool = False):
         from kernels import LoRAKernelMeta
         from kernels.engine_backend import TritonLoRA
+        from kernels.lora_expand_rows import SPREAD_ROWS, SPREAD_TOKENS
 
         self.buffers, self.device = buffers, device
         if device.type == "cuda" and device.index is None:  # tensors report cuda:N; compare like with like
             device = torch.device("cuda", torch.cuda.current_device())
         self.meta = LoRAKernelMeta(max_tokens, buffers.num_slots, device)
         self.hook = TritonLoRA(buffers, self.meta, consumer_expands)
+        # Batches of up to `spread_tokens` tokens, none of whose adapters holds more than `spread_rows` of them, run
+        # a faster expand when their step says so (`LoRAKernelMeta.spread`): decode graphs are captured for them too.
+        self.spread_rows, self.spread_tokens = SPREAD_ROWS, SPREAD_TOKENS
 
     def bind(self, runs, groups):
-        distinct = len({s for s, n in runs if s >= 0 and n > 0})
-        self.hook.prepare(token_slots_of(runs, self.device), distinct, groups=groups)
+        tokens = Counter()
+        for s, n in runs:
+            if s >= 0 and n > 0:
+                tokens[s] += n
+        self.hook.prepare(token_slots_of(runs, self.device), len(tokens), groups=groups,
+                          spread=max(tokens.values(), default=None))
         return self.hook
 
     @torch.inference_mode()
