@@ -34,7 +34,8 @@ class SlotTable:
     reuse and evicted least recently used first when another adapter needs a slot. A new adapter takes the
     lowest free slot: decode graphs read the A of a prefix of the slots (`stacked_prefixes`), so a few
     adapters in low slots replay a small prefix. An adapter can also move to a lower slot while it runs
-    (`begin_move`, `finish_move`: the scheduler's compaction), keeping its old slot until the copy is in."""
+    (`begin_move`, `finish_move`: the scheduler's compaction), keeping its old slot until the copy is in; an idle
+    adapter the move displaced can then take that old slot (`place_idle`)."""
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
@@ -92,12 +93,12 @@ class SlotTable:
     def in_use(self, key: Key) -> int:
         return self._refs.get(key, 0)
 
-    def open_slot_below(self, bound: int) -> int | None:
+    def open_slot_below(self, bound: int, keep: frozenset[Key] = frozenset()) -> int | None:
         """The lowest slot under `bound` an adapter could move into: a free one, else an idle adapter's (which
-        the move would evict); None when there is none."""
+        the move would evict) unless that adapter is in `keep`; None when there is none."""
         if self._free and self._free[0] < bound:
             return self._free[0]
-        idle = [self._slot_of[k] for k in self._idle if self._slot_of[k] < bound]
+        idle = [self._slot_of[k] for k in self._idle if self._slot_of[k] < bound and k not in keep]
         return min(idle) if idle else None
 
     def begin_move(self, key: Key, slot: int) -> Key | None:
@@ -130,6 +131,17 @@ class SlotTable:
         heapq.heappush(self._free, old)
         self.release(key)
         return old
+
+    def place_idle(self, key: Key, slot: int) -> None:
+        """Make `key` resident, idle, in free `slot` (the scheduler re-homing an adapter a move displaced); the
+        caller copies its weights in."""
+        if key in self._slot_of or slot not in self._free:
+            raise RuntimeError(f"cannot place {key} in slot {slot}: already resident, or the slot is not free")
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+        self._slot_of[key] = slot
+        self._refs[key] = 0
+        self._idle[key] = None
 
     def resident(self) -> dict[Key, int]:
         """Resident adapters and their slots."""

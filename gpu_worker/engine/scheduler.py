@@ -9,8 +9,13 @@ recomputed later) so that older ones finish.
 
 With `compact_slots` (the engine's stacked decode graphs, whose cost grows with the prefix of slots a batch
 spans: SlotTable.prefix_for), a running adapter whose slot lies past the prefix its batch's adapters would
-need is copied into a free (or idle) slot inside it, one at a time, while its requests keep running from the old
-slot; once the copy is in they switch to the new one and the old slot is freed.
+need is copied into a free slot inside it, or an idle adapter's that no waiting request is for, one at a time,
+while its requests (those admitted meanwhile too) keep running from the old slot; once the copy is in they
+switch to the new one. The idle
+adapter a move displaced, if any, is copied into the old slot (from host memory, on the loader's side
+stream), so it stays resident: a compaction never turns a later request for it into a cold load (H200, 8
+adapters in 32 slots, 8 prompts of 2,048 tokens, 4 a step: evicted this way, adapters were copied in again
+every round while their requests waited).
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class AdapterLoader(Protocol):
     def ready(self, key: tuple[str, str]) -> bool:
         """Whether a copy begun earlier has finished."""
 
+    def in_host(self, key: tuple[str, str]) -> bool:
+        """Whether the adapter's weights are in host memory, to copy into a slot without reading them again."""
+
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, slots: SlotTable | None, max_num_seqs: int, max_num_batched_tokens: int,
@@ -70,6 +78,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.compact_slots = compact_slots and slots is not None and loader is not None
         self._move: tuple[str, str] | None = None  # the adapter being copied into a lower slot
+        self._displaced: tuple[str, str] | None = None  # the idle adapter whose slot that move took
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -121,16 +130,20 @@ class Scheduler:
         need = self.slots.prefix_for(len(active))
         if self.slots.slot_of(top) < need:
             return
-        target = self.slots.open_slot_below(need)
+        # Not into the slot of an idle adapter a waiting request is for: it would have to be copied back first.
+        wanted = frozenset(seq.adapter_key for seq in self.waiting if seq.adapter_key is not None)
+        target = self.slots.open_slot_below(need, keep=wanted)
         if target is None:
             return
-        self.slots.begin_move(top, target)
+        self._displaced = self.slots.begin_move(top, target)
         self._move = top
         if self.loader.start_load(target, top):
             self._finish_move()
 
     def _finish_move(self) -> None:
-        """The move's copy is in: its sequences (running, or waiting with its slot) switch to the new slot."""
+        """The move's copy is in: its sequences (running, or waiting with its slot) switch to the new slot, and the
+        idle adapter it displaced (unless a request has brought it back meanwhile, or host memory dropped it)
+        is copied into the old one."""
         key = self._move
         if key is None or not self.loader.ready(key):
             return
@@ -140,6 +153,10 @@ class Scheduler:
             if seq.adapter_key == key and seq.slot == old:
                 seq.slot = new
         self._move = None
+        displaced, self._displaced = self._displaced, None
+        if displaced is not None and self.slots.slot_of(displaced) is None and self.loader.in_host(displaced):
+            self.slots.place_idle(displaced, old)
+            self.loader.start_load(old, displaced)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         for seq in list(self.waiting):
@@ -164,7 +181,9 @@ class Scheduler:
                         out.adapter_loads.append((seq.slot, seq.adapter_key))
                         if self.loader is not None and not self.loader.start_load(seq.slot, seq.adapter_key):
                             continue  # the copy is in flight: hold the slot, let others run meanwhile
-                if self.loader is not None and not self.loader.ready(seq.adapter_key):
+                # Waits for its adapter's first copy; an adapter that is moving runs from its old slot meanwhile.
+                if self.loader is not None and self.slots.moving(seq.adapter_key) is None \
+                        and not self.loader.ready(seq.adapter_key):
                     continue
             if fresh:
                 self.blocks.take_cached(seq.block_table, cached)

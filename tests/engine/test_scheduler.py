@@ -146,6 +146,9 @@ class SlowLoader:
     def ready(self, key):
         return key in self.done
 
+    def in_host(self, key):
+        return True
+
 
 def test_request_waits_for_its_adapter_copy_while_others_run():
     loader, slots = SlowLoader(), SlotTable(2)
@@ -184,6 +187,7 @@ def test_slot_table_moves_an_adapter_into_a_lower_slot():
     assert [slots.acquire(k)[0] for k in (a, b, c)] == [0, 1, 2]
     slots.release(a)  # a idle in slot 0; slot 3 free
     assert slots.open_slot_below(4) == 3 and slots.open_slot_below(3) == 0 and slots.open_slot_below(0) is None
+    assert slots.open_slot_below(3, keep=frozenset({a})) is None  # a is wanted: its slot is not open
     assert slots.begin_move(c, 0) == a  # slot 0's idle adapter gives way
     assert slots.slot_of(a) is None and slots.slot_of(c) == 2 and slots.moving(c) == 0
     # The reserved slot is handed to no one; c stays pinned by the move even with no request left.
@@ -193,13 +197,23 @@ def test_slot_table_moves_an_adapter_into_a_lower_slot():
     assert slots.finish_move(c) == 2
     assert slots.slot_of(c) == 0 and slots.in_use(c) == 0 and slots.moving(c) is None
     assert slots.acquire(("e", "h")) == (2, True)  # the old slot is free again
+    slots.release(("e", "h"))
+    slots.evict(("e", "h"))
+    slots.place_idle(a, 2)  # the displaced adapter back in the old slot, idle: the first to go when one is needed
+    assert slots.slot_of(a) == 2 and slots.in_use(a) == 0 and slots.num_free == 2
+    try:
+        slots.place_idle(("f", "h"), 1)
+    except RuntimeError as e:
+        assert "not free" in str(e)
+    else:
+        raise AssertionError("placed an adapter in an occupied slot")
 
 
 class MoveLoader:
     """Every copy stays in flight until the test completes it (ready is per copy, as the engine's loader's is)."""
 
     def __init__(self):
-        self.started, self.pending = [], set()
+        self.started, self.pending, self.dropped = [], set(), set()
 
     def start_load(self, slot, key):
         self.started.append((slot, key))
@@ -208,6 +222,9 @@ class MoveLoader:
 
     def ready(self, key):
         return key not in self.pending
+
+    def in_host(self, key):
+        return key not in self.dropped
 
 
 def test_compaction_moves_a_running_adapter_inside_the_prefix_its_batch_needs():
@@ -230,13 +247,70 @@ def test_compaction_moves_a_running_adapter_inside_the_prefix_its_batch_needs():
     assert slots.slot_of(keys[1]) is None and slots.moving(keys[9]) == 1
     late = seq("late", 4, keys[9])
     sched.add(late)
-    out = run_step(sched)  # the copy is in flight: a9's running request keeps slot 9, a new one waits
-    assert seqs[9].slot == 9 and "late" not in [c.seq.request_id for c in out.chunks] and late.slot == 9
+    out = run_step(sched)  # the copy is in flight: a9's running request keeps slot 9, a new one runs from it too
+    assert seqs[9].slot == 9 and "late" in [c.seq.request_id for c in out.chunks] and late.slot == 9
     loader.pending.clear()
     out = run_step(sched)
     assert seqs[9].slot == 1 and late.slot == 1 and slots.slot_of(keys[9]) == 1
     assert {c.seq.request_id for c in out.chunks} >= {"r0", "r9", "late"}
-    assert slots.acquire(("new", "h")) == (9, True)  # the old slot is free again (2-8 hold idle adapters)
+    # a1, displaced from slot 1, is copied into the slot a9 left: still resident, idle, so no request for it waits
+    # on a cold load later.
+    assert loader.started[-1] == (9, keys[1]) and slots.slot_of(keys[1]) == 9 and slots.in_use(keys[1]) == 0
+    assert slots.acquire(("new", "h")) == (10, True)  # 2-9 hold idle adapters
     slots.release(("new", "h"))
+    loader.pending.clear()
     run_step(sched)
-    assert len(loader.started) == 11  # nothing more to move: a0, a9 in slots 0 and 1
+    assert len(loader.started) == 12  # nothing more to move: a0, a9 in slots 0 and 1
+
+
+def test_a_displaced_adapter_is_not_brought_back_when_a_request_did_or_host_memory_dropped_it():
+    for case in ("requested", "dropped"):
+        loader, slots = MoveLoader(), SlotTable(4)
+        sched = Scheduler(BlockManager(256, 4), slots, max_num_seqs=8, max_num_batched_tokens=100, loader=loader,
+                          compact_slots=True)
+        keys = [(f"a{i}", "h") for i in range(3)]
+        seqs = [seq(f"r{i}", 4, k) for i, k in enumerate(keys)]
+        for s in seqs:
+            sched.add(s)
+        run_step(sched)
+        loader.pending.clear()
+        sched.finish(seqs[0])
+        sched.finish(seqs[1])  # a2 alone in slot 2 (the prefix for one adapter is 1): it moves into a0's slot
+        run_step(sched)
+        assert loader.started[-1] == (0, keys[2]) and slots.slot_of(keys[0]) is None
+        if case == "requested":  # a request for a0 takes a free slot before the move is in
+            again = seq("again", 4, keys[0])
+            sched.add(again)
+            run_step(sched)
+            assert again.slot == 3 and loader.started[-1] == (3, keys[0])
+        else:
+            loader.dropped.add(keys[0])
+        loader.pending.clear()
+        run_step(sched)
+        assert slots.slot_of(keys[2]) == 0 and slots.moving(keys[2]) is None  # the move is in
+        assert (2, keys[0]) not in loader.started  # a0 was not copied into a2's old slot
+        if case == "requested":
+            assert slots.slot_of(keys[0]) == 3 and again.slot == 3
+        else:
+            assert slots.slot_of(keys[0]) is None and slots.acquire(("new", "h")) == (2, True)  # a2's old slot
+
+
+def test_a_move_does_not_displace_an_adapter_a_waiting_request_is_for():
+    loader, slots = MoveLoader(), SlotTable(4)
+    sched = Scheduler(BlockManager(256, 4), slots, max_num_seqs=3, max_num_batched_tokens=100, loader=loader,
+                      compact_slots=True)
+    keys = [(f"a{i}", "h") for i in range(3)]
+    seqs = [seq(f"r{i}", 4, k) for i, k in enumerate(keys)]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)
+    loader.pending.clear()
+    sched.finish(seqs[0])
+    sched.finish(seqs[1])
+    sched.max_num_seqs = 1  # a request for a0 waits (a2's fills the batch): a0's slot 0 is not open to a2's move
+    sched.add(seq("r0b", 4, keys[0]))
+    run_step(sched)
+    assert slots.slot_of(keys[0]) == 0 and slots.moving(keys[2]) is None and len(loader.started) == 3
+    sched.max_num_seqs = 3  # r0b runs from slot 0 (no copy), a1's idle slot 1 is open: a2 moves there
+    run_step(sched)
+    assert loader.started[3:] == [(1, keys[2])] and slots.slot_of(keys[0]) == 0

@@ -165,6 +165,9 @@ class LoRAManager:
         self._loading[key] = event
         return False
 
+    def in_host(self, key: AdapterKey) -> bool:
+        return key in self.host
+
     @property
     def copies_in_flight(self) -> int:
         return len(self._loading)
