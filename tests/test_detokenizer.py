@@ -11,6 +11,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from gpu_worker.engine.byte_level import ByteStream, ByteTable
 from gpu_worker.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
 CORPUS = [
@@ -270,3 +271,68 @@ def test_random_chunkings_agree_with_the_whole_text_answer(include):
         if matched is None:
             streamed += matcher.flush()
         assert (streamed, matched) == (expected, expected_stop), (text, stops, chunks)
+
+
+# --- ByteStream (byte-level tokenizers, no tokenizer call per token) -------------------------------------------
+
+
+def byte_stream(tokenizer: Tokenizer, ids: list[int], skip_special_tokens=True) -> tuple[list[str], ByteStream]:
+    table = ByteTable.build(tokenizer)
+    assert table is not None
+    s = ByteStream(table, skip_special_tokens)
+    deltas = [s.append(t) for t in ids]
+    assert s.text == "".join(deltas)
+    return deltas, s
+
+
+@pytest.mark.parametrize("name", sorted(TEXTS))
+def test_byte_stream_deltas_are_the_decode_and_characters_come_out_whole(tokenizer, name):
+    ids = tokenizer.encode(TEXTS[name]).ids
+    deltas, _ = byte_stream(tokenizer, ids)
+    assert "".join(deltas) == tokenizer.decode(ids) == TEXTS[name]
+    assert all("\ufffd" not in d for d in deltas)
+    if name != "ascii":
+        assert "" in deltas  # a token inside a character completes none
+
+
+def test_byte_stream_matches_the_tokenizer_on_random_ids(tokenizer):
+    """Any ids (invalid UTF-8 included): the streamed text plus the flush is the tokenizer's decode of them."""
+    rng = random.Random(3)
+    size = tokenizer.get_vocab_size()
+    for _ in range(200):
+        ids = [rng.randrange(size) for _ in range(rng.randrange(1, 30))]
+        for skip in (True, False):
+            deltas, s = byte_stream(tokenizer, ids, skip)
+            assert "".join(deltas) + s.flush() == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_byte_stream_specials_and_flush(tokenizer):
+    eos = tokenizer.token_to_id(EOS)
+    ids = tokenizer.encode("Café").ids + [eos] + tokenizer.encode(" 😀").ids
+    assert "".join(byte_stream(tokenizer, ids, True)[0]) == "Café 😀"
+    assert "".join(byte_stream(tokenizer, ids, False)[0]) == "Café<eos> 😀"
+    cut = tokenizer.encode("ok 😀").ids[:-1]  # the emoji's last byte never arrives
+    deltas, s = byte_stream(tokenizer, cut)
+    held = s.flush()
+    assert held == "\ufffd" and "".join(deltas) + held == tokenizer.decode(cut) and s.flush() == ""
+
+
+def test_only_byte_level_tokenizers_that_it_reproduces_get_a_table(tokenizer, metaspace_tokenizer):
+    assert ByteTable.build(metaspace_tokenizer) is None  # SentencePiece-style: the windowed path
+    odd = Tokenizer.from_str(tokenizer.to_str())
+    odd.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])  # not plain ByteLevel
+    assert ByteTable.build(odd) is None
+    # A table that does not reproduce the decode is refused: here a symbol's byte is wrong.
+    table = ByteTable.build(tokenizer)
+    a = tokenizer.token_to_id("a")
+    broken = ByteTable(table.pieces[:a] + (b"b",) + table.pieces[a + 1:], table.special)
+    assert not broken._matches(tokenizer, samples=4, seed=0)
+
+
+def test_the_engine_streams_byte_level_text_from_the_table(tiny_model_dir):
+    from gpu_worker.engine.tokenizer import Tokenizer as EngineTokenizer
+
+    tok = EngineTokenizer(tiny_model_dir)
+    assert isinstance(tok.detokenizer([1, 2], True), ByteStream)
+    tok.byte_table = None
+    assert isinstance(tok.detokenizer([1, 2], True), IncrementalDetokenizer)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .block_manager import BlockManager
+from .byte_level import ByteStream
 from .config import EngineArgs
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .errors import CapacityError, InvalidRequestError
@@ -36,7 +37,7 @@ class RequestState:
 
     prompt: str | None
     lora_request: LoRARequest | None
-    detokenizer: IncrementalDetokenizer
+    detokenizer: ByteStream | IncrementalDetokenizer
     stops: StopStringMatcher
     generator: torch.Generator | None
     # The request's input to every sampling step (made once; its token lists are the sequence's own).
@@ -208,7 +209,7 @@ class LLMEngine:
         seq.state = RequestState(
             prompt=text,
             lora_request=lora_request,
-            detokenizer=IncrementalDetokenizer(self.tokenizer.hf, token_ids, params.skip_special_tokens),
+            detokenizer=self.tokenizer.detokenizer(token_ids, params.skip_special_tokens),
             stops=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             generator=generator,
             logprobs=[] if params.logprobs is not None else None,

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from .byte_level import ByteStream, ByteTable
 from .chat_template import ChatTemplate
+from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequestError
 
 
@@ -27,6 +29,8 @@ class Tokenizer:
         self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_token_id is not None
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         self.chat_template = ChatTemplate.from_dir(root, self.config)
+        # Byte-level BPE streams its text from a table of each token's bytes (byte_level.py); None otherwise.
+        self.byte_table = ByteTable.build(self.hf)
 
     def _token_id(self, token) -> int | None:
         if isinstance(token, dict):
@@ -43,6 +47,13 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, prompt_token_ids: list[int], skip_special_tokens: bool
+                    ) -> ByteStream | IncrementalDetokenizer:
+        """What streams one request's output text: append(token) -> the text it completes; flush(); text."""
+        if self.byte_table is not None:
+            return ByteStream(self.byte_table, skip_special_tokens)
+        return IncrementalDetokenizer(self.hf, prompt_token_ids, skip_special_tokens)
 
     def render_chat(self, messages: list[dict[str, str]], continue_final_message: bool = False) -> str:
         """The conversation as the model's chat template writes it; InvalidRequestError when the model has no
