@@ -99,8 +99,9 @@ def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float, 
     return generated / wall, 1000 * statistics.median(steps), replay, graph
 
 
-def prefill(engine, loras: list, n: int = 8, length: int = 2048) -> float:
-    """Prompt tokens per second for n prompts of `length` tokens (one new token each)."""
+def prefill(engine, loras: list, n: int = 8, length: int = 2048) -> tuple[float, int]:
+    """(prompt tokens per second, engine steps taken) for n prompts of `length` tokens (one new token each). The
+    adapters' prompts should take as many steps as base ones: more means some waited on a copy into a slot."""
     from gpu_worker.engine import SamplingParams
 
     g = torch.Generator().manual_seed(7)
@@ -109,11 +110,12 @@ def prefill(engine, loras: list, n: int = 8, length: int = 2048) -> float:
         prompt = torch.randint(10, 128000, (length,), generator=g).tolist()
         engine.add_request(f"p{len(loras)}-{i}", prompt, params, lora_request=loras[i % len(loras)] if loras else None)
     torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, steps = time.perf_counter(), 0
     while engine.has_unfinished_requests():
         engine.step()
+        steps += 1
     torch.cuda.synchronize()
-    return n * length / (time.perf_counter() - t)
+    return n * length / (time.perf_counter() - t), steps
 
 
 def cold_load(engine, warm: list, colds: list, batch: int = 32) -> dict:
@@ -275,8 +277,10 @@ def main() -> None:
     prefill(engine, reqs[:8], n=8, length=2048)
     # One 8 x 2048 prefill takes ~80 ms: single runs swung by 15% (H200); base and LoRA interleaved, medians.
     pairs = [(prefill(engine, []), prefill(engine, reqs[:8])) for _ in range(5)]
-    prefill_base, prefill_lora = (statistics.median(p[k] for p in pairs) for k in (0, 1))
-    print("prefill runs (base, 8 adapters), k tok/s:", [(round(b / 1e3), round(a / 1e3)) for b, a in pairs], flush=True)
+    prefill_base, prefill_lora = (statistics.median(p[k][0] for p in pairs) for k in (0, 1))
+    prefill_steps = [max(p[k][1] for p in pairs) for k in (0, 1)]
+    print("prefill runs (base, 8 adapters), k tok/s and steps:",
+          [(round(b / 1e3), round(a / 1e3), bs, ls) for (b, bs), (a, ls) in pairs], flush=True)
     cold = cold_load(engine, reqs[:8], colds(0))
     del engine
     torch.cuda.empty_cache()
@@ -309,12 +313,14 @@ def main() -> None:
             f"{case} {gpu['base, LoRA disabled'] / gpu[case]:.3f}" for case in
             ("base, LoRA enabled", "8 adapter(s) mixed", "32 adapter(s) mixed", "8 q/v adapter(s) mixed")))
     print(f"prefill 8 x 2048 tokens: base {prefill_base:.0f} tok/s, 8 adapters {prefill_lora:.0f} tok/s "
-          f"({prefill_lora / prefill_base:.3f} of base)")
+          f"({prefill_lora / prefill_base:.3f} of base); steps (most of 5 runs): base {prefill_steps[0]}, "
+          f"8 adapters {prefill_steps[1]}")
     print(cold_line(cold))
     if peft:
         print(f"8 mixed, batch 32: {tok('8 adapter(s) mixed', 32) / peft:.1f}x transformers + PEFT ({peft:.0f} tok/s)")
     if args.out:
-        rows.append(dict(case="prefill 8x2048", base_tok_s=round(prefill_base), lora8_tok_s=round(prefill_lora)))
+        rows.append(dict(case="prefill 8x2048", base_tok_s=round(prefill_base), lora8_tok_s=round(prefill_lora),
+                         base_steps=prefill_steps[0], lora8_steps=prefill_steps[1]))
         rows.append(dict(case="cold load", **{k: round(v, 3) for k, v in cold.items()}))
         Path(args.out, "bench_worker.json").write_text(json.dumps(rows, indent=1))
 

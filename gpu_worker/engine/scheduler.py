@@ -28,6 +28,9 @@ from .adapter_slots import SlotTable
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
+# Compaction moves an adapter only while one of its requests may still generate this many tokens.
+MOVE_MIN_TOKENS_LEFT = 16
+
 
 @dataclass
 class ScheduledChunk:
@@ -129,6 +132,12 @@ class Scheduler:
         top = max(active, key=self.slots.slot_of)
         need = self.slots.prefix_for(len(active))
         if self.slots.slot_of(top) < need:
+            return
+        # A move pays off over the decode steps still to come; a batch's last tokens do not repay it (nor what it
+        # displaces: at the end of a round of short requests, the last adapter would move into the slot of one
+        # a request of the next round is about to ask for).
+        if max(s.params.max_tokens - len(s.output_token_ids) - s.pending for s in self.running
+               if s.adapter_key == top) < MOVE_MIN_TOKENS_LEFT:
             return
         # Not into the slot of an idle adapter a waiting request is for: it would have to be copied back first.
         wanted = frozenset(seq.adapter_key for seq in self.waiting if seq.adapter_key is not None)

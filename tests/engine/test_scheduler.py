@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from gpu_worker.engine.adapter_slots import HostLRU, SlotTable
 from gpu_worker.engine.block_manager import BlockManager
+from gpu_worker.engine.sampling_params import SamplingParams
 from gpu_worker.engine.scheduler import Scheduler
 from gpu_worker.engine.sequence import Sequence, SequenceStatus
 
 
-def seq(rid, n_prompt, adapter=None):
-    return Sequence(rid, list(range(n_prompt)), params=None, adapter_key=adapter)
+def seq(rid, n_prompt, adapter=None, max_tokens=64):
+    return Sequence(rid, list(range(n_prompt)), params=SamplingParams(max_tokens=max_tokens), adapter_key=adapter)
 
 
 def run_step(sched: Scheduler):
@@ -314,3 +315,23 @@ def test_a_move_does_not_displace_an_adapter_a_waiting_request_is_for():
     sched.max_num_seqs = 3  # r0b runs from slot 0 (no copy), a1's idle slot 1 is open: a2 moves there
     run_step(sched)
     assert loader.started[3:] == [(1, keys[2])] and slots.slot_of(keys[0]) == 0
+
+
+def test_no_move_for_an_adapter_whose_requests_are_nearly_done():
+    from gpu_worker.engine.scheduler import MOVE_MIN_TOKENS_LEFT
+
+    for left, moves in ((MOVE_MIN_TOKENS_LEFT - 1, False), (MOVE_MIN_TOKENS_LEFT, True)):
+        loader, slots = MoveLoader(), SlotTable(4)
+        sched = Scheduler(BlockManager(256, 4), slots, max_num_seqs=8, max_num_batched_tokens=100, loader=loader,
+                          compact_slots=True)
+        keys = [(f"a{i}", "h") for i in range(3)]
+        seqs = [seq(f"r{i}", 4, k, max_tokens=left + 1) for i, k in enumerate(keys)]
+        for s in seqs:
+            sched.add(s)
+        run_step(sched)  # the first copies start
+        loader.pending.clear()
+        run_step(sched)  # prefill: one token out, `left` to go
+        sched.finish(seqs[0])
+        sched.finish(seqs[1])
+        run_step(sched)
+        assert (loader.started[-1] == (0, keys[2])) is moves
