@@ -40,6 +40,17 @@ class ByteTable:
     pieces: tuple[bytes, ...]  # each id's bytes
     special: frozenset[int]  # ids skip_special_tokens drops
 
+    def __post_init__(self):
+        # Per skip_special_tokens: each id's bytes, and its text where those bytes are whole UTF-8 characters by
+        # themselves (None where not): the common case streams with one lookup.
+        for skip in (False, True):
+            pieces = tuple(b"" if skip and i in self.special else p for i, p in enumerate(self.pieces))
+            object.__setattr__(self, f"_pieces_{skip}", pieces)
+            object.__setattr__(self, f"_texts_{skip}", tuple(_whole(p) for p in pieces))
+
+    def lookups(self, skip_special_tokens: bool) -> tuple[tuple[bytes, ...], tuple[str | None, ...]]:
+        return getattr(self, f"_pieces_{skip_special_tokens}"), getattr(self, f"_texts_{skip_special_tokens}")
+
     @classmethod
     def build(cls, tokenizer: Tokenizer, samples: int = 64, seed: int = 0) -> ByteTable | None:
         """The table of a tokenizer whose decoder is plain ByteLevel and whose decode it reproduces; else None."""
@@ -72,13 +83,18 @@ class ByteTable:
                 return False
         return True
 
-    def piece(self, token: int, skip_special_tokens: bool) -> bytes:
-        if skip_special_tokens and token in self.special or not 0 <= token < len(self.pieces):
-            return b""
-        return self.pieces[token]
-
     def text(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return b"".join(self.piece(t, skip_special_tokens) for t in ids).decode("utf-8", "replace")
+        """The ids' text as ByteStream streams it (the check compares it with the tokenizer's decode)."""
+        stream = ByteStream(self, skip_special_tokens)
+        return "".join(map(stream.append, ids)) + stream.flush()
+
+
+def _whole(piece: bytes) -> str | None:
+    """The text of bytes that are whole UTF-8 characters (none cut off at either end), else None."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class ByteStream:
@@ -86,9 +102,8 @@ class ByteStream:
     tokenizer's decode of them (no prompt context: byte-level text does not depend on what precedes it)."""
 
     def __init__(self, table: ByteTable, skip_special_tokens: bool):
-        self._table = table
-        self._skip = skip_special_tokens
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pieces, self._texts = table.lookups(skip_special_tokens)
+        self._held = b""  # the start of a character whose last bytes have not come yet
         self._text = ""
 
     @property
@@ -96,11 +111,20 @@ class ByteStream:
         return self._text
 
     def append(self, token_id: int) -> str:
-        delta = self._utf8.decode(self._table.piece(token_id, self._skip))
+        if not self._held and 0 <= token_id < len(self._texts):
+            delta = self._texts[token_id]
+            if delta is not None:
+                self._text += delta
+                return delta
+        piece = self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
+        # Decodes all but an incomplete character at the end (held for the next token); invalid bytes become
+        # U+FFFD, as the tokenizer's decoder makes them.
+        delta, used = codecs.utf_8_decode(self._held + piece, "replace", False)
+        self._held = (self._held + piece)[used:]
         self._text += delta
         return delta
 
     def flush(self) -> str:
-        delta = self._utf8.decode(b"", final=True)
+        delta, self._held = codecs.utf_8_decode(self._held, "replace", True)[0], b""
         self._text += delta
         return delta
