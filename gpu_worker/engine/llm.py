@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -37,7 +38,9 @@ class LLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        # Only the finished outputs are returned: the engine builds no others (the caller's params are not changed).
+        params = [dataclasses.replace(p, output_kind="final_only") for p in
+                  _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")]
         loras = _per_prompt(lora_request, len(prompts), "lora_request")
         order = {}
         try:

@@ -324,7 +324,10 @@ class LLMEngine:
                 k = seq.params.logprobs
                 lp = Logprob(token_ids[row], lps[row], list(zip(top_ids[row][:k], top_lps[row][:k])) if k else [])
             self._append(seq, token_ids[row], lp)
-            outputs.append(self._finish(seq) if seq.finish_reason else self._output(seq))
+            if seq.finish_reason:
+                outputs.append(self._finish(seq))
+            elif seq.params.output_kind != "final_only":
+                outputs.append(self._output(seq))
         return outputs
 
     def _append(self, seq: Sequence, token: int, lp: Logprob | None) -> None:

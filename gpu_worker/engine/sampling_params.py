@@ -53,7 +53,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # What each RequestOutput before the last carries, as vLLM's RequestOutputKind: "cumulative" (every
     # token and the text so far, plus the deltas) or "delta" (only the deltas: no per-step copy of a growing
-    # list, which costs O(tokens) a step per request; the last output is always cumulative).
+    # list, which costs O(tokens) a step per request); "final_only": there is none before the last (LLM.generate's:
+    # no output built a step per request). The last output is always cumulative.
     output_kind: str = "cumulative"
 
     # Limits bound the per-step work one request can cause (stop-string scans, top-k gathers).
@@ -149,5 +150,5 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, "a bool", getattr(self, name))
-        if self.output_kind not in ("cumulative", "delta"):
-            raise _fail("output_kind", '"cumulative" or "delta"', self.output_kind)
+        if self.output_kind not in ("cumulative", "delta", "final_only"):
+            raise _fail("output_kind", '"cumulative", "delta" or "final_only"', self.output_kind)

@@ -224,3 +224,20 @@ def test_delta_outputs_carry_only_what_is_new_and_the_last_carries_all(engine, t
     assert seen["cum"][0].outputs[0].token_ids  # cumulative: every output holds the tokens so far
     with pytest.raises(InvalidRequestError, match="output_kind"):
         SamplingParams(output_kind="final")
+
+
+def test_final_only_outputs_come_once_and_hold_everything(engine):
+    """output_kind="final_only" (LLM.generate's): no output until the request finishes; that one holds every token,
+    the whole text, and as deltas all of it; the tokens and text match a cumulative request's."""
+    params = dict(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
+    engine.add_request("cum", "hello there", SamplingParams(**params))
+    engine.add_request("final", "hello there", SamplingParams(**params, output_kind="final_only"))
+    seen = {"cum": [], "final": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    [last] = seen["final"]
+    got, want = last.outputs[0], seen["cum"][-1].outputs[0]
+    assert last.finished and got.token_ids == got.delta_token_ids == want.token_ids and len(got.token_ids) == 6
+    assert got.text == got.delta_text == want.text and len(got.logprobs) == 6
+    assert len(seen["cum"]) > 1
