@@ -2,12 +2,13 @@
 
 A byte-level decoder maps each token's symbols back to bytes, joins them and decodes UTF-8, replacing what is not
 valid; nothing depends on the tokens around one (no leading-space rule, as SentencePiece has). So each token's
-bytes can be looked up once, at start (`ByteTable.build`), and a sequence's text streamed through Python's
-incremental UTF-8 decoder (`ByteStream`): a list index and a C call a token, where `IncrementalDetokenizer`
-decodes a window of tokens through the tokenizer (2-12 us a token on the GPU machine's host, 64 a step at batch
-64). The table is checked against the tokenizer's own decode over every token and over random sequences, both
-with and without special tokens; a tokenizer that fails the check, or whose decoder is not plain ByteLevel, keeps
-the windowed path.
+bytes (and their text, where they are whole characters) can be looked up once, at start (`ByteTable.build`), and a
+sequence's text streamed from them (`ByteStream`): one lookup for most tokens, a UTF-8 decode of the held bytes for
+a token inside a character, where `IncrementalDetokenizer` decodes a window of tokens through the tokenizer (2-12
+us a token on the GPU machine's host, 64 a step at batch 64; the engine's host time a decode step at batch 64, dev
+CPU, `benchmarks.engine_host`: 0.77 -> 0.47 ms). The table is checked against the tokenizer's own decode over every
+token and over random sequences, with and without special tokens (~1 s at start for a 128K vocabulary); a
+tokenizer that fails the check, or whose decoder is not plain ByteLevel, keeps the windowed path.
 
     table = ByteTable.build(hf_tokenizer)      # None: use IncrementalDetokenizer
     stream = ByteStream(table, skip_special_tokens=True)

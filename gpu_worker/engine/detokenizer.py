@@ -5,7 +5,8 @@ of recent tokens (vLLM's prefix_offset/read_offset method), so streaming costs O
 multi-byte character split over byte-level tokens comes out whole. The window slides only every few
 tokens, so the text of its emitted part is the last decode's, kept: one decode per token, not two.
 StopStringMatcher sits after it and decides what is safe to stream: text that could still turn into a
-stop string is held back.
+stop string is held back. (Byte-level tokenizers stream from a table instead: byte_level.ByteStream, picked by
+Tokenizer.detokenizer.)
 """
 
 from __future__ import annotations
