@@ -10,7 +10,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
 # PARTS picks what runs (default: all, which can take longer than the device tool's 10 minutes a call: split it,
 # e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
-# tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels and the mixed step; worker = the
+# tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and the
+# prefill rounds; worker = the
 # worker benchmark; gemms (not in the default) = the base projections at decode sizes, cuBLAS ways and the Triton candidate.
 parts=" ${PARTS:-tests kernels steps worker} "
 if [[ $parts == *" tests "* ]]; then
@@ -28,6 +29,8 @@ if [[ $parts == *" steps "* ]]; then
   python3 -m benchmarks.consumer_kernels 2>&1 | tee "$out/consumer_kernels.log" | tail -n 8
   # The step a prompt joins: from graph pieces cut at attention and eager, side by side.
   python3 -m benchmarks.profile_step --compare-piecewise 2>&1 | tee "$out/profile_step.log" | tail -n 8
+  # Prefill rounds, base against 8 adapters: wall, steps, adapter copies (should be none), kernels by name.
+  python3 -m benchmarks.profile_prefill 2>&1 | tee "$out/profile_prefill.log" | tail -n 70
 fi
 if [[ $parts == *" gemms "* ]]; then
   python3 -m benchmarks.decode_gemms --ways linear,linear-lt,mm-kmajor,triton --workspaces 32768 2>&1 \
