@@ -11,8 +11,8 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # PARTS picks what runs (default: all, which can take longer than the device tool's 10 minutes a call: split it,
 # e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
 # tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and the
-# prefill rounds; worker = the
-# worker benchmark; gemms (not in the default) = the base projections at decode sizes, cuBLAS ways and the Triton candidate.
+# prefill rounds; worker = the worker benchmark; gemms (not in the default) = the base projections at decode sizes,
+# cuBLAS ways and the Triton candidate.
 parts=" ${PARTS:-tests kernels steps worker} "
 if [[ $parts == *" tests "* ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
