@@ -264,17 +264,24 @@ def test_compaction_moves_a_running_adapter_inside_the_prefix_its_batch_needs():
     assert len(loader.started) == 12  # nothing more to move: a0, a9 in slots 0 and 1
 
 
+def three_adapters(max_num_seqs: int = 8, max_tokens: int = 64):
+    """A scheduler with compaction over 4 slots, and a request for each of three adapters, in slots 0-2 (their
+    copies started and in): (loader, slots, scheduler, keys, requests)."""
+    loader, slots = MoveLoader(), SlotTable(4)
+    sched = Scheduler(BlockManager(256, 4), slots, max_num_seqs=max_num_seqs, max_num_batched_tokens=100,
+                      loader=loader, compact_slots=True)
+    keys = [(f"a{i}", "h") for i in range(3)]
+    seqs = [seq(f"r{i}", 4, k, max_tokens=max_tokens) for i, k in enumerate(keys)]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)
+    loader.pending.clear()
+    return loader, slots, sched, keys, seqs
+
+
 def test_a_displaced_adapter_is_not_brought_back_when_a_request_did_or_host_memory_dropped_it():
     for case in ("requested", "dropped"):
-        loader, slots = MoveLoader(), SlotTable(4)
-        sched = Scheduler(BlockManager(256, 4), slots, max_num_seqs=8, max_num_batched_tokens=100, loader=loader,
-                          compact_slots=True)
-        keys = [(f"a{i}", "h") for i in range(3)]
-        seqs = [seq(f"r{i}", 4, k) for i, k in enumerate(keys)]
-        for s in seqs:
-            sched.add(s)
-        run_step(sched)
-        loader.pending.clear()
+        loader, slots, sched, keys, seqs = three_adapters()
         sched.finish(seqs[0])
         sched.finish(seqs[1])  # a2 alone in slot 2 (the prefix for one adapter is 1): it moves into a0's slot
         run_step(sched)
@@ -297,15 +304,7 @@ def test_a_displaced_adapter_is_not_brought_back_when_a_request_did_or_host_memo
 
 
 def test_a_move_does_not_displace_an_adapter_a_waiting_request_is_for():
-    loader, slots = MoveLoader(), SlotTable(4)
-    sched = Scheduler(BlockManager(256, 4), slots, max_num_seqs=3, max_num_batched_tokens=100, loader=loader,
-                      compact_slots=True)
-    keys = [(f"a{i}", "h") for i in range(3)]
-    seqs = [seq(f"r{i}", 4, k) for i, k in enumerate(keys)]
-    for s in seqs:
-        sched.add(s)
-    run_step(sched)
-    loader.pending.clear()
+    loader, slots, sched, keys, seqs = three_adapters(max_num_seqs=3)
     sched.finish(seqs[0])
     sched.finish(seqs[1])
     sched.max_num_seqs = 1  # a request for a0 waits (a2's fills the batch): a0's slot 0 is not open to a2's move
@@ -321,15 +320,7 @@ def test_no_move_for_an_adapter_whose_requests_are_nearly_done():
     from gpu_worker.engine.scheduler import MOVE_MIN_TOKENS_LEFT
 
     for left, moves in ((MOVE_MIN_TOKENS_LEFT - 1, False), (MOVE_MIN_TOKENS_LEFT, True)):
-        loader, slots = MoveLoader(), SlotTable(4)
-        sched = Scheduler(BlockManager(256, 4), slots, max_num_seqs=8, max_num_batched_tokens=100, loader=loader,
-                          compact_slots=True)
-        keys = [(f"a{i}", "h") for i in range(3)]
-        seqs = [seq(f"r{i}", 4, k, max_tokens=left + 1) for i, k in enumerate(keys)]
-        for s in seqs:
-            sched.add(s)
-        run_step(sched)  # the first copies start
-        loader.pending.clear()
+        loader, slots, sched, keys, seqs = three_adapters(max_tokens=left + 1)
         run_step(sched)  # prefill: one token out, `left` to go
         sched.finish(seqs[0])
         sched.finish(seqs[1])
