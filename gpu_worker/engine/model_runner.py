@@ -112,15 +112,23 @@ class ModelRunner:
         patch_rows: list[int] = []  # rows of `ids` whose token the step in flight samples
         patch_src: list[int] = []  # ... and their rows in pending.token_ids
         for c in chunks:
-            end = c.start + c.num_tokens
-            known = c.seq.num_known_tokens
-            ids.extend(c.seq.token_ids(c.start, min(end, known)))
+            seq, start = c.seq, c.start
+            end = start + c.num_tokens
+            n_prompt, out = len(seq.prompt_token_ids), seq.output_token_ids
+            known = n_prompt + len(out)  # seq.num_known_tokens
+            if end == start + 1 and n_prompt <= start < known:  # a decode token the host knows: the common case
+                ids.append(out[start - n_prompt])
+            else:
+                ids.extend(seq.token_ids(start, min(end, known)))
             if end > known:  # only ever the last token, sampled by the previous step
                 patch_rows.append(len(ids))
-                patch_src.append(pending.row_of[c.seq])
+                patch_src.append(pending.row_of[seq])
                 ids.append(0)
-            positions.extend(range(c.start, end))
-            if c.completes:
+            if end == start + 1:
+                positions.append(start)
+            else:
+                positions.extend(range(start, end))
+            if end == known + seq.pending:  # c.completes
                 logits_rows.append(len(ids) - 1)
                 completed.append(c)
         # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on. Nor do the
