@@ -9,13 +9,12 @@ recomputed later) so that older ones finish.
 
 With `compact_slots` (the engine's stacked decode graphs, whose cost grows with the prefix of slots a batch
 spans: SlotTable.prefix_for), a running adapter whose slot lies past the prefix its batch's adapters would
-need is copied into a free slot inside it, or an idle adapter's that no waiting request is for, one at a time,
-while its requests (those admitted meanwhile too) keep running from the old slot; once the copy is in they
-switch to the new one. The idle
-adapter a move displaced, if any, is copied into the old slot (from host memory, on the loader's side
-stream), so it stays resident: a compaction never turns a later request for it into a cold load (H200, 8
-adapters in 32 slots, 8 prompts of 2,048 tokens, 4 a step: evicted this way, adapters were copied in again
-every round while their requests waited).
+need is copied into a free slot inside it, or an idle adapter's that no waiting request is for, one at a time
+and only while one of its requests may still generate MOVE_MIN_TOKENS_LEFT tokens. Its requests (those admitted
+meanwhile too) keep running from the old slot; once the copy is in they switch to the new one, and the idle
+adapter the move displaced, if any, is copied into the old slot (from host memory, on the loader's side stream):
+a compaction never turns a later request for it into a cold load (H200, 8 adapters in 32 slots, 8 prompts of
+2,048 tokens, 4 a step: evicted by moves, adapters were copied in again every round while their requests waited).
 """
 
 from __future__ import annotations
