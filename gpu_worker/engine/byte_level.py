@@ -44,13 +44,15 @@ class ByteTable:
     def __post_init__(self):
         # Per skip_special_tokens: each id's bytes, and its text where those bytes are whole UTF-8 characters by
         # themselves (None where not): the common case streams with one lookup.
+        lookups = {}
         for skip in (False, True):
             pieces = tuple(b"" if skip and i in self.special else p for i, p in enumerate(self.pieces))
-            object.__setattr__(self, f"_pieces_{skip}", pieces)
-            object.__setattr__(self, f"_texts_{skip}", tuple(_whole(p) for p in pieces))
+            lookups[skip] = pieces, tuple(map(_whole, pieces))
+        object.__setattr__(self, "_lookups", lookups)
 
     def lookups(self, skip_special_tokens: bool) -> tuple[tuple[bytes, ...], tuple[str | None, ...]]:
-        return getattr(self, f"_pieces_{skip_special_tokens}"), getattr(self, f"_texts_{skip_special_tokens}")
+        """(each id's bytes, each id's text or None) as ByteStream reads them."""
+        return self._lookups[skip_special_tokens]
 
     @classmethod
     def build(cls, tokenizer: Tokenizer, samples: int = 64, seed: int = 0) -> ByteTable | None:
