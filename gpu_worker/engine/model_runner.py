@@ -124,10 +124,7 @@ class ModelRunner:
                 patch_rows.append(len(ids))
                 patch_src.append(pending.row_of[seq])
                 ids.append(0)
-            if end == start + 1:
-                positions.append(start)
-            else:
-                positions.extend(range(start, end))
+            positions.extend(range(start, end))
             if end == known + seq.pending:  # c.completes
                 logits_rows.append(len(ids) - 1)
                 completed.append(c)
