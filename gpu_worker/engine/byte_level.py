@@ -44,11 +44,10 @@ class ByteTable:
     def __post_init__(self):
         # Per skip_special_tokens: each id's bytes, and its text where those bytes are whole UTF-8 characters by
         # themselves (None where not): the common case streams with one lookup.
-        lookups = {}
-        for skip in (False, True):
-            pieces = tuple(b"" if skip and i in self.special else p for i, p in enumerate(self.pieces))
-            lookups[skip] = pieces, tuple(map(_whole, pieces))
-        object.__setattr__(self, "_lookups", lookups)
+        texts = tuple(map(_whole, self.pieces))
+        skipped = (tuple(b"" if i in self.special else p for i, p in enumerate(self.pieces)),
+                   tuple("" if i in self.special else t for i, t in enumerate(texts)))
+        object.__setattr__(self, "_lookups", {False: (self.pieces, texts), True: skipped})
 
     def lookups(self, skip_special_tokens: bool) -> tuple[tuple[bytes, ...], tuple[str | None, ...]]:
         """(each id's bytes, each id's text or None) as ByteStream reads them."""
