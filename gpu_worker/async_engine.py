@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import queue
@@ -96,13 +95,17 @@ class EngineStatus:
     version: int
 
 
-def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """`later` with `earlier`'s deltas in front: two consecutive outputs of one request as one."""
-    a, b = earlier.outputs[0], later.outputs[0]
-    merged = dataclasses.replace(b, delta_text=a.delta_text + b.delta_text,
-                                 delta_token_ids=[*a.delta_token_ids, *b.delta_token_ids],
-                                 delta_logprobs=[*a.delta_logprobs, *b.delta_logprobs])
-    return dataclasses.replace(later, outputs=[merged])
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: the last, its deltas now all of theirs, in order. The last is
+    changed in place (each output the engine hands out is a new object, queued for one stream only): on a busy
+    event loop, two dataclasses.replace a merge cost 13% of its time (benchmarks.served_host)."""
+    last = outputs[-1]
+    c = last.outputs[0]
+    parts = [o.outputs[0] for o in outputs]
+    c.delta_text = "".join(p.delta_text for p in parts)
+    c.delta_token_ids = [t for p in parts for t in p.delta_token_ids]
+    c.delta_logprobs = [lp for p in parts for lp in p.delta_logprobs]
+    return last
 
 
 class RequestStream:
@@ -133,12 +136,14 @@ class RequestStream:
         # A reader that fell behind (a busy event loop, a slow client) takes every output already queued as
         # one: fewer, fuller messages exactly when the loop has the least time for them (vLLM's stream
         # interval, adaptive). An error queued behind them is raised on the next call.
-        while not item.finished and not self._outputs.empty():
+        queued = [item]
+        while not queued[-1].finished and not self._outputs.empty():
             more = self._outputs.get_nowait()
             if isinstance(more, BaseException):
                 self._error = more
                 break
-            item = merge_outputs(item, more)
+            queued.append(more)
+        item = merge_outputs(queued) if len(queued) > 1 else item
         self._done = item.finished
         return item
 

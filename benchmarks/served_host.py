@@ -1,0 +1,148 @@
+"""Host time of serving through the worker's gRPC API, the GPU work taken out: the engine stubbed as
+benchmarks.engine_host stubs it (fixed logits, decode steps through DecodeGraphs.run with no-op replays), a
+WorkerServer in this process, and `--batch` streaming clients in another. The engine's decode steps while it serves
+against the same engine stepping alone: what the event loop's per-token streaming costs the step loop, with which
+it shares the GIL (the cluster benchmark on two H200s: a served worker moved 2-3.3k tokens/s against 11.7k in the
+closed batch).
+
+    python3 -m benchmarks.served_host [--batch 64] [--tokens 200] [--adapters 4]
+
+Runs anywhere (CPU), on the demo checkpoint (stack.assets). Prints the step loop's steps a second and host time a
+step, alone and serving, and the tokens a second the clients received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import multiprocessing as mp
+import pstats
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.engine_host import stub_gpu, timed_steps
+
+
+def _client(port: int, batch: int, tokens: int, adapters: list[str], out: mp.Queue) -> None:
+    """`batch` concurrent streams, each `tokens` greedy tokens (EOS ignored), over base and the adapters in turn."""
+    import grpc
+
+    from loraserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    received = [0] * batch
+    messages = [0] * batch
+
+    def stream(i: int) -> None:
+        req = worker_pb2.StreamGenerateRequest(
+            request_id=f"s{i}", prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(range(10, 10 + 128)))),
+            sampling=common_pb2.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+        k = i % (len(adapters) + 1)
+        if k:
+            req.adapter.name = adapters[k - 1]
+        for msg in stub.StreamGenerate(req):
+            received[i] += len(msg.token_ids)
+            messages[i] += 1
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(batch)]
+    out.put(("start", time.time()))
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    out.put(("done", time.perf_counter() - t, sum(received), sum(messages)))
+    channel.close()
+
+
+async def _serve(args, demo, names: list[str]) -> dict:
+    from gpu_worker.adapters import LoRAModule
+    from gpu_worker.config import WorkerConfig
+    from gpu_worker.engine.config import EngineArgs
+    from gpu_worker.engine.llm_engine import LLMEngine
+    from gpu_worker.server import WorkerServer
+
+    steps: list[float] = []
+
+    def engine() -> LLMEngine:
+        e = LLMEngine(EngineArgs(model=str(demo.model_dir), device="cpu", dtype="float32", enable_lora=True,
+                                 max_loras=max(1, len(names)), max_lora_rank=64, max_num_seqs=args.batch,
+                                 max_model_len=2048))
+        stub_gpu(e, args.batch)
+        step = e.step
+
+        def timed():
+            t = time.perf_counter()
+            outs = step()
+            steps.append(time.perf_counter() - t)
+            return outs
+
+        e.step = timed
+        return e
+
+    modules = tuple(LoRAModule(n, str(demo.adapters_dir / n)) for n in names)
+    config = WorkerConfig(model_dir=str(demo.model_dir), host="127.0.0.1", port=0, worker_id="served-host",
+                          device="cpu", max_loras=max(1, len(names)), max_lora_rank=64, lora_modules=modules,
+                          enable_lora=True, drain_timeout_s=0)
+    server = WorkerServer(config, engine_factory=engine)
+    await server.start()
+    try:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_client, args=(server.port, args.batch, args.tokens, names, queue))
+        proc.start()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, queue.get)  # the client's streams start
+        first = len(steps)
+        prof = cProfile.Profile() if args.profile else None
+        if prof:
+            prof.enable()  # this thread: the event loop's
+        _, wall, received, messages = await loop.run_in_executor(None, queue.get)
+        if prof:
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+        timed = steps[first:]
+        await loop.run_in_executor(None, proc.join)
+    finally:
+        await server.shutdown(0)
+    return dict(wall=wall, received=received, messages=messages, steps=len(timed),
+                step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m benchmarks.served_host", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64, help="concurrent streams (and the engine's max_num_seqs)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens each stream asks for")
+    p.add_argument("--adapters", type=int, default=4, help="streams cycle over base + this many demo adapters")
+    p.add_argument("--demo-dir", default=".demo/assets")
+    p.add_argument("--profile", type=int, default=0, help="print the top N functions of the event loop's thread "
+                   "(cProfile) while the clients stream")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    from benchmarks.engine_host import ready_engine
+    from stack.assets import ensure_demo
+
+    demo = ensure_demo(Path(args.demo_dir))
+    names = sorted(d.name for d in demo.adapters_dir.iterdir() if d.is_dir())[: args.adapters]
+    alone = ready_engine(demo, names, True, args.batch, 128, args.tokens)
+    alone_ms = statistics.median(timed_steps(alone, min(args.tokens, 200), args.batch)) * 1e3
+    del alone
+    served = asyncio.run(_serve(args, demo, names))
+    got, msgs, wall = served["received"], served["messages"], served["wall"]
+    print(f"batch {args.batch}, {len(names)} adapters + base, {args.tokens} tokens a stream: the step loop alone "
+          f"{alone_ms:.3f} ms a step ({1e3 / alone_ms:.0f} steps/s, {args.batch * 1e3 / alone_ms:.0f} tokens/s); "
+          f"serving {served['step_ms']:.3f} ms a step (median), {served['steps'] / wall:.0f} steps/s, "
+          f"the step loop busy {100 * served['busy']:.0f}% of the time; the clients received {got} tokens "
+          f"({got / wall:.0f} tokens/s) in {msgs} messages ({got / max(1, msgs):.2f} tokens a message) over "
+          f"{wall:.2f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
