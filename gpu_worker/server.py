@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class WorkerServer:
     async def start(self) -> None:
         """Listen, load and warm the engine, report SERVING. Raises StartupError."""
         cfg = self.config
+        sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)  # the config's comment says why
         # so_reuseport off: a second worker on a taken port must fail, not silently share it.
         server = grpc.aio.server(
             interceptors=[error_interceptor()],

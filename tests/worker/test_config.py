@@ -40,6 +40,10 @@ def test_flags_beat_environment_which_beats_defaults(tiny_model_dir):
     assert not args.enable_prefix_caching
     assert not WorkerConfig.from_args(["--no-fused-elementwise"], {**env, "LORASERVE_WORKER_FUSED_ELEMENTWISE": "1"}
                                       ).fused_elementwise
+    assert cfg.gil_switch_interval_ms == 0.5
+    slower = WorkerConfig.from_args([], {**env, "LORASERVE_WORKER_GIL_SWITCH_INTERVAL_MS": "2"})
+    assert slower.gil_switch_interval_ms == 2
+    assert WorkerConfig.from_args(["--gil-switch-interval-ms", "0.25"], env).gil_switch_interval_ms == 0.25
 
 
 def test_lora_modules_both_forms_from_flags_and_env(tiny_model_dir, tiny_adapters):
@@ -65,6 +69,7 @@ def test_lora_modules_both_forms_from_flags_and_env(tiny_model_dir, tiny_adapter
         (["--lora-modules", "a=/does/not/exist"], {}, "is not a directory"),
         (["--max-loras", "0"], {}, "max_loras must be >= 1"),
         (["--no-enable-lora", "--lora-modules", "a=/tmp"], {}, "enable_lora is off"),
+        (["--gil-switch-interval-ms", "0"], {}, "gil_switch_interval_ms must be in (0, 1000]"),
     ],
 )
 def test_bad_configuration_exits_with_a_message(tiny_model_dir, capsys, argv, env, words):

@@ -61,6 +61,7 @@ def test_status_describes_the_worker(stub, worker):
     assert (st.kv_blocks_total, st.kv_block_size, st.max_loras, st.max_cpu_loras, st.max_lora_rank) == (
         NUM_KV_BLOCKS, 16, 2, 4, 16)
     assert st.max_model_len == 512
+    assert sys.getswitchinterval() == pytest.approx(0.0005)  # the worker's GIL switch interval, set at start
 
 
 def test_cancelled_stream_frees_its_blocks(stub):
