@@ -89,7 +89,7 @@ async def _serve(args, demo, names: list[str]) -> dict:
     modules = tuple(LoRAModule(n, str(demo.adapters_dir / n)) for n in names)
     config = WorkerConfig(model_dir=str(demo.model_dir), host="127.0.0.1", port=0, worker_id="served-host",
                           device="cpu", max_loras=max(1, len(names)), max_lora_rank=64, lora_modules=modules,
-                          enable_lora=True, drain_timeout_s=0)
+                          enable_lora=True, drain_timeout_s=0, stream_interval=args.stream_interval)
     server = WorkerServer(config, engine_factory=engine)
     await server.start()
     try:
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="concurrent streams (and the engine's max_num_seqs)")
     p.add_argument("--tokens", type=int, default=200, help="tokens each stream asks for")
     p.add_argument("--adapters", type=int, default=4, help="streams cycle over base + this many demo adapters")
+    p.add_argument("--stream-interval", type=int, default=1, help="the worker's --stream-interval")
     p.add_argument("--demo-dir", default=".demo/assets")
     p.add_argument("--profile", type=int, default=0, help="print the top N functions of the event loop's thread "
                    "(cProfile) while the clients stream")

@@ -72,6 +72,10 @@ class WorkerConfig:
     registry_ttl_s: float = 10.0
     drain_timeout_s: float = 30.0
     status_interval_ms: int = 500
+    # A stream's messages after its first carry at least this many tokens (its last may carry fewer): vLLM's and
+    # SGLang's --stream-interval. 1: a message a token, unless the event loop falls behind (readers then take the
+    # outputs already queued as one).
+    stream_interval: int = 1
     # The process's GIL switch interval (sys.setswitchinterval), set when the server starts. The step loop shares
     # the GIL with the event loop streaming a message per token; Python's default, 5 ms, lets a busy event loop
     # hold it past several decode steps (benchmarks.served_host, batch 64, dev CPU: 0.5 ms moved ~25% more
@@ -88,6 +92,7 @@ class WorkerConfig:
             (not self.redis_url or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
              f"redis_url must be redis://, rediss:// or unix://, not {self.redis_url!r}"),
             (self.status_interval_ms >= 1, f"status_interval_ms must be >= 1, not {self.status_interval_ms}"),
+            (1 <= self.stream_interval <= 1024, f"stream_interval must be in [1, 1024], not {self.stream_interval}"),
             (0 < self.gil_switch_interval_ms <= 1000,
              f"gil_switch_interval_ms must be in (0, 1000], not {self.gil_switch_interval_ms}"),
             (self.enable_lora or not self.lora_modules, "lora_modules were given but enable_lora is off"),
@@ -161,7 +166,7 @@ class WorkerConfig:
 # -- flags ----------------------------------------------------------------------------------------
 
 _INT_FIELDS = {"port", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs", "max_num_batched_tokens",
-               "num_kv_blocks", "max_model_len", "block_size", "max_queue", "status_interval_ms"}
+               "num_kv_blocks", "max_model_len", "block_size", "max_queue", "status_interval_ms", "stream_interval"}
 
 
 _BOOL_FIELDS = {"enable_lora", "fused_elementwise", "async_scheduling", "overlap_lora", "piecewise_graphs",
@@ -240,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--registry-ttl-s", type=float, help="a record lives this long after the last heartbeat (default 10)")
     add("--drain-timeout-s", type=float, help="on SIGTERM, how long in-flight requests may finish (default 30)")
     add("--status-interval-ms", type=int, help="WatchStatus's default least interval (default 500)")
+    add("--stream-interval", type=int, help="tokens a stream message carries at least, after the first (default 1: "
+        "every token as it comes)")
     add("--gil-switch-interval-ms", type=float, help="the process's GIL switch interval: the step loop and the "
         "event loop streaming tokens share the GIL (default 0.5; Python's own is 5)")
     add("--log-level", choices=["debug", "info", "warning", "error"], help="default info")

@@ -80,7 +80,7 @@ class WorkerServer:
         self.address = cfg.advertise_address or f"{name if cfg.host in _WILDCARD else host}:{self.port}"
 
         service = WorkerService(self.engine, self.adapters, cfg.enable_lora, self.worker_id, self.address,
-                                cfg.status_interval_ms)
+                                cfg.status_interval_ms, cfg.stream_interval)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(service, server)
         await self.health.expose(server)
         self.server = server

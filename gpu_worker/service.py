@@ -10,7 +10,7 @@ import grpc
 
 from gpu_worker import convert
 from gpu_worker.adapters import LocalAdapterSource, StoreAdapterSource, check_adapter_name
-from gpu_worker.async_engine import LORA_OFF, AsyncEngine, UnavailableError
+from gpu_worker.async_engine import LORA_OFF, AsyncEngine, UnavailableError, merge_outputs
 from gpu_worker.engine.errors import AdapterError, CapacityError, InvalidRequestError
 from gpu_worker.engine.lora_request import LoRARequest
 from loraserve.v1 import worker_pb2, worker_pb2_grpc
@@ -25,8 +25,9 @@ MIN_STATUS_INTERVAL_MS = 10
 
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: AsyncEngine, adapters: LocalAdapterSource | StoreAdapterSource, enable_lora: bool,
-                 worker_id: str, address: str, status_interval_ms: int):
+                 worker_id: str, address: str, status_interval_ms: int, stream_interval: int = 1):
         self.engine = engine
+        self.stream_interval = stream_interval
         self.adapters = adapters
         self.enable_lora = enable_lora
         self.worker_id = worker_id
@@ -42,13 +43,23 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         ref = convert.adapter_ref(request.adapter) if request.HasField("adapter") else None
         lora = await self._lora(ref)
         stream = await self.engine.generate(prompt, params, lora, ref.content_hash if ref else "", rid)
-        sent = False
+        sent, held = False, []
         try:
             async for out in stream:
+                # After the first message, outputs are held until they carry stream_interval tokens (or end).
+                held.append(out)
+                if sent and not out.finished and sum(len(o.outputs[0].delta_token_ids) for o in held) \
+                        < self.stream_interval:
+                    continue
+                out = merge_outputs(held) if len(held) > 1 else out
+                held = []
                 yield convert.generate_response(out, rid, not sent, self.worker_id, self.engine.token_text)
                 sent = True
         except Exception:
             if sent:  # the client has tokens: end the stream with ERROR; the status (from the interceptor) says why
+                if held:  # the tokens held back for the interval first
+                    yield convert.generate_response(merge_outputs(held), rid, False, self.worker_id,
+                                                    self.engine.token_text)
                 yield convert.error_response(rid)
             raise
         finally:

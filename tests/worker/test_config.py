@@ -44,6 +44,8 @@ def test_flags_beat_environment_which_beats_defaults(tiny_model_dir):
     slower = WorkerConfig.from_args([], {**env, "LORASERVE_WORKER_GIL_SWITCH_INTERVAL_MS": "2"})
     assert slower.gil_switch_interval_ms == 2
     assert WorkerConfig.from_args(["--gil-switch-interval-ms", "0.25"], env).gil_switch_interval_ms == 0.25
+    assert cfg.stream_interval == 1
+    assert WorkerConfig.from_args([], {**env, "LORASERVE_WORKER_STREAM_INTERVAL": "8"}).stream_interval == 8
 
 
 def test_lora_modules_both_forms_from_flags_and_env(tiny_model_dir, tiny_adapters):
@@ -70,6 +72,7 @@ def test_lora_modules_both_forms_from_flags_and_env(tiny_model_dir, tiny_adapter
         (["--max-loras", "0"], {}, "max_loras must be >= 1"),
         (["--no-enable-lora", "--lora-modules", "a=/tmp"], {}, "enable_lora is off"),
         (["--gil-switch-interval-ms", "0"], {}, "gil_switch_interval_ms must be in (0, 1000]"),
+        (["--stream-interval", "0"], {}, "stream_interval must be in [1, 1024]"),
     ],
 )
 def test_bad_configuration_exits_with_a_message(tiny_model_dir, capsys, argv, env, words):

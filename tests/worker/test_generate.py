@@ -82,3 +82,17 @@ def test_sixteen_concurrent_streams_with_mixed_adapters(stub, reference):
         ref = reference([prompt], [name], max_tokens)[0]
         check_against(messages, text, token_ids, ref)
         assert messages[0].adapter.name == (name or "")
+
+
+def test_stream_interval_sends_at_least_that_many_tokens_a_message(aio_loop, tiny_model_dir, reference):
+    """--stream-interval 4: the first message at once, then messages of at least 4 tokens (the last may hold fewer);
+    the tokens and text are what they are token by token."""
+    from .conftest import running_worker, stub_for, worker_config
+
+    with running_worker(aio_loop, worker_config(tiny_model_dir, stream_interval=4)) as server, \
+            stub_for(server.port) as interval_stub:
+        messages, text, token_ids = collect(interval_stub.StreamGenerate(generate_request(PROMPTS[0], max_tokens=14)))
+    check_against(messages, text, token_ids, reference([PROMPTS[0]], [None], 14)[0])
+    sizes = [len(m.token_ids) for m in messages]
+    assert sizes[0] >= 1 and all(n >= 4 for n in sizes[1:-1]) and len(messages) <= 1 + -(-13 // 4)
+    assert messages[0].worker_id == "test-worker"
