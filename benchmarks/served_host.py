@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import math
 import multiprocessing as mp
 import pstats
 import statistics
@@ -38,6 +39,8 @@ def _client(port: int, batch: int, tokens: int, adapters: list[str], out: mp.Que
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
     received = [0] * batch
     messages = [0] * batch
+    first: list[float] = [0.0] * batch  # seconds to each stream's first message
+    gaps: list[float] = []  # seconds between a stream's messages (list.append is thread-safe)
 
     def stream(i: int) -> None:
         req = worker_pb2.StreamGenerateRequest(
@@ -46,7 +49,14 @@ def _client(port: int, batch: int, tokens: int, adapters: list[str], out: mp.Que
         k = i % (len(adapters) + 1)
         if k:
             req.adapter.name = adapters[k - 1]
+        start = last = time.perf_counter()
         for msg in stub.StreamGenerate(req):
+            now = time.perf_counter()
+            if messages[i]:
+                gaps.append(now - last)
+            else:
+                first[i] = now - start
+            last = now
             received[i] += len(msg.token_ids)
             messages[i] += 1
 
@@ -57,7 +67,8 @@ def _client(port: int, batch: int, tokens: int, adapters: list[str], out: mp.Que
         th.start()
     for th in threads:
         th.join()
-    out.put(("done", time.perf_counter() - t, sum(received), sum(messages)))
+    q = statistics.quantiles(gaps, n=100) if len(gaps) > 1 else [math.nan] * 99
+    out.put(("done", time.perf_counter() - t, sum(received), sum(messages), statistics.median(first), q[49], q[98]))
     channel.close()
 
 
@@ -103,7 +114,7 @@ async def _serve(args, demo, names: list[str]) -> dict:
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()  # this thread: the event loop's
-        _, wall, received, messages = await loop.run_in_executor(None, queue.get)
+        _, wall, received, messages, ttft, gap_p50, gap_p99 = await loop.run_in_executor(None, queue.get)
         if prof:
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
@@ -111,7 +122,8 @@ async def _serve(args, demo, names: list[str]) -> dict:
         await loop.run_in_executor(None, proc.join)
     finally:
         await server.shutdown(0)
-    return dict(wall=wall, received=received, messages=messages, steps=len(timed),
+    return dict(wall=wall, received=received, messages=messages, ttft=ttft, gap_p50=gap_p50, gap_p99=gap_p99,
+                steps=len(timed),
                 step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall)
 
 
@@ -141,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
           f"serving {served['step_ms']:.3f} ms a step (median), {served['steps'] / wall:.0f} steps/s, "
           f"the step loop busy {100 * served['busy']:.0f}% of the time; the clients received {got} tokens "
           f"({got / wall:.0f} tokens/s) in {msgs} messages ({got / max(1, msgs):.2f} tokens a message) over "
-          f"{wall:.2f} s", flush=True)
+          f"{wall:.2f} s; first message after {1e3 * served['ttft']:.1f} ms (median), then one every "
+          f"{1e3 * served['gap_p50']:.2f} ms (median; p99 {1e3 * served['gap_p99']:.2f})", flush=True)
     return 0
 
 
