@@ -132,6 +132,10 @@ class Scheduler:
         need = self.slots.prefix_for(len(active))
         if self.slots.slot_of(top) < need:
             return
+        # (Cheapest check first: this runs every step while the top adapter sits past the prefix.)
+        target = self.slots.open_slot_below(need)
+        if target is None:
+            return
         # A move pays off over the decode steps still to come; a batch's last tokens do not repay it (nor what it
         # displaces: at the end of a round of short requests, the last adapter would move into the slot of one
         # a request of the next round is about to ask for).
@@ -140,9 +144,10 @@ class Scheduler:
             return
         # Not into the slot of an idle adapter a waiting request is for: it would have to be copied back first.
         wanted = frozenset(seq.adapter_key for seq in self.waiting if seq.adapter_key is not None)
-        target = self.slots.open_slot_below(need, keep=wanted)
-        if target is None:
-            return
+        if wanted:
+            target = self.slots.open_slot_below(need, keep=wanted)
+            if target is None:
+                return
         self._displaced = self.slots.begin_move(top, target)
         self._move = top
         if self.loader.start_load(target, top):

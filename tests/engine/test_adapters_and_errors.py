@@ -207,16 +207,23 @@ def test_staged_adapter_is_read_once_off_thread(tiny_model_dir, tiny_adapters):
         small.lora.stage(LoRARequest("big", 3, str(tiny_adapters["code-lora"])))
 
 
-def test_delta_outputs_carry_only_what_is_new_and_the_last_carries_all(engine, tiny_adapters):
-    """output_kind="delta" (what the worker's streams use): no per-step copy of the growing output; the deltas
-    add up to the last output's totals, which match a cumulative request's."""
+def outputs_beside_cumulative(engine, kind: str) -> dict[str, list]:
+    """Every output of two greedy 6-token requests with logprobs, one "cum"ulative, one of output_kind `kind`,
+    stepped together; by request id ("cum" and `kind`)."""
     params = dict(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
     engine.add_request("cum", "hello there", SamplingParams(**params))
-    engine.add_request("delta", "hello there", SamplingParams(**params, output_kind="delta"))
-    seen = {"cum": [], "delta": []}
+    engine.add_request(kind, "hello there", SamplingParams(**params, output_kind=kind))
+    seen = {"cum": [], kind: []}
     while engine.has_unfinished_requests():
         for out in engine.step():
             seen[out.request_id].append(out)
+    return seen
+
+
+def test_delta_outputs_carry_only_what_is_new_and_the_last_carries_all(engine, tiny_adapters):
+    """output_kind="delta" (what the worker's streams use): no per-step copy of the growing output; the deltas
+    add up to the last output's totals, which match a cumulative request's."""
+    seen = outputs_beside_cumulative(engine, "delta")
     *middle, last = seen["delta"]
     assert middle and all(o.outputs[0].token_ids == [] and o.outputs[0].logprobs == [] for o in middle)
     assert [t for o in seen["delta"] for t in o.outputs[0].delta_token_ids] == last.outputs[0].token_ids
@@ -229,14 +236,8 @@ def test_delta_outputs_carry_only_what_is_new_and_the_last_carries_all(engine, t
 def test_final_only_outputs_come_once_and_hold_everything(engine):
     """output_kind="final_only" (LLM.generate's): no output until the request finishes; that one holds every token,
     the whole text, and as deltas all of it; the tokens and text match a cumulative request's."""
-    params = dict(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
-    engine.add_request("cum", "hello there", SamplingParams(**params))
-    engine.add_request("final", "hello there", SamplingParams(**params, output_kind="final_only"))
-    seen = {"cum": [], "final": []}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            seen[out.request_id].append(out)
-    [last] = seen["final"]
+    seen = outputs_beside_cumulative(engine, "final_only")
+    [last] = seen["final_only"]
     got, want = last.outputs[0], seen["cum"][-1].outputs[0]
     assert last.finished and got.token_ids == got.delta_token_ids == want.token_ids and len(got.token_ids) == 6
     assert got.text == got.delta_text == want.text and len(got.logprobs) == 6
