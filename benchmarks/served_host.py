@@ -5,10 +5,12 @@ against the same engine stepping alone: what the event loop's per-token streamin
 it shares the GIL (the cluster benchmark on two H200s: a served worker moved 2-3.3k tokens/s against 11.7k in the
 closed batch).
 
-    python3 -m benchmarks.served_host [--batch 64] [--tokens 200] [--adapters 4]
+    python3 -m benchmarks.served_host [--batch 64] [--tokens 200] [--adapters 4] [--engine-process off,on]
+    python3 -m benchmarks.served_host --gpu    # the real engine on CUDA, Llama-3.2-1B-shaped
 
-Runs anywhere (CPU), on the demo checkpoint (stack.assets). Prints the step loop's steps a second and host time a
-step, alone and serving, and the tokens a second the clients received.
+Runs anywhere (CPU), on the demo checkpoint (stack.assets). Prints the step loop's steps a second and time a
+step, alone and serving, and the tokens a second the clients received, with the engine's step loop on a thread
+of the server's process and in a process of its own (--engine-process), side by side.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import multiprocessing as mp
 import pstats
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -72,35 +75,52 @@ def _client(port: int, batch: int, tokens: int, adapters: list[str], out: mp.Que
     channel.close()
 
 
-async def _serve(args, demo, names: list[str]) -> dict:
-    from gpu_worker.adapters import LoRAModule
-    from gpu_worker.config import WorkerConfig
-    from gpu_worker.engine.config import EngineArgs
-    from gpu_worker.engine.llm_engine import LLMEngine
-    from gpu_worker.server import WorkerServer
+class TimedEngine:
+    """The engine factory (it pickles: the engine may run in a process of its own): on the CPU engine_host's
+    stubbed engine, on CUDA the real one; each step's end and length appended to `log_path` (a few at a time,
+    and whenever the engine runs dry)."""
 
-    steps: list[float] = []
+    def __init__(self, args, batch: int, log_path: str):
+        self.args, self.batch, self.log_path = args, batch, log_path
 
-    def engine() -> LLMEngine:
-        e = LLMEngine(EngineArgs(model=str(demo.model_dir), device="cpu", dtype="float32", enable_lora=True,
-                                 max_loras=max(1, len(names)), max_lora_rank=64, max_num_seqs=args.batch,
-                                 max_model_len=2048))
-        stub_gpu(e, args.batch)
-        step = e.step
+    def __call__(self):
+        from gpu_worker.engine.llm_engine import LLMEngine
+
+        e = LLMEngine(self.args)
+        if self.args.device == "cpu":
+            torch.set_num_threads(1)
+            stub_gpu(e, self.batch)
+        step, held, path = e.step, [], self.log_path
 
         def timed():
             t = time.perf_counter()
             outs = step()
-            steps.append(time.perf_counter() - t)
+            end = time.perf_counter()
+            held.append(f"{end} {end - t}\n")
+            if len(held) >= 64 or not e.has_unfinished_requests():
+                with open(path, "a") as f:
+                    f.write("".join(held))
+                held.clear()
             return outs
 
         e.step = timed
         return e
 
-    modules = tuple(LoRAModule(n, str(demo.adapters_dir / n)) for n in names)
-    config = WorkerConfig(model_dir=str(demo.model_dir), host="127.0.0.1", port=0, worker_id="served-host",
-                          device="cpu", max_loras=max(1, len(names)), max_lora_rank=64, lora_modules=modules,
-                          enable_lora=True, drain_timeout_s=0, stream_interval=args.stream_interval)
+
+async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_process: str, log_path: Path) -> dict:
+    from gpu_worker.adapters import LoRAModule
+    from gpu_worker.config import WorkerConfig
+    from gpu_worker.server import WorkerServer
+
+    names = sorted(adapters)
+    device = "cuda" if args.gpu else "cpu"
+    config = WorkerConfig(model_dir=str(model_dir), host="127.0.0.1", port=0, worker_id="served-host",
+                          device=device, dtype="bfloat16" if args.gpu else "float32", max_loras=max(1, len(names)),
+                          max_lora_rank=64, lora_modules=tuple(LoRAModule(n, str(adapters[n])) for n in names),
+                          enable_lora=True, drain_timeout_s=0, stream_interval=args.stream_interval,
+                          max_num_seqs=args.batch, max_model_len=2048, num_kv_blocks=2400 if args.gpu else None,
+                          engine_process=engine_process)
+    engine = TimedEngine(config.engine_args(), args.batch, str(log_path))
     server = WorkerServer(config, engine_factory=engine)
     await server.start()
     try:
@@ -110,21 +130,22 @@ async def _serve(args, demo, names: list[str]) -> dict:
         proc.start()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, queue.get)  # the client's streams start
-        first = len(steps)
+        start = time.perf_counter()
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()  # this thread: the event loop's
         _, wall, received, messages, ttft, gap_p50, gap_p99 = await loop.run_in_executor(None, queue.get)
+        end = time.perf_counter()
         if prof:
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
-        timed = steps[first:]
         await loop.run_in_executor(None, proc.join)
     finally:
         await server.shutdown(0)
+    timed = [dt for t, dt in (map(float, line.split()) for line in log_path.read_text().splitlines())
+             if start <= t <= end]
     return dict(wall=wall, received=received, messages=messages, ttft=ttft, gap_p50=gap_p50, gap_p99=gap_p99,
-                steps=len(timed),
-                step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall)
+                steps=len(timed), step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,28 +154,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=200, help="tokens each stream asks for")
     p.add_argument("--adapters", type=int, default=4, help="streams cycle over base + this many demo adapters")
     p.add_argument("--stream-interval", type=int, default=1, help="the worker's --stream-interval")
+    p.add_argument("--engine-process", default="off,on", help="the worker's --engine-process: off (the step loop "
+                   "on a thread of the server's process), on (a process of its own), or both, side by side")
     p.add_argument("--demo-dir", default=".demo/assets")
+    p.add_argument("--gpu", action="store_true", help="the real engine on CUDA, on the Llama-3.2-1B-shaped random "
+                   "checkpoint (benchmarks.synthetic) with --adapters rank-16 adapters, instead of the stubbed one")
     p.add_argument("--profile", type=int, default=0, help="print the top N functions of the event loop's thread "
                    "(cProfile) while the clients stream")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    from benchmarks.engine_host import ready_engine
-    from stack.assets import ensure_demo
+    if args.gpu:
+        from benchmarks.synthetic import llama_1b_with_adapters
 
-    demo = ensure_demo(Path(args.demo_dir))
-    names = sorted(d.name for d in demo.adapters_dir.iterdir() if d.is_dir())[: args.adapters]
-    alone = ready_engine(demo, names, True, args.batch, 128, args.tokens)
-    alone_ms = statistics.median(timed_steps(alone, min(args.tokens, 200), args.batch)) * 1e3
-    del alone
-    served = asyncio.run(_serve(args, demo, names))
-    got, msgs, wall = served["received"], served["messages"], served["wall"]
-    print(f"batch {args.batch}, {len(names)} adapters + base, {args.tokens} tokens a stream: the step loop alone "
-          f"{alone_ms:.3f} ms a step ({1e3 / alone_ms:.0f} steps/s, {args.batch * 1e3 / alone_ms:.0f} tokens/s); "
-          f"serving {served['step_ms']:.3f} ms a step (median), {served['steps'] / wall:.0f} steps/s, "
-          f"the step loop busy {100 * served['busy']:.0f}% of the time; the clients received {got} tokens "
-          f"({got / wall:.0f} tokens/s) in {msgs} messages ({got / max(1, msgs):.2f} tokens a message) over "
-          f"{wall:.2f} s; first message after {1e3 * served['ttft']:.1f} ms (median), then one every "
-          f"{1e3 * served['gap_p50']:.2f} ms (median; p99 {1e3 * served['gap_p99']:.2f})", flush=True)
+        model_dir, loras = llama_1b_with_adapters("served-host-", args.adapters)
+        adapters = {r.lora_name: Path(r.lora_path) for r in loras}
+        alone = "the step loop alone: see benchmarks.worker"
+    else:
+        torch.set_num_threads(1)
+        from benchmarks.engine_host import ready_engine
+        from stack.assets import ensure_demo
+
+        demo = ensure_demo(Path(args.demo_dir))
+        model_dir = demo.model_dir
+        names = sorted(d.name for d in demo.adapters_dir.iterdir() if d.is_dir())[: args.adapters]
+        adapters = {n: demo.adapters_dir / n for n in names}
+        engine = ready_engine(demo, names, True, args.batch, 128, args.tokens)
+        alone_ms = statistics.median(timed_steps(engine, min(args.tokens, 200), args.batch)) * 1e3
+        del engine
+        alone = (f"the step loop alone {alone_ms:.3f} ms a step ({1e3 / alone_ms:.0f} steps/s, "
+                 f"{args.batch * 1e3 / alone_ms:.0f} tokens/s)")
+    for mode in args.engine_process.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            served = asyncio.run(_serve(args, model_dir, adapters, mode, Path(tmp, "steps.log")))
+        got, msgs, wall = served["received"], served["messages"], served["wall"]
+        print(f"batch {args.batch}, {len(adapters)} adapters + base, {args.tokens} tokens a stream, engine process "
+              f"{mode}: {alone}; serving {served['step_ms']:.3f} ms a step (median), "
+              f"{served['steps'] / wall:.0f} steps/s, the step loop busy {100 * served['busy']:.0f}% of the time; "
+              f"the clients received {got} tokens ({got / wall:.0f} tokens/s) in {msgs} messages "
+              f"({got / max(1, msgs):.2f} tokens a message) over {wall:.2f} s; first message after "
+              f"{1e3 * served['ttft']:.1f} ms (median), then one every {1e3 * served['gap_p50']:.2f} ms (median; "
+              f"p99 {1e3 * served['gap_p99']:.2f})", flush=True)
     return 0
 
 

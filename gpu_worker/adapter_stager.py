@@ -6,14 +6,17 @@ with 64 adapters churning through 32 host slots: without them, staging took up t
 step loop's p90 step went from 6 to 68 ms, starved of the GIL by a dozen threads packing at once):
 - one thread stages, so the step loop competes with one reader at most;
 - concurrent requests for one adapter share one read (a hot adapter's first seconds bring many);
-- an adapter already in host memory (or staged) is answered on the event loop, with no thread hop and no
-  wait behind another adapter's read.
+- an adapter already in host memory (or staged) is answered at once, with no thread hop and no wait behind
+  another adapter's read.
+The engine's step loop (engine_core.py) parks the commands that need an adapter being read and runs them when
+`done(key, error)` reports the read's end.
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -30,34 +33,40 @@ class Stageable(Protocol):
 
 
 class AdapterStager:
-    def __init__(self, manager: Stageable, stats: StepStats):
+    def __init__(self, manager: Stageable, stats: StepStats,
+                 done: Callable[[tuple[str, str], BaseException | None], None]):
         self._manager = manager
         self._stats = stats
+        self._done = done
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-stage")
-        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+        self._lock = threading.Lock()
+        self._inflight: set[tuple[str, str]] = set()
 
-    async def stage(self, request: LoRARequest) -> None:
-        """Return once the adapter is in host memory or staged; raises what reading it raised."""
+    def stage(self, request: LoRARequest) -> bool:
+        """True when the adapter is in host memory or staged (go ahead now). Otherwise its read is under way
+        (started now, or by an earlier call, which it shares) and `done((name, path), error)` reports its end,
+        once a read, from the stager's thread."""
         if self._manager.is_staged(request):
-            return
+            return True
         key = (request.lora_name, request.lora_path)
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().run_in_executor(self._pool, self._stage, request)
-            self._inflight[key] = future
-            future.add_done_callback(lambda done: self._done(key, done))
-        # shield: one caller giving up (a cancelled request) does not cancel the read the others wait for
-        await asyncio.shield(future)
+        with self._lock:
+            if key in self._inflight:
+                return False
+            self._inflight.add(key)
+        self._pool.submit(self._stage, key, request)
+        return False
 
-    def _stage(self, request: LoRARequest) -> None:
+    def _stage(self, key: tuple[str, str], request: LoRARequest) -> None:
         t0 = time.perf_counter()
-        if self._manager.stage(request):
-            self._stats.staged(time.perf_counter() - t0)
-
-    def _done(self, key: tuple[str, str], future: asyncio.Future) -> None:
-        self._inflight.pop(key, None)
-        if not future.cancelled():
-            future.exception()  # retrieved: every waiter may have gone; the error is theirs, not the loop's
+        error = None
+        try:
+            if self._manager.stage(request):
+                self._stats.staged(time.perf_counter() - t0)
+        except Exception as e:  # the waiters' error: reported to them, and the next request reads again
+            error = e
+        with self._lock:
+            self._inflight.discard(key)
+        self._done(key, error)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

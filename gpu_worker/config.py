@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gpu_worker.adapters import LoRAModule
 from gpu_worker.engine.config import EngineArgs
+from gpu_worker.engine.llm_engine import resolve_device
 
 ENV_PREFIX = "LORASERVE_WORKER_"
 # Variables whose name is not simply the field's name upper-cased (docker-compose.yml fixed these first).
@@ -81,6 +82,9 @@ class WorkerConfig:
     # hold it past several decode steps (benchmarks.served_host, batch 64, dev CPU: 0.5 ms moved ~25% more
     # tokens a second, in half the messages).
     gil_switch_interval_ms: float = 0.5
+    # The engine's step loop in a process of its own, apart from the gRPC server (vLLM V1's EngineCore): the step
+    # loop then has a GIL of its own. "auto": on when the engine runs on CUDA; "on", "off".
+    engine_process: str = "auto"
     log_level: str = "info"
 
     def __post_init__(self):
@@ -95,6 +99,8 @@ class WorkerConfig:
             (1 <= self.stream_interval <= 1024, f"stream_interval must be in [1, 1024], not {self.stream_interval}"),
             (0 < self.gil_switch_interval_ms <= 1000,
              f"gil_switch_interval_ms must be in (0, 1000], not {self.gil_switch_interval_ms}"),
+            (self.engine_process in ("auto", "on", "off"),
+             f"engine_process must be auto, on or off, not {self.engine_process!r}"),
             (self.enable_lora or not self.lora_modules, "lora_modules were given but enable_lora is off"),
             (Path(self.model_dir).is_dir(), f"model_dir {self.model_dir!r} is not a directory"),
             (not self.lora_root or Path(self.lora_root).is_dir(), f"lora_root {self.lora_root!r} is not a directory"),
@@ -109,6 +115,11 @@ class WorkerConfig:
             if not Path(m.path).is_dir():
                 raise ValueError(f"lora module {m.name!r}: {m.path} is not a directory")
         self.engine_args()  # EngineArgs checks its own fields; fail here, before anything starts
+
+    def use_engine_process(self) -> bool:
+        if self.engine_process != "auto":
+            return self.engine_process == "on"
+        return resolve_device(self.device).type == "cuda"
 
     def engine_args(self) -> EngineArgs:
         return EngineArgs(
@@ -249,5 +260,7 @@ def _parser() -> argparse.ArgumentParser:
         "every token as it comes)")
     add("--gil-switch-interval-ms", type=float, help="the process's GIL switch interval: the step loop and the "
         "event loop streaming tokens share the GIL (default 0.5; Python's own is 5)")
+    add("--engine-process", choices=["auto", "on", "off"], help="run the engine's step loop in a process of its "
+        "own, apart from the gRPC server, so streaming does not slow the steps (default auto: on with CUDA)")
     add("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     return p

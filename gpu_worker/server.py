@@ -3,7 +3,10 @@ the model loads), load and warm the engine, then SERVING; on shutdown drain, the
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import os
 import socket
 import sys
 import tempfile
@@ -47,8 +50,12 @@ class _Record:
 class WorkerServer:
     def __init__(self, config: WorkerConfig, engine_factory: Callable[[], LLMEngine] | None = None):
         self.config = config
-        args = config.engine_args()
-        self.engine = AsyncEngine(engine_factory or (lambda: LLMEngine(args)))
+        # A factory given here must pickle when the engine runs in its own process (config.engine_process).
+        self.engine = AsyncEngine(engine_factory or functools.partial(LLMEngine, config.engine_args()),
+                                  process=config.use_engine_process())
+        self.engine.on_death = self._engine_died
+        # Set when the engine process died: the worker cannot serve any more (serve() exits 1 on it).
+        self.failed = asyncio.Event()
         self.adapters = local = LocalAdapterSource(config.lora_modules, config.lora_root or None)
         self.store_client: StoreClient | None = None
         if config.adapter_store:
@@ -107,9 +114,10 @@ class WorkerServer:
             self.registry.start(lambda: record if self.engine.state == "serving" else None)
             log.info("worker %s registers as %s in %s (prefix %r)", self.worker_id, self.address, cfg.redis_url,
                      cfg.registry_prefix)
-        log.info("worker %s ready in %.1fs: %s on %s, %d KV blocks, adapters pre-loaded: %s", self.worker_id,
-                 time.perf_counter() - t0, info.served_model_name, info.device, info.kv_blocks_total,
-                 [m.name for m in cfg.lora_modules] or "none")
+        where = "on a thread" if self.engine.engine_pid == os.getpid() else f"in process {self.engine.engine_pid}"
+        log.info("worker %s ready in %.1fs: %s on %s (step loop %s), %d KV blocks, adapters pre-loaded: %s",
+                 self.worker_id, time.perf_counter() - t0, info.served_model_name, info.device, where,
+                 info.kv_blocks_total, [m.name for m in cfg.lora_modules] or "none")
 
     async def _warm_up(self, lora) -> None:
         """One tiny greedy request (and one with an adapter if there is one) through the whole path, so the
@@ -122,6 +130,12 @@ class WorkerServer:
                     pass
             finally:
                 stream.close()
+
+    def _engine_died(self, error: BaseException) -> None:
+        """The engine process is gone: stop answering as healthy at once; the process exits (serve())."""
+        log.error("worker %s cannot serve any more: %s", self.worker_id, error)
+        self.failed.set()
+        asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
         """Refuse new requests (UNAVAILABLE, health NOT_SERVING), let running ones finish for up to

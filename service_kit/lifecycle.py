@@ -1,5 +1,6 @@
 """A service process's life, the same for every service: start (a signal while starting gives up), print one
-ready line on stdout, wait for SIGTERM or SIGINT, drain (a second signal stops at once), exit 0."""
+ready line on stdout, wait for SIGTERM or SIGINT, drain (a second signal stops at once), exit 0; exit 1 when it
+fails to start, or fails for good while serving (its `failed` event)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def configure_logging(level: str) -> None:
 
 async def serve(server: Server, ready_line: Callable[[], str], startup_errors: tuple[type[Exception], ...],
                 log: logging.Logger) -> int:
-    """Run `server` until a signal; 1 when it fails to start (one of `startup_errors`), else 0."""
+    """Run `server` until a signal; 1 when it fails to start (one of `startup_errors`) or for good while it serves,
+    else 0."""
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
 
@@ -69,7 +71,17 @@ async def serve(server: Server, ready_line: Callable[[], str], startup_errors: t
         return 1
     print(ready_line(), flush=True)
 
-    await stopped
+    # A server may fail for good while it serves (the worker's engine process died): `failed`, an asyncio.Event.
+    failed = getattr(server, "failed", None)
+    gone = asyncio.create_task(failed.wait()) if failed is not None else None
+    await asyncio.wait({stopped} | ({gone} if gone else set()), return_when=asyncio.FIRST_COMPLETED)
+    if gone is not None and gone.done():
+        log.error("the server cannot go on serving; stopping")
+        stopped.cancel()
+        await server.shutdown(0)
+        return 1
+    if gone is not None:
+        gone.cancel()
     draining = asyncio.create_task(server.shutdown())
     hurried = asyncio.create_task(hurry.wait())
     await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)

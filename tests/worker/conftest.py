@@ -53,11 +53,14 @@ def stub_for(port: int) -> Iterator[worker_pb2_grpc.WorkerServiceStub]:
         yield worker_pb2_grpc.WorkerServiceStub(channel)
 
 
-@pytest.fixture(scope="module")
-def worker(aio_loop, tiny_model_dir, tiny_adapters) -> Iterator[WorkerServer]:
-    """The main worker: every fixture adapter pre-loaded, 2 slots, rank <= 16, room for all 4 in host memory."""
+@pytest.fixture(scope="module", params=["off", "on"], ids=["engine-thread", "engine-process"])
+def worker(request, aio_loop, tiny_model_dir, tiny_adapters) -> Iterator[WorkerServer]:
+    """The main worker: every fixture adapter pre-loaded, 2 slots, rank <= 16, room for all 4 in host memory; its
+    engine on a thread of the server's process, then in a process of its own (every test that uses it runs
+    against both)."""
     modules = tuple(LoRAModule(name, str(path)) for name, path in tiny_adapters.items())
-    with running_worker(aio_loop, worker_config(tiny_model_dir, lora_modules=modules, max_cpu_loras=4)) as server:
+    config = worker_config(tiny_model_dir, lora_modules=modules, max_cpu_loras=4, engine_process=request.param)
+    with running_worker(aio_loop, config) as server:
         yield server
 
 

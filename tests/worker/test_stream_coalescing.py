@@ -18,10 +18,7 @@ class Owner:
         self.aborted: list[str] = []
         self.closed = 0
 
-    def _submit(self, fn):
-        fn(None)  # run the engine-thread command here: it calls _abort
-
-    def _abort(self, engine, rid):
+    def _abort(self, rid):
         self.aborted.append(rid)
 
     def _stream_closed(self):

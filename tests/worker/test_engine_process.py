@@ -1,0 +1,257 @@
+"""The engine's step loop apart from the gRPC server: EngineCore's commands and Batches, a cold adapter's read
+off the loop (requests for it wait, parked; the others run), errors and outputs across the process boundary, and
+a worker whose engine process dies (its streams end UNAVAILABLE, it stops serving, `python -m gpu_worker` exits 1).
+
+The worker tests that use the `worker` fixture run against an engine process too (conftest.py)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gpu_worker.engine.config import EngineArgs
+from gpu_worker.engine.errors import AdapterError, InvalidRequestError
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.engine.lora_request import LoRARequest
+from gpu_worker.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from gpu_worker.engine.sampling_params import SamplingParams
+from gpu_worker.engine_core import (
+    Abort,
+    Add,
+    Batch,
+    EngineCore,
+    Prefetch,
+    Stop,
+    UnavailableError,
+    from_wire,
+    portable,
+    to_wire,
+)
+from loraserve.v1 import common_pb2
+from tests.services import wait_until
+
+from .conftest import generate_request, running_worker, stub_for, worker_config
+from .test_lifecycle import LONG, status
+
+ROOT = Path(__file__).resolve().parents[2]
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def test_the_step_loop_runs_where_configured(worker):
+    in_process = worker.engine.engine_pid != os.getpid()
+    assert in_process == (worker.config.engine_process == "on")
+
+
+# -- EngineCore on a thread, its inbox and Batches by hand ---------------------------------------------------------
+
+
+class Core:
+    """An EngineCore over the tiny model whose adapter reads wait for `gate`; its Batches collected."""
+
+    def __init__(self, model_dir: Path):
+        self.gate = threading.Event()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.batches: queue.Queue[Batch] = queue.Queue()
+        self.results: dict[int, tuple] = {}
+        self.outputs: dict[str, list[RequestOutput]] = {}
+        self.load = None
+        args = EngineArgs(model=str(model_dir), device="cpu", enable_lora=True, max_loras=2, max_lora_rank=16,
+                          num_kv_blocks=64)
+        self.thread = threading.Thread(target=EngineCore(functools.partial(self._engine, args), [], self.inbox,
+                                                         self.batches.put).run, daemon=True)
+        self.thread.start()
+        self.info = self.next().ready
+
+    def _engine(self, args: EngineArgs) -> LLMEngine:
+        engine = LLMEngine(args)
+        read = engine.lora.stage
+
+        def gated(request):
+            assert self.gate.wait(30)
+            return read(request)
+
+        engine.lora.stage = gated
+        return engine
+
+    def next(self, timeout: float = 30) -> Batch:
+        batch = self.batches.get(timeout=timeout)
+        self.load = batch.load or self.load
+        for call, result, error in batch.results:
+            self.results[call] = (result, error)
+        for out in batch.outputs:
+            self.outputs.setdefault(out.request_id, []).append(out)
+        return batch
+
+    def until(self, done, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            self.next(max(0.01, deadline - time.monotonic()))
+
+    def finished(self, rid: str) -> bool:
+        return bool(self.outputs.get(rid)) and self.outputs[rid][-1].finished
+
+    def stop(self) -> Batch:
+        self.inbox.put(Stop())
+        batch = self.next()
+        while not batch.stopped:
+            batch = self.next()
+        self.thread.join(10)
+        return batch
+
+
+@pytest.fixture
+def core(tiny_model_dir):
+    c = Core(tiny_model_dir)
+    yield c
+    c.gate.set()
+    if c.thread.is_alive():
+        c.stop()
+
+
+def test_a_cold_adapter_is_read_off_the_loop_while_other_requests_run(core, tiny_adapters):
+    sql = LoRARequest("sql-lora", 1, str(tiny_adapters["sql-lora"]))
+    core.inbox.put(Add(1, "a", [1, 5, 9, 13], GREEDY, sql, ""))
+    core.inbox.put(Prefetch(2, sql, ""))
+    core.inbox.put(Add(3, "base", [1, 5, 9, 13], GREEDY, None, ""))
+    core.until(lambda: core.finished("base"))  # the base request ran to its end while the read waits
+    assert 1 not in core.results and 2 not in core.results and "a" not in core.outputs
+    core.gate.set()
+    core.until(lambda: core.finished("a") and 2 in core.results)
+    key, error = core.results[1]
+    assert error is None and key[0] == "sql-lora" and len(key[1]) >= 16  # (name, content hash)
+    residency, error = core.results[2]
+    assert error is None and (residency.name, residency.content_hash) == key
+    assert [len(o.outputs[0].delta_token_ids) for o in core.outputs["a"]] == [1, 1, 1, 1]
+    core.stop()
+    assert (core.load.waiting, core.load.running) == (0, 0)
+    assert core.load.kv_blocks_free == core.info.kv_blocks_total
+
+
+def test_an_abort_while_its_adapter_is_read_drops_the_request(core, tiny_adapters):
+    chat = LoRARequest("chat-lora", 2, str(tiny_adapters["chat-lora"]))
+    core.inbox.put(Add(1, "kept", [1, 5, 9], GREEDY, chat, ""))
+    core.inbox.put(Add(2, "dropped", [1, 5, 9], GREEDY, chat, ""))
+    core.inbox.put(Abort("dropped"))
+    core.until(lambda: 2 in core.results)
+    _, error = core.results[2]
+    assert isinstance(error, UnavailableError) and "cancelled" in str(error)
+    assert 1 not in core.results  # still waiting for the read
+    core.gate.set()
+    core.until(lambda: core.finished("kept"))
+    time.sleep(0.05)
+    while not core.batches.empty():
+        core.next()
+    assert "dropped" not in core.outputs
+    core.stop()
+    assert core.load.kv_blocks_free == core.info.kv_blocks_total  # the dropped request took nothing
+
+
+def test_a_failed_read_reaches_every_request_waiting_for_it(core, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    (broken / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    bad = LoRARequest("broken", 3, str(broken))
+    core.gate.set()
+    for call in (1, 2):
+        core.inbox.put(Add(call, f"r{call}", [1, 5], GREEDY, bad, ""))
+    core.until(lambda: 1 in core.results and 2 in core.results)
+    for call in (1, 2):
+        result, error = core.results[call]
+        assert result is None and isinstance(error, AdapterError) and error.kind == "invalid", error
+    core.stop()
+    assert core.load.kv_blocks_free == core.info.kv_blocks_total
+
+
+def test_stop_ends_running_requests_and_commands_waiting_for_a_read(core, tiny_adapters):
+    code = LoRARequest("code-lora", 4, str(tiny_adapters["code-lora"]))
+    core.inbox.put(Add(1, "long", [1, 5], SamplingParams(max_tokens=500, ignore_eos=True), None, ""))
+    core.inbox.put(Add(2, "parked", [1, 5], GREEDY, code, ""))
+    core.until(lambda: core.outputs.get("long"))
+    last = core.stop()
+    assert [rid for rid, _ in last.failed] == ["long"] and isinstance(last.failed[0][1], UnavailableError)
+    assert isinstance(core.results[2][1], UnavailableError)
+
+
+# -- what crosses the process boundary ----------------------------------------------------------------------------
+
+
+class _Local(Exception):
+    def __init__(self, a, b):  # does not unpickle from its args
+        super().__init__(f"{a}/{b}")
+
+
+def test_errors_cross_whole_or_as_a_runtime_error_that_names_them():
+    for error in (AdapterError("mismatch", "made for another base"), InvalidRequestError("bad prompt"),
+                  UnavailableError("stopped"), ValueError("v")):
+        back = pickle.loads(pickle.dumps(portable(error)))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert getattr(back, "kind", None) == getattr(error, "kind", None)
+    back = pickle.loads(pickle.dumps(portable(_Local(1, 2))))
+    assert type(back) is RuntimeError and str(back) == "_Local: 1/2"
+
+
+def test_streamed_outputs_travel_slim_and_final_ones_whole():
+    lp = Logprob(7, -0.25, [(7, -0.25), (3, -2.0)])
+    delta = RequestOutput("r", "the prompt", list(range(500)),
+                          [CompletionOutput(0, "text so far", [], delta_text=" x", delta_token_ids=[7],
+                                            delta_logprobs=[lp])], finished=False, adapter_key=("sql", "h"))
+    wire = to_wire(delta)
+    assert len(pickle.dumps(wire)) < len(pickle.dumps(delta)) / 4  # no prompt, no text so far
+    back = from_wire(pickle.loads(pickle.dumps(wire)))
+    c = back.outputs[0]
+    assert (back.request_id, back.finished, back.adapter_key) == ("r", False, ("sql", "h"))
+    assert (c.delta_text, c.delta_token_ids, c.delta_logprobs) == (" x", [7], [lp])
+    final = RequestOutput("r", "p", [1, 2], [CompletionOutput(0, "all", [7, 8], finish_reason="length",
+                                                              delta_token_ids=[8])], finished=True)
+    assert to_wire(final) is final
+
+
+# -- a worker whose engine process dies ----------------------------------------------------------------------------
+
+
+def test_a_dead_engine_process_ends_streams_unavailable_and_the_worker_stops_serving(aio_loop, tiny_model_dir):
+    with running_worker(aio_loop, worker_config(tiny_model_dir, engine_process="on")) as server, \
+            stub_for(server.port) as stub:
+        running = stub.StreamGenerate(generate_request("Hello world", **LONG))
+        assert next(running).token_ids
+        os.kill(server.engine.engine_pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as info:
+            list(running)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "engine process exited" in info.value.details()
+        assert wait_until(lambda: server.failed.is_set())
+        assert status(stub).state == common_pb2.WORKER_STATE_DRAINING  # stopped: routers send nothing more
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.StreamGenerate(generate_request("hi", max_tokens=2)))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_python_m_gpu_worker_exits_1_when_its_engine_process_dies(tiny_model_dir):
+    cmd = [sys.executable, "-m", "gpu_worker", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1",
+           "--port", "0", "--num-kv-blocks", "64", "--engine-process", "on"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert " serving on 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        engines = [c for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(engines) == 1, children  # the engine process (multiprocessing may add its resource tracker)
+        os.kill(int(engines[0]), signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+        assert "engine process exited unexpectedly" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
