@@ -77,10 +77,11 @@ class WorkerConfig:
     # SGLang's --stream-interval. 1: a message a token, unless the event loop falls behind (readers then take the
     # outputs already queued as one).
     stream_interval: int = 1
-    # The process's GIL switch interval (sys.setswitchinterval), set when the server starts. The step loop shares
-    # the GIL with the event loop streaming a message per token; Python's default, 5 ms, lets a busy event loop
-    # hold it past several decode steps (benchmarks.served_host, batch 64, dev CPU: 0.5 ms moved ~25% more
-    # tokens a second, in half the messages).
+    # The GIL switch interval (sys.setswitchinterval) of the server's process and the engine's, set when the server
+    # starts. On a thread, the step loop shares the GIL with the event loop streaming a message per token; Python's
+    # default, 5 ms, lets a busy event loop hold it past several decode steps (benchmarks.served_host, batch 64,
+    # dev CPU: 0.5 ms moved ~25% more tokens a second, in half the messages). In its own process it shares it
+    # with the thread that reads and packs cold adapters.
     gil_switch_interval_ms: float = 0.5
     # The engine's step loop in a process of its own, apart from the gRPC server (vLLM V1's EngineCore): the step
     # loop then has a GIL of its own. "auto": on when the engine runs on CUDA; "on", "off".

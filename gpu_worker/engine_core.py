@@ -148,11 +148,15 @@ class Batch:
     died: BaseException | None = None
 
     def merge(self, later: Batch) -> Batch:
-        """This Batch and the one after it as one (a reader that fell behind takes both at once)."""
-        return Batch(load=later.load if later.load is not None else self.load, results=self.results + later.results,
-                     outputs=self.outputs + later.outputs, failed=self.failed + later.failed,
-                     ready=self.ready if self.ready is not None else later.ready, stopped=later.stopped,
-                     died=later.died)
+        """The Batch after this one added into it, in place (a reader that fell behind takes both at once: the
+        lists grow by what comes, however many Batches merge)."""
+        self.load = later.load if later.load is not None else self.load
+        self.results.extend(later.results)
+        self.outputs.extend(later.outputs)
+        self.failed.extend(later.failed)
+        self.ready = self.ready if self.ready is not None else later.ready
+        self.stopped, self.died = later.stopped, later.died
+        return self
 
     def __bool__(self) -> bool:
         return bool(self.load is not None or self.results or self.outputs or self.failed or self.ready is not None

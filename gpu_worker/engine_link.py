@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
@@ -78,7 +79,7 @@ class ProcessLink:
         self._batches, batches_out = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=run_engine_process, name="engine-core", daemon=True,
                                  args=(self._factory, preload, commands_in, batches_out,
-                                       logging.getLogger().getEffectiveLevel()))
+                                       logging.getLogger().getEffectiveLevel(), sys.getswitchinterval()))
         self._proc.start()
         commands_in.close()  # the child's ends: closed here, so either side sees the other go
         batches_out.close()
@@ -163,10 +164,13 @@ class CoalescingSender:
 
 
 def run_engine_process(factory: Callable[[], LLMEngine], preload: list[LoRARequest], commands, batches,
-                       log_level: int) -> None:
+                       log_level: int, switch_interval_s: float) -> None:
     """The engine process's main: the EngineCore's loop, fed from the command pipe, answering on the other."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains on these, then stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The server's (WorkerConfig.gil_switch_interval_ms): here the step loop shares the GIL with the adapter
+    # stager's thread, which packs for ~100 ms an adapter, and Python's 5 ms would let it hold the loop that long.
+    sys.setswitchinterval(switch_interval_s)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
