@@ -73,6 +73,7 @@ def test_lora_modules_both_forms_from_flags_and_env(tiny_model_dir, tiny_adapter
         (["--no-enable-lora", "--lora-modules", "a=/tmp"], {}, "enable_lora is off"),
         (["--gil-switch-interval-ms", "0"], {}, "gil_switch_interval_ms must be in (0, 1000]"),
         (["--stream-interval", "0"], {}, "stream_interval must be in [1, 1024]"),
+        ([], {"LORASERVE_WORKER_ENGINE_PROCESS": "yes"}, "engine_process must be auto, on or off, not 'yes'"),
     ],
 )
 def test_bad_configuration_exits_with_a_message(tiny_model_dir, capsys, argv, env, words):
@@ -80,6 +81,18 @@ def test_bad_configuration_exits_with_a_message(tiny_model_dir, capsys, argv, en
         WorkerConfig.from_args(["--model-dir", str(tiny_model_dir), *argv], env)
     assert info.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_the_engine_process_is_on_with_cuda_unless_set(tiny_model_dir, monkeypatch):
+    def config(*argv, env=None):
+        return WorkerConfig.from_args(["--model-dir", str(tiny_model_dir), *argv], env or {})
+
+    assert not config().use_engine_process()  # auto, on the CPU: a thread of the server's process
+    assert config("--engine-process", "on").use_engine_process()
+    assert not config(env={"LORASERVE_WORKER_ENGINE_PROCESS": "off"}).use_engine_process()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert config().use_engine_process()  # auto, with CUDA: a process of its own
+    assert not config("--device", "cpu").use_engine_process()
 
 
 def test_model_dir_is_required(capsys):
