@@ -80,8 +80,8 @@ class TimedEngine:
     stubbed engine, on CUDA the real one; each step's end and length appended to `log_path` (a few at a time,
     and whenever the engine runs dry)."""
 
-    def __init__(self, args, batch: int, log_path: str):
-        self.args, self.batch, self.log_path = args, batch, log_path
+    def __init__(self, args, batch: int, log_path: str, profile_path: str = ""):
+        self.args, self.batch, self.log_path, self.profile_path = args, batch, log_path, profile_path
 
     def __call__(self):
         from gpu_worker.engine.llm_engine import LLMEngine
@@ -91,6 +91,10 @@ class TimedEngine:
             torch.set_num_threads(1)
             stub_gpu(e, self.batch)
         step, held, path = e.step, [], self.log_path
+        # The step loop's thread from here on (this runs on it): steps and what the loop does between them.
+        prof = cProfile.Profile() if self.profile_path else None
+        if prof:
+            prof.enable()
 
         def timed():
             t = time.perf_counter()
@@ -101,6 +105,9 @@ class TimedEngine:
                 with open(path, "a") as f:
                     f.write("".join(held))
                 held.clear()
+                if prof and not e.has_unfinished_requests():
+                    prof.dump_stats(self.profile_path)  # (which stops the profiler)
+                    prof.enable()
             return outs
 
         e.step = timed
@@ -120,7 +127,8 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
                           enable_lora=True, drain_timeout_s=0, stream_interval=args.stream_interval,
                           max_num_seqs=args.batch, max_model_len=2048, num_kv_blocks=2400 if args.gpu else None,
                           engine_process=engine_process)
-    engine = TimedEngine(config.engine_args(), args.batch, str(log_path))
+    profile_path = log_path.with_name("engine.prof") if args.profile_engine else None
+    engine = TimedEngine(config.engine_args(), args.batch, str(log_path), str(profile_path or ""))
     server = WorkerServer(config, engine_factory=engine)
     await server.start()
     try:
@@ -138,10 +146,13 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
         end = time.perf_counter()
         if prof:
             prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+            pstats.Stats(prof).sort_stats(args.profile_sort).print_stats(args.profile)
         await loop.run_in_executor(None, proc.join)
     finally:
         await server.shutdown(0)
+    if profile_path is not None and profile_path.exists():
+        print(f"the step loop's thread, engine process {engine_process}:")
+        pstats.Stats(str(profile_path)).sort_stats(args.profile_sort).print_stats(args.profile_engine)
     timed = [dt for t, dt in (map(float, line.split()) for line in log_path.read_text().splitlines())
              if start <= t <= end]
     return dict(wall=wall, received=received, messages=messages, ttft=ttft, gap_p50=gap_p50, gap_p99=gap_p99,
@@ -159,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-dir", default=".demo/assets")
     p.add_argument("--gpu", action="store_true", help="the real engine on CUDA, on the Llama-3.2-1B-shaped random "
                    "checkpoint (benchmarks.synthetic) with --adapters rank-16 adapters, instead of the stubbed one")
+    p.add_argument("--profile-engine", type=int, default=0, help="print the top N functions of the step loop's "
+                   "thread (cProfile, in the engine's process when it has one), from its first step on")
+    p.add_argument("--profile-sort", default="tottime", help="the profiles' order: tottime or cumtime")
     p.add_argument("--profile", type=int, default=0, help="print the top N functions of the event loop's thread "
                    "(cProfile) while the clients stream")
     args = p.parse_args(argv)
