@@ -441,7 +441,10 @@ EXPAND_DECODE_BN, EXPAND_GROUPED_BN, EXPAND_DECODE_BK, EXPAND_DECODE_WARPS = 64,
 EXPAND_ONE_BLOCK_WARPS = 8
 
 
-@triton.jit
+# T (rows) unspecialised: it only bounds masks, and the warm-up's row counts then cover every prompt step's
+# (specialised, a count past EXPAND_MAX_ROWS that is not a multiple of 16 compiled a kernel inside a served step,
+# 1-4 s on an H200 host).
+@triton.jit(do_not_specialize=["T"])
 def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P,
                             bg_ptr, bu_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             EVEN_K: tl.constexpr, DOT: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,

@@ -31,7 +31,9 @@ def _keys(slots_ptr, idx, T, MAX_SLOTS: tl.constexpr, BINS: tl.constexpr):
     return tl.where(idx < T, key, BINS - 1)
 
 
-@triton.jit
+# T (the step's tokens) unspecialised: the warm-up's token counts then cover every step's (T only bounds loops and
+# masks); specialised, a count that is not a multiple of 16 compiled a kernel inside a served step.
+@triton.jit(do_not_specialize=["T"])
 def _prepare_kernel(
     slots_ptr, sorted_ptr, sorted_slots_ptr, active_ptr, start_ptr, len_ptr, num_active_ptr, T,
     MAX_SLOTS: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr,

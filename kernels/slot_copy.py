@@ -24,7 +24,9 @@ CHUNK = 16384  # values a program copies (32 KB of bf16)
 _BLOCK = 2048
 
 
-@triton.jit
+# slot and rank change from load to load: unspecialised, one compiled kernel serves every slot (specialised, slot 1,
+# slots 16 and 32, and the others each compiled on their first load, 1-4 s inside a step on an H200 host).
+@triton.jit(do_not_specialize=["slot", "rank"])
 def _slot_copy_kernel(src_ptr, table_ptr, offsets_ptr, sizes_ptr, ranks_ptr, slot, rank, chunks,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     p = tl.program_id(0)
