@@ -82,7 +82,7 @@ def env_of(service: dict) -> dict:
 
 def test_compose_spec_format(compose):
     assert "version" not in compose, "compose-spec format: no top-level `version:` key"
-    assert {"adapter-cache", "hf-cache"} <= set(compose.get("volumes") or {})
+    assert {"adapter-cache", "hf-cache", "triton-cache"} <= set(compose.get("volumes") or {})
 
 
 def test_every_needed_service_exists(services):
@@ -129,6 +129,8 @@ def test_gpu_worker_reserves_an_nvidia_gpu_and_mounts_the_model(services):
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     model_mounts = [v for v in worker["volumes"] if v.split(":")[-2:] == ["/models/base", "ro"]]
     assert model_mounts and model_mounts[0].startswith("${LORASERVE_MODEL_DIR:-"), model_mounts
+    # compiled kernels kept across restarts, where Triton looks for them
+    assert f"triton-cache:{env_of(worker)['TRITON_CACHE_DIR']}" in worker["volumes"]
 
 
 def test_no_hard_coded_secrets(services):

@@ -168,6 +168,11 @@ def test_gpu_overlays_request_a_gpu_and_the_demo_builds_its_model():
         assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert {"name": "models", "persistentVolumeClaim": {"claimName": "loraserve-models", "readOnly": True}} \
             in worker["volumes"]
+        # compiled kernels kept across container restarts, where Triton looks for them
+        container = worker["containers"][0]
+        cache = next(e["value"] for e in container["env"] if e["name"] == "TRITON_CACHE_DIR")
+        assert {"name": "triton-cache", "mountPath": cache} in container["volumeMounts"]
+        assert {"name": "triton-cache", "emptyDir": {}} in worker["volumes"]
     demo = of_kind(render("cpu-demo"), "Deployment")["loraserve-worker"]["spec"]["template"]["spec"]
     assert demo["initContainers"][0]["command"] == ["python", "-m", "stack.assets", "/models/demo"]
     assert "nvidia.com/gpu" not in str(demo["containers"][0]["resources"])
