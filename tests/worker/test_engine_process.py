@@ -246,10 +246,7 @@ def test_python_m_gpu_worker_exits_1_when_its_engine_process_dies(tiny_model_dir
     try:
         line = proc.stdout.readline()
         assert " serving on 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        engines = [c for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
-        assert len(engines) == 1, children  # the engine process (multiprocessing may add its resource tracker)
-        os.kill(int(engines[0]), signal.SIGKILL)
+        os.kill(_engine_pid(proc.pid), signal.SIGKILL)
         assert proc.wait(timeout=30) == 1
         assert "engine process exited unexpectedly" in proc.stderr.read()
     finally:
@@ -281,3 +278,35 @@ def test_batches_merge_in_order_and_the_sender_merges_while_a_write_waits():
     assert first.outputs == ["a1"] and first.results == [(1, "r1", None)]
     assert merged.outputs == ["a2", "a3", "a4"] and merged.load == "load-4" and merged.stopped
     assert [rid for rid, _ in merged.failed] == ["x"]
+
+
+def test_the_engine_process_exits_when_the_worker_is_killed(tiny_model_dir):
+    cmd = [sys.executable, "-m", "gpu_worker", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1",
+           "--port", "0", "--num-kv-blocks", "64", "--engine-process", "on"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert " serving on 127.0.0.1:" in proc.stdout.readline()
+        engine = _engine_pid(proc.pid)
+        proc.kill()  # no drain, no Stop: the engine sees its command pipe close
+        proc.wait(10)
+
+        def gone() -> bool:
+            try:
+                return Path(f"/proc/{engine}/stat").read_text().split(") ")[1][0] == "Z"  # exited, not reaped
+            except FileNotFoundError:
+                return True
+
+        assert wait_until(gone, timeout=15), f"engine process {engine} outlived its worker"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _engine_pid(worker_pid: int) -> int:
+    """The worker's engine process (multiprocessing may add its resource tracker beside it)."""
+    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+    engines = [c for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(engines) == 1, children
+    return int(engines[0])
