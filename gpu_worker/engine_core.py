@@ -211,6 +211,8 @@ class EngineCore:
         self._results: list[tuple[int, Any, BaseException | None]] = []
         self._failed: list[tuple[str, BaseException]] = []
         self._outputs: list = []
+        self.engine: LLMEngine | None = None  # built by run(), on the loop's thread
+        self.stager: AdapterStager | None = None
 
     def run(self) -> None:
         try:
@@ -229,14 +231,19 @@ class EngineCore:
             self._send(Batch(ready=self._error(e), stopped=True))
             return
         self._send(Batch(ready=info))
+        self.engine, self.stager = engine, stager
         try:
-            self._loop(engine, stats, stager)
+            self._loop(stats)
+        except BaseException as e:  # a bug of ours: whatever waits on the loop is told, and the worker stops
+            log.exception("the engine's step loop failed")
+            self._send(Batch(stopped=True, died=UnavailableError(f"the engine's step loop failed ({e!r}); see the "
+                                                                  f"worker's log")))
         finally:
             if stager is not None:
                 stager.close()
 
-    def _loop(self, engine: LLMEngine, stats: StepStats, stager: AdapterStager | None) -> None:
-        self.engine, self.stager = engine, stager
+    def _loop(self, stats: StepStats) -> None:
+        engine = self.engine
         last_load, stalled, stopping = None, False, False
         while not stopping:
             busy = engine.has_unfinished_requests()

@@ -1,6 +1,7 @@
 """The engine's step loop apart from the gRPC server: EngineCore's commands and Batches, a cold adapter's read
 off the loop (requests for it wait, parked; the others run), errors and outputs across the process boundary, and
-a worker whose engine process dies (its streams end UNAVAILABLE, it stops serving, `python -m gpu_worker` exits 1).
+a worker whose engine process dies or whose step loop fails (its streams end UNAVAILABLE, it stops serving,
+`python -m gpu_worker` exits 1), and an engine process that does not outlive its worker.
 
 The worker tests that use the `worker` fixture run against an engine process too (conftest.py)."""
 
@@ -39,6 +40,7 @@ from gpu_worker.engine_core import (
     to_wire,
 )
 from gpu_worker.engine_link import CoalescingSender
+from gpu_worker.server import WorkerServer
 from loraserve.v1 import common_pb2
 from tests.services import wait_until
 
@@ -310,3 +312,28 @@ def _engine_pid(worker_pid: int) -> int:
     engines = [c for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert len(engines) == 1, children
     return int(engines[0])
+
+
+def test_a_bug_in_the_step_loop_ends_streams_unavailable_and_the_worker_stops_serving(aio_loop, tiny_model_dir):
+    config = worker_config(tiny_model_dir, engine_process="off")
+    broken = threading.Event()
+
+    class BuggyEngine(LLMEngine):
+        def has_unfinished_requests(self) -> bool:  # outside the step's own error handling
+            if broken.is_set():
+                raise KeyError("a bug")
+            return super().has_unfinished_requests()
+
+    server = WorkerServer(config, engine_factory=lambda: BuggyEngine(config.engine_args()))
+    aio_loop.run(server.start())
+    try:
+        with stub_for(server.port) as stub:
+            running = stub.StreamGenerate(generate_request("Hello world", **LONG))
+            assert next(running).token_ids
+            broken.set()
+            with pytest.raises(grpc.RpcError) as info:
+                list(running)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "step loop failed" in info.value.details()
+            assert wait_until(lambda: server.failed.is_set())
+    finally:
+        aio_loop.run(server.shutdown(0))
