@@ -30,6 +30,7 @@ from gpu_worker.engine_core import (
     AdapterResidency,
     Add,
     Batch,
+    DeltaOutput,
     EngineInfo,
     EngineLoad,
     Evict,
@@ -61,17 +62,32 @@ class EngineStatus:
     version: int
 
 
-def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
-    """Consecutive outputs of one request as one: the last, its deltas now all of theirs, in order. The last is
-    changed in place (each output the engine hands out is a new object, queued for one stream only): on a busy
-    event loop, two dataclasses.replace a merge cost 13% of its time (benchmarks.served_host)."""
-    last = outputs[-1]
+def merge_outputs(outputs: list[RequestOutput | DeltaOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: the last, its deltas now all of theirs, in order. Outputs come
+    as RequestOutputs or in their wire form (engine_core.DeltaOutput), which becomes a RequestOutput here, once a
+    message rather than once an output. A RequestOutput last is changed in place (each output the engine hands
+    out is a new object, queued for one stream only): on a busy event loop, two dataclasses.replace a merge cost
+    13% of its time (benchmarks.served_host)."""
+    last = from_wire(outputs[-1])
+    if len(outputs) == 1:
+        return last
     c = last.outputs[0]
-    parts = [o.outputs[0] for o in outputs]
-    c.delta_text = "".join(p.delta_text for p in parts)
-    c.delta_token_ids = [t for p in parts for t in p.delta_token_ids]
-    c.delta_logprobs = [lp for p in parts for lp in p.delta_logprobs]
+    parts = [_deltas(o) for o in outputs]
+    c.delta_text = "".join(p[0] for p in parts)
+    c.delta_token_ids = [t for p in parts for t in p[1]]
+    c.delta_logprobs = [lp for p in parts for lp in p[2]]
     return last
+
+
+def _deltas(out: RequestOutput | DeltaOutput) -> tuple[str, list, list]:
+    if isinstance(out, RequestOutput):
+        c = out.outputs[0]
+        return c.delta_text, c.delta_token_ids, c.delta_logprobs
+    return out[1], out[2], out[3]
+
+
+def _finished(out: RequestOutput | DeltaOutput) -> bool:
+    return isinstance(out, RequestOutput) and out.finished
 
 
 class RequestStream:
@@ -103,13 +119,13 @@ class RequestStream:
         # one: fewer, fuller messages exactly when the loop has the least time for them (vLLM's stream
         # interval, adaptive). An error queued behind them is raised on the next call.
         queued = [item]
-        while not queued[-1].finished and not self._outputs.empty():
+        while not _finished(queued[-1]) and not self._outputs.empty():
             more = self._outputs.get_nowait()
             if isinstance(more, BaseException):
                 self._error = more
                 break
             queued.append(more)
-        item = merge_outputs(queued) if len(queued) > 1 else item
+        item = merge_outputs(queued)
         self._done = item.finished
         return item
 
@@ -313,14 +329,14 @@ class AsyncEngine:
                 future.set_exception(error)
             else:
                 future.set_result(result)
-        for item in batch.outputs:
-            out = from_wire(item)
-            outputs = self._queues.get(out.request_id)
+        for item in batch.outputs:  # a RequestOutput or its wire form: made whole by the stream that reads it
+            rid = item.request_id if isinstance(item, RequestOutput) else item[0]
+            outputs = self._queues.get(rid)
             if outputs is None:
                 continue
-            if out.finished:
-                del self._queues[out.request_id]
-            outputs.put_nowait(out)
+            if _finished(item):
+                del self._queues[rid]
+            outputs.put_nowait(item)
         for rid, error in batch.failed:
             outputs = self._queues.pop(rid, None)
             if outputs is not None:

@@ -9,6 +9,7 @@ import pytest
 
 from gpu_worker.async_engine import RequestStream
 from gpu_worker.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from gpu_worker.engine_core import to_wire
 
 
 class Owner:
@@ -87,3 +88,35 @@ def test_an_output_alone_is_passed_as_it_is():
 
     owner = asyncio.run(run())
     assert owner.aborted == ["r"] and owner.closed == 1
+
+
+def test_outputs_in_wire_form_become_one_output_a_read():
+    """From an engine process, streamed outputs come as (request_id, delta text, delta ids, delta logprobs,
+    adapter key); the final one whole."""
+
+    def wire(i: int) -> tuple:
+        o = out(i)
+        o.outputs[0].token_ids = []  # a delta output: no totals
+        w = to_wire(o)
+        assert isinstance(w, tuple)
+        return w
+
+    async def run():
+        q: asyncio.Queue = asyncio.Queue()
+        stream = RequestStream(Owner(), "r", q, None)
+        q.put_nowait(wire(0))
+        alone = await stream.__anext__()
+        assert isinstance(alone, RequestOutput) and not alone.finished
+        assert (alone.request_id, alone.outputs[0].delta_text, alone.outputs[0].delta_token_ids) == ("r", "t0 ", [100])
+        q.put_nowait(wire(1))
+        q.put_nowait(wire(2))
+        q.put_nowait(out(3, finished=True))
+        last = await stream.__anext__()
+        c = last.outputs[0]
+        assert last.finished and (c.delta_text, c.delta_token_ids) == ("t1 t2 t3 ", [101, 102, 103])
+        assert [lp.token_id for lp in c.delta_logprobs] == [101, 102, 103]
+        assert c.token_ids == [0, 1, 2, 3]  # the totals: the final output's
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+
+    asyncio.run(run())
