@@ -7,6 +7,7 @@ The worker tests that use the `worker` fixture run against an engine process too
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -241,20 +243,10 @@ def test_a_dead_engine_process_ends_streams_unavailable_and_the_worker_stops_ser
 
 
 def test_python_m_gpu_worker_exits_1_when_its_engine_process_dies(tiny_model_dir):
-    cmd = [sys.executable, "-m", "gpu_worker", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1",
-           "--port", "0", "--num-kv-blocks", "64", "--engine-process", "on"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert " serving on 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+    with worker_process(tiny_model_dir) as proc:
         os.kill(_engine_pid(proc.pid), signal.SIGKILL)
         assert proc.wait(timeout=30) == 1
         assert "engine process exited unexpectedly" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_batches_merge_in_order_and_the_sender_merges_while_a_write_waits():
@@ -283,12 +275,7 @@ def test_batches_merge_in_order_and_the_sender_merges_while_a_write_waits():
 
 
 def test_the_engine_process_exits_when_the_worker_is_killed(tiny_model_dir):
-    cmd = [sys.executable, "-m", "gpu_worker", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1",
-           "--port", "0", "--num-kv-blocks", "64", "--engine-process", "on"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert " serving on 127.0.0.1:" in proc.stdout.readline()
+    with worker_process(tiny_model_dir) as proc:
         engine = _engine_pid(proc.pid)
         proc.kill()  # no drain, no Stop: the engine sees its command pipe close
         proc.wait(10)
@@ -300,6 +287,19 @@ def test_the_engine_process_exits_when_the_worker_is_killed(tiny_model_dir):
                 return True
 
         assert wait_until(gone, timeout=15), f"engine process {engine} outlived its worker"
+
+
+@contextlib.contextmanager
+def worker_process(model_dir: Path) -> Iterator[subprocess.Popen]:
+    """`python -m gpu_worker` with its engine in a process of its own, once it serves; killed at the end."""
+    cmd = [sys.executable, "-m", "gpu_worker", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+           "--port", "0", "--num-kv-blocks", "64", "--engine-process", "on"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert " serving on 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
