@@ -10,7 +10,7 @@ PROTO_SRC := $(sort $(wildcard protos/loraserve/v1/*.proto))
 PROTO_STAMP := loraserve/v1/.generated
 PYTEST_ARGS ?=
 
-.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-router bench-routing bench-cluster bench-engine-host bench-gpu
+.PHONY: setup protos test lint run clean system-deps bench-worker bench-kernels bench-store bench-router bench-routing bench-cluster bench-engine-host bench-served bench-gpu
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -82,6 +82,11 @@ bench-cluster:
 # Engine host time per decode step, model stubbed: runs on any CPU.
 bench-engine-host: setup
 	PYTHONPATH=. $(BIN)/python -m benchmarks.engine_host $(BENCH_ARGS)
+
+# Serving through the worker's gRPC API, the step loop on a thread and in a process of its own side by side: the
+# engine stubbed on any CPU; BENCH_ARGS="--gpu" runs the real engine on CUDA.
+bench-served: setup
+	PYTHONPATH=. $(BENCH_PY) -m benchmarks.served_host $(BENCH_ARGS)
 
 # Everything that needs the GPU, in one call: GPU tests, then both benchmarks.
 bench-gpu:
