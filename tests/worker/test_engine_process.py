@@ -189,6 +189,20 @@ def test_stop_ends_running_requests_and_commands_waiting_for_a_read(core, tiny_a
     assert isinstance(core.results[2][1], UnavailableError)
 
 
+def test_decode_steps_alone_take_the_load_at_most_every_interval(core, monkeypatch):
+    import gpu_worker.engine_core as engine_core
+
+    taken = []
+    real = engine_core._load
+    monkeypatch.setattr(engine_core, "LOAD_INTERVAL_S", 60.0)
+    monkeypatch.setattr(engine_core, "_load", lambda *a: taken.append(1) or real(*a))
+    core.inbox.put(Add(1, "long", [1, 5], SamplingParams(max_tokens=60, ignore_eos=True), None, ""))
+    core.until(lambda: core.finished("long"))
+    assert len(core.outputs["long"]) == 60
+    assert len(taken) <= 3, len(taken)  # the Add's, the end's (and an idle wake's): none a decode step
+    assert core.load.running == 0 and core.load.kv_blocks_free == core.info.kv_blocks_total  # taken at the end
+
+
 # -- what crosses the process boundary ----------------------------------------------------------------------------
 
 
