@@ -54,7 +54,8 @@ class WorkerServer:
         self.engine = AsyncEngine(engine_factory or functools.partial(LLMEngine, config.engine_args()),
                                   process=config.use_engine_process())
         self.engine.on_death = self._engine_died
-        # Set when the engine process died: the worker cannot serve any more (serve() exits 1 on it).
+        # Set when the engine's process died or its step loop failed: the worker cannot serve any more (serve() exits
+        # 1 on it).
         self.failed = asyncio.Event()
         self.adapters = local = LocalAdapterSource(config.lora_modules, config.lora_root or None)
         self.store_client: StoreClient | None = None
@@ -132,7 +133,8 @@ class WorkerServer:
                 stream.close()
 
     def _engine_died(self, error: BaseException) -> None:
-        """The engine process is gone: stop answering as healthy at once; the process exits (serve())."""
+        """The engine is gone (its process died, or its step loop failed): stop answering as healthy at once; the
+        process exits (serve())."""
         log.error("worker %s cannot serve any more: %s", self.worker_id, error)
         self.failed.set()
         asyncio.get_running_loop().create_task(self.health.enter_graceful_shutdown())

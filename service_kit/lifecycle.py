@@ -71,7 +71,7 @@ async def serve(server: Server, ready_line: Callable[[], str], startup_errors: t
         return 1
     print(ready_line(), flush=True)
 
-    # A server may fail for good while it serves (the worker's engine process died): `failed`, an asyncio.Event.
+    # A server may fail for good while it serves (the worker's engine is gone): `failed`, an asyncio.Event.
     failed = getattr(server, "failed", None)
     gone = asyncio.create_task(failed.wait()) if failed is not None else None
     await asyncio.wait({stopped} | ({gone} if gone else set()), return_when=asyncio.FIRST_COMPLETED)
