@@ -10,7 +10,8 @@ closed batch).
 
 Runs anywhere (CPU), on the demo checkpoint (stack.assets). Prints the step loop's steps a second and time a
 step, alone and serving, and the tokens a second the clients received, with the engine's step loop on a thread
-of the server's process and in a process of its own (--engine-process), side by side.
+of the server's process and in a process of its own (--engine-process), side by side; and the Triton kernels
+compiled after the worker was ready (on a fresh machine, a compile inside a step stalls every stream 1-4 s).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import cProfile
 import math
 import multiprocessing as mp
+import os
 import pstats
 import statistics
 import tempfile
@@ -114,6 +116,17 @@ class TimedEngine:
         return e
 
 
+def _compiled_kernels() -> set[Path]:
+    """The Triton cache's compiled kernels (their metadata files): what compiles while serving shows up here."""
+    try:
+        import triton
+
+        root = Path(triton.knobs.cache.dir)
+    except (ImportError, AttributeError):
+        root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return {p for p in root.glob("*/*.json") if not p.name.startswith("__grp__")}
+
+
 async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_process: str, log_path: Path) -> dict:
     from gpu_worker.adapters import LoRAModule
     from gpu_worker.config import WorkerConfig
@@ -131,6 +144,7 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
     engine = TimedEngine(config.engine_args(), args.batch, str(log_path), str(profile_path or ""))
     server = WorkerServer(config, engine_factory=engine)
     await server.start()
+    compiled_before = _compiled_kernels()
     try:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
@@ -150,13 +164,14 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
         await loop.run_in_executor(None, proc.join)
     finally:
         await server.shutdown(0)
+    compiled = sorted(p.stem for p in _compiled_kernels() - compiled_before)
     if profile_path is not None and profile_path.exists():
         print(f"the step loop's thread, engine process {engine_process}:")
         pstats.Stats(str(profile_path)).sort_stats(args.profile_sort).print_stats(args.profile_engine)
     timed = [dt for t, dt in (map(float, line.split()) for line in log_path.read_text().splitlines())
              if start <= t <= end]
     return dict(wall=wall, received=received, messages=messages, ttft=ttft, gap_p50=gap_p50, gap_p99=gap_p99,
-                steps=len(timed), step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall)
+                steps=len(timed), step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall, compiled=compiled)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
               f"the clients received {got} tokens ({got / wall:.0f} tokens/s) in {msgs} messages "
               f"({got / max(1, msgs):.2f} tokens a message) over {wall:.2f} s; first message after "
               f"{1e3 * served['ttft']:.1f} ms (median), then one every {1e3 * served['gap_p50']:.2f} ms (median; "
-              f"p99 {1e3 * served['gap_p99']:.2f})", flush=True)
+              f"p99 {1e3 * served['gap_p99']:.2f}); kernels compiled while serving: "
+              f"{', '.join(served['compiled']) or 'none'}", flush=True)
     return 0
 
 

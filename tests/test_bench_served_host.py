@@ -21,3 +21,4 @@ def test_served_host_streams_every_token(tmp_path, capsys):
         assert float(got.group(1)) > 0  # the steps' times came back, from the engine's process too
         assert int(got.group(2)) == 6 * 12  # every token, however the streams coalesced them
         assert 6 <= int(got.group(3)) <= 6 * 12
+    assert out.count("kernels compiled while serving: none") == 2  # the CPU path compiles no Triton kernel
