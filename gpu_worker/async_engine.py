@@ -160,7 +160,8 @@ class AsyncEngine:
         self._open_streams = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        # Called (on the event loop) when the engine ends without being stopped: the engine process died.
+        # Called (on the event loop) when the engine ends without being stopped: its process died, or its step loop
+        # failed.
         self.on_death: Callable[[BaseException], None] | None = None
 
     # -- lifecycle (event loop) -------------------------------------------------------------------

@@ -51,8 +51,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 if sent and not out.finished and sum(len(o.outputs[0].delta_token_ids) for o in held) \
                         < self.stream_interval:
                     continue
-                out = merge_outputs(held) if len(held) > 1 else out
-                held = []
+                out, held = merge_outputs(held), []
                 yield convert.generate_response(out, rid, not sent, self.worker_id, self.engine.token_text)
                 sent = True
         except Exception:

@@ -333,6 +333,7 @@ def test_the_engine_streams_byte_level_text_from_the_table(tiny_model_dir):
     from gpu_worker.engine.tokenizer import Tokenizer as EngineTokenizer
 
     tok = EngineTokenizer(tiny_model_dir)
+    assert "byte_table" not in vars(tok)  # a tokenizer that only encodes (the server's) never builds it
     assert isinstance(tok.detokenizer([1, 2], True), ByteStream)
     tok.byte_table = None
     assert isinstance(tok.detokenizer([1, 2], True), IncrementalDetokenizer)

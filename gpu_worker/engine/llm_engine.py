@@ -107,6 +107,8 @@ class LLMEngine:
         cfg = self.model_config
         self.served_model_name = args.served_model_name or Path(args.model).name
         self.tokenizer = Tokenizer(args.tokenizer or args.model)
+        # The byte table built and checked now, not at the first request.
+        log.debug("detokenizer: %s", "byte table" if self.tokenizer.byte_table is not None else "windowed decode")
         self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

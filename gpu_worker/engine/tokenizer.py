@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -29,8 +30,13 @@ class Tokenizer:
         self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_token_id is not None
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         self.chat_template = ChatTemplate.from_dir(root, self.config)
-        # Byte-level BPE streams its text from a table of each token's bytes (byte_level.py); None otherwise.
-        self.byte_table = ByteTable.build(self.hf)
+
+    @functools.cached_property
+    def byte_table(self) -> ByteTable | None:
+        """Byte-level BPE streams its text from a table of each token's bytes (byte_level.py); None otherwise.
+        Built on first use (~1 s for a 128K vocabulary, checked against the decode): the engine asks at start; a
+        server that only tokenizes never does."""
+        return ByteTable.build(self.hf)
 
     def _token_id(self, token) -> int | None:
         if isinstance(token, dict):
