@@ -168,10 +168,14 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
     if profile_path is not None and profile_path.exists():
         print(f"the step loop's thread, engine process {engine_process}:")
         pstats.Stats(str(profile_path)).sort_stats(args.profile_sort).print_stats(args.profile_engine)
-    timed = [dt for t, dt in (map(float, line.split()) for line in log_path.read_text().splitlines())
-             if start <= t <= end]
+    logged = [(t, dt) for t, dt in (map(float, line.split()) for line in log_path.read_text().splitlines())
+              if start <= t <= end]
+    timed = [dt for _, dt in logged]
+    # The loop's period: from one step's end to the next's (the step and what the loop does between steps).
+    periods = [b - a for (a, _), (b, _) in zip(logged, logged[1:])]
     return dict(wall=wall, received=received, messages=messages, ttft=ttft, gap_p50=gap_p50, gap_p99=gap_p99,
-                steps=len(timed), step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall, compiled=compiled)
+                steps=len(timed), step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall, compiled=compiled,
+                period_ms=statistics.median(periods) * 1e3 if periods else math.nan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             served = asyncio.run(_serve(args, model_dir, adapters, mode, Path(tmp, "steps.log")))
         got, msgs, wall = served["received"], served["messages"], served["wall"]
         print(f"batch {args.batch}, {len(adapters)} adapters + base, {args.tokens} tokens a stream, engine process "
-              f"{mode}: {alone}; serving {served['step_ms']:.3f} ms a step (median), "
+              f"{mode}: {alone}; serving {served['step_ms']:.3f} ms a step (median; {served['period_ms']:.3f} from one "
+              f"step's end to the next's), "
               f"{served['steps'] / wall:.0f} steps/s, the step loop busy {100 * served['busy']:.0f}% of the time; "
               f"the clients received {got} tokens ({got / wall:.0f} tokens/s) in {msgs} messages "
               f"({got / max(1, msgs):.2f} tokens a message) over {wall:.2f} s; first message after "

@@ -3,7 +3,7 @@ graphs, steps back to back), the GPU time of its graph replay alone, and the hos
 
     python3 -m benchmarks.step_breakdown [--batches 32,64] [--adapters 8] [--steps 50] [--compare-overlap]
                                          [--compare-shrink] [--compare-stacked] [--compare-gate-up]
-                                         [--compare-set MODULE.NAME=VALUE ...]
+                                         [--compare-set MODULE.NAME=VALUE ...] [--compare-max-lora-rank R]
 
 When the step takes about as long as its replay, the engine is GPU-bound; when it takes longer, the host's
 phases (which with async scheduling overlap the replay) are the limit. Llama-3.2-1B shape, random bf16
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-stacked", action="store_true", help="also an engine whose decode graphs run the LoRA "
                    "kernels beside the base GEMMs at every batch size instead of the stacked GEMMs "
                    "(decode_graphs.STACKED_MAX_BATCH = 0), the same adapter batches timed on both, side by side")
+    p.add_argument("--compare-max-lora-rank", type=int, default=0, metavar="R",
+                   help="also an engine with max_lora_rank R (the adapters stay rank 16), base and adapter batches")
     p.add_argument("--compare-set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="also an engine captured with a module constant set (a Python literal, e.g. "
                    "kernels.engine_backend.PREFETCH_B=''), base and adapter batches; may repeat")
@@ -78,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     model, loras = llama_1b_with_adapters("step-breakdown-", max(counts))
     slots = max(16, max(counts))
 
-    def make(overlap: bool):
+    def make(overlap: bool, max_rank: int = 16):
         return LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
-                                    enable_lora=True, max_loras=slots, max_lora_rank=16, max_cpu_loras=slots,
+                                    enable_lora=True, max_loras=slots, max_lora_rank=max_rank, max_cpu_loras=slots,
                                     overlap_lora=overlap))
 
     def make_with(module, name: str, value):
@@ -100,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         variants["gate_up's LoRA kernels beside its GEMM"] = make_with(kernels.engine_backend,
                                                                       "STACKED_GATE_UP_MAX_SLOTS", 0)
     both = set()
+    if args.compare_max_lora_rank:
+        name = f"max_lora_rank {args.compare_max_lora_rank}"
+        variants[name] = make(True, args.compare_max_lora_rank)
+        both.add(name)
     for spec in args.compare_set:
         with module_set(spec):
             variants[spec] = make(True)
