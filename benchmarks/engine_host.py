@@ -49,8 +49,9 @@ def stub_gpu(engine: LLMEngine, max_batch: int) -> None:
                           engine.max_model_len, scratch_block=engine.blocks.num_blocks, lora=runner.lora)
     for b in graphs.buckets:
         for lora in (None, *LORA_VARIANTS):
-            for stacked in graphs._prefixes(b) if lora else [None]:
-                graphs.graphs[(b, lora, stacked, False)] = (_NoReplay(), logits[:b])
+            for rank_class in runner.lora.buffers.classes if lora else [None]:
+                for stacked in graphs._prefixes(b) if lora else [None]:
+                    graphs.graphs[(b, lora, stacked, False, rank_class)] = (_NoReplay(), logits[:b])
     runner.graphs = graphs
 
 

@@ -62,8 +62,9 @@ def replay_us(engine, reps: int = 30) -> tuple[float, str]:
     if graphs is None or graphs.last is None:
         return math.nan, ""
     torch.cuda.synchronize()
-    bucket, variant, stacked, spread = graphs.last
-    key = f"{bucket}/{'+'.join(sorted(variant)) if variant else 'base'}/P={stacked}{'/spread' if spread else ''}"
+    bucket, variant, stacked, spread, rank_class = graphs.last
+    key = (f"{bucket}/{'+'.join(sorted(variant)) if variant else 'base'}/P={stacked}{'/spread' if spread else ''}"
+           f"{f'/r={rank_class}' if rank_class else ''}")
     return 1e3 * replay_ms(graphs.graphs[graphs.last][0], reps), key
 
 

@@ -7,9 +7,16 @@ are 65 pieces in 65 tensors (each projection's A rows, then every B). Copying th
 cut once into chunks of at most CHUNK values, with every slot's destination address of each chunk in a table
 [slots, chunks]; a load is one host-to-device copy of the image and this launch.
 
-    plan = SlotCopy(pieces_by_slot)            # pieces_by_slot[slot]: contiguous tensors, image order
-    plan.copy(slot, image_on_device, ranks, rank)   # also ranks[slot] = rank, after the weights
-    slot_copy_ref(pieces_by_slot[slot], image)      # the torch reference
+A piece is a 2-D block: `rows` rows of `width` values, at a row stride of its own in the slot and another in the
+image. The image holds every adapter at max_lora_rank, the slots at a rank stride that may be smaller (SlotBuffers'
+rank classes): a B piece is then [out, r] in the slot and the first r of each [out, R] row in the image, and the
+image's tail past r holds zeros (an adapter's rank fits its class). The same chunks copy the other way
+(`gather`): a slot back into an image, for moving the slots to another stride.
+
+    plan = SlotCopy(pieces_by_slot)            # pieces_by_slot[slot]: (dst [rows, width], image offset, image stride)
+    plan.copy(slot, image_on_device, ranks, rank)   # also ranks[slot] = rank, after the weights (rank < 0: not)
+    plan.gather(slot, image_on_device)              # the image's blocks <- the slot (the rest untouched)
+    slot_copy_ref(pieces_by_slot[slot], image)      # the torch reference (gather=True: the other way)
 """
 
 from __future__ import annotations
@@ -23,69 +30,119 @@ from .launch import Launches
 CHUNK = 16384  # values a program copies (32 KB of bf16)
 _BLOCK = 2048
 
+# (the slot's block [rows, width], its offset in the image, the image's row stride)
+Piece = tuple[torch.Tensor, int, int]
+
 
 # slot and rank change from load to load: unspecialised, one compiled kernel serves every slot (specialised, slot 1,
 # slots 16 and 32, and the others each compiled on their first load, 1-4 s inside a step on an H200 host).
 @triton.jit(do_not_specialize=["slot", "rank"])
-def _slot_copy_kernel(src_ptr, table_ptr, offsets_ptr, sizes_ptr, ranks_ptr, slot, rank, chunks,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _slot_copy_kernel(img_ptr, table_ptr, at_ptr, width_ptr, rows_ptr, img_stride_ptr, dst_stride_ptr, ranks_ptr,
+                      slot, rank, chunks, GATHER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     p = tl.program_id(0)
-    dst = tl.load(table_ptr + slot * chunks + p).to(tl.pointer_type(src_ptr.dtype.element_ty))
-    at = tl.load(offsets_ptr + p)
-    n = tl.load(sizes_ptr + p)
+    dst = tl.load(table_ptr + slot * chunks + p).to(tl.pointer_type(img_ptr.dtype.element_ty))
+    at = tl.load(at_ptr + p)
+    width = tl.load(width_ptr + p)
+    n = width * tl.load(rows_ptr + p)
+    img_stride = tl.load(img_stride_ptr + p)
+    dst_stride = tl.load(dst_stride_ptr + p)
     for i in tl.static_range(0, CHUNK, BLOCK):
         k = i + tl.arange(0, BLOCK)
+        row = k // width
+        col = k - row * width
         ok = k < n
-        tl.store(dst + k, tl.load(src_ptr + at + k, mask=ok), mask=ok)
-    if p == 0:
+        img = img_ptr + at + row * img_stride + col
+        out = dst + row * dst_stride + col
+        if GATHER:
+            tl.store(img, tl.load(out, mask=ok), mask=ok)
+        else:
+            tl.store(out, tl.load(img, mask=ok), mask=ok)
+    if not GATHER and (p == 0) & (rank >= 0):  # a static test first: gathers compile no store
         tl.store(ranks_ptr + slot, rank)
 
 
 _slot_copy = Launches(_slot_copy_kernel)
 
 
-def slot_copy_ref(pieces: list[torch.Tensor], image: torch.Tensor) -> None:
-    """The reference: each piece <- the image's next piece.numel() values."""
-    torch._foreach_copy_(pieces, [v.view(p.shape) for v, p in zip(image.split([p.numel() for p in pieces]),
-                                                                  pieces, strict=True)])
+def _image_block(image: torch.Tensor, piece: Piece) -> torch.Tensor:
+    dst, at, stride = piece
+    return image.as_strided(dst.shape, (stride, 1), image.storage_offset() + at)
+
+
+def slot_copy_ref(pieces: list[Piece], image: torch.Tensor, gather: bool = False) -> None:
+    """The reference: each piece <- its block of the image (gather: the image's blocks <- the pieces)."""
+    for piece in pieces:
+        if gather:
+            _image_block(image, piece).copy_(piece[0])
+        else:
+            piece[0].copy_(_image_block(image, piece))
 
 
 class SlotCopy:
     """The chunk table for a set of slots whose weights are laid out alike: pieces_by_slot[slot] lists the
-    slot's destination tensors (contiguous, one dtype) in the order the image holds them; every slot's list has
-    the same sizes. The table holds addresses: the pieces must outlive the plan (it keeps references)."""
+    slot's blocks (2-D, rows contiguous, one dtype) with where each lies in the image; every slot's list has the
+    same shapes, strides and image places. The table holds addresses: the blocks must outlive the plan (it keeps
+    references)."""
 
-    def __init__(self, pieces_by_slot: list[list[torch.Tensor]], device: torch.device):
+    def __init__(self, pieces_by_slot: list[list[Piece]], device: torch.device):
         first = pieces_by_slot[0]
-        sizes = [p.numel() for p in first]
+        shapes = [(p.shape, p.stride(), at, stride) for p, at, stride in first]
         for pieces in pieces_by_slot:
-            if [p.numel() for p in pieces] != sizes or any(not p.is_contiguous() or p.dtype != first[0].dtype
-                                                           for p in pieces):
-                raise ValueError("every slot's pieces must be contiguous, of one dtype, and sized alike")
-        starts, lengths, at = [], [], 0
-        table: list[list[int]] = [[] for _ in pieces_by_slot]
-        for i, n in enumerate(sizes):
-            for c in range(0, n, CHUNK):
-                starts.append(at + c)
-                lengths.append(min(CHUNK, n - c))
-                for slot, pieces in enumerate(pieces_by_slot):
-                    table[slot].append(pieces[i].data_ptr() + c * pieces[i].element_size())
-            at += n
-        self.numel = at
-        self.dtype = first[0].dtype
+            if [(p.shape, p.stride(), at, stride) for p, at, stride in pieces] != shapes or any(
+                    p.dim() != 2 or p.stride(1) != 1 or p.dtype != first[0][0].dtype for p, _, _ in pieces):
+                raise ValueError("every slot's pieces must be 2-D blocks of contiguous rows, of one dtype, shaped "
+                                 "and placed alike")
+        # Per chunk: (image offset, offset in the block, width, rows, image row stride, block row stride).
+        chunks: list[tuple[int, int, int, int, int, int]] = []
+        owner: list[int] = []
+        self.numel = 0
+        for i, (block, at, stride) in enumerate(first):
+            rows, width = block.shape
+            self.numel = max(self.numel, at + (rows - 1) * stride + width if rows else 0)
+            dst_stride = block.stride(0)
+            if rows == 1 or (stride == width and dst_stride == width):  # one run on both sides
+                rows, width, stride, dst_stride = 1, rows * width, 0, 0
+            if rows == 1 or width >= CHUNK:  # long rows: cut along each
+                parts = [(at + r * stride + c, r * dst_stride + c, min(CHUNK, width - c), 1, 0, 0)
+                         for r in range(rows) for c in range(0, width, CHUNK)]
+            else:  # narrow rows: as many as a chunk holds
+                per = CHUNK // width
+                parts = [(at + r * stride, r * dst_stride, width, min(per, rows - r), stride, dst_stride)
+                         for r in range(0, rows, per)]
+            chunks += parts
+            owner += [i] * len(parts)
+        self.dtype = first[0][0].dtype
         self._pieces = pieces_by_slot
+        size = first[0][0].element_size()
+        table = [[pieces[i][0].data_ptr() + c[1] * size for i, c in zip(owner, chunks, strict=True)]
+                 for pieces in pieces_by_slot]
+        cols = list(zip(*chunks, strict=True)) if chunks else [()] * 6
         self._table = torch.tensor(table, dtype=torch.int64, device=device)
-        self._offsets = torch.tensor(starts, dtype=torch.int64, device=device)
-        self._sizes = torch.tensor(lengths, dtype=torch.int32, device=device)
+        self._at = torch.tensor(cols[0], dtype=torch.int64, device=device)
+        self._width = torch.tensor(cols[2], dtype=torch.int32, device=device)
+        self._rows = torch.tensor(cols[3], dtype=torch.int32, device=device)
+        self._img_stride = torch.tensor(cols[4], dtype=torch.int64, device=device)
+        self._dst_stride = torch.tensor(cols[5], dtype=torch.int64, device=device)
 
-    def copy(self, slot: int, image: torch.Tensor, ranks: torch.Tensor, rank: int) -> None:
-        """The slot's pieces <- image (on the device, contiguous, numel values), and ranks[slot] <- rank."""
-        if image.numel() != self.numel or image.dtype != self.dtype or not image.is_contiguous() \
+    def _check(self, slot: int, image: torch.Tensor) -> None:
+        if image.numel() < self.numel or image.dtype != self.dtype or not image.is_contiguous() \
                 or image.device != self._table.device:
-            raise ValueError(f"the image must be {self.numel} contiguous {self.dtype} values on "
+            raise ValueError(f"the image must be at least {self.numel} contiguous {self.dtype} values on "
                              f"{self._table.device}, got {image.numel()} {image.dtype} on {image.device}")
         if not 0 <= slot < len(self._pieces):
             raise ValueError(f"slot {slot} out of range (0..{len(self._pieces) - 1})")
-        chunks = self._offsets.shape[0]
-        _slot_copy((chunks,), image, self._table, self._offsets, self._sizes, ranks, slot, rank, chunks,
-                   CHUNK=CHUNK, BLOCK=_BLOCK)
+
+    def _launch(self, slot: int, image: torch.Tensor, ranks: torch.Tensor, rank: int, gather: bool) -> None:
+        self._check(slot, image)
+        chunks = self._at.shape[0]
+        _slot_copy((chunks,), image, self._table, self._at, self._width, self._rows, self._img_stride,
+                   self._dst_stride, ranks, slot, rank, chunks, GATHER=gather, CHUNK=CHUNK, BLOCK=_BLOCK)
+
+    def copy(self, slot: int, image: torch.Tensor, ranks: torch.Tensor, rank: int) -> None:
+        """The slot's pieces <- their blocks of the image (on the device, contiguous), and ranks[slot] <- rank
+        (rank < 0: ranks untouched)."""
+        self._launch(slot, image, ranks, rank, False)
+
+    def gather(self, slot: int, image: torch.Tensor) -> None:
+        """The image's blocks <- the slot's pieces (what lies between them is not written)."""
+        self._launch(slot, image, image, -1, True)

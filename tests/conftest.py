@@ -58,6 +58,15 @@ def tiny_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def rank32_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A rank-32 adapter on every projection: past the rank class of the default ones (SlotBuffers' rank strides)."""
+    from demo.adapters import ALL_PROJ, build_lora_adapter
+
+    return build_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("rank32") / "wide-lora", r=32, lora_alpha=32,
+                              target_modules=ALL_PROJ, seed=9)
+
+
+@pytest.fixture(scope="session")
 def hub_cache(tiny_adapters, tmp_path_factory) -> HubCache:
     """A huggingface_hub cache dir holding ``demo-org/sql-lora`` (adapter at the repo root) and
     ``demo-org/lora-collection`` (the code-lora adapter under ``code/``).  Pass ``cache_dir=`` (or set

@@ -147,6 +147,13 @@ class SlotTable:
         """Resident adapters and their slots."""
         return dict(self._slot_of)
 
+    def occupied(self) -> dict[int, Key]:
+        """Slots that hold an adapter's weights or are being copied into, and whose: resident adapters' slots and
+        the slots moves are reserving."""
+        held = {slot: key for key, slot in self._slot_of.items()}
+        held.update({slot: key for key, slot in self._moving.items()})
+        return held
+
     @property
     def num_free(self) -> int:
         """Slots that could take a new adapter now (empty or idle)."""

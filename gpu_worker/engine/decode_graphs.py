@@ -13,13 +13,16 @@ the least P in `stacked_prefixes` past its adapters' slots (the slot table hands
 the scheduler moves a running adapter down when its slot lies past the prefix its batch needs). Past it, a LoRA
 variant has two graphs: one for any mix of adapters, and one for batches none of whose adapters holds more than the
 backend's `spread_rows` sequences (many adapters, few sequences each), which runs the expand that is fastest for them
-(`LoRAKernelMeta.spread`); a graph replayed for any batch cannot know the mix, so the mix picks the graph.
+(`LoRAKernelMeta.spread`); a graph replayed for any batch cannot know the mix, so the mix picks the graph. Every
+LoRA graph is captured once per rank stride the slots may be laid out at (SlotBuffers' rank classes), and a step
+replays the current stride's.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -89,20 +92,21 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.token_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, device=dev)
-        # (bucket, LoRA variant or None, stacked P or None, spread) -> (graph, its logits)
-        self.graphs: dict[tuple[int, frozenset[str] | None, int | None, bool],
+        # (bucket, LoRA variant or None, stacked P or None, spread, rank stride or None) -> (graph, its logits)
+        self.graphs: dict[tuple[int, frozenset[str] | None, int | None, bool, int | None],
                           tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         stacked = lora is not None and getattr(lora, "graphable", False) and lora.buffers.stacked is not None
         self.prefixes = stacked_prefixes(lora.buffers.num_slots) if stacked else []
         self.stacked_max_batch = STACKED_MAX_BATCH  # as captured (benchmarks change the module's for other engines)
         self._staging = PinnedStaging(n * (7 + self.max_blocks), dev)
         self._pool = None
-        self.last: tuple[int, frozenset[str] | None, int | None, bool] | None = None  # the last step's graph
+        self.last: tuple[int, frozenset[str] | None, int | None, bool, int | None] | None = None  # the last step's
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _forward(self, b: int, lora: frozenset[str] | None, stacked: int | None, spread: bool) -> torch.Tensor:
+    def _forward(self, b: int, lora: frozenset[str] | None, stacked: int | None, spread: bool,
+                 rank_class: int | None) -> torch.Tensor:
         meta = DecodeMetadata(self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b])
         hook = None
         if lora:
@@ -120,23 +124,26 @@ class DecodeGraphs:
                 def forward(key=key):
                     return self._forward(*key)
 
-                warm_up(forward)
-                graph, logits = capture_graph(forward, self._pool)
+                with self.lora.buffers.layout(key[4]) if key[4] is not None else nullcontext():
+                    warm_up(forward)
+                    graph, logits = capture_graph(forward, self._pool)
                 self._pool = graph.pool()
                 self.graphs[key] = (graph, logits)
         torch.cuda.synchronize()
         log.info("captured %d decode graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
 
-    def keys(self, b: int) -> list[tuple[int, frozenset[str] | None, int | None, bool]]:
-        """The graphs of bucket b (the module doc): the base graph; per LoRA variant, one per stacked P, or one for
-        any mix and, for buckets of at most the backend's `spread_tokens`, one for batches that spread their tokens."""
+    def keys(self, b: int) -> list[tuple[int, frozenset[str] | None, int | None, bool, int | None]]:
+        """The graphs of bucket b (the module doc): the base graph; per LoRA variant and rank stride, one per stacked
+        P, or one for any mix and, for buckets of at most the backend's `spread_tokens`, one for batches that spread
+        their tokens."""
         spread = getattr(self.lora, "spread_tokens", 0) >= b
-        keys = [(b, None, None, False)]
+        keys = [(b, None, None, False, None)]
         for lora in graph_variants(self.lora)[1:]:
-            for stacked in self._prefixes(b):
-                keys.append((b, lora, stacked, False))
-                if stacked is None and spread:
-                    keys.append((b, lora, None, True))
+            for rank_class in self.lora.buffers.classes:
+                for stacked in self._prefixes(b):
+                    keys.append((b, lora, stacked, False, rank_class))
+                    if stacked is None and spread:
+                        keys.append((b, lora, None, True, rank_class))
         return keys
 
     def _prefixes(self, b: int) -> list[int | None]:
@@ -149,13 +156,14 @@ class DecodeGraphs:
         b = self.bucket(n)
         if b is None:
             return None
-        stacked, spread = None, False
+        stacked, spread, rank_class = None, False, None
         if lora:  # the least P past every slot (the last prefix holds all slots); None when b is not stacked
+            rank_class = self.lora.buffers.rank_class
             top = max(token_slots) + 1
             stacked = next(p for p in self._prefixes(b) if p is None or p >= top)
-            if stacked is None and (b, lora, None, True) in self.graphs:  # no adapter over spread_rows sequences?
+            if stacked is None and (b, lora, None, True, rank_class) in self.graphs:  # none over spread_rows?
                 spread = int(np.bincount(np.asarray(token_slots) + 1)[1:].max(initial=0)) <= self.lora.spread_rows
-        key = (b, lora, stacked, spread)
+        key = (b, lora, stacked, spread, rank_class)
         return key if key in self.graphs else None
 
     def run(self, key, ids: list[int], positions: list[int], block_tables: list[list[int]],

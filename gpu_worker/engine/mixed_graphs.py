@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +63,10 @@ class MixedGraphs:
         self.h = torch.zeros(n, cfg.hidden_size, dtype=model.dtype, device=dev)
         self.attn = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=model.dtype, device=dev)
         self.x = torch.zeros(n, cfg.hidden_size, dtype=model.dtype, device=dev)
-        # (bucket, LoRA variant or None) -> the pieces, in order (each with replay())
-        self.graphs: dict[tuple[int, frozenset[str] | None], list] = {}
+        # (bucket, LoRA variant or None, the slots' rank stride or None) -> the pieces, in order (each with replay())
+        self.graphs: dict[tuple[int, frozenset[str] | None, int | None], list] = {}
         self._pool = None
-        self.last: tuple[int, frozenset[str] | None] | None = None  # the key the last step replayed
+        self.last: tuple[int, frozenset[str] | None, int | None] | None = None  # the key the last step replayed
 
     def _piece(self, i: int, b: int, lora: frozenset[str] | None) -> None:
         """Piece i of a step of b rows (the module doc): reads and writes the static buffers."""
@@ -91,13 +92,16 @@ class MixedGraphs:
         pieces = range(len(self.model.layers) + 1)
         for b in reversed(self.buckets):  # largest first: the smaller ones' temporaries fit in its pool
             for lora in graph_variants(self.lora):
-                warm_up(lambda b=b, lora=lora: [self._piece(i, b, lora) for i in pieces])
-                graphs = []
-                for i in pieces:
-                    graph, _ = capture_graph(lambda i=i, b=b, lora=lora: self._piece(i, b, lora), self._pool)
-                    self._pool = graph.pool()
-                    graphs.append(graph)
-                self.graphs[(b, lora)] = graphs
+                # LoRA pieces: once per rank stride the slots may be laid out at (SlotBuffers' rank classes).
+                for rank_class in self.lora.buffers.classes if lora else [None]:
+                    with self.lora.buffers.layout(rank_class) if lora else nullcontext():
+                        warm_up(lambda b=b, lora=lora: [self._piece(i, b, lora) for i in pieces])
+                        graphs = []
+                        for i in pieces:
+                            graph, _ = capture_graph(lambda i=i, b=b, lora=lora: self._piece(i, b, lora), self._pool)
+                            self._pool = graph.pool()
+                            graphs.append(graph)
+                    self.graphs[(b, lora, rank_class)] = graphs
         torch.cuda.synchronize()
         log.info("captured %d mixed-step graph pieces in %.1fs", sum(map(len, self.graphs.values())),
                  time.perf_counter() - t0)
@@ -105,14 +109,14 @@ class MixedGraphs:
     def find(self, n: int, lora: frozenset[str] | None):
         """The key a step of n tokens replays (lora: its LoRA variant, None for none), or None (run it eagerly)."""
         b = next((b for b in self.buckets if b >= n), None)
-        key = (b, lora)
+        key = (b, lora, self.lora.buffers.rank_class if lora else None)
         return key if key in self.graphs else None
 
     def run(self, key, input_ids: torch.Tensor, positions: torch.Tensor, meta: MixedMetadata,
             token_slots: torch.Tensor | None, logits_rows: torch.Tensor) -> torch.Tensor:
         """A step of T = len(input_ids) tokens (ids and positions on the device), its attention metadata built for
         those T rows, each token's LoRA slot (int32 [T], for a LoRA key) -> logits for logits_rows."""
-        b, lora = key
+        b, lora, _ = key
         t = input_ids.shape[0]
         self.ids[:t].copy_(input_ids)
         self.ids[t:b].zero_()

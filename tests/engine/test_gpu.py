@@ -65,7 +65,7 @@ def test_spread_graphs_run_the_rows_expand_and_match_eager(tiny_model_dir, tiny_
     fast = LLM(str(tiny_model_dir), lora_backend="triton", **kw)
     graphs = fast.engine.runner.graphs
     every = frozenset({"qkv", "o", "gate_up", "down"})
-    assert (8, every, None, True) in graphs.graphs and (8, every, None, False) in graphs.graphs
+    assert (8, every, None, True, 16) in graphs.graphs and (8, every, None, False, 16) in graphs.graphs
     replayed, run = [], graphs.run
     monkeypatch.setattr(graphs, "run", lambda key, *a: (replayed.append(key), run(key, *a))[1])
     # Every adapter on one sequence: the spread graphs alone; code-lora on three: the graphs for any mix (while the
@@ -74,9 +74,37 @@ def test_spread_graphs_run_the_rows_expand_and_match_eager(tiny_model_dir, tiny_
         replayed.clear()
         a = generate(eager, tiny_adapters, names)
         b = generate(fast, tiny_adapters, names)
-        unstacked = {spread for _, variant, stacked, spread in replayed if variant and stacked is None}
+        unstacked = {spread for _, variant, stacked, spread, _ in replayed if variant and stacked is None}
         assert spreads <= unstacked and (spreads == {False} or unstacked == {True}), replayed
         for x, y in zip(a, b):
             assert x.outputs[0].token_ids == y.outputs[0].token_ids
+            for p, q in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+                assert abs(p.logprob - q.logprob) < 2e-3
+
+
+def test_rank_strides_follow_the_adapters_in_graphs(tiny_model_dir, tiny_adapters, rank32_adapter, monkeypatch):
+    """max_lora_rank 64: batches of rank <= 16 adapters replay the decode graphs captured at stride 16; a rank-32
+    adapter moves the slots to 64 and its batches replay those; tokens match the eager torch path and PEFT and
+    logprobs agree at both."""
+    adapters = dict(tiny_adapters, **{"wide-lora": rank32_adapter})
+    kw = dict(enable_lora=True, max_loras=3, max_lora_rank=64, num_kv_blocks=128, dtype="float32")
+    eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
+    fast = LLM(str(tiny_model_dir), lora_backend="triton", **kw)
+    graphs = fast.engine.runner.graphs
+    replayed, run = [], graphs.run
+    monkeypatch.setattr(graphs, "run", lambda key, *a: (replayed.append(key), run(key, *a))[1])
+    for names, stride in ((NAMES[:4], 16), (["wide-lora", "chat-lora", None, "code-lora"], 64),
+                          (["math-lora", "sql-lora", "chat-lora"], 16)):
+        if stride == 16 and "wide-lora" in {key[0] for key in fast.engine.lora.slots.resident()}:
+            assert fast.engine.lora.evict("wide-lora") == 1  # unloaded: back to stride 16
+        replayed.clear()
+        a = generate(eager, adapters, names)
+        b = generate(fast, adapters, names)
+        assert {key[4] for key in replayed if key[1]} == {stride}, replayed
+        assert fast.engine.lora.buffers.rank_class == stride
+        for name, x, y in zip(names, a, b):
+            assert x.outputs[0].token_ids == y.outputs[0].token_ids, name
+            ref, _ = greedy(tiny_model_dir, None if name is None else adapters[name], x.prompt_token_ids, 12)
+            assert y.outputs[0].token_ids[: len(ref)] == ref and len(ref) >= 4, name  # (PEFT's stops at EOS)
             for p, q in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
                 assert abs(p.logprob - q.logprob) < 2e-3

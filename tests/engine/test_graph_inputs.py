@@ -27,7 +27,7 @@ class EagerReplay:
 
 def replay_eagerly(llm: LLM, max_batch: int) -> list[tuple[int, frozenset[str] | None]]:
     """Route the engine's decode steps through DecodeGraphs.run; returns the log of the graph keys (bucket, LoRA
-    variant, stacked P, spread) replayed."""
+    variant, stacked P, spread, rank stride) replayed."""
     engine = llm.engine
     runner = engine.runner
     graphs = DecodeGraphs(engine.model, engine.kv_caches, engine.args.block_size, max_batch, engine.max_model_len,
@@ -52,11 +52,11 @@ def test_graph_inputs_staged_for_mixed_and_base_batches(tiny_model_dir, tiny_ada
     replayed = replay_eagerly(llm, max_batch=4)
     # 3 requests (bucket 4: a padding row), base and adapters mixed; then base only (the graph without LoRA).
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
-    assert (4, LORA_VARIANTS[-1], 2, False) in replayed  # chat-lora targets every projection; 2 slots stacked
+    assert (4, LORA_VARIANTS[-1], 2, False, 16) in replayed  # chat-lora targets every projection; 2 slots stacked
     assert llm.engine.runner.graphs.last == replayed[-1]  # what benchmarks.worker replays to time the GPU alone
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[3:5], tiny_adapters, [None, None])
-    assert replayed and set(replayed) == {(2, None, None, False)}
+    assert replayed and set(replayed) == {(2, None, None, False, None)}
     assert llm.engine.blocks.num_free == 64
 
 
@@ -68,10 +68,10 @@ def test_lora_graph_variant_follows_the_targets_of_the_batch(tiny_model_dir, tin
               lora_backend="triton", max_num_batched_tokens=64)
     replayed = replay_eagerly(llm, max_batch=4)
     _check(llm, tiny_model_dir, PROMPTS[:2], tiny_adapters, [None, "sql-lora"])
-    assert {v for _, v, _, _ in replayed} == {frozenset({"qkv"})}
+    assert {key[1] for key in replayed} == {frozenset({"qkv"})}
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", "math-lora", None])
-    assert {v for _, v, _, _ in replayed} == {frozenset({"qkv", "o"})}
+    assert {key[1] for key in replayed} == {frozenset({"qkv", "o"})}
 
 
 def test_unstacked_batches_replay_the_spread_graph_when_no_adapter_holds_many(tiny_model_dir, tiny_adapters,
@@ -86,7 +86,7 @@ def test_unstacked_batches_replay_the_spread_graph_when_no_adapter_holds_many(ti
     every = LORA_VARIANTS[-1]
     assert llm.engine.runner.lora.spread_rows == 2
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
-    assert (4, every, None, True) in replayed and (4, every, None, False) not in replayed
+    assert (4, every, None, True, 16) in replayed and (4, every, None, False, 16) not in replayed
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[:4], tiny_adapters, ["chat-lora", "chat-lora", "chat-lora", None])
-    assert (4, every, None, False) in replayed and (4, every, None, True) not in replayed
+    assert (4, every, None, False, 16) in replayed and (4, every, None, True, 16) not in replayed

@@ -24,12 +24,12 @@ class EagerPiece:
     def replay(self) -> None:
         if self.i == 0:
             self.log.append(self.key)
-        self.graphs._piece(self.i, *self.key)
+        self.graphs._piece(self.i, *self.key[:2])  # (the slots are at the key's rank stride: find() picked it)
 
 
 def replay_pieces_eagerly(llm: LLM, max_tokens: int) -> list:
     """Route the engine's steps with prompt tokens (every step, on the CPU: no fused decode) through
-    MixedGraphs.run; returns the log of the (bucket, LoRA variant) keys replayed."""
+    MixedGraphs.run; returns the log of the (bucket, LoRA variant, rank stride) keys replayed."""
     engine = llm.engine
     runner = engine.runner
     graphs = MixedGraphs(engine.model, engine.kv_caches, max_tokens, engine.blocks.num_blocks,
@@ -37,8 +37,9 @@ def replay_pieces_eagerly(llm: LLM, max_tokens: int) -> list:
     log: list = []
     for b in graphs.buckets:
         for lora in graph_variants(runner.lora):
-            graphs.graphs[(b, lora)] = [EagerPiece(graphs, i, (b, lora), log)
-                                        for i in range(len(engine.model.layers) + 1)]
+            for rank_class in runner.lora.buffers.classes if lora else [None]:
+                key = (b, lora, rank_class)
+                graphs.graphs[key] = [EagerPiece(graphs, i, key, log) for i in range(len(engine.model.layers) + 1)]
     runner.mixed_graphs = graphs
     return log
 
@@ -56,10 +57,10 @@ def test_pieces_match_peft_for_prompts_and_decodes_mixed(tiny_model_dir, tiny_ad
     assert llm.engine.runner.mixed_graphs.buckets == [32]
     _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, ["sql-lora", None, "chat-lora"])
     # chat-lora targets every projection: the variant with all four groups, padded to 32 rows.
-    assert (32, frozenset({"qkv", "o", "gate_up", "down"})) in replayed
+    assert (32, frozenset({"qkv", "o", "gate_up", "down"}), 16) in replayed
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[3:5], tiny_adapters, [None, None])
-    assert replayed and set(replayed) == {(32, None)}
+    assert replayed and set(replayed) == {(32, None, None)}
     assert llm.engine.blocks.num_free == 64
 
 

@@ -104,20 +104,24 @@ def test_stacked_prefixes_and_the_graph_a_batch_replays():
     every = frozenset({"qkv", "o", "gate_up", "down"})
     graphs = DecodeGraphs.__new__(DecodeGraphs)  # find() alone: which captured graph a batch replays
     graphs.buckets, graphs.prefixes, graphs.stacked_max_batch = [4, 64, 128, 512], [8, 16, 32], 64
-    graphs.lora = SimpleNamespace(graphable=True, spread_rows=2, spread_tokens=256)
+    buffers = SimpleNamespace(classes=(16, 64), rank_class=16)
+    graphs.lora = SimpleNamespace(graphable=True, spread_rows=2, spread_tokens=256, buffers=buffers)
     graphs.graphs = {key: None for b in graphs.buckets for key in graphs.keys(b)}
-    assert set(graphs.keys(128)) == {(128, None, None, False)} | {(128, v, None, s) for v in LORA_VARIANTS
-                                                                  for s in (False, True)}
-    assert all(not spread for *_, spread in graphs.keys(512) + graphs.keys(64))  # past spread_tokens; stacked
-    assert graphs.find(3, None, None) == (4, None, None, False)
-    assert graphs.find(3, every, [0, 7, -1]) == (4, every, 8, False)  # slots 0..7: the first 8 stacked
-    assert graphs.find(3, every, [8, -1, 2]) == (4, every, 16, False)
-    assert graphs.find(40, every, [31]) == (64, every, 32, False)
+    assert set(graphs.keys(128)) == {(128, None, None, False, None)} | {
+        (128, v, None, s, r) for v in LORA_VARIANTS for s in (False, True) for r in (16, 64)}
+    assert all(not spread for *_, spread, _ in graphs.keys(512) + graphs.keys(64))  # past spread_tokens; stacked
+    assert graphs.find(3, None, None) == (4, None, None, False, None)
+    assert graphs.find(3, every, [0, 7, -1]) == (4, every, 8, False, 16)  # slots 0..7: the first 8 stacked
+    assert graphs.find(3, every, [8, -1, 2]) == (4, every, 16, False, 16)
+    assert graphs.find(40, every, [31]) == (64, every, 32, False, 16)
     # Past STACKED_MAX_BATCH: not stacked; the spread graph where no slot holds more than 2 sequences.
-    assert graphs.find(100, every, [31, 31, 5, -1, -1, -1]) == (128, every, None, True)
-    assert graphs.find(100, every, [31, 31, 5, 31]) == (128, every, None, False)
-    assert graphs.find(300, every, [0, 1]) == (512, every, None, False)
+    assert graphs.find(100, every, [31, 31, 5, -1, -1, -1]) == (128, every, None, True, 16)
+    assert graphs.find(100, every, [31, 31, 5, 31]) == (128, every, None, False, 16)
+    assert graphs.find(300, every, [0, 1]) == (512, every, None, False, 16)
     assert graphs.find(600, every, [0]) is None  # no bucket
+    buffers.rank_class = 64  # the slots at stride 64: that stride's graphs
+    assert graphs.find(3, every, [0, 7, -1]) == (4, every, 8, False, 64)
+    assert graphs.find(3, None, None) == (4, None, None, False, None)
 
 
 def test_b_runs_cover_each_layers_b_in_a_slots_row():

@@ -1,6 +1,7 @@
-"""SlotCopy (one launch scattering a device image into a slot's pieces) against its torch reference: fresh random
-images, every destination poisoned with NaN first; pieces smaller than, equal to and past a chunk, several slots
-(only the one copied changes), the rank written after, and the checks."""
+"""SlotCopy (one launch scattering a device image into a slot's pieces, or gathering them back) against its torch
+reference: fresh random images, every destination poisoned with NaN first; contiguous pieces smaller than, equal to
+and past a chunk, blocks whose rows are narrower than the image's (a B at a smaller rank stride) and rows longer
+than a chunk (an A), several slots (only the one copied changes), the rank written after or not, and the checks."""
 
 from __future__ import annotations
 
@@ -11,43 +12,80 @@ from kernels.slot_copy import CHUNK, SlotCopy, slot_copy_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# (rows, width, image row stride) per piece; a stride equal to the width: contiguous in the image.
+CONTIGUOUS = [(1, 5, 5), (1, 17, 17), (1, CHUNK, CHUNK), (3, 7, 7), (1, CHUNK + 9, CHUNK + 9),
+              (2, CHUNK + 1, CHUNK + 1)]
+STRIDED = [(2500, 16, 64), (9, 3, 5), (3, CHUNK + 5, CHUNK + 40), (1, 8, 8), (7000, 2, 2)]
 
-def slots_of(sizes: list[int], num_slots: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[list]]:
-    """Per slot, pieces of these sizes carved from a few NaN-filled tensors (as A rows under base weights are)."""
-    stores = [torch.full((num_slots, n + 3), float("nan"), device=DEVICE, dtype=dtype) for n in sizes]
-    return stores, [[s[slot, 3:] for s in stores] for slot in range(num_slots)]
+
+def slots_of(shapes: list[tuple[int, int, int]], num_slots: int, dtype: torch.dtype):
+    """(stores, pieces per slot, image size): each slot's blocks carved from NaN-filled stores (as A rows under base
+    weights are), placed one after another in the image."""
+    stores = [torch.full((num_slots, rows * width + 3), float("nan"), device=DEVICE, dtype=dtype)
+              for rows, width, _ in shapes]
+    at, places = 0, []
+    for rows, _, stride in shapes:
+        places.append((at, stride))
+        at += rows * stride
+    pieces = [[(s[slot, 3:].view(rows, width), p_at, stride)
+               for s, (rows, width, _), (p_at, stride) in zip(stores, shapes, places, strict=True)]
+              for slot in range(num_slots)]
+    return stores, pieces, at
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("sizes", [[5, 17], [CHUNK, 1, CHUNK + 9, 2 * CHUNK + 3], [40000]])
-def test_matches_the_reference_and_touches_only_its_slot(sizes, dtype):
+@pytest.mark.parametrize("shapes", [CONTIGUOUS, STRIDED], ids=["contiguous", "strided"])
+def test_matches_the_reference_and_touches_only_its_slot(shapes, dtype):
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    stores, pieces = slots_of(sizes, 3, dtype)
-    ref_stores, ref_pieces = slots_of(sizes, 3, dtype)
+    stores, pieces, size = slots_of(shapes, 3, dtype)
+    ref_stores, ref_pieces, _ = slots_of(shapes, 3, dtype)
     plan = SlotCopy(pieces, DEVICE)
+    assert plan.numel == size
     ranks = torch.full((3,), -7, dtype=torch.int32, device=DEVICE)
     for slot in (2, 0):
-        image = torch.randn(sum(sizes), generator=g).to(DEVICE, dtype)
+        image = torch.randn(size, generator=g).to(DEVICE, dtype)
         plan.copy(slot, image, ranks, 11 + slot)
         slot_copy_ref(ref_pieces[slot], image)
-        for got, want in zip(pieces[slot], ref_pieces[slot], strict=True):
-            assert torch.equal(got, want)
+        for (got, _, _), (want, _, _) in zip(pieces[slot], ref_pieces[slot], strict=True):
+            assert not got.isnan().any() and torch.equal(got, want)
         assert int(ranks[slot]) == 11 + slot
     for s, r in zip(stores, ref_stores, strict=True):
         assert s[1].isnan().all() and s[:, :3].isnan().all()  # the slot never copied, the rows' heads: untouched
         assert torch.equal(s.nan_to_num(), r.nan_to_num())
     assert int(ranks[1]) == -7
+    plan.copy(1, torch.randn(size, generator=g).to(DEVICE, dtype), ranks, -1)  # a negative rank: not written
+    assert int(ranks[1]) == -7
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gather_writes_the_slots_blocks_back_into_the_image(dtype):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    _, pieces, size = slots_of(STRIDED, 2, dtype)
+    plan = SlotCopy(pieces, DEVICE)
+    ranks = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    image = torch.randn(size, generator=g).to(DEVICE, dtype)
+    plan.copy(1, image, ranks, 3)
+    got = torch.full((size,), float("nan"), device=DEVICE, dtype=dtype)
+    want = got.clone()
+    plan.gather(1, got)
+    slot_copy_ref(pieces[1], want, gather=True)
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+    # The blocks hold the image's values; what lies between them in the image (the strides' tails) is untouched.
+    covered = ~want.isnan()
+    assert covered.any() and (~covered).any()
+    assert torch.equal(got[covered], image[covered])
+    assert int(ranks[1]) == 3
 
 
 def test_checks():
-    _, pieces = slots_of([8, 8], 2, torch.float32)
+    _, pieces, _ = slots_of([(1, 8, 8), (2, 4, 4)], 2, torch.float32)
     plan = SlotCopy(pieces, DEVICE)
     ranks = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="16 contiguous"):
+    with pytest.raises(ValueError, match="at least 16 contiguous"):
         plan.copy(0, torch.randn(15, device=DEVICE), ranks, 1)
     with pytest.raises(ValueError, match="out of range"):
         plan.copy(2, torch.randn(16, device=DEVICE), ranks, 1)
-    with pytest.raises(ValueError, match="sized alike"):
+    with pytest.raises(ValueError, match="placed alike"):
         SlotCopy([pieces[0], pieces[1][:1]], DEVICE)
-    with pytest.raises(ValueError, match="contiguous"):
-        SlotCopy([[torch.zeros(4, 4, device=DEVICE).t()]], DEVICE)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        SlotCopy([[(torch.zeros(4, 4, device=DEVICE).t(), 0, 4)]], DEVICE)

@@ -73,9 +73,20 @@ class TritonBackend:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Compile every kernel variant a step can need before serving: launch configs change with the
-        token count and the number of adapters in the step, each rounded to a power of two (row tiles,
-        splits of K); a first compile inside a step stalled it by ~1.5 s on an H100."""
+        """Compile every kernel variant a step can need before serving, at every rank stride the slots may be
+        laid out at: launch configs change with the token count and the number of adapters in the step, each
+        rounded to a power of two (row tiles, splits of K); a first compile inside a step stalled it by ~1.5 s on
+        an H100."""
+        n = 0
+        for rank_class in self.buffers.classes:
+            with self.buffers.layout(rank_class):
+                n += self._warm_kernels() + self._warm_consumer_expand()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("LoRA kernels compiled for %d shapes", n)
+
+    def _warm_kernels(self) -> int:
+        """The segmented shrink and expand for every token count and adapter count a step rounds to."""
         t, n = 1, 0
         while t <= self.meta.max_tokens:
             most = min(t, self.meta.max_slots)
@@ -88,10 +99,7 @@ class TritonBackend:
                     self.hook.apply(0, group, x, out)
                     n += 1
             t = t * 2 if t * 2 <= self.meta.max_tokens or t == self.meta.max_tokens else self.meta.max_tokens
-        n += self._warm_consumer_expand()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        log.info("LoRA kernels compiled for %d shapes", n)
+        return n
 
     def _warm_consumer_expand(self) -> int:
         """Eager steps hand gate_up's adapters' part to silu_mul (consumer_expands), whose expand compiles per

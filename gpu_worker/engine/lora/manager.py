@@ -153,6 +153,7 @@ class LoRAManager:
         entry = self.host.get(key)
         if entry is None:
             raise RuntimeError(f"adapter {key[0]} ({key[1][:12]}) is scheduled but not in host memory (unpinned?)")
+        self._fit_layout()
         if self._stream is None:
             self.buffers.load(slot, entry.image, entry.max_rank, entry.groups)
             return True
@@ -194,7 +195,21 @@ class LoRAManager:
             dropped = self.slots.evict(key)
             dropped = self.host.pop(key) is not None or dropped
             evicted += dropped
+        if evicted:
+            self._fit_layout()
         return evicted
+
+    def _fit_layout(self) -> None:
+        """Lay the slots out at the least rank stride that holds every adapter they hold or are being copied
+        into (SlotBuffers' rank classes): larger when one of a larger rank comes in, smaller when the last one
+        leaves. The move waits for the copies in flight and runs before the next step, on the step's stream."""
+        occupied = self.slots.occupied()
+        want = self.buffers.class_for(max((self._ranks.get(k, 0) for k in occupied.values()), default=0))
+        if want == self.buffers.rank_class:
+            return
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        self.buffers.relayout(want, occupied)
 
     def residency(self) -> list[Residency]:
         out = []

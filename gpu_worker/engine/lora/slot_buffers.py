@@ -1,20 +1,26 @@
 """The device copy of the adapters in slots.
 
-Per layer and fused group, A is stacked as [slots, slices, R, in] and each slice's B as [slots, out, R],
-R = max_lora_rank. Ranks below R are zero-padded, so a padded row or column adds exactly nothing; a module
-an adapter does not target is all zeros in its slot.
+Per layer and fused group, A is stacked as [slots, slices, r, in] and each slice's B as [slots, out, r], where r
+is the slots' rank stride: the least of the rank classes (`rank_classes`: 16, 64 and max_lora_rank) that holds
+every adapter in a slot. Ranks below r are zero-padded, so a padded row or column adds exactly nothing; a module
+an adapter does not target is all zeros in its slot. The storage holds max_lora_rank; a smaller stride uses its
+head: rank-16 adapters served with max_lora_rank 64 are read and multiplied at 16 (H200, Llama-3.2-1B, batch 64,
+8 rank-16 adapters: graph replay 2.06 ms a step at stride 64, 1.43 at 16). `relayout` moves the slots to
+another stride when an adapter of a larger rank comes in, or the last one leaves (LoRAManager decides); the
+decode graphs are captured for every class (`layout`), and a step replays those of the current one.
 
-Each adapter is packed once, in host memory, into one slot's layout (its "image": every A, then every B).
-All of one slot's B are views into one row of a single [slots, b_size] buffer, and so are its A until
-`attach_base` moves every projection's A of all slots under that projection's base weight ([N + slots*S*R, K]
-in one tensor, kernels/consumer_expand.py says why). Loading an adapter into a slot is then two
-host-to-device copies, or, once A is under the base weights, one copy to the device and one launch that
-scatters it into the slot's 65 pieces (on a side stream, overlapping the running steps), not ~500 small copies
-and fills.
+Each adapter is packed once, in host memory, into one slot's layout at max_lora_rank (its "image": every A,
+then every B). All of one slot's B are views into one row of a single [slots, b_size] buffer, and so are its A
+until `attach_base` moves every projection's A of all slots under that projection's base weight ([N + slots*S*R,
+K] in one tensor, kernels/consumer_expand.py says why). Loading an adapter into a slot is then one copy of the
+image to the device and one launch that scatters it into the slot's pieces at the current stride
+(kernels/slot_copy.py; on a side stream, overlapping the running steps), not ~500 small copies and fills.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,18 +30,30 @@ from .layout import MODULE_GROUP, group_shapes
 from .peft_adapter import AdapterWeights
 
 if TYPE_CHECKING:
-    from kernels.slot_copy import SlotCopy
+    from kernels.slot_copy import Piece, SlotCopy
+
+# The rank strides slots may be laid out at (each capped at max_lora_rank, which is one too): PEFT's common ranks
+# (8, 16) at 16, the larger ones at 64. Each class past the first captures its own decode graphs.
+RANK_CLASSES = (16, 64)
+
+
+def rank_classes(max_rank: int) -> tuple[int, ...]:
+    """The rank strides for max_lora_rank `max_rank`, ascending."""
+    return tuple(sorted({min(c, max_rank) for c in RANK_CLASSES} | {max_rank}))
 
 
 class SlotBuffers:
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, device: torch.device, dtype: torch.dtype,
+                 copy_kernel: bool | None = None):
+        """copy_kernel: loads scatter a slot's pieces with kernels/slot_copy.py (default: on CUDA)."""
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.num_layers = cfg.num_layers
         self.dtype = dtype
         self.shapes = group_shapes(cfg)
+        self.classes = rank_classes(max_rank)
         # (layer, group) -> offset of A; (layer, group, slice) -> offset of B, within one slot's image (A part,
-        # then B part).
+        # then B part), at max_rank.
         self._a_at: dict[tuple[int, str], int] = {}
         self._b_at: dict[tuple[int, str, int], int] = {}
         at = 0
@@ -53,73 +71,167 @@ class SlotBuffers:
         self.device = device
         self.a_flat: torch.Tensor | None = torch.zeros(num_slots, self.a_size, device=device, dtype=dtype)
         self.b_flat = torch.zeros(num_slots, at - self.a_size, device=device, dtype=dtype)
-        # a[layer][group]: [slots, S, R, in]; b[layer][group][slice]: [slots, out, R]
-        self.a = [{g: self._view(self.a_flat, self._a_at[layer, g], self._a_shape(g)) for g in self.shapes}
-                  for layer in range(cfg.num_layers)]
-        self.b = [{g: [self._view(self.b_flat, self._b_at[layer, g, i] - self.a_size, (w, max_rank))
-                       for i, w in enumerate(s.slice_widths)] for g, s in self.shapes.items()}
-                  for layer in range(cfg.num_layers)]
         # stacked[layer][group]: the base weight with every slot's A under it, once attach_base ran (else None).
         self.stacked: list[dict[str, torch.Tensor]] | None = None
-        # Once stacked, a slot's weights are 65 pieces (each projection's A rows, then its B row). On CUDA a load
-        # copies the image to the device in one piece (`_staging`) and scatters it with one launch
-        # (kernels/slot_copy.py: the pieces copied one by one, or by `torch._foreach_copy_`, cost the engine's
-        # thread 250 us of host time a load); elsewhere the pieces are copied by its torch reference.
-        self._slot_pieces: list[list[torch.Tensor]] = []  # [slot]: the pieces, in the image's order
-        self._staging: torch.Tensor | None = None
-        self._slot_copy: SlotCopy | None = None
+        self._base_rows: dict[tuple[int, str], int] = {}
         # Each slot's largest rank (0: empty): kernels skip the padded tail.
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         # Each slot's targeted groups (host side): a step runs LoRA only on the groups its adapters target.
         self.groups: list[frozenset[str]] = [frozenset()] * num_slots
+        self._copy_kernel = device.type == "cuda" if copy_kernel is None else copy_kernel
+        self._staging: torch.Tensor | None = None  # the device image a load or a relayout goes through
+        self.rank_class = self.classes[0]
+        self._lay_out()
 
-    def _a_shape(self, group: str) -> tuple[int, int, int]:
-        s = self.shapes[group]
-        return len(s.slice_widths), self.max_rank, s.in_features
+    def _lay_out(self) -> None:
+        """Every class's views (a[layer][group]: [slots, S, r, in]; b[layer][group][slice]: [slots, out, r]), B's
+        offsets in a slot's row, and the pieces (and copy plans) loads scatter an image into."""
+        self._views: dict[int, tuple[list, list]] = {}
+        self._b_off: dict[int, dict[tuple[int, str, int], int]] = {}
+        self._pieces: dict[int, list[list[Piece]]] = {}
+        self._copies: dict[int, SlotCopy] = {}
+        for r in self.classes:
+            a, b, offsets, at = [], [], {}, 0
+            for layer in range(self.num_layers):
+                row = {}
+                for g, s in self.shapes.items():
+                    shape = (len(s.slice_widths), r, s.in_features)
+                    if self.stacked is None:
+                        row[g] = self._view(self.a_flat, at, shape)
+                        at += shape[0] * r * shape[2]
+                    else:
+                        n = self._base_rows[layer, g]
+                        row[g] = self.stacked[layer][g][n : n + self.num_slots * shape[0] * r].view(
+                            self.num_slots, *shape)
+                a.append(row)
+            at = 0
+            for layer in range(self.num_layers):
+                row = {}
+                for g, s in self.shapes.items():
+                    row[g] = []
+                    for i, w in enumerate(s.slice_widths):
+                        offsets[layer, g, i] = at
+                        row[g].append(self._view(self.b_flat, at, (w, r)))
+                        at += w * r
+                b.append(row)
+            self._views[r], self._b_off[r] = (a, b), offsets
+            # A slot's pieces in the image's order: each projection's A ([S, r, in] as S rows of r * in values, the
+            # first r of each slice's R rows in the image), then each slice's B ([out, r], the first r of each row).
+            k = self.max_rank
+            self._pieces[r] = [
+                [(a[layer][g][slot].reshape(a[layer][g].shape[1], -1), self._a_at[layer, g],
+                  k * a[layer][g].shape[3]) for layer, g in self._a_at]
+                + [(b[layer][g][i][slot], self._b_at[layer, g, i], k) for layer, g, i in self._b_at]
+                for slot in range(self.num_slots)]
+            if self._copy_kernel:
+                from kernels.slot_copy import SlotCopy
+
+                self._copies[r] = SlotCopy(self._pieces[r], self.device)
+        self.a, self.b = self._views[self.rank_class]
+
+    def class_for(self, rank: int) -> int:
+        """The least rank class that holds `rank` (<= max_lora_rank)."""
+        return next(c for c in self.classes if c >= rank)
+
+    @contextmanager
+    def layout(self, rank_class: int) -> Iterator[None]:
+        """a, b and rank_class as they would be at stride `rank_class`, for capturing its graphs (the slots'
+        contents are not moved: what runs inside reads them as if they were)."""
+        saved = self.a, self.b, self.rank_class
+        self.a, self.b = self._views[rank_class]
+        self.rank_class = rank_class
+        try:
+            yield
+        finally:
+            self.a, self.b, self.rank_class = saved
+
+    def relayout(self, rank_class: int, keep: Iterable[int]) -> None:
+        """Move the slots to stride `rank_class` (queued on the current stream, after whatever reads them): the
+        adapters of slots `keep` (each of rank at most rank_class) keep their weights, the other slots are
+        emptied. Each kept slot goes out to an image at max_lora_rank and back in at the new stride, one slot after
+        another in the order that never overwrites a slot not yet moved (a slot's block at a larger stride starts
+        past its old one: highest slot first; at a smaller one lowest first)."""
+        old = self.rank_class
+        if rank_class == old:
+            return
+        if rank_class not in self.classes:
+            raise ValueError(f"rank class {rank_class} is not one of {self.classes}")
+        keep = sorted(set(keep), reverse=rank_class > old)
+        image = self._image()
+        for slot in keep:
+            image.zero_()
+            self._move(old, slot, image, gather=True)
+            self._move(rank_class, slot, image, gather=False)
+        for slot in set(range(self.num_slots)) - set(keep):
+            self.ranks[slot : slot + 1].fill_(0)
+            self.groups[slot] = frozenset()
+        self.rank_class = rank_class
+        self.a, self.b = self._views[rank_class]
+
+    def _image(self) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty(self.per_slot, device=self.device, dtype=self.dtype)
+        return self._staging
+
+    def _move(self, rank_class: int, slot: int, image: torch.Tensor, gather: bool, rank: int = -1) -> None:
+        """Slot <- image (gather: image <- slot) at stride rank_class; rank >= 0: also ranks[slot] <- rank."""
+        plan = self._copies.get(rank_class)
+        if plan is not None:
+            if gather:
+                plan.gather(slot, image)
+            else:
+                plan.copy(slot, image, self.ranks, rank)
+            return
+        from kernels.slot_copy import slot_copy_ref
+
+        slot_copy_ref(self._pieces[rank_class][slot], image, gather)
+        if rank >= 0:
+            # A fill kernel, not `ranks[slot] = rank`: that copies a pageable host scalar, which waits for the
+            # stream, and the copy stream waits for the step in flight (0.4-0.8 ms of host time a load on an H200).
+            self.ranks[slot : slot + 1].fill_(rank)
 
     def attach_base(self, layers: list, copy_kernel: bool | None = None) -> None:
         """Store every projection's A (all slots) under the layer's base weight, `layers[i].<group>` [N, K]: one
         [N + slots*S*R, K] tensor whose first N rows become the layer's weight (the same values, a view) and the
-        rest this projection's `a`, so one GEMM over a prefix of it computes the base output and the shrink of
-        every slot in the prefix (kernels/consumer_expand.py). Adapters already loaded keep their A.
-        copy_kernel: loads scatter a slot's pieces with kernels/slot_copy.py (default: on CUDA)."""
+        rest this projection's `a` (R = max_lora_rank; a stride r uses the first slots*S*r rows), so one GEMM over
+        a prefix of it computes the base output and the shrink of every slot in the prefix
+        (kernels/consumer_expand.py). Adapters already loaded keep their A. copy_kernel: as the constructor's."""
         if self.stacked is not None:
             return
-        self.stacked = []
+        if copy_kernel is not None:
+            self._copy_kernel = copy_kernel
+        stacked_all = []
         for layer, weights in enumerate(layers):
             row = {}
-            for g in self.shapes:
+            for g, s in self.shapes.items():
                 base, a = getattr(weights, g), self.a[layer][g]
                 n, k = base.shape
                 if k != a.shape[3] or base.dtype != a.dtype:
                     raise ValueError(f"layer {layer} {g}: base weight {tuple(base.shape)} {base.dtype} does not "
                                      f"take A {tuple(a.shape)} {a.dtype} under it")
-                stacked = torch.empty(n + a[:, :, :, 0].numel(), k, device=base.device, dtype=base.dtype)
+                stacked = torch.zeros(n + self.num_slots * len(s.slice_widths) * self.max_rank, k,
+                                      device=base.device, dtype=base.dtype)
                 stacked[:n].copy_(base)
-                stacked[n:].copy_(a.reshape(-1, k))
+                stacked[n : n + a[:, :, :, 0].numel()].copy_(a.reshape(-1, k))  # at the current stride
                 setattr(weights, g, stacked[:n])
-                self.a[layer][g] = stacked[n:].view(a.shape)
+                self._base_rows[layer, g] = n
                 row[g] = stacked
-            self.stacked.append(row)
-        from kernels.slot_copy import SlotCopy
-
+            stacked_all.append(row)
+        self.stacked = stacked_all
         self.a_flat = None
-        # (_a_at is in image order: layer by layer, group by group, as pack() lays A out; B follows in one piece.)
-        self._slot_pieces = [[self.a[layer][g][slot] for layer, g in self._a_at] + [self.b_flat[slot]]
-                             for slot in range(self.num_slots)]
-        if self.device.type == "cuda" if copy_kernel is None else copy_kernel:
-            self._staging = torch.empty(self.per_slot, device=self.device, dtype=self.dtype)
-            self._slot_copy = SlotCopy(self._slot_pieces, self.device)
+        self._lay_out()
 
     def b_runs(self, layer: int, groups: frozenset[str] | None = None) -> list[tuple[int, int]]:
-        """Where layer's B (of `groups`, None: all) lies in each slot's row of b_flat: (offset, values) runs, the
-        adjacent groups' merged (every group's, in one run: a layer's B is contiguous within a slot)."""
+        """Where layer's B (of `groups`, None: all) lies in each slot's row of b_flat at the current stride:
+        (offset, values) runs, the adjacent groups' merged (every group's, in one run: a layer's B is contiguous
+        within a slot)."""
         runs: list[tuple[int, int]] = []
+        offsets = self._b_off[self.rank_class]
         for g, s in self.shapes.items():
             if groups is not None and g not in groups:
                 continue
-            at = self._b_at[layer, g, 0] - self.a_size
-            size = sum(w * self.max_rank for w in s.slice_widths)
+            at = offsets[layer, g, 0]
+            size = sum(w * self.rank_class for w in s.slice_widths)
             if runs and runs[-1][0] + runs[-1][1] == at:
                 runs[-1] = (runs[-1][0], runs[-1][1] + size)
             else:
@@ -140,7 +252,8 @@ class SlotBuffers:
             group, index = MODULE_GROUP[module]
             s = self.shapes[group]
             r = a.shape[0]
-            self._view(image, self._a_at[layer, group], self._a_shape(group))[index, :r].copy_(a)
+            a_shape = (len(s.slice_widths), self.max_rank, s.in_features)
+            self._view(image, self._a_at[layer, group], a_shape)[index, :r].copy_(a)
             self._view(image, self._b_at[layer, group, index], (s.slice_widths[index], self.max_rank))[:, :r].copy_(b)
         return image
 
@@ -154,22 +267,17 @@ class SlotBuffers:
         return frozenset().union(*(self.groups[s] for s in set(slots) if s >= 0))
 
     def load(self, slot: int, image: torch.Tensor, max_rank: int, groups: frozenset[str]) -> None:
-        """Copy a packed adapter into `slot` (on the current stream), replacing whatever was there."""
+        """Copy a packed adapter into `slot` (on the current stream), replacing whatever was there. Its rank must fit
+        the current stride (`relayout` first)."""
+        if max_rank > self.rank_class:
+            raise ValueError(f"an adapter of rank {max_rank} does not fit the slots' rank stride {self.rank_class}")
         self.groups[slot] = groups
-        if self._slot_copy is not None:  # one copy to the device, one launch into the pieces (and the rank)
-            self._staging.copy_(image, non_blocking=True)
-            self._slot_copy.copy(slot, self._staging, self.ranks, max_rank)
-            return
-        if self.a_flat is not None:
-            self.a_flat[slot].copy_(image[:self.a_size], non_blocking=True)
-            self.b_flat[slot].copy_(image[self.a_size:], non_blocking=True)
+        if self._copies:  # one copy to the device, one launch into the pieces (and the rank)
+            staging = self._image()
+            staging.copy_(image, non_blocking=True)
+            self._move(self.rank_class, slot, staging, gather=False, rank=max_rank)
         else:
-            from kernels.slot_copy import slot_copy_ref
-
-            slot_copy_ref(self._slot_pieces[slot], image)
-        # A fill kernel, not `ranks[slot] = max_rank`: that copies a pageable host scalar, which waits for the
-        # stream, and the copy stream waits for the step in flight (0.4-0.8 ms of host time a load on an H200).
-        self.ranks[slot : slot + 1].fill_(max_rank)
+            self._move(self.rank_class, slot, image, gather=False, rank=max_rank)
 
     def nbytes(self) -> int:
         """Device bytes the slots hold (A and B, wherever A is stored)."""
