@@ -93,16 +93,36 @@ class TimedEngine:
             torch.set_num_threads(1)
             stub_gpu(e, self.batch)
         step, held, path = e.step, [], self.log_path
+        # Each step's phases (host time, and the wait for the device inside the hand-out), logged with the step.
+        phases = dict.fromkeys(PHASES, 0.0)
+
+        def phase(fn, name):
+            def wrapper(*args, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    phases[name] += time.perf_counter() - t
+            return wrapper
+
+        from gpu_worker.engine import llm_engine
+
+        e.scheduler.schedule = phase(e.scheduler.schedule, "schedule")
+        e.runner.run = phase(e.runner.run, "launch")
+        e._hand_out = phase(e._hand_out, "hand_out")
+        llm_engine.InFlightStep.wait = phase(llm_engine.InFlightStep.wait, "wait")
         # The step loop's thread from here on (this runs on it): steps and what the loop does between them.
         prof = cProfile.Profile() if self.profile_path else None
         if prof:
             prof.enable()
 
         def timed():
+            for k in phases:
+                phases[k] = 0.0
             t = time.perf_counter()
             outs = step()
             end = time.perf_counter()
-            held.append(f"{end} {end - t}\n")
+            held.append(f"{end} {end - t} {' '.join(str(phases[k]) for k in PHASES)}\n")
             if len(held) >= 64 or not e.has_unfinished_requests():
                 with open(path, "a") as f:
                     f.write("".join(held))
@@ -114,6 +134,11 @@ class TimedEngine:
 
         e.step = timed
         return e
+
+
+# What TimedEngine times inside each step: the scheduler, the launch (inputs, graph replay, sampler), the hand-out
+# of the step before (its wait for the device included) and that wait alone.
+PHASES = ("schedule", "launch", "hand_out", "wait")
 
 
 def _compiled_kernels() -> set[Path]:
@@ -139,7 +164,7 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
                           max_lora_rank=64, lora_modules=tuple(LoRAModule(n, str(adapters[n])) for n in names),
                           enable_lora=True, drain_timeout_s=0, stream_interval=args.stream_interval,
                           max_num_seqs=args.batch, max_model_len=2048, num_kv_blocks=2400 if args.gpu else None,
-                          engine_process=engine_process)
+                          engine_process=engine_process, gil_switch_interval_ms=args.gil_switch_interval_ms)
     profile_path = log_path.with_name("engine.prof") if args.profile_engine else None
     engine = TimedEngine(config.engine_args(), args.batch, str(log_path), str(profile_path or ""))
     server = WorkerServer(config, engine_factory=engine)
@@ -168,14 +193,15 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
     if profile_path is not None and profile_path.exists():
         print(f"the step loop's thread, engine process {engine_process}:")
         pstats.Stats(str(profile_path)).sort_stats(args.profile_sort).print_stats(args.profile_engine)
-    logged = [(t, dt) for t, dt in (map(float, line.split()) for line in log_path.read_text().splitlines())
-              if start <= t <= end]
-    timed = [dt for _, dt in logged]
+    lines = (list(map(float, line.split())) for line in log_path.read_text().splitlines())
+    logged = [(t, dt, rest) for t, dt, *rest in lines if start <= t <= end]
+    timed = [dt for _, dt, _ in logged]
+    phase_ms = {k: statistics.median(r[i] for _, _, r in logged) * 1e3 for i, k in enumerate(PHASES)} if logged else {}
     # The loop's period: from one step's end to the next's (the step and what the loop does between steps).
-    periods = [b - a for (a, _), (b, _) in zip(logged, logged[1:])]
+    periods = [b[0] - a[0] for a, b in zip(logged, logged[1:])]
     return dict(wall=wall, received=received, messages=messages, ttft=ttft, gap_p50=gap_p50, gap_p99=gap_p99,
                 steps=len(timed), step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall, compiled=compiled,
-                period_ms=statistics.median(periods) * 1e3 if periods else math.nan)
+                period_ms=statistics.median(periods) * 1e3 if periods else math.nan, phase_ms=phase_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-interval", type=int, default=1, help="the worker's --stream-interval")
     p.add_argument("--engine-process", default="off,on", help="the worker's --engine-process: off (the step loop "
                    "on a thread of the server's process), on (a process of its own), or both, side by side")
+    p.add_argument("--gil-switch-interval-ms", type=float, default=0.5, help="the worker's --gil-switch-interval-ms "
+                   "(the engine process takes it too)")
     p.add_argument("--demo-dir", default=".demo/assets")
     p.add_argument("--gpu", action="store_true", help="the real engine on CUDA, on the Llama-3.2-1B-shaped random "
                    "checkpoint (benchmarks.synthetic) with --adapters rank-16 adapters, instead of the stubbed one")
@@ -226,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
               f"the clients received {got} tokens ({got / wall:.0f} tokens/s) in {msgs} messages "
               f"({got / max(1, msgs):.2f} tokens a message) over {wall:.2f} s; first message after "
               f"{1e3 * served['ttft']:.1f} ms (median), then one every {1e3 * served['gap_p50']:.2f} ms (median; "
-              f"p99 {1e3 * served['gap_p99']:.2f}); kernels compiled while serving: "
+              f"p99 {1e3 * served['gap_p99']:.2f}); a step's phases (median ms): "
+              f"{', '.join(f'{k} {v:.3f}' for k, v in served['phase_ms'].items())}; kernels compiled while serving: "
               f"{', '.join(served['compiled']) or 'none'}", flush=True)
     return 0
 

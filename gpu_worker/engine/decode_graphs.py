@@ -98,7 +98,9 @@ class DecodeGraphs:
         stacked = lora is not None and getattr(lora, "graphable", False) and lora.buffers.stacked is not None
         self.prefixes = stacked_prefixes(lora.buffers.num_slots) if stacked else []
         self.stacked_max_batch = STACKED_MAX_BATCH  # as captured (benchmarks change the module's for other engines)
-        self._staging = PinnedStaging(n * (7 + self.max_blocks), dev)
+        from kernels.step_inputs import staged_size  # (kernels/ imports Triton: on CUDA machines, not everywhere)
+
+        self._staging = PinnedStaging(staged_size(n, self.max_blocks), dev)
         self._pool = None
         self.last: tuple[int, frozenset[str] | None, int | None, bool, int | None] | None = None  # the last step's
 
@@ -115,9 +117,23 @@ class DecodeGraphs:
             hook = self.lora.hook
         return self.model.forward(self.ids[:b], self.positions[:b], meta, self.kv_caches, self.rows[:b], hook)
 
+    def _warm_inputs(self) -> None:
+        """Compile the inputs kernel's four variants (LoRA slots or not, patched ids or not) before serving, on a
+        one-row step into the scratch block."""
+        from kernels.step_inputs import decode_inputs, staged_size
+
+        staged = torch.tensor([0, 0, self.scratch_slot, 1, -1, 0, 1, self.scratch_slot // self.block_size],
+                              dtype=torch.int64, device=self.ids.device)
+        assert staged.numel() == staged_size(1, 1)
+        for lora in (False, True):
+            for pending in (None, torch.zeros(1, dtype=torch.int64, device=self.ids.device)):
+                decode_inputs(staged, pending, self.ids, self.positions, self.slot_mapping, self.context_lens,
+                              self.token_slots, self.block_tables, 1, lora)
+
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
+        self._warm_inputs()
         # Largest first: smaller graphs then fit in the memory pool the largest one reserved.
         for b in reversed(self.buckets):
             for key in self.keys(b):
@@ -173,18 +189,20 @@ class DecodeGraphs:
         the graph `find` returned. patch: (rows, source rows, ids) for tokens the host does not know yet:
         ids[source rows] on the device, sampled by the step in flight, go into those rows. token_slots: the
         sequences' slots for a LoRA graph (None: the base graph)."""
+        from kernels.step_inputs import decode_inputs, decode_inputs_ref, staged_size
+
         n = len(ids)
         b, lora = key[0], key[1]
         bs = self.block_size
         # Every input in one int64 array, padded to the bucket on the host (padding rows: the scratch block,
-        # one key, no adapter), so one copy moves it: ids, positions, slots, context lengths, LoRA slots,
-        # patch rows and sources, then the block table.
+        # one key, no adapter), so one copy moves it and one launch spreads it into the graph's buffers
+        # (kernels/step_inputs.py has the layout): ids, positions, slots, context lengths, LoRA slots, the
+        # patch (the row of the step in flight's ids each row takes, or -1), the tables' width, the tables.
         lens = np.fromiter(map(len, block_tables), np.int64, n)
         width = int(lens.max())
-        k = len(patch[0]) if patch is not None else 0
-        host = self._staging.next(5 * b + 2 * k + b * width)
-        cols = host[:5 * b].reshape(5, b)
-        table = host[5 * b + 2 * k:].reshape(b, width)
+        host = self._staging.next(staged_size(b, width))
+        cols = host[:6 * b].reshape(6, b)
+        table = host[6 * b + 1:].reshape(b, width)
         pos = np.asarray(positions, dtype=np.int64)
         table.fill(self.scratch_slot // bs)
         write_block_tables(table, block_tables, lens)
@@ -198,19 +216,18 @@ class DecodeGraphs:
         cols[3, n:] = 1
         cols[4, :n] = token_slots if token_slots is not None else -1
         cols[4, n:] = -1
-        if k:
-            host[5 * b:5 * b + 2 * k] = patch[0] + patch[1]
+        cols[5] = -1
+        if patch is not None and patch[0]:
+            cols[5, patch[0]] = patch[1]
+        host[6 * b] = width
         dev = self._staging.to_device(host, self.ids.device)
-        self.ids[:b] = dev[:b]
-        self.positions[:b] = dev[b:2 * b]
-        self.slot_mapping[:b] = dev[2 * b:3 * b]
-        self.context_lens[:b] = dev[3 * b:4 * b]
-        if lora:
-            self.token_slots[:b] = dev[4 * b:5 * b]
-        self.block_tables[:b, :width] = dev[5 * b + 2 * k:].view(b, width)
-        if k:
-            rows = dev[5 * b:5 * b + 2 * k]
-            self.ids.index_copy_(0, rows[:k], patch[2].index_select(0, rows[k:]))
+        pending = patch[2] if patch is not None and patch[0] else None
+        args = (dev, pending, self.ids, self.positions, self.slot_mapping, self.context_lens, self.token_slots,
+                self.block_tables, b, bool(lora))
+        if dev.is_cuda:
+            decode_inputs(*args)
+        else:
+            decode_inputs_ref(*args, width)
         graph, logits = self.graphs[key]
         self.last = key
         graph.replay()
