@@ -111,12 +111,15 @@ class TimedEngine:
         e.runner.run = phase(e.runner.run, "launch")
         e._hand_out = phase(e._hand_out, "hand_out")
         llm_engine.InFlightStep.wait = phase(llm_engine.InFlightStep.wait, "wait")
-        # The step loop's thread from here on (this runs on it): steps and what the loop does between them.
-        prof = cProfile.Profile() if self.profile_path else None
-        if prof:
-            prof.enable()
+        # The step loop's thread (this runs on it): steps and what the loop does between them, one busy period
+        # a profile (started at its first step, written when the engine runs dry: the file ends up holding the
+        # last one, the clients' streams, without the engine's start or warm-up).
+        prof: list[cProfile.Profile] = []
 
         def timed():
+            if self.profile_path and not prof:
+                prof.append(cProfile.Profile())
+                prof[0].enable()
             for k in phases:
                 phases[k] = 0.0
             t = time.perf_counter()
@@ -128,8 +131,7 @@ class TimedEngine:
                     f.write("".join(held))
                 held.clear()
                 if prof and not e.has_unfinished_requests():
-                    prof.dump_stats(self.profile_path)  # (which stops the profiler)
-                    prof.enable()
+                    prof.pop().dump_stats(self.profile_path)  # (which stops the profiler)
             return outs
 
         e.step = timed
