@@ -114,10 +114,11 @@ class SlotCopy:
         self.dtype = first[0][0].dtype
         self._pieces = pieces_by_slot
         size = first[0][0].element_size()
-        table = [[pieces[i][0].data_ptr() + c[1] * size for i, c in zip(owner, chunks, strict=True)]
-                 for pieces in pieces_by_slot]
+        # Each slot's piece addresses (slots x pieces), then each chunk's: its piece's plus its offset in it.
+        bases = torch.tensor([[p.data_ptr() for p, _, _ in pieces] for pieces in pieces_by_slot], dtype=torch.int64)
         cols = list(zip(*chunks, strict=True)) if chunks else [()] * 6
-        self._table = torch.tensor(table, dtype=torch.int64, device=device)
+        table = bases[:, torch.tensor(owner, dtype=torch.int64)] + torch.tensor(cols[1], dtype=torch.int64) * size
+        self._table = table.to(device)
         self._at = torch.tensor(cols[0], dtype=torch.int64, device=device)
         self._width = torch.tensor(cols[2], dtype=torch.int32, device=device)
         self._rows = torch.tensor(cols[3], dtype=torch.int32, device=device)
