@@ -95,22 +95,13 @@ class TimedEngine:
         step, held, path = e.step, [], self.log_path
         # Each step's phases (host time, and the wait for the device inside the hand-out), logged with the step.
         phases = dict.fromkeys(PHASES, 0.0)
-
-        def phase(fn, name):
-            def wrapper(*args, **kwargs):
-                t = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    phases[name] += time.perf_counter() - t
-            return wrapper
-
+        from benchmarks.step_breakdown import timed as phase
         from gpu_worker.engine import llm_engine
 
-        e.scheduler.schedule = phase(e.scheduler.schedule, "schedule")
-        e.runner.run = phase(e.runner.run, "launch")
-        e._hand_out = phase(e._hand_out, "hand_out")
-        llm_engine.InFlightStep.wait = phase(llm_engine.InFlightStep.wait, "wait")
+        e.scheduler.schedule = phase(e.scheduler.schedule, "schedule", phases)
+        e.runner.run = phase(e.runner.run, "launch", phases)
+        e._hand_out = phase(e._hand_out, "hand_out", phases)
+        llm_engine.InFlightStep.wait = phase(llm_engine.InFlightStep.wait, "wait", phases)
         # The step loop's thread (this runs on it): steps and what the loop does between them, one busy period
         # a profile (started at its first step, written when the engine runs dry: the file ends up holding the
         # last one, the clients' streams, without the engine's start or warm-up).
