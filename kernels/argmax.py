@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, next_pow2, sm_count
+from .launch import Launches
 
 BLOCK = 2048
 # Chunks a row is cut into, at most. The count itself is a runtime argument, not a constant: one compiled variant
@@ -53,6 +54,10 @@ def _pick_kernel(part_ptr, out_ptr, splits, MAX_SPLITS: tl.constexpr):
     tl.store(out_ptr + row, 0x7FFFFFFF - (tl.max(keys, 0) & 0x7FFFFFFF))
 
 
+_chunk_max = Launches(_chunk_max_kernel)
+_pick = Launches(_pick_kernel)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x: [N, V] float (any float dtype, last dimension contiguous) -> [N] int64, the first maximum's index."""
     if x.dim() != 2 or x.stride(1) != 1:
@@ -67,6 +72,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     splits = max(1, min(MAX_SPLITS, next_pow2(cdiv(4 * sm_count(x.device), n)), next_pow2(cdiv(v, BLOCK))))
     chunk = cdiv(cdiv(v, splits), BLOCK) * BLOCK
     parts = torch.empty((n, splits), dtype=torch.int64, device=x.device)
-    _chunk_max_kernel[(n, splits)](x, parts, v, x.stride(0), chunk, splits, BLOCK=BLOCK, num_warps=4)
-    _pick_kernel[(n,)](parts, out, splits, MAX_SPLITS=MAX_SPLITS, num_warps=1)
+    # Straight to the compiled kernels (kernels/launch.py): a decode step's sampler launches these two.
+    _chunk_max((n, splits), x, parts, v, x.stride(0), chunk, splits, BLOCK=BLOCK, num_warps=4)
+    _pick((n,), parts, out, splits, MAX_SPLITS=MAX_SPLITS, num_warps=1)
     return out
