@@ -39,6 +39,10 @@ def test_relayout_keeps_the_kept_slots_and_empties_the_others(stacked, copy_kern
     for slot, a in zip((0, 1, 3), small, strict=True):
         buffers.load(slot, buffers.pack(a, pin=False), a.max_rank, buffers.groups_of(a))
     wide = adapter(g, 32)
+    # Each image at its adapter's class: rank 8 at 16, half of rank 32's (pinned host memory, the copy in).
+    assert 2 * buffers.pack(small[0], pin=False).numel() == buffers.pack(wide, pin=False).numel() == buffers.per_slot
+    with pytest.raises(ValueError, match="not a rank-8"):
+        buffers.load(2, buffers.pack(wide, pin=False), 8, buffers.groups_of(wide))
     with pytest.raises(ValueError, match="does not fit"):
         buffers.load(2, buffers.pack(wide, pin=False), 32, buffers.groups_of(wide))
     buffers.relayout(32, keep=[0, 1])  # slot 3 is dropped

@@ -9,12 +9,14 @@ head: rank-16 adapters served with max_lora_rank 64 are read and multiplied at 1
 another stride when an adapter of a larger rank comes in, or the last one leaves (LoRAManager decides); the
 decode graphs are captured for every class (`layout`), and a step replays those of the current one.
 
-Each adapter is packed once, in host memory, into one slot's layout at max_lora_rank (its "image": every A,
-then every B). All of one slot's B are views into one row of a single [slots, b_size] buffer, and so are its A
-until `attach_base` moves every projection's A of all slots under that projection's base weight ([N + slots*S*R,
-K] in one tensor, kernels/consumer_expand.py says why). Loading an adapter into a slot is then one copy of the
-image to the device and one launch that scatters it into the slot's pieces at the current stride
-(kernels/slot_copy.py; on a side stream, overlapping the running steps), not ~500 small copies and fills.
+Each adapter is packed once, in host memory, into one slot's layout at its own rank class (its "image": every
+A, then every B; a rank-16 adapter's at 16, whatever max_lora_rank: pinned host memory and the copy to the device
+a quarter of what they are at 64). All of one slot's B are views into one row of a single [slots, b_size] buffer,
+and so are its A until `attach_base` moves every projection's A of all slots under that projection's base weight
+([N + slots*S*R, K] in one tensor, kernels/consumer_expand.py says why). Loading an adapter into a slot is then one
+copy of the image to the device and one launch that scatters it into the slot's pieces at the current stride, zeros
+past the image's (kernels/slot_copy.py; on a side stream, overlapping the running steps), not ~500 small copies and
+fills.
 """
 
 from __future__ import annotations
@@ -52,25 +54,14 @@ class SlotBuffers:
         self.dtype = dtype
         self.shapes = group_shapes(cfg)
         self.classes = rank_classes(max_rank)
-        # (layer, group) -> offset of A; (layer, group, slice) -> offset of B, within one slot's image (A part,
-        # then B part), at max_rank.
-        self._a_at: dict[tuple[int, str], int] = {}
-        self._b_at: dict[tuple[int, str, int], int] = {}
-        at = 0
-        for layer in range(cfg.num_layers):
-            for g, s in self.shapes.items():
-                self._a_at[layer, g] = at
-                at += len(s.slice_widths) * max_rank * s.in_features
-        self.a_size = at
-        for layer in range(cfg.num_layers):
-            for g, s in self.shapes.items():
-                for i, w in enumerate(s.slice_widths):
-                    self._b_at[layer, g, i] = at
-                    at += w * max_rank
-        self.per_slot = at
+        # Per rank class c, an adapter's image at stride c: (layer, group) -> offset of A, (layer, group, slice) ->
+        # offset of B (every A, then every B), and its size. An adapter is packed at its own class.
+        self._images = {c: self._image_layout(c) for c in self.classes}
+        _, b_at, self.per_slot = self._images[max_rank]
+        self.a_size = min(b_at.values())
         self.device = device
         self.a_flat: torch.Tensor | None = torch.zeros(num_slots, self.a_size, device=device, dtype=dtype)
-        self.b_flat = torch.zeros(num_slots, at - self.a_size, device=device, dtype=dtype)
+        self.b_flat = torch.zeros(num_slots, self.per_slot - self.a_size, device=device, dtype=dtype)
         # stacked[layer][group]: the base weight with every slot's A under it, once attach_base ran (else None).
         self.stacked: list[dict[str, torch.Tensor]] | None = None
         self._base_rows: dict[tuple[int, str], int] = {}
@@ -83,13 +74,26 @@ class SlotBuffers:
         self.rank_class = self.classes[0]
         self._lay_out()
 
+    def _image_layout(self, r: int) -> tuple[dict[tuple[int, str], int], dict[tuple[int, str, int], int], int]:
+        a_at, b_at, at = {}, {}, 0
+        for layer in range(self.num_layers):
+            for g, s in self.shapes.items():
+                a_at[layer, g] = at
+                at += len(s.slice_widths) * r * s.in_features
+        for layer in range(self.num_layers):
+            for g, s in self.shapes.items():
+                for i, w in enumerate(s.slice_widths):
+                    b_at[layer, g, i] = at
+                    at += w * r
+        return a_at, b_at, at
+
     def _lay_out(self) -> None:
         """Every class's views (a[layer][group]: [slots, S, r, in]; b[layer][group][slice]: [slots, out, r]), B's
         offsets in a slot's row, and the pieces (and copy plans) loads scatter an image into."""
         self._views: dict[int, tuple[list, list]] = {}
         self._b_off: dict[int, dict[tuple[int, str, int], int]] = {}
-        self._pieces: dict[int, list[list[Piece]]] = {}
-        self._copies: dict[int, SlotCopy] = {}
+        self._pieces: dict[tuple[int, int], list[list[Piece]]] = {}
+        self._copies: dict[tuple[int, int], SlotCopy] = {}
         for r in self.classes:
             a, b, offsets, at = [], [], {}, 0
             for layer in range(self.num_layers):
@@ -115,18 +119,23 @@ class SlotBuffers:
                         at += w * r
                 b.append(row)
             self._views[r], self._b_off[r] = (a, b), offsets
-            # A slot's pieces in the image's order: each projection's A ([S, r, in] as S rows of r * in values, the
-            # first r of each slice's R rows in the image), then each slice's B ([out, r], the first r of each row).
-            k = self.max_rank
-            self._pieces[r] = [
-                [(a[layer][g][slot].reshape(a[layer][g].shape[1], -1), self._a_at[layer, g],
-                  k * a[layer][g].shape[3]) for layer, g in self._a_at]
-                + [(b[layer][g][i][slot], self._b_at[layer, g, i], k) for layer, g, i in self._b_at]
-                for slot in range(self.num_slots)]
-            if self._copy_kernel:
-                from kernels.slot_copy import SlotCopy
+        for r in self.classes:  # the slots at stride r, an image at stride c (a load: c <= r; a relayout: either)
+            a, b = self._views[r]
+            for c in self.classes:
+                # A slot's pieces in the image's order: each projection's A ([S, r, in] as S rows of r * in values,
+                # from the image's S rows of c * in), then each slice's B ([out, r] from [out, c]); the image's
+                # first min(r, c) of each, the rest zeros.
+                a_at, b_at, _ = self._images[c]
+                m = min(r, c)
+                self._pieces[r, c] = [
+                    [(a[layer][g][slot].reshape(a[layer][g].shape[1], -1), at, c * a[layer][g].shape[3],
+                      m * a[layer][g].shape[3]) for (layer, g), at in a_at.items()]
+                    + [(b[layer][g][i][slot], at, c, m) for (layer, g, i), at in b_at.items()]
+                    for slot in range(self.num_slots)]
+                if self._copy_kernel:
+                    from kernels.slot_copy import SlotCopy
 
-                self._copies[r] = SlotCopy(self._pieces[r], self.device)
+                    self._copies[r, c] = SlotCopy(self._pieces[r, c], self.device)
         self.a, self.b = self._views[self.rank_class]
 
     def class_for(self, rank: int) -> int:
@@ -148,7 +157,7 @@ class SlotBuffers:
     def relayout(self, rank_class: int, keep: Iterable[int]) -> None:
         """Move the slots to stride `rank_class` (queued on the current stream, after whatever reads them): the
         adapters of slots `keep` (each of rank at most rank_class) keep their weights, the other slots are
-        emptied. Each kept slot goes out to an image at max_lora_rank and back in at the new stride, one slot after
+        emptied. Each kept slot goes out to an image at the larger stride and back in at the new one, one slot after
         another in the order that never overwrites a slot not yet moved (a slot's block at a larger stride starts
         past its old one: highest slot first; at a smaller one lowest first)."""
         old = self.rank_class
@@ -157,11 +166,12 @@ class SlotBuffers:
         if rank_class not in self.classes:
             raise ValueError(f"rank class {rank_class} is not one of {self.classes}")
         keep = sorted(set(keep), reverse=rank_class > old)
-        image = self._image()
+        wide = max(old, rank_class)
+        image = self._image()[: self._images[wide][2]]
         for slot in keep:
             image.zero_()
-            self._move(old, slot, image, gather=True)
-            self._move(rank_class, slot, image, gather=False)
+            self._move((old, wide), slot, image, gather=True)
+            self._move((rank_class, wide), slot, image, gather=False)
         for slot in set(range(self.num_slots)) - set(keep):
             self.ranks[slot : slot + 1].fill_(0)
             self.groups[slot] = frozenset()
@@ -173,9 +183,10 @@ class SlotBuffers:
             self._staging = torch.empty(self.per_slot, device=self.device, dtype=self.dtype)
         return self._staging
 
-    def _move(self, rank_class: int, slot: int, image: torch.Tensor, gather: bool, rank: int = -1) -> None:
-        """Slot <- image (gather: image <- slot) at stride rank_class; rank >= 0: also ranks[slot] <- rank."""
-        plan = self._copies.get(rank_class)
+    def _move(self, strides: tuple[int, int], slot: int, image: torch.Tensor, gather: bool, rank: int = -1) -> None:
+        """Slot <- image (gather: image <- slot), strides = (the slots', the image's); rank >= 0: also
+        ranks[slot] <- rank."""
+        plan = self._copies.get(strides)
         if plan is not None:
             if gather:
                 plan.gather(slot, image)
@@ -184,7 +195,7 @@ class SlotBuffers:
             return
         from kernels.slot_copy import slot_copy_ref
 
-        slot_copy_ref(self._pieces[rank_class][slot], image, gather)
+        slot_copy_ref(self._pieces[strides][slot], image, gather)
         if rank >= 0:
             # A fill kernel, not `ranks[slot] = rank`: that copies a pageable host scalar, which waits for the
             # stream, and the copy stream waits for the step in flight (0.4-0.8 ms of host time a load on an H200).
@@ -246,15 +257,17 @@ class SlotBuffers:
         return flat[..., offset : offset + n].unflatten(-1, shape)
 
     def pack(self, adapter: AdapterWeights, pin: bool) -> torch.Tensor:
-        """The adapter in one slot's layout, in host memory (pinned for asynchronous copies)."""
-        image = torch.zeros(self.per_slot, dtype=self.dtype, pin_memory=pin)
+        """The adapter in one slot's layout at its own rank class (a rank-16 adapter's image at 16, whatever
+        max_lora_rank), in host memory (pinned for asynchronous copies)."""
+        c = self.class_for(adapter.max_rank)
+        a_at, b_at, size = self._images[c]
+        image = torch.zeros(size, dtype=self.dtype, pin_memory=pin)
         for (layer, module), (a, b) in adapter.modules.items():
             group, index = MODULE_GROUP[module]
             s = self.shapes[group]
             r = a.shape[0]
-            a_shape = (len(s.slice_widths), self.max_rank, s.in_features)
-            self._view(image, self._a_at[layer, group], a_shape)[index, :r].copy_(a)
-            self._view(image, self._b_at[layer, group, index], (s.slice_widths[index], self.max_rank))[:, :r].copy_(b)
+            self._view(image, a_at[layer, group], (len(s.slice_widths), c, s.in_features))[index, :r].copy_(a)
+            self._view(image, b_at[layer, group, index], (s.slice_widths[index], c))[:, :r].copy_(b)
         return image
 
     @staticmethod
@@ -271,13 +284,16 @@ class SlotBuffers:
         the current stride (`relayout` first)."""
         if max_rank > self.rank_class:
             raise ValueError(f"an adapter of rank {max_rank} does not fit the slots' rank stride {self.rank_class}")
+        strides = (self.rank_class, self.class_for(max_rank))  # (the image was packed at its adapter's class)
+        if image.numel() != self._images[strides[1]][2]:
+            raise ValueError(f"an image of {image.numel()} values is not a rank-{max_rank} adapter's")
         self.groups[slot] = groups
         if self._copies:  # one copy to the device, one launch into the pieces (and the rank)
-            staging = self._image()
+            staging = self._image()[: image.numel()]
             staging.copy_(image, non_blocking=True)
-            self._move(self.rank_class, slot, staging, gather=False, rank=max_rank)
+            self._move(strides, slot, staging, gather=False, rank=max_rank)
         else:
-            self._move(self.rank_class, slot, image, gather=False, rank=max_rank)
+            self._move(strides, slot, image, gather=False, rank=max_rank)
 
     def nbytes(self) -> int:
         """Device bytes the slots hold (A and B, wherever A is stored)."""
