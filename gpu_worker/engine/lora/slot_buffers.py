@@ -70,7 +70,11 @@ class SlotBuffers:
         # Each slot's targeted groups (host side): a step runs LoRA only on the groups its adapters target.
         self.groups: list[frozenset[str]] = [frozenset()] * num_slots
         self._copy_kernel = device.type == "cuda" if copy_kernel is None else copy_kernel
-        self._staging: torch.Tensor | None = None  # the device image a load or a relayout goes through
+        # The device image a load or a relayout goes through: on CUDA taken now, before the KV cache takes what is
+        # left (a slot's worth at max_lora_rank; elsewhere on first use).
+        self._staging: torch.Tensor | None = None
+        if device.type == "cuda":
+            self._image()
         self.rank_class = self.classes[0]
         self._lay_out()
 
