@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--fused-elementwise", action=argparse.BooleanOptionalAction, default=None,
                     help="EngineArgs.fused_elementwise (default: on with CUDA)")
+    ap.add_argument("--max-lora-rank", type=int, default=16, help="the LoRA engine's max_lora_rank (the adapters are "
+                    "rank 16 whatever it is: 64 shows what a larger ceiling costs them)")
     args = ap.parse_args()
     from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest
 
@@ -220,7 +222,7 @@ def main() -> None:
     common = dict(model=str(model_dir), dtype="bfloat16", num_kv_blocks=2400, max_num_seqs=64,
                   max_num_batched_tokens=8192, lora_backend=args.lora_backend,
                   fused_elementwise=args.fused_elementwise)
-    lora_args = dict(enable_lora=True, max_loras=32, max_lora_rank=rank, max_cpu_loras=48)
+    lora_args = dict(enable_lora=True, max_loras=32, max_lora_rank=max(rank, args.max_lora_rank), max_cpu_loras=48)
 
     def colds(k0: int) -> list:  # adapters never loaded before, read from disk and copied into a free slot
         return [LoRARequest(f"cold{k}", 1000 + k, str(write_adapter(root / f"cold{k}", cfg, rank, seed=1000 + k)))
