@@ -160,13 +160,16 @@ class ModelRunner:
         if not completed:
             # Only partial prefill chunks: fill the cache, sample nothing.
             logits_rows = [len(ids) - 1]
-        host = to_device(ids + positions + logits_rows + patch_rows + patch_src, self.device)
         n, k = len(ids), len(patch_rows)
-        input_ids, input_positions = host[:n], host[n:2 * n]
+        # The positions start 16-byte aligned whatever n: Triton compiles a kernel per alignment of its pointers
+        # (RoPE + cache took a second compile inside a served step, for the odd token counts).
+        pad = n & 1
+        host = to_device(ids + [0] * pad + positions + logits_rows + patch_rows + patch_src, self.device)
+        input_ids, input_positions = host[:n], host[n + pad:2 * n + pad]
         if k:
             index = host[-2 * k:]
             input_ids.index_copy_(0, index[:k], pending.token_ids.index_select(0, index[k:]))
-        logits_at = host[2 * n:2 * n + len(logits_rows)]
+        logits_at = host[2 * n + pad:2 * n + pad + len(logits_rows)]
         if mixed is not None:
             lora_slots = token_slots_of(runs, self.device) if with_lora else None
             logits = self.mixed_graphs.run(mixed, input_ids, input_positions, meta, lora_slots, logits_at)

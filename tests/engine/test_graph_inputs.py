@@ -90,3 +90,20 @@ def test_unstacked_batches_replay_the_spread_graph_when_no_adapter_holds_many(ti
     replayed.clear()
     _check(llm, tiny_model_dir, PROMPTS[:4], tiny_adapters, ["chat-lora", "chat-lora", "chat-lora", None])
     assert (4, every, None, False, 16) in replayed and (4, every, None, True, 16) not in replayed
+
+
+def test_eager_steps_hand_the_kernels_aligned_positions(tiny_model_dir, tiny_adapters):
+    """Steps that run eagerly (here: every step, on the CPU) take their ids and positions from one staged tensor;
+    the positions start 16-byte aligned whatever the token count (Triton compiles a kernel per pointer alignment:
+    odd counts compiled RoPE + cache a second time inside a served step), and tokens still match PEFT."""
+    llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64)
+    seen, forward = [], llm.engine.model.forward
+
+    def recording(input_ids, positions, *args, **kwargs):
+        seen.append((input_ids.numel(), positions.data_ptr() % 16))
+        return forward(input_ids, positions, *args, **kwargs)
+
+    llm.engine.model.forward = recording
+    _check(llm, tiny_model_dir, PROMPTS[:3], tiny_adapters, [None, "sql-lora", "chat-lora"])
+    assert any(n % 2 for n, _ in seen), seen  # odd token counts came
+    assert {align for _, align in seen} == {0}, seen
