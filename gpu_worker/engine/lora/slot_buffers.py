@@ -141,6 +141,12 @@ class SlotBuffers:
 
                     self._copies[r, c] = SlotCopy(self._pieces[r, c], self.device)
         self.a, self.b = self._views[self.rank_class]
+        if self._copies and self.device.type == "cuda":
+            # Compile the copy kernel's two variants now, not at the first load or move inside a step (1-4 s on an
+            # H200 host): slot 0 out to the staging image and back, unchanged.
+            plan = self._copies[self.rank_class, self.rank_class]
+            plan.gather(0, self._image())
+            plan.copy(0, self._image(), self.ranks, -1)
 
     def class_for(self, rank: int) -> int:
         """The least rank class that holds `rank` (<= max_lora_rank)."""
