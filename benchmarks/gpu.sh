@@ -12,7 +12,9 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
 # tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and the
 # prefill rounds; worker = the worker benchmark; gemms (not in the default) = the base projections at decode sizes,
-# cuBLAS ways and the Triton candidate.
+# cuBLAS ways and the Triton candidate; served (not in the default; needs grpcio, see benchmarks/README.md) = a
+# worker serving 64 streams through its gRPC API, the engine process's GIL switch interval A/B/A, then a profile of
+# the engine's step loop while it serves.
 parts=" ${PARTS:-tests kernels steps worker} "
 if [[ $parts == *" tests "* ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
@@ -35,6 +37,14 @@ fi
 if [[ $parts == *" gemms "* ]]; then
   python3 -m benchmarks.decode_gemms --ways linear,linear-lt,mm-kmajor,triton --workspaces 32768 2>&1 \
     | tee "$out/decode_gemms.log" | tail -n 60
+fi
+if [[ $parts == *" served "* ]]; then
+  for g in 0.5 0.05 0.5 0.05; do
+    python3 -m benchmarks.served_host --gpu --adapters 8 --tokens 512 --engine-process on --gil-switch-interval-ms $g \
+      2>&1 | grep "^batch" | sed "s/^/gil $g ms: /" | tee -a "$out/served.log"
+  done
+  python3 -m benchmarks.served_host --gpu --adapters 8 --tokens 512 --engine-process on --profile-engine 40 \
+    --profile-sort cumtime 2>&1 | tee -a "$out/served.log" | tail -n 60
 fi
 if [[ $parts == *" worker "* ]]; then
   python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30
