@@ -12,8 +12,8 @@ The staged array (int64), for a step of b rows (the graph's bucket) and block ta
 
 where patch[row] is the row of `pending` (the step in flight's sampled ids) whose id replaces ids[row], or -1.
 
-    decode_inputs(staged, pending, ids, positions, slots, context_lens, lora_slots, tables, b, has_lora, has_patch)
-    decode_inputs_ref(...)   # the same, in torch ops (the CPU's way)
+    decode_inputs(staged, pending, ids, positions, kv_slots, context_lens, lora_slots, tables, b, has_lora)
+    decode_inputs_ref(...)   # the same in torch ops (the CPU's way); pending None: no row takes an id
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def decode_inputs(staged: torch.Tensor, pending: torch.Tensor | None, ids: torch
 
 def decode_inputs_ref(staged: torch.Tensor, pending: torch.Tensor | None, ids: torch.Tensor, positions: torch.Tensor,
                       kv_slots: torch.Tensor, context_lens: torch.Tensor, lora_slots: torch.Tensor,
-                      tables: torch.Tensor, b: int, has_lora: bool, width: int) -> None:
-    """decode_inputs in torch ops (width: the staged tables' width, which the kernel reads from the array)."""
+                      tables: torch.Tensor, b: int, has_lora: bool) -> None:
+    """decode_inputs in torch ops (reading the tables' width from the array waits for a device: the CPU's way)."""
     _check(ids, tables, b)
+    width = int(staged[6 * b])
     cols = staged[: 6 * b].view(6, b)
     ids[:b] = cols[0]
     positions[:b] = cols[1]

@@ -98,8 +98,11 @@ class DecodeGraphs:
         stacked = lora is not None and getattr(lora, "graphable", False) and lora.buffers.stacked is not None
         self.prefixes = stacked_prefixes(lora.buffers.num_slots) if stacked else []
         self.stacked_max_batch = STACKED_MAX_BATCH  # as captured (benchmarks change the module's for other engines)
-        from kernels.step_inputs import staged_size  # (kernels/ imports Triton: on CUDA machines, not everywhere)
+        # (kernels/ imports Triton: imported here, where graphs are made, not where the engine is)
+        from kernels.step_inputs import decode_inputs, decode_inputs_ref, staged_size
 
+        self._staged_size = staged_size
+        self._spread_inputs = decode_inputs if dev.type == "cuda" else decode_inputs_ref
         self._staging = PinnedStaging(staged_size(n, self.max_blocks), dev)
         self._pool = None
         self.last: tuple[int, frozenset[str] | None, int | None, bool, int | None] | None = None  # the last step's
@@ -189,8 +192,6 @@ class DecodeGraphs:
         the graph `find` returned. patch: (rows, source rows, ids) for tokens the host does not know yet:
         ids[source rows] on the device, sampled by the step in flight, go into those rows. token_slots: the
         sequences' slots for a LoRA graph (None: the base graph)."""
-        from kernels.step_inputs import decode_inputs, decode_inputs_ref, staged_size
-
         n = len(ids)
         b, lora = key[0], key[1]
         bs = self.block_size
@@ -200,7 +201,7 @@ class DecodeGraphs:
         # patch (the row of the step in flight's ids each row takes, or -1), the tables' width, the tables.
         lens = np.fromiter(map(len, block_tables), np.int64, n)
         width = int(lens.max())
-        host = self._staging.next(staged_size(b, width))
+        host = self._staging.next(self._staged_size(b, width))
         cols = host[:6 * b].reshape(6, b)
         table = host[6 * b + 1:].reshape(b, width)
         pos = np.asarray(positions, dtype=np.int64)
@@ -222,12 +223,8 @@ class DecodeGraphs:
         host[6 * b] = width
         dev = self._staging.to_device(host, self.ids.device)
         pending = patch[2] if patch is not None and patch[0] else None
-        args = (dev, pending, self.ids, self.positions, self.slot_mapping, self.context_lens, self.token_slots,
-                self.block_tables, b, bool(lora))
-        if dev.is_cuda:
-            decode_inputs(*args)
-        else:
-            decode_inputs_ref(*args, width)
+        self._spread_inputs(dev, pending, self.ids, self.positions, self.slot_mapping, self.context_lens,
+                            self.token_slots, self.block_tables, b, bool(lora))
         graph, logits = self.graphs[key]
         self.last = key
         graph.replay()

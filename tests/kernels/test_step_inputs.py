@@ -38,7 +38,7 @@ def test_matches_the_reference(b, width, has_lora, patched):
     assert staged.numel() == staged_size(b, width)
     got, want = buffers(), buffers()
     decode_inputs(staged, pending, *got, b, has_lora)
-    decode_inputs_ref(staged, pending, *want, b, has_lora, width)
+    decode_inputs_ref(staged, pending, *want, b, has_lora)
     for x, y in zip(got, want, strict=True):
         assert torch.equal(x, y)
     ids, positions, kv_slots, ctx, lora, table = got
