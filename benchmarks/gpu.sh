@@ -13,8 +13,8 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and the
 # prefill rounds; worker = the worker benchmark; gemms (not in the default) = the base projections at decode sizes,
 # cuBLAS ways and the Triton candidate; served (not in the default; needs grpcio, see benchmarks/README.md) = a
-# worker serving 64 streams through its gRPC API, the engine process's GIL switch interval A/B/A, then a profile of
-# the engine's step loop while it serves.
+# worker serving 64 streams through its gRPC API (the Batch hand-over's cost first, benchmarks.batch_pipe), the engine
+# process's GIL switch interval A/B/A, then a profile of the engine's step loop while it serves.
 parts=" ${PARTS:-tests kernels steps worker} "
 if [[ $parts == *" tests "* ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
@@ -39,6 +39,9 @@ if [[ $parts == *" gemms "* ]]; then
     | tee "$out/decode_gemms.log" | tail -n 60
 fi
 if [[ $parts == *" served "* ]]; then
+  # What handing each step's Batch to the server costs the real engine's step loop (written by the loop itself
+  # against the replaced sender thread, side by side).
+  python3 -m benchmarks.batch_pipe --gpu --adapters 8 2>&1 | tail -n 4 | tee -a "$out/served.log"
   for g in 0.5 0.05 0.5 0.05; do
     python3 -m benchmarks.served_host --gpu --adapters 8 --tokens 512 --engine-process on --gil-switch-interval-ms $g \
       2>&1 | grep "^batch" | sed "s/^/gil $g ms: /" | tee -a "$out/served.log"

@@ -163,6 +163,12 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
     server = WorkerServer(config, engine_factory=engine)
     await server.start()
     compiled_before = _compiled_kernels()
+    cpus = os.sched_getaffinity(0)
+    if args.pin_engine and server.engine.engine_pid != os.getpid() and len(cpus) > 1:
+        # The engine's step loop (its process's main thread) alone on one CPU, this process's event loop and the
+        # client process (spawned below) on the others: a 2-core VM run as a many-core host runs them.
+        os.sched_setaffinity(server.engine.engine_pid, {min(cpus)})
+        os.sched_setaffinity(0, cpus - {min(cpus)})
     try:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
@@ -181,6 +187,7 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
             pstats.Stats(prof).sort_stats(args.profile_sort).print_stats(args.profile)
         await loop.run_in_executor(None, proc.join)
     finally:
+        os.sched_setaffinity(0, cpus)
         await server.shutdown(0)
     compiled = sorted(p.stem for p in _compiled_kernels() - compiled_before)
     if profile_path is not None and profile_path.exists():
@@ -208,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gil-switch-interval-ms", type=float, default=0.5, help="the worker's --gil-switch-interval-ms "
                    "(the engine process takes it too)")
     p.add_argument("--demo-dir", default=".demo/assets")
+    p.add_argument("--pin-engine", action="store_true",
+                   help="the engine process's step loop alone on the first CPU, the server's event loop and the "
+                        "clients on the others (engine process on only): on a small VM, the share of CPUs a "
+                        "many-core host gives them")
     p.add_argument("--gpu", action="store_true", help="the real engine on CUDA, on the Llama-3.2-1B-shaped random "
                    "checkpoint (benchmarks.synthetic) with --adapters rank-16 adapters, instead of the stubbed one")
     p.add_argument("--profile-engine", type=int, default=0, help="print the top N functions of the step loop's "

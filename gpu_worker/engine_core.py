@@ -199,14 +199,18 @@ def portable(error: BaseException) -> BaseException:
 
 class EngineCore:
     """Owns the engine: builds it, then runs the step loop until Stop, reading `inbox` and handing each
-    iteration's Batch to `send`. Everything here runs on one thread (the stager's thread posts to the inbox)."""
+    iteration's Batch to `send`. Everything here runs on one thread (the stager's thread posts to the inbox).
+
+    `flush(force)`, where `send` may hold Batches back (batch_pipe.BatchWriter merges them while the server has
+    not read the last): called at the top of each iteration, `force` when the loop may block next."""
 
     def __init__(self, factory: Callable[[], LLMEngine], preload: list[LoRARequest], inbox: queue.SimpleQueue,
-                 send: Callable[[Batch], None], wire: bool = False):
+                 send: Callable[[Batch], None], wire: bool = False, flush: Callable[[bool], None] | None = None):
         self._factory = factory
         self._preload = preload
         self._inbox = inbox
         self._send = send
+        self._flush = flush or (lambda force: None)
         self._wire = wire  # outputs and errors in their wire form (another process reads them)
         self._keys: dict[str, AdapterKey | None] = {}  # live requests and their adapters
         self._parked: dict[tuple[str, str], list[Add | Prefetch]] = {}  # commands waiting for an adapter's read
@@ -251,7 +255,9 @@ class EngineCore:
         last_load, load, load_at, stalled, stopping = None, None, 0.0, False, False
         while not stopping:
             busy = engine.has_unfinished_requests()
-            commands = self._take(None if not busy else STALL_WAIT_S if stalled else 0)
+            timeout = None if not busy else STALL_WAIT_S if stalled else 0
+            self._flush(timeout != 0)
+            commands = self._take(timeout)
             t0 = time.perf_counter()
             for cmd in commands:
                 if isinstance(cmd, Stop):

@@ -4,11 +4,11 @@
   they are (no copy). The GIL is shared with the event loop.
 - ProcessLink: a process of its own (spawned: CUDA cannot be forked), as vLLM V1 runs its EngineCore. Commands
   and Batches are pickled over two pipes; streamed outputs travel in their slim wire form (engine_core.to_wire).
-  The step loop then has a GIL of its own: the event loop streaming a message a token no longer slows it. On
-  the engine's side a sender thread writes the Batches, merging those that come while a write waits for the
-  server to read, so the step loop never waits for the server; on the server's side the event loop reads
-  them itself (add_reader: no thread, no GIL hand-off). The engine process ignores SIGINT and SIGTERM (the
-  server drains first, then sends Stop) and stops when its command pipe closes (the server died).
+  The step loop then has a GIL of its own: the event loop streaming a message a token no longer slows it. The
+  step loop writes its Batches itself, never waiting (batch_pipe.py: merged while the server has not read the
+  last); the event loop reads them itself (add_reader, non-blocking reads: no thread, no GIL hand-off). The
+  engine process ignores SIGINT and SIGTERM (the server drains first, then sends Stop) and stops when its
+  command pipe closes (the server died).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from gpu_worker.batch_pipe import BatchReader, BatchWriter
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora_request import LoRARequest
 from gpu_worker.engine_core import Batch, EngineCore, Stop, UnavailableError
@@ -83,18 +84,21 @@ class ProcessLink:
         self._proc.start()
         commands_in.close()  # the child's ends: closed here, so either side sees the other go
         batches_out.close()
-        loop.add_reader(self._batches.fileno(), self._readable, apply, loop)
+        reader = BatchReader(self._batches.fileno())
+        loop.add_reader(self._batches.fileno(), self._readable, reader, apply, loop)
 
-    def _readable(self, apply: Apply, loop: asyncio.AbstractEventLoop) -> None:
+    def _readable(self, reader: BatchReader, apply: Apply, loop: asyncio.AbstractEventLoop) -> None:
         """Every Batch the pipe holds now, applied in order (on the event loop)."""
         try:
-            while self._batches.poll():
-                batch = self._batches.recv()
-                apply(batch)
-                if batch.stopped:
-                    self._close_reader(loop)
-                    return
-        except (EOFError, OSError):  # the engine process is gone without a word
+            batches = reader.read()
+        except OSError:
+            batches, reader.eof = [], True
+        for batch in batches:
+            apply(batch)
+            if batch.stopped:
+                self._close_reader(loop)
+                return
+        if reader.eof:  # the engine process is gone without a word
             self._close_reader(loop)
             loop.create_task(self._report_death(apply))
 
@@ -131,38 +135,6 @@ class ProcessLink:
             self._commands.close()
 
 
-class CoalescingSender:
-    """Writes Batches to the pipe on a thread of its own. Batches handed over while a write waits (the server
-    is busy) merge into one, sent next: the step loop hands a Batch over and goes on."""
-
-    def __init__(self, conn):
-        self._conn = conn
-        self._pending: Batch | None = None
-        self._ready = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="engine-batches", daemon=True)
-        self._thread.start()
-
-    def __call__(self, batch: Batch) -> None:
-        with self._ready:
-            self._pending = batch if self._pending is None else self._pending.merge(batch)
-            self._ready.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                self._ready.wait_for(lambda: self._pending is not None)
-                batch, self._pending = self._pending, None
-            try:
-                self._conn.send(batch)
-            except OSError:  # the server is gone
-                return
-            if batch.stopped:
-                return
-
-    def join(self) -> None:
-        self._thread.join()
-
-
 def run_engine_process(factory: Callable[[], LLMEngine], preload: list[LoRARequest], commands, batches,
                        log_level: int, switch_interval_s: float) -> None:
     """The engine process's main: the EngineCore's loop, fed from the command pipe, answering on the other."""
@@ -183,7 +155,7 @@ def run_engine_process(factory: Callable[[], LLMEngine], preload: list[LoRAReque
                 return
 
     threading.Thread(target=read, name="engine-commands", daemon=True).start()
-    sender = CoalescingSender(batches)
-    EngineCore(factory, preload, inbox, sender, wire=True).run()
-    sender.join()
+    writer = BatchWriter(batches.fileno())
+    EngineCore(factory, preload, inbox, writer, wire=True, flush=writer.flush).run()
+    writer.join()
     batches.close()

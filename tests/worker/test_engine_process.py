@@ -41,7 +41,6 @@ from gpu_worker.engine_core import (
     portable,
     to_wire,
 )
-from gpu_worker.engine_link import CoalescingSender
 from gpu_worker.server import WorkerServer
 from loraserve.v1 import common_pb2
 from tests.services import wait_until
@@ -261,31 +260,6 @@ def test_python_m_gpu_worker_exits_1_when_its_engine_process_dies(tiny_model_dir
         os.kill(_engine_pid(proc.pid), signal.SIGKILL)
         assert proc.wait(timeout=30) == 1
         assert "engine process exited unexpectedly" in proc.stderr.read()
-
-
-def test_batches_merge_in_order_and_the_sender_merges_while_a_write_waits():
-    class SlowPipe:
-        def __init__(self):
-            self.sent: list[Batch] = []
-            self.release = threading.Event()
-
-        def send(self, batch: Batch) -> None:
-            assert self.release.wait(10)
-            self.sent.append(batch)
-
-    pipe = SlowPipe()
-    sender = CoalescingSender(pipe)
-    sender(Batch(outputs=["a1"], results=[(1, "r1", None)]))
-    time.sleep(0.05)  # the sender took the first and waits in its write
-    sender(Batch(load="load-2", outputs=["a2"]))
-    sender(Batch(outputs=["a3"], failed=[("x", ValueError("v"))]))
-    sender(Batch(load="load-4", outputs=["a4"], stopped=True))
-    pipe.release.set()
-    sender.join()
-    first, merged = pipe.sent
-    assert first.outputs == ["a1"] and first.results == [(1, "r1", None)]
-    assert merged.outputs == ["a2", "a3", "a4"] and merged.load == "load-4" and merged.stopped
-    assert [rid for rid, _ in merged.failed] == ["x"]
 
 
 def test_the_engine_process_exits_when_the_worker_is_killed(tiny_model_dir):
