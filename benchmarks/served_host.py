@@ -116,7 +116,7 @@ class TimedEngine:
             t = time.perf_counter()
             outs = step()
             end = time.perf_counter()
-            held.append(f"{end} {end - t} {' '.join(str(phases[k]) for k in PHASES)}\n")
+            held.append(f"{end} {end - t} {len(outs)} {' '.join(str(phases[k]) for k in PHASES)}\n")
             if len(held) >= 64 or not e.has_unfinished_requests():
                 with open(path, "a") as f:
                     f.write("".join(held))
@@ -194,13 +194,20 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
         print(f"the step loop's thread, engine process {engine_process}:")
         pstats.Stats(str(profile_path)).sort_stats(args.profile_sort).print_stats(args.profile_engine)
     lines = (list(map(float, line.split())) for line in log_path.read_text().splitlines())
-    logged = [(t, dt, rest) for t, dt, *rest in lines if start <= t <= end]
-    timed = [dt for _, dt, _ in logged]
-    phase_ms = {k: statistics.median(r[i] for _, _, r in logged) * 1e3 for i, k in enumerate(PHASES)} if logged else {}
+    logged = [(t, dt, n, rest) for t, dt, n, *rest in lines if start <= t <= end]
+    timed = [dt for _, dt, _, _ in logged]
+    # The medians over the steps that handed out the most tokens (every stream's, once all have started): the
+    # streams start and end over a while, and a step of a part of the batch costs less (before and after a
+    # change, compare like with like; --tokens long enough that every stream runs at once).
+    most = max((x[2] for x in logged), default=0)
+    full = [x for x in logged if x[2] == most]
+    phase_ms = {k: statistics.median(r[i] for *_, r in full) * 1e3 for i, k in enumerate(PHASES)} if full else {}
     # The loop's period: from one step's end to the next's (the step and what the loop does between steps).
-    periods = [b[0] - a[0] for a, b in zip(logged, logged[1:])]
+    periods = [b[0] - a[0] for a, b in zip(logged, logged[1:]) if b[2] == most]
+    step_ms = statistics.median(dt for _, dt, _, _ in full) * 1e3 if full else math.nan
     return dict(wall=wall, received=received, messages=messages, ttft=ttft, gap_p50=gap_p50, gap_p99=gap_p99,
-                steps=len(timed), step_ms=statistics.median(timed) * 1e3, busy=sum(timed) / wall, compiled=compiled,
+                steps=len(timed), full_steps=len(full), full_batch=int(most), step_ms=step_ms,
+                busy=sum(timed) / wall, compiled=compiled,
                 period_ms=statistics.median(periods) * 1e3 if periods else math.nan, phase_ms=phase_ms)
 
 
@@ -252,13 +259,14 @@ def main(argv: list[str] | None = None) -> int:
             served = asyncio.run(_serve(args, model_dir, adapters, mode, Path(tmp, "steps.log")))
         got, msgs, wall = served["received"], served["messages"], served["wall"]
         print(f"batch {args.batch}, {len(adapters)} adapters + base, {args.tokens} tokens a stream, engine process "
-              f"{mode}: {alone}; serving {served['step_ms']:.3f} ms a step (median; {served['period_ms']:.3f} from one "
-              f"step's end to the next's), "
+              f"{mode}: {alone}; serving {served['step_ms']:.3f} ms a step (median of the {served['full_steps']} steps "
+              f"with {served['full_batch']} streams' tokens; {served['period_ms']:.3f} from one step's end to the "
+              f"next's), "
               f"{served['steps'] / wall:.0f} steps/s, the step loop busy {100 * served['busy']:.0f}% of the time; "
               f"the clients received {got} tokens ({got / wall:.0f} tokens/s) in {msgs} messages "
               f"({got / max(1, msgs):.2f} tokens a message) over {wall:.2f} s; first message after "
               f"{1e3 * served['ttft']:.1f} ms (median), then one every {1e3 * served['gap_p50']:.2f} ms (median; "
-              f"p99 {1e3 * served['gap_p99']:.2f}); a step's phases (median ms): "
+              f"p99 {1e3 * served['gap_p99']:.2f}); those steps' phases (median ms): "
               f"{', '.join(f'{k} {v:.3f}' for k, v in served['phase_ms'].items())}; kernels compiled while serving: "
               f"{', '.join(served['compiled']) or 'none'}", flush=True)
     return 0

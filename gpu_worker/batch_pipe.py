@@ -1,17 +1,18 @@
 """The engine process's Batches to the server, over a pipe, with no thread of the engine's in the way.
 
-BatchWriter (the engine's end) is called by the step loop itself. A Batch is written at once while the server
-has read everything before it (the pipe holds no unread byte: FIONREAD); else it merges into the one that waits
-(the server is busy: it then gets fewer, larger Batches), written once the pipe is empty again or when the loop
-is about to wait (`flush`). Writes never block: a frame larger than the pipe has room for leaves its rest in a
-backlog that a thread writes as the pipe drains; that thread sleeps until then.
+BatchWriter (the engine's end) is called by the step loop itself. A Batch is written at once unless the server is
+far behind (MERGE_AFTER_BYTES unread in the pipe, FIONREAD: ~20 steps of 64 streamed tokens); then it merges
+into the one that waits (the server gets fewer, larger Batches to unpickle and apply), written once the server
+has caught up or when the loop is about to wait (`flush`). Not merged sooner: a Batch held at the end of a step
+waits for the next step's end, and a prompt's step can be long. Writes never block: a frame larger than the pipe
+has room for leaves its rest in a backlog that a thread writes as the pipe drains; that thread sleeps until then.
 
 Why not a sender thread for every Batch (what this replaced): the step loop releases the GIL in every torch call,
 and a thread that wakes each step to pickle and write takes it there; the loop then waits to get it back. On an H200
 the served worker's launch phase (ModelRunner.run) was 0.88-1.19 ms against 0.571 in the closed loop, and a shorter
 GIL switch interval shrank it. Stubbed engine on the 2-core dev VM, 64 streams, engine process pinned to a CPU of its
-own (benchmarks.served_host --pin-engine, the code before and after side by side, 3 rounds): launch 0.80-0.83 ->
-0.56-0.61 ms (alone: 0.55), a step 1.23-1.30 -> 0.94-1.08 ms.
+own (benchmarks.served_host --pin-engine, the code before and after side by side): the launch phase shorter by
+0.09-0.36 ms in each of 9 pairs (e.g. 0.80-0.83 -> 0.56-0.61 ms; alone it is 0.55).
 
 BatchReader (the server's end) reads what the pipe holds without blocking (the event loop calls it when the fd is
 readable) and returns the whole Batches; a frame split across reads waits for its rest.
@@ -37,6 +38,7 @@ HEADER = struct.Struct("<Q")
 # /proc/sys/fs/pipe-max-size, 1 MiB by default): a Batch of 64 streamed tokens is ~3 KB, a final output with a
 # long prompt and logprobs can be hundreds of KB.
 PIPE_BYTES = 1 << 20
+MERGE_AFTER_BYTES = 64 << 10
 READ_BYTES = 1 << 20
 
 
@@ -54,11 +56,12 @@ def widen(fd: int) -> None:
 
 
 class BatchWriter:
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, merge_after: int = MERGE_AFTER_BYTES):
         self._fd = fd
+        self._merge_after = merge_after
         os.set_blocking(fd, False)
         widen(fd)
-        self._pending: Batch | None = None  # merged while the server had not read what came before
+        self._pending: Batch | None = None  # merged while the server is far behind
         self._backlog = bytearray()  # the rest of a frame the pipe had no room for
         self._cv = threading.Condition()
         self._closed = False  # the server is gone (or close() was called): nothing more is written
@@ -71,9 +74,9 @@ class BatchWriter:
         self.flush(force=batch.stopped)
 
     def flush(self, force: bool = True) -> None:
-        """Writes the Batch that waits: if the server has read everything before it, or whatever the pipe holds
-        when `force` (the step loop is about to wait: a Batch held now would wait with it)."""
-        if self._pending is None or not (force or _unread(self._fd) == 0):
+        """Writes the Batch that waits: unless the server is far behind, or whatever the pipe holds when `force`
+        (the step loop is about to wait: a Batch held now would wait with it)."""
+        if self._pending is None or not (force or _unread(self._fd) < self._merge_after):
             return
         data = pickle.dumps(self._pending, protocol=pickle.HIGHEST_PROTOCOL)
         self._pending = None
@@ -102,12 +105,14 @@ class BatchWriter:
             return len(data)
 
     def _drain(self) -> None:
+        writable = select.poll()
+        writable.register(self._fd, select.POLLOUT)
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._backlog or self._closed)
                 if self._closed:
                     return
-            select.select([], [self._fd], [])  # until the server has read some (the GIL is released here)
+            writable.poll()  # until the server has read some (the GIL is released here)
             with self._cv:
                 del self._backlog[:self._write(self._backlog)]
                 if not self._backlog:

@@ -201,8 +201,8 @@ class EngineCore:
     """Owns the engine: builds it, then runs the step loop until Stop, reading `inbox` and handing each
     iteration's Batch to `send`. Everything here runs on one thread (the stager's thread posts to the inbox).
 
-    `flush(force)`, where `send` may hold Batches back (batch_pipe.BatchWriter merges them while the server has
-    not read the last): called at the top of each iteration, `force` when the loop may block next."""
+    `flush(force)`, where `send` may hold Batches back (batch_pipe.BatchWriter merges them while the server is
+    far behind): called at the top of each iteration, `force` when the loop may block next."""
 
     def __init__(self, factory: Callable[[], LLMEngine], preload: list[LoRARequest], inbox: queue.SimpleQueue,
                  send: Callable[[Batch], None], wire: bool = False, flush: Callable[[bool], None] | None = None):

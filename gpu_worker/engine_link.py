@@ -5,8 +5,8 @@
 - ProcessLink: a process of its own (spawned: CUDA cannot be forked), as vLLM V1 runs its EngineCore. Commands
   and Batches are pickled over two pipes; streamed outputs travel in their slim wire form (engine_core.to_wire).
   The step loop then has a GIL of its own: the event loop streaming a message a token no longer slows it. The
-  step loop writes its Batches itself, never waiting (batch_pipe.py: merged while the server has not read the
-  last); the event loop reads them itself (add_reader, non-blocking reads: no thread, no GIL hand-off). The
+  step loop writes its Batches itself, never waiting (batch_pipe.py: merged while the server is far
+  behind); the event loop reads them itself (add_reader, non-blocking reads: no thread, no GIL hand-off). The
   engine process ignores SIGINT and SIGTERM (the server drains first, then sends Stop) and stops when its
   command pipe closes (the server died).
 """

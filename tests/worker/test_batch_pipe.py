@@ -1,5 +1,5 @@
 """The engine process's Batches to the server (gpu_worker/batch_pipe.py): written by the step loop itself and never
-waiting, merged while the server has not read the last, a frame larger than the pipe's room finished by the
+waiting, merged while the server is far behind, a frame larger than the pipe's room finished by the
 backlog's thread in order, read by the event loop without blocking, a frame split across reads, and the ends of
 the pipe."""
 
@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from gpu_worker.batch_pipe import HEADER, BatchReader, BatchWriter, _unread
+from gpu_worker.batch_pipe import HEADER, MERGE_AFTER_BYTES, BatchReader, BatchWriter, _unread
 from gpu_worker.engine_core import Batch
 
 
@@ -36,9 +36,25 @@ def read_all(reader: BatchReader, want: int, timeout: float = 10.0) -> list[Batc
     return got
 
 
-def test_batches_are_written_at_once_while_the_server_keeps_up_and_merge_while_it_does_not(pipe):
+def test_batches_go_at_once_while_the_server_is_a_little_behind(pipe):
     r, w = pipe
     writer, reader = BatchWriter(w), BatchReader(r)
+    for i in range(5):
+        writer(Batch(outputs=[f"t{i}"]))
+        assert 0 < _unread(w) < MERGE_AFTER_BYTES
+    assert [b.outputs for b in reader.read()] == [[f"t{i}"] for i in range(5)]
+    writer(Batch(outputs=["x" * MERGE_AFTER_BYTES]))  # now it is far behind: the next ones wait, merged
+    writer(Batch(outputs=["y"]))
+    writer(Batch(outputs=["z"]))
+    assert [b.outputs for b in read_all(reader, 1)] == [["x" * MERGE_AFTER_BYTES]]
+    writer.flush(force=False)  # caught up
+    assert [b.outputs for b in reader.read()] == [["y", "z"]]
+    writer.join(5)
+
+
+def test_batches_merge_while_the_server_has_not_read_and_go_once_it_has_or_the_loop_waits(pipe):
+    r, w = pipe
+    writer, reader = BatchWriter(w, merge_after=1), BatchReader(r)  # merged once a byte is unread
     writer(Batch(outputs=["a"], results=[(1, "r1", None)]))
     assert _unread(w) > 0  # written at once: the pipe was empty
     writer(Batch(load="load-2", outputs=["b"]))
