@@ -50,7 +50,7 @@ def _unread(fd: int) -> int:
         return 0
 
 
-def widen(fd: int) -> None:
+def _widen(fd: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
@@ -60,11 +60,11 @@ class BatchWriter:
         self._fd = fd
         self._merge_after = merge_after
         os.set_blocking(fd, False)
-        widen(fd)
+        _widen(fd)
         self._pending: Batch | None = None  # merged while the server is far behind
         self._backlog = bytearray()  # the rest of a frame the pipe had no room for
         self._cv = threading.Condition()
-        self._closed = False  # the server is gone (or close() was called): nothing more is written
+        self._closed = False  # the server is gone (or join() ended): nothing more is written
         self._thread = threading.Thread(target=self._drain, name="engine-batches-backlog", daemon=True)
         self._thread.start()
 
