@@ -42,7 +42,10 @@ class RequestState:
     generator: torch.Generator | None
     # The request's input to every sampling step (made once; its token lists are the sequence's own).
     row: SamplingRow | None = None
-    text: str = ""
+    # The text so far, in pieces: joined only for an output that carries it whole. (`text += piece` on an
+    # attribute copies the whole string every token: O(length) a token, 18 us at 128k characters on the
+    # 2-core dev VM, 1.1 ms a step for 64 such requests.)
+    pieces: list[str] = field(default_factory=list)
     logprobs: list[Logprob] | None = None
     cumulative_logprob: float = 0.0
     # Emitted since the last output: drained into the next RequestOutput's delta fields.
@@ -349,8 +352,9 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", token
         else:
             emit, matched = st.stops.feed(st.detokenizer.append(token), can_stop=may_stop)
-            st.text += emit
-            st.delta_text += emit
+            if emit:
+                st.pieces.append(emit)
+                st.delta_text += emit
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
         if seq.finish_reason is None and (n_out >= params.max_tokens or seq.num_known_tokens >= self.max_model_len):
@@ -361,7 +365,7 @@ class LLMEngine:
         whole = seq.finish_reason is not None or seq.params.output_kind == "cumulative"
         completion = CompletionOutput(
             index=0,
-            text=st.text,
+            text="".join(st.pieces) if whole else "",
             token_ids=list(seq.output_token_ids) if whole else [],
             cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
             logprobs=(list(st.logprobs) if whole else []) if st.logprobs is not None else None,
@@ -380,7 +384,7 @@ class LLMEngine:
         st: RequestState = seq.state
         if seq.finish_reason != "stop" or not isinstance(seq.stop_reason, str):
             rest = st.stops.flush()
-            st.text += rest
+            st.pieces.append(rest)
             st.delta_text += rest
         self.scheduler.finish(seq)
         self._penalized -= has_penalty(seq.params)

@@ -52,9 +52,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # What each RequestOutput before the last carries, as vLLM's RequestOutputKind: "cumulative" (every
-    # token and the text so far, plus the deltas) or "delta" (only the deltas: no per-step copy of a growing
-    # list, which costs O(tokens) a step per request); "final_only": there is none before the last (LLM.generate's:
-    # no output built a step per request). The last output is always cumulative.
+    # token and the text so far, plus the deltas) or "delta" (only the deltas, text and token_ids empty: no
+    # per-step copy of a growing list or string, which costs O(tokens) a step per request); "final_only":
+    # there is none before the last (LLM.generate's: no output built a step per request). The last output is
+    # always cumulative.
     output_kind: str = "cumulative"
 
     # Limits bound the per-step work one request can cause (stop-string scans, top-k gathers).

@@ -226,7 +226,10 @@ def test_delta_outputs_carry_only_what_is_new_and_the_last_carries_all(engine, t
     seen = outputs_beside_cumulative(engine, "delta")
     *middle, last = seen["delta"]
     assert middle and all(o.outputs[0].token_ids == [] and o.outputs[0].logprobs == [] for o in middle)
+    assert all(o.outputs[0].text == "" for o in middle)
     assert [t for o in seen["delta"] for t in o.outputs[0].delta_token_ids] == last.outputs[0].token_ids
+    assert "".join(o.outputs[0].delta_text for o in seen["delta"]) == last.outputs[0].text
+    assert last.outputs[0].text == seen["cum"][-1].outputs[0].text and last.outputs[0].text
     assert last.outputs[0].token_ids == seen["cum"][-1].outputs[0].token_ids and len(last.outputs[0].logprobs) == 6
     assert seen["cum"][0].outputs[0].token_ids  # cumulative: every output holds the tokens so far
     with pytest.raises(InvalidRequestError, match="output_kind"):
