@@ -61,23 +61,30 @@ def _others() -> None:
         os.sched_setaffinity(0, cpus - {min(cpus)})
 
 
-def _read_frames(conn, pin: bool) -> None:
+def _read_frames(conn, pin: bool, counts) -> None:
+    """As the server reads them; puts the outputs received when the stopped Batch comes."""
     if pin:
         _others()
-    reader = BatchReader(conn.fileno())
+    reader, got = BatchReader(conn.fileno()), 0
     while not reader.eof:
         select.select([conn.fileno()], [], [])
-        reader.read()
+        for batch in reader.read():
+            got += len(batch.outputs)
+            if batch.stopped:
+                counts.put(got)
+                return
 
 
-def _read_connection(conn, pin: bool) -> None:
+def _read_connection(conn, pin: bool, counts) -> None:
     if pin:
         _others()
-    try:
-        while True:
-            conn.recv()
-    except (EOFError, OSError):
-        return
+    got = 0
+    while True:
+        batch = conn.recv()
+        got += len(batch.outputs)
+        if batch.stopped:
+            counts.put(got)
+            return
 
 
 def _stub_engine(args):
@@ -124,14 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     engine.runner.run = timed(engine.runner.run, "launch", phases)
 
     ctx = mp.get_context("spawn")
-    readers, sends = [], {"dropped": lambda batch: None}
+    readers, sends = {}, {"dropped": lambda batch: None}
     for name, target in (("step loop writes (BatchWriter)", _read_frames), ("sender thread", _read_connection)):
         rx, tx = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=target, args=(rx, args.pin), daemon=True)
+        counts = ctx.Queue()
+        proc = ctx.Process(target=target, args=(rx, args.pin, counts), daemon=True)
         proc.start()
         rx.close()
-        readers.append((proc, tx))
+        readers[name] = (proc, tx, counts)
         sends[name] = BatchWriter(tx.fileno()) if target is _read_frames else ThreadSender(tx)
+    sent = dict.fromkeys(sends, 0)
 
     if args.pin:  # the step loop's thread on a core of its own, as on a many-core host (its other threads: the rest)
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -147,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 outs = engine.step()
                 send(Batch(outputs=[to_wire(o) for o in outs]))
+                sent[name] += len(outs)
                 if isinstance(send, BatchWriter):
                     send.flush(force=False)
                 steps[name].append(time.perf_counter() - t)
@@ -159,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in sends:
         step, lau = statistics.median(steps[name]), statistics.median(launch[name])
         print(f"  {name:32s} step {step * 1e3:.3f} ms (x{step / base:.3f} of dropped), launch {lau * 1e3:.3f} ms")
-    for proc, tx in readers:
+    for name, (proc, tx, counts) in readers.items():  # every output reached its reader, in either design
+        sends[name](Batch(stopped=True))
+        got = counts.get(timeout=60)
+        assert got == sent[name], f"{name}: {got} outputs read of {sent[name]} sent"
+        proc.join(10)
         tx.close()
-        proc.join(5)
     return 0
 
 
