@@ -17,7 +17,10 @@ own (benchmarks.served_host --pin-engine, the code before and after side by side
 BatchReader (the server's end) reads what the pipe holds without blocking (the event loop calls it when the fd is
 readable) and returns the whole Batches; a frame split across reads waits for its rest.
 
-A frame: an 8-byte little-endian length, then the pickled Batch.
+A frame: an 8-byte little-endian length, then the pickled Batch. Pickle, as multiprocessing's Connection.recv
+(what read these before, and still reads the commands the other way): the pipe is anonymous, made by the worker
+for the engine process it spawned, and nothing else can write to it. No weights or client data cross it as
+pickles from outside; adapter and model weights load from safetensors only.
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ class BatchReader:
                 start = at + HEADER.size
                 if len(buf) - start < n:
                     break
+                # Trusted: the worker's own engine process, over a pipe only the two of them hold (module docstring).
                 batches.append(pickle.loads(view[start:start + n]))
                 at = start + n
         del buf[:at]
