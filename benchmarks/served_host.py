@@ -1,9 +1,9 @@
 """Host time of serving through the worker's gRPC API, the GPU work taken out: the engine stubbed as
 benchmarks.engine_host stubs it (fixed logits, decode steps through DecodeGraphs.run with no-op replays), a
-WorkerServer in this process, and `--batch` streaming clients in another. The engine's decode steps while it serves
-against the same engine stepping alone: what the event loop's per-token streaming costs the step loop, with which
-it shares the GIL (the cluster benchmark on two H200s: a served worker moved 2-3.3k tokens/s against 11.7k in the
-closed batch).
+WorkerServer in this process, and `--batch` streaming clients in others (`--client-procs`). The engine's decode
+steps while it serves against the same engine stepping alone: what the event loop's per-token streaming costs the
+step loop, with which it shares the GIL (the cluster benchmark on two H200s: a served worker moved 2-3.3k tokens/s
+against 11.7k in the closed batch).
 
     python3 -m benchmarks.served_host [--batch 64] [--tokens 200] [--adapters 4] [--engine-process off,on]
     python3 -m benchmarks.served_host --gpu    # the real engine on CUDA, Llama-3.2-1B-shaped
@@ -34,14 +34,18 @@ import torch
 from benchmarks.engine_host import stub_gpu, timed_steps
 
 
-def _client(port: int, batch: int, tokens: int, adapters: list[str], out: mp.Queue) -> None:
-    """`batch` concurrent streams, each `tokens` greedy tokens (EOS ignored), over base and the adapters in turn."""
+def _client(port: int, streams: range, tokens: int, adapters: list[str], out: mp.Queue, go) -> None:
+    """Concurrent streams (numbered `streams`), each `tokens` greedy tokens (EOS ignored), over base and the
+    adapters in turn, started when `go` is set (every client process's at once); puts ("ready",) first, then
+    ("done", start, end, tokens received, messages, each stream's first message's delay, the gaps between a
+    stream's messages) on `out`."""
     import grpc
 
     from loraserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    batch = len(streams)
     received = [0] * batch
     messages = [0] * batch
     first: list[float] = [0.0] * batch  # seconds to each stream's first message
@@ -49,9 +53,10 @@ def _client(port: int, batch: int, tokens: int, adapters: list[str], out: mp.Que
 
     def stream(i: int) -> None:
         req = worker_pb2.StreamGenerateRequest(
-            request_id=f"s{i}", prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(range(10, 10 + 128)))),
+            request_id=f"s{streams[i]}",
+            prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(range(10, 10 + 128)))),
             sampling=common_pb2.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
-        k = i % (len(adapters) + 1)
+        k = streams[i] % (len(adapters) + 1)
         if k:
             req.adapter.name = adapters[k - 1]
         start = last = time.perf_counter()
@@ -66,14 +71,14 @@ def _client(port: int, batch: int, tokens: int, adapters: list[str], out: mp.Que
             messages[i] += 1
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(batch)]
-    out.put(("start", time.time()))
-    t = time.perf_counter()
+    out.put(("ready",))
+    go.wait()
+    t = time.time()
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    q = statistics.quantiles(gaps, n=100) if len(gaps) > 1 else [math.nan] * 99
-    out.put(("done", time.perf_counter() - t, sum(received), sum(messages), statistics.median(first), q[49], q[98]))
+    out.put(("done", t, time.time(), sum(received), sum(messages), first, gaps))
     channel.close()
 
 
@@ -171,21 +176,35 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
         os.sched_setaffinity(0, cpus - {min(cpus)})
     try:
         ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_client, args=(server.port, args.batch, args.tokens, names, queue))
-        proc.start()
+        queue, go = ctx.Queue(), ctx.Event()
+        n = max(1, min(args.client_procs, args.batch))
+        procs = [ctx.Process(target=_client, args=(server.port, range(i, args.batch, n), args.tokens, names, queue,
+                                                   go)) for i in range(n)]
+        for proc in procs:
+            proc.start()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, queue.get)  # the client's streams start
+        for _ in procs:
+            await loop.run_in_executor(None, queue.get)  # each client process ready
+        go.set()  # the streams start
         start = time.perf_counter()
+        done = []
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()  # this thread: the event loop's
-        _, wall, received, messages, ttft, gap_p50, gap_p99 = await loop.run_in_executor(None, queue.get)
+        while len(done) < n:
+            done.append(await loop.run_in_executor(None, queue.get))
         end = time.perf_counter()
         if prof:
             prof.disable()
             pstats.Stats(prof).sort_stats(args.profile_sort).print_stats(args.profile)
-        await loop.run_in_executor(None, proc.join)
+        for proc in procs:
+            await loop.run_in_executor(None, proc.join)
+        wall = max(d[2] for d in done) - min(d[1] for d in done)
+        received, messages = sum(d[3] for d in done), sum(d[4] for d in done)
+        ttft = statistics.median(f for d in done for f in d[5])
+        gaps = [g for d in done for g in d[6]]
+        q = statistics.quantiles(gaps, n=100) if len(gaps) > 1 else [math.nan] * 99
+        gap_p50, gap_p99 = q[49], q[98]
     finally:
         os.sched_setaffinity(0, cpus)
         await server.shutdown(0)
@@ -216,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="concurrent streams (and the engine's max_num_seqs)")
     p.add_argument("--tokens", type=int, default=200, help="tokens each stream asks for")
     p.add_argument("--adapters", type=int, default=4, help="streams cycle over base + this many demo adapters")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="client processes the streams are spread over (one process's Python gRPC threads may "
+                        "set the pace before the worker does)")
     p.add_argument("--stream-interval", type=int, default=1, help="the worker's --stream-interval")
     p.add_argument("--engine-process", default="off,on", help="the worker's --engine-process: off (the step loop "
                    "on a thread of the server's process), on (a process of its own), or both, side by side")

@@ -1,6 +1,6 @@
-"""`python -m benchmarks.served_host`: a worker with the engine stubbed serves streaming clients in another process
-end to end on the CPU, with the engine on a thread and in a process of its own, and every token the streams asked
-for arrives."""
+"""`python -m benchmarks.served_host`: a worker with the engine stubbed serves streaming clients in two other
+processes end to end on the CPU, with the engine on a thread and in a process of its own, and every token the streams
+asked for arrives."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from benchmarks import served_host
 
 
 def test_served_host_streams_every_token(tmp_path, capsys):
-    assert served_host.main(["--batch", "6", "--tokens", "12", "--adapters", "2",
+    assert served_host.main(["--batch", "6", "--tokens", "12", "--adapters", "2", "--client-procs", "2",
                              "--demo-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     for mode in ("off", "on"):  # the step loop on a thread of the server's process, then in a process of its own
