@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.child_env import child_env
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ class RunningStack:
 
 @contextlib.contextmanager
 def running_stack(demo: Path, *extra: str) -> Iterator[RunningStack]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ADMIN_TOKEN": TOKEN}
+    env = child_env(LORASERVE_ADMIN_TOKEN=TOKEN)
     http_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stack", "--demo-dir", str(demo), "--port", "0", "--store-port", "0",
                              "--worker-port", "0", "--http-port", str(http_port), "--log-level", "warning",

@@ -4,7 +4,6 @@ tests/store/test_example_s3_plugin.py)."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -12,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.child_env import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_example(name: str, model: Path, adapters: Path) -> str:
     run = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), "--model", str(model), "--adapters",
-                          str(adapters), "--device", "cpu"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          str(adapters), "--device", "cpu"], cwd=ROOT, env=child_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import grpc
 import pytest
 
 from loraserve_client import AsyncClient, Client, LoRAServeError
+from tests.child_env import child_env
 from tests.stack_process import ROOT, TOKEN, running_stack
 
 
@@ -27,7 +27,7 @@ def stack(tmp_path_factory):
 
 
 def cli(address: str, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     env.pop("LORASERVE_ADMIN_TOKEN", None)
     if token is not None:
         env["LORASERVE_ADMIN_TOKEN"] = token
@@ -123,7 +123,7 @@ def test_the_serving_example_runs_against_it(stack):
     """examples/serving.py: models with lineage, pre-loaded adapters (both forms), resolvers, runtime load,
     in-place reload (new requests get the new version), unload."""
     _, address, demo, _ = stack
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ADMIN_TOKEN": TOKEN}
+    env = child_env(LORASERVE_ADMIN_TOKEN=TOKEN)
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "serving.py"), "--address", address, "--adapters",
                           str(demo / "adapters")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -3,7 +3,6 @@ ready line, stop (SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
 import subprocess
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,7 @@ class Proc:
 
 def spawn(name: str, cmd: list[str], log_dir: Path, env: dict | None = None) -> tuple[Proc, queue.Queue]:
     log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-    popen = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    popen = subprocess.Popen(cmd, cwd=ROOT, env=child_env(**(env or {})),
                              stdout=subprocess.PIPE, stderr=log, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in popen.stdout], daemon=True).start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loraserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from router.policy import preference
+from tests.child_env import child_env
 from tests.router.conftest import (
     ADMIN_TOKEN,
     admin_metadata,
@@ -339,8 +339,7 @@ def test_a_busy_adapter_is_prefetched_on_its_spill_target(loop):
 def test_python_m_router_serves_and_exits_0_on_sigterm(loop):
     w = FakeWorker("cli-w", adapters=dict(ADAPTERS))
     with fake_workers(loop, w):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ROUTER_WORKERS": w.address,
-               "LORASERVE_ROUTER_METRICS_PORT": "0"}
+        env = child_env(LORASERVE_ROUTER_WORKERS=w.address, LORASERVE_ROUTER_METRICS_PORT="0")
         proc = subprocess.Popen([sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0"], cwd=ROOT,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -373,7 +372,7 @@ def test_sigterm_lets_streams_in_flight_finish_on_both_apis(loop):
     w = FakeWorker("drain-w", adapters=dict(ADAPTERS), tokens=20, token_delay_s=0.05)  # ~1 s a stream
     with fake_workers(loop, w):
         http_port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_ROUTER_WORKERS": w.address}
+        env = child_env(LORASERVE_ROUTER_WORKERS=w.address)
         proc = subprocess.Popen([sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0",
                                  "--metrics-port", "0", "--http-port", str(http_port), "--drain-timeout-s", "20"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -3,7 +3,6 @@ address and draining on SIGTERM."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from adapter_store import server as server_module
 from adapter_store.server import StoreServer
 from loraserve.v1 import adapter_store_pb2_grpc
+from tests.child_env import child_env
 
 from .conftest import resolve, store_config
 
@@ -62,8 +62,7 @@ def test_not_serving_until_warm(store_loop, tmp_path, monkeypatch, adapters_root
 
 
 def test_python_m_adapter_store_serves_then_drains_on_sigterm(tmp_path, adapters_root):
-    env = {**os.environ, "LORASERVE_STORE_CACHE_DIR": str(tmp_path / "cache"),
-           "LORASERVE_STORE_LORA_ROOT": str(adapters_root), "PYTHONPATH": str(REPO)}
+    env = child_env(LORASERVE_STORE_CACHE_DIR=str(tmp_path / "cache"), LORASERVE_STORE_LORA_ROOT=str(adapters_root))
     proc = subprocess.Popen([sys.executable, "-m", "adapter_store", "--port", "0", "--host", "127.0.0.1"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -83,7 +82,7 @@ def test_python_m_adapter_store_serves_then_drains_on_sigterm(tmp_path, adapters
 
 
 def test_bad_configuration_exits_2_with_a_message(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LORASERVE_STORE_ENABLE_ADMIN": "true", "LORASERVE_ADMIN_TOKEN": ""}
+    env = child_env(LORASERVE_STORE_ENABLE_ADMIN="true", LORASERVE_ADMIN_TOKEN="")
     out = subprocess.run([sys.executable, "-m", "adapter_store", "--cache-dir", str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "LORASERVE_ADMIN_TOKEN is empty" in out.stderr

@@ -43,6 +43,7 @@ from gpu_worker.engine_core import (
 )
 from gpu_worker.server import WorkerServer
 from loraserve.v1 import common_pb2
+from tests.child_env import child_env
 from tests.services import wait_until
 
 from .conftest import generate_request, running_worker, stub_for, worker_config
@@ -282,7 +283,7 @@ def worker_process(model_dir: Path) -> Iterator[subprocess.Popen]:
     """`python -m gpu_worker` with its engine in a process of its own, once it serves; killed at the end."""
     cmd = [sys.executable, "-m", "gpu_worker", "--model-dir", str(model_dir), "--host", "127.0.0.1",
            "--port", "0", "--num-kv-blocks", "64", "--engine-process", "on"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora.peft_adapter import content_hash
 from gpu_worker.server import StartupError, WorkerServer
 from loraserve.v1 import common_pb2, worker_pb2
+from tests.child_env import child_env
 from tests.services import wait_until
 
 from .conftest import NUM_KV_BLOCKS, generate_request, running_worker, stub_for, worker_config
@@ -144,8 +144,8 @@ def test_drain_finishes_running_streams_and_refuses_new_ones(aio_loop, tiny_mode
 
 
 def test_python_m_gpu_worker_serves_and_exits_0_on_sigterm(tiny_model_dir, tiny_adapters):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORASERVE_WORKER_WORKER_ID": "sub-worker",
-           "LORASERVE_WORKER_MAX_LORAS": "3", "LORASERVE_WORKER_NUM_KV_BLOCKS": "64"}
+    env = child_env(LORASERVE_WORKER_WORKER_ID="sub-worker", LORASERVE_WORKER_MAX_LORAS="3",
+                    LORASERVE_WORKER_NUM_KV_BLOCKS="64")
     cmd = [sys.executable, "-m", "gpu_worker", "--model-dir", str(tiny_model_dir), "--host", "127.0.0.1",
            "--port", "0", "--lora-modules", f"sql-lora={tiny_adapters['sql-lora']}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
