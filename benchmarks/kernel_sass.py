@@ -110,7 +110,7 @@ def summary(sass: str) -> dict:
 def variants() -> dict[str, Variant]:
     """The elementwise kernels as the engine's batch-64, 8-adapter decode step launches them (base and expanding)."""
     from kernels.consumer_expand import rank_block
-    from kernels.elementwise import EXPAND_ONE_BLOCK_WARPS, EXPAND_WARPS
+    from kernels.elementwise import EXPAND_ONE_BLOCK_WARPS, EXPAND_WARPS, SILU_ROW_EXPAND_BN, SILU_ROW_EXPAND_WARPS
 
     rb = rank_block(16)
     bf16 = "*bf16"
@@ -171,6 +171,10 @@ def variants() -> dict[str, Variant]:
         "silu_mul grouped": Variant("_silu_mul_expand_kernel", silu_types,
                                     {"BM": 64, "BN": 32, "BK": 128, "EVEN_K": True, "DOT": 0, "EMULATED": False,
                                      "R": 16, "RB": rb, "PDL": True, "GROUPS": 4}, 4, 1),
+        # The same, a row a program over 512 columns of each slice (elementwise.SILU_ROW_EXPAND_MIN_SLOTS).
+        "silu_mul rows": Variant("_silu_mul_row_expand_kernel", silu_types,
+                                 {"BN": SILU_ROW_EXPAND_BN, "EMULATED": False, "R": 16, "RB": rb, **early},
+                                 SILU_ROW_EXPAND_WARPS, 1),
         # Eager steps (prompts): the segmented shrink's float32 y, tiles of 64 rows mostly of one slot.
         "silu_mul eager": Variant("_silu_mul_expand_kernel", {**silu_types, "y_ptr": "*fp32"},
                                   {"BM": 64, "BN": 64, "BK": 16, "EVEN_K": True, "DOT": 0, "EMULATED": False,

@@ -501,6 +501,52 @@ def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp,
 
 _silu_mul_expand = Launches(_silu_mul_expand_kernel)
 
+# Decode steps over at least this many slots expand a row's part a program, per column tile, as the norms do
+# (`_silu_mul_row_expand_kernel`), instead of tiles of rows against blocks of the slots' B. Past 8 slots the tiles'
+# dots are mostly other slots' zeros: at P = 32, 64 rows, ncu read the tile kernel 13.5 us in the step (L1/TEX 78%
+# busy, DRAM 4%, 26% occupancy: 86 registers and 33 KB of shared memory a program, 1.55 waves) against 1.7 for
+# silu_mul alone, and a program per (column tile, slot) with its rows found in registers was slower still (alone,
+# 18.3 us against 11.4). Not yet timed on a GPU: off until it is (`--compare-set
+# kernels.elementwise.SILU_ROW_EXPAND_MIN_SLOTS=16`).
+SILU_ROW_EXPAND_MIN_SLOTS = 1 << 30
+# Columns of a slice a row's program covers, and its warps (at rank 16 its two B tiles, [BN, 16] each, are then 64
+# values a thread, loaded before the grid-dependency wait: consumer_expand.early_b).
+SILU_ROW_EXPAND_BN, SILU_ROW_EXPAND_WARPS = 512, 8
+
+
+@triton.jit
+def _silu_mul_row_expand_kernel(gu_ptr, out_ptr, N, s_gu, s_o, y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P,
+                                bg_ptr, bu_ptr, BN: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
+                                RB: tl.constexpr, EARLY_B: tl.constexpr, PDL: tl.constexpr):
+    # One program per row and BN columns of each slice: the row's slot's B tiles for those columns (consumer_expand's
+    # per-row expand, as the norms run it), gate's then up's, y of the row's slot; rows without an adapter read none.
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    ok = cols < N
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
+    if EARLY_B:
+        bg = row_b(bg_ptr + sl * s_bp, cols, ok, has, R)
+        bu = row_b(bu_ptr + sl * s_bp, cols, ok, has, R)
+    if PDL:
+        gdc_wait()
+    g = tl.load(gu_ptr + row * s_gu + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * s_gu + N + cols, mask=ok, other=0.0).to(tl.float32)
+    y_row = y_ptr + row * s_yt + sl * s_yp
+    if EARLY_B:
+        dg = expand_loaded(bg, y_row, rank, R)
+        du = expand_loaded(bu, y_row + R, rank, R)
+    else:
+        dg = expand_cols(cols, ok, y_row, bg_ptr + sl * s_bp, has, rank, R, RB, False)
+        du = expand_cols(cols, ok, y_row + R, bu_ptr + sl * s_bp, has, rank, R, RB, False)
+    g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
+    u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)
+    act = round_low(g / (1.0 + tl.exp(-g)), dt, EMULATED)
+    tl.store(out_ptr + row * s_o + cols, to_low(act * u, dt, EMULATED), mask=ok)
+
+
+_silu_mul_row_expand = Launches(_silu_mul_row_expand_kernel)
+
 
 def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
     """gate_up [T, 2N] (gate then up, rows contiguous) -> silu(gate) * up [T, N]. delta: the adapters' part of
@@ -514,6 +560,13 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
         args, consts = _expand_args(delta, gate_up, 2)
         r = delta.y.shape[3]
         kp = delta.y.shape[1] * r  # P * R: the dot's k
+        if t <= EXPAND_MAX_ROWS and delta.y.shape[1] >= SILU_ROW_EXPAND_MIN_SLOTS:
+            bn = min(SILU_ROW_EXPAND_BN, next_pow2(n))
+            _silu_mul_row_expand((-(-n // bn), t), gate_up, out, n, gate_up.stride(0), out.stride(0), *args, BN=bn,
+                                 EMULATED=emulated(gate_up), **consts,
+                                 EARLY_B=early_b(2 * bn, consts["R"], SILU_ROW_EXPAND_WARPS),
+                                 **_pdl_launch(delta, gate_up), num_warps=SILU_ROW_EXPAND_WARPS)
+            return out
         if t <= EXPAND_MAX_ROWS:
             # H200, 64 rows, P = 8, N = 8,192 (a sweep of BN 16-64, 2-8 warps, 1-2 stages, BK 32-128): 6.4 us,
             # against 8.5 for BN 64, 8 warps, 2 stages: one stage where the loop runs once. At P = 32 (4 blocks of

@@ -249,6 +249,43 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_mul_row_programs_expand_each_rows_part(monkeypatch, dtype):
+    """Decode steps over many slots may expand a row's part a program per column tile
+    (elementwise.SILU_ROW_EXPAND_MIN_SLOTS): at P = 3 and at P = 16 of which a few slots are used, 7 and 40 rows,
+    column tiles cut short, B loaded whole first and in blocks of ranks. As the reference adds the expanded values
+    first; rows without an adapter and the one past P get silu_mul's own values; what must stay unread is NaN, B
+    past each slot's rank large."""
+    import kernels.elementwise as elementwise
+
+    g = gen()
+    monkeypatch.setattr(elementwise, "SILU_ROW_EXPAND_MIN_SLOTS", 3)
+    monkeypatch.setattr(elementwise, "SILU_ROW_EXPAND_BN", 64)
+    for rows, p, early in ((7, 3, True), (40, 3, False), (40, 16, True)):
+        monkeypatch.setattr(elementwise, "early_b", lambda *_, early=early: early)
+        gate_up = rand(rows, 2 * 144, dtype=dtype, g=g)
+        pending = pending_for(gate_up, [144, 144], dtype, g, p=3, past_rank=float("nan"))
+        if p > 3:  # the same rows, their y and B among P slots: slots 0, 13 and 15 used, the rest idle
+            y = torch.full((rows, p, 2, 16), float("nan"), dtype=dtype, device=DEVICE)
+            b = tuple(torch.full((p + 1, 144, 16), 1e4, dtype=dtype, device=DEVICE) for _ in range(2))
+            ranks = torch.full((p + 1,), 16, dtype=torch.int32, device=DEVICE)
+            moved = pending.slots.clone()
+            for old, new in ((0, 0), (1, 13), (2, 15)):
+                moved[pending.slots == old] = new
+                y[:, new] = pending.y[:, old]
+                ranks[new] = pending.ranks[old]
+                for bs, src in zip(b, pending.b):
+                    bs[new] = src[old]
+            moved[pending.slots == 3] = p  # past P
+            pending = PendingExpand(y, b, ranks, moved)
+        gate, up = plus_delta(gate_up, expand_values(pending, dtype), pending.slots).chunk(2, dim=-1)
+        out = silu_mul(gate_up, pending)
+        assert_close_where_expanded(out, F.silu(gate) * up, dtype)
+        none = (pending.slots < 0) | (pending.slots >= p)
+        assert none.any() and not none.all()
+        assert torch.equal(out[none], silu_mul(gate_up)[none])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_silu_mul_expands_the_segmented_shrinks_y_in_row_tiles(dtype):
     """Eager steps hand silu_mul gate_up's y from the segmented shrink (float32 [T, S, R], one y a token standing
     for every slot: a zero stride over P) for more rows than one tile: tiles of rows mostly of one prompt, some
