@@ -10,11 +10,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
 # PARTS picks what runs (default: all, which can take longer than the device tool's 10 minutes a call: split it,
 # e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
-# tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and the
-# prefill rounds; worker = the worker benchmark; gemms (not in the default) = the base projections at decode sizes,
-# cuBLAS ways and the Triton candidate; served (not in the default; needs grpcio, see benchmarks/README.md) = a
-# worker serving 64 streams through its gRPC API (the Batch hand-over's cost first, benchmarks.batch_pipe), the engine
-# process's GIL switch interval A/B/A, then a profile of the engine's step loop while it serves.
+# tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and
+# the prefill rounds; worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes,
+# cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles, alone and in the
+# step; served (needs grpcio, see benchmarks/README.md) = a worker serving 64 streams through its gRPC API (the Batch
+# hand-over's cost first, benchmarks.batch_pipe), the engine process's GIL switch interval A/B/A, then a profile of
+# the engine's step loop while it serves.
 parts=" ${PARTS:-tests kernels steps worker} "
 if [[ $parts == *" tests "* ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee "$out/gpu_tests.log"
@@ -48,6 +49,15 @@ if [[ $parts == *" served "* ]]; then
   done
   python3 -m benchmarks.served_host --gpu --adapters 8 --tokens 512 --engine-process on --profile-engine 40 \
     --profile-sort cumtime 2>&1 | tee -a "$out/served.log" | tail -n 60
+fi
+if [[ $parts == *" silu "* ]]; then
+  # SiLU's expand a row a program (elementwise.SILU_ROW_EXPAND_MIN_SLOTS, off) against the tiles: alone at P = 32 and
+  # P = 8, then in the step (graph replay, two engines).
+  S=kernels.elementwise.SILU_ROW_EXPAND_MIN_SLOTS
+  python3 -m benchmarks.consumer_kernels --adapters 32 --slots 32 --set $S=1 2>&1 | grep -i "op \|silu" | tee "$out/silu.log"
+  python3 -m benchmarks.consumer_kernels --adapters 8 --slots 8 --set $S=1 2>&1 | grep -i silu | tee -a "$out/silu.log"
+  python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 8,32 --steps 40 --compare-set $S=8 2>&1 \
+    | grep -v "^    " | tee -a "$out/silu.log"
 fi
 if [[ $parts == *" worker "* ]]; then
   python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30
