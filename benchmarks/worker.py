@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.module_set import module_set
 from benchmarks.step_breakdown import replay_ms
 from benchmarks.synthetic import LLAMA_3_2_1B, PROJ, module_dims, write_adapter, write_model
 
@@ -201,6 +202,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batch 32 only, no PEFT baseline")
     ap.add_argument("--cold-only", action="store_true", help="only the decode steps while cold adapters are copied "
                     "in, twice (a minute or two on one engine)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="with --cold-only: rounds with a module constant set, alternating with the defaults' "
+                    "(benchmarks/module_set.py)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--fused-elementwise", action=argparse.BooleanOptionalAction, default=None,
@@ -232,8 +236,11 @@ def main() -> None:
         engine = LLMEngine(EngineArgs(**common, **lora_args))
         reqs = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters[:8])]
         run_case(engine, 32, reqs, seed=98)
-        for k0 in (0, 8):
-            print(cold_line(cold_load(engine, reqs, colds(k0))), flush=True)
+        variants = [None, *args.set]
+        for k0 in range(0, 16 * len(variants), 8):  # each variant twice, alternating
+            spec = variants[k0 // 8 % len(variants)]
+            with module_set(spec):
+                print(f"{spec or 'defaults'}: {cold_line(cold_load(engine, reqs, colds(k0)))}", flush=True)
         return
     batches = [32] if args.quick else [32, 64]
     rows = []
