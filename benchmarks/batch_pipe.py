@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.step_breakdown import timed
 from gpu_worker.batch_pipe import BatchReader, BatchWriter
-from gpu_worker.engine_core import Batch, to_wire
+from gpu_worker.engine_core import Batch
 
 
 class ThreadSender:
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     engine = _gpu_engine(args) if args.gpu else _stub_engine(args)
+    engine.wire_deltas = True  # streamed outputs in wire form, as the engine process's engine builds them
     phases = {"launch": 0.0}
     engine.runner.run = timed(engine.runner.run, "launch", phases)
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 phases["launch"] = 0.0
                 t = time.perf_counter()
                 outs = engine.step()
-                send(Batch(outputs=[to_wire(o) for o in outs]))
+                send(Batch(outputs=outs))
                 sent[name] += len(outs)
                 if isinstance(send, BatchWriter):
                     send.flush(force=False)

@@ -23,7 +23,7 @@ from gpu_worker.adapter_stager import AdapterStager
 from gpu_worker.engine.errors import AdapterError, EngineError
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora_request import LoRARequest
-from gpu_worker.engine.outputs import CompletionOutput, RequestOutput
+from gpu_worker.engine.outputs import CompletionOutput, DeltaOutput, RequestOutput
 from gpu_worker.engine.sampling_params import SamplingParams
 from gpu_worker.step_stats import StepStats
 
@@ -166,18 +166,6 @@ class Batch:
                     or self.stopped)
 
 
-# A streamed output in wire form: (request_id, delta_text, delta_token_ids, delta_logprobs, adapter_key). The
-# stream's messages need the deltas only; the totals (text, token ids, prompt) come with the final output.
-DeltaOutput = tuple
-
-
-def to_wire(out: RequestOutput) -> RequestOutput | DeltaOutput:
-    c = out.outputs[0]
-    if out.finished or c.token_ids:  # final, or cumulative: whole
-        return out
-    return (out.request_id, c.delta_text, c.delta_token_ids, c.delta_logprobs, out.adapter_key)
-
-
 def from_wire(item: RequestOutput | DeltaOutput) -> RequestOutput:
     if isinstance(item, RequestOutput):
         return item
@@ -225,6 +213,7 @@ class EngineCore:
     def run(self) -> None:
         try:
             engine = self._factory()
+            engine.wire_deltas = self._wire  # streamed outputs in their slim wire form, built so
             for lora in self._preload:
                 try:
                     self._resolve(engine, lora, "")
@@ -376,13 +365,14 @@ class EngineCore:
 
     # -- outputs ----------------------------------------------------------------------------------------------
 
-    def _route(self, out: RequestOutput) -> None:
-        if out.request_id not in self._keys:
+    def _route(self, out: RequestOutput | DeltaOutput) -> None:
+        delta = type(out) is tuple  # (the engine's wire_deltas: a streamed output before the last)
+        if (out[0] if delta else out.request_id) not in self._keys:
             return
-        if out.finished:
+        if not delta and out.finished:
             del self._keys[out.request_id]
             self._ended = True
-        self._outputs.append(to_wire(out) if self._wire else out)
+        self._outputs.append(out)
 
     def _fail_all(self, error: Exception) -> None:
         self._ended = True

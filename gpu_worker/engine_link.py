@@ -3,7 +3,7 @@
 - ThreadLink: a thread of this process. Commands go through a queue; Batches are handed to the event loop as
   they are (no copy). The GIL is shared with the event loop.
 - ProcessLink: a process of its own (spawned: CUDA cannot be forked), as vLLM V1 runs its EngineCore. Commands
-  and Batches are pickled over two pipes; streamed outputs travel in their slim wire form (engine_core.to_wire).
+  and Batches are pickled over two pipes; streamed outputs travel in their slim wire form (outputs.DeltaOutput).
   The step loop then has a GIL of its own: the event loop streaming a message a token no longer slows it. The
   step loop writes its Batches itself, never waiting (batch_pipe.py: merged while the server is far
   behind); the event loop reads them itself (add_reader, non-blocking reads: no thread, no GIL hand-off). The

@@ -21,7 +21,7 @@ from .lora_request import LoRARequest
 from .model.config import ModelConfig
 from .model.llama import LlamaModel
 from .model_runner import ModelRunner, PendingTokens, StepResult
-from .outputs import CompletionOutput, Logprob, RequestOutput
+from .outputs import CompletionOutput, DeltaOutput, Logprob, RequestOutput
 from .sampler import SamplerOutput, SamplingRow, has_penalty
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -165,6 +165,9 @@ class LLMEngine:
         self.async_scheduling = self.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
         self._in_flight: InFlightStep | None = None
         self._penalized = 0
+        # Streamed (delta) outputs before the last as outputs.DeltaOutput tuples, not RequestOutputs: set by the
+        # engine process, which sends them as they are (gpu_worker/engine_core.py).
+        self.wire_deltas = False
         log.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, LoRA %s",
                  time.perf_counter() - t0, self.served_model_name, self.device, self.dtype, num_blocks,
                  args.block_size, f"on ({args.max_loras} slots, rank <= {args.max_lora_rank})" if self.lora else "off")
@@ -262,8 +265,9 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an output for every request that produced tokens or finished.
+    def step(self) -> list[RequestOutput | DeltaOutput]:
+        """Run one batch; returns an output for every request that produced tokens or finished (with
+        `wire_deltas`, a streamed one before its last as an outputs.DeltaOutput tuple).
 
         With async scheduling the batch is launched, then the previous step's tokens are handed out while the
         device runs it: the host's work (scheduling, detokenizing, stop checks) hides behind the device's, and
@@ -271,7 +275,7 @@ class LLMEngine:
         are scheduled with it (it is copied on the device); one that stops on that token wastes one row, and
         its result is dropped. Batches with penalties (which need every token id on the host) do not overlap.
         """
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput | DeltaOutput] = []
         pending, self._in_flight = self._in_flight, None
         launched = None
         try:
@@ -311,7 +315,7 @@ class LLMEngine:
             c.seq.pending += 1
         return InFlightStep.start(result)
 
-    def _hand_out(self, step: InFlightStep) -> list[RequestOutput]:
+    def _hand_out(self, step: InFlightStep) -> list[RequestOutput | DeltaOutput]:
         """Wait for a launched step's tokens and append them to their requests."""
         s = step.wait()
         token_ids = s.token_ids.tolist()
@@ -360,9 +364,13 @@ class LLMEngine:
         if seq.finish_reason is None and (n_out >= params.max_tokens or seq.num_known_tokens >= self.max_model_len):
             seq.finish_reason = "length"
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence) -> RequestOutput | DeltaOutput:
         st: RequestState = seq.state
         whole = seq.finish_reason is not None or seq.params.output_kind == "cumulative"
+        if self.wire_deltas and not whole:
+            out = (seq.request_id, st.delta_text, st.delta_token_ids, st.delta_logprobs, seq.adapter_key)
+            st.delta_text, st.delta_token_ids, st.delta_logprobs = "", [], []
+            return out
         completion = CompletionOutput(
             index=0,
             text="".join(st.pieces) if whole else "",

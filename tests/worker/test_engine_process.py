@@ -27,7 +27,7 @@ from gpu_worker.engine.config import EngineArgs
 from gpu_worker.engine.errors import AdapterError, InvalidRequestError
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora_request import LoRARequest
-from gpu_worker.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from gpu_worker.engine.outputs import RequestOutput
 from gpu_worker.engine.sampling_params import SamplingParams
 from gpu_worker.engine_core import (
     Abort,
@@ -39,7 +39,6 @@ from gpu_worker.engine_core import (
     UnavailableError,
     from_wire,
     portable,
-    to_wire,
 )
 from gpu_worker.server import WorkerServer
 from loraserve.v1 import common_pb2
@@ -221,20 +220,41 @@ def test_errors_cross_whole_or_as_a_runtime_error_that_names_them():
     assert type(back) is RuntimeError and str(back) == "_Local: 1/2"
 
 
-def test_streamed_outputs_travel_slim_and_final_ones_whole():
-    lp = Logprob(7, -0.25, [(7, -0.25), (3, -2.0)])
-    delta = RequestOutput("r", "the prompt", list(range(500)),
-                          [CompletionOutput(0, "text so far", [], delta_text=" x", delta_token_ids=[7],
-                                            delta_logprobs=[lp])], finished=False, adapter_key=("sql", "h"))
-    wire = to_wire(delta)
-    assert len(pickle.dumps(wire)) < len(pickle.dumps(delta)) / 4  # no prompt, no text so far
-    back = from_wire(pickle.loads(pickle.dumps(wire)))
-    c = back.outputs[0]
-    assert (back.request_id, back.finished, back.adapter_key) == ("r", False, ("sql", "h"))
-    assert (c.delta_text, c.delta_token_ids, c.delta_logprobs) == (" x", [7], [lp])
-    final = RequestOutput("r", "p", [1, 2], [CompletionOutput(0, "all", [7, 8], finish_reason="length",
-                                                              delta_token_ids=[8])], finished=True)
-    assert to_wire(final) is final
+def test_streamed_outputs_travel_slim_and_final_ones_whole(tiny_model_dir, tiny_adapters):
+    """An engine process's engine builds a streamed output before the last as a slim tuple (`wire_deltas`: no
+    prompt, no totals), which pickles small and comes back as the RequestOutput the engine gives without it; the
+    final output, and every output of a request that asks for cumulative ones, stay whole."""
+    def run(wire: bool) -> dict[str, list]:
+        engine = LLMEngine(EngineArgs(model=str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16,
+                                      num_kv_blocks=64, block_size=8, seed=0))
+        engine.wire_deltas = wire
+        prompt = list(range(10, 210))
+        engine.add_request("delta", prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                           logprobs=2, output_kind="delta"),
+                           lora_request=LoRARequest("sql-lora", 1, str(tiny_adapters["sql-lora"])))
+        engine.add_request("cumulative", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                                output_kind="cumulative"))
+        seen: dict[str, list] = {"delta": [], "cumulative": []}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                seen[out[0] if type(out) is tuple else out.request_id].append(out)
+        return seen
+
+    plain, wire = run(False), run(True)
+    *deltas, last = wire["delta"]
+    assert len(deltas) == 5 and all(type(w) is tuple for w in deltas)
+    assert isinstance(last, RequestOutput) and last.finished
+    assert all(isinstance(o, RequestOutput) for o in wire["cumulative"])
+    full = plain["delta"][0]
+    assert len(pickle.dumps(deltas[0])) < len(pickle.dumps(full)) / 4  # no prompt, no text so far
+    for got, want in zip([from_wire(pickle.loads(pickle.dumps(w))) for w in deltas], plain["delta"], strict=False):
+        c, w = got.outputs[0], want.outputs[0]
+        assert (got.request_id, got.finished, got.adapter_key) == (want.request_id, False, want.adapter_key)
+        assert (c.delta_text, c.delta_token_ids, c.delta_logprobs) == (w.delta_text, w.delta_token_ids,
+                                                                        w.delta_logprobs)
+        assert c.delta_token_ids and c.delta_logprobs and got.adapter_key[0] == "sql-lora"
+    assert last.outputs[0].token_ids == plain["delta"][-1].outputs[0].token_ids
+    assert [o.outputs[0].token_ids for o in wire["cumulative"]] == [o.outputs[0].token_ids for o in plain["cumulative"]]
 
 
 # -- a worker whose engine process dies ----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import pytest
 
 from gpu_worker.async_engine import RequestStream
 from gpu_worker.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from gpu_worker.engine_core import to_wire
 
 
 class Owner:
@@ -94,12 +93,9 @@ def test_outputs_in_wire_form_become_one_output_a_read():
     """From an engine process, streamed outputs come as (request_id, delta text, delta ids, delta logprobs,
     adapter key); the final one whole."""
 
-    def wire(i: int) -> tuple:
-        o = out(i)
-        o.outputs[0].token_ids = []  # a delta output: no totals
-        w = to_wire(o)
-        assert isinstance(w, tuple)
-        return w
+    def wire(i: int) -> tuple:  # as an engine with wire_deltas builds it
+        c = out(i).outputs[0]
+        return ("r", c.delta_text, c.delta_token_ids, c.delta_logprobs, None)
 
     async def run():
         q: asyncio.Queue = asyncio.Queue()
