@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-lora-off", action="store_true",
                    help="base-only requests on an engine with LoRA enabled and one with it disabled, timed in "
                         "alternating blocks of steps in one process")
+    p.add_argument("--compare-wire-deltas", action="store_true",
+                   help="streamed outputs built as the engine process's wire tuples (LLMEngine.wire_deltas) and as "
+                        "RequestOutputs, in alternating blocks of steps on one engine")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # host work is single-threaded; intra-op threads on tiny ops only add noise
 
@@ -129,7 +132,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{on_best:.3f} / {off_best:.3f} ms ({on_best / off_best:.3f})")
         return 0
     names = adapters[: args.adapters]
-    engine = ready_engine(demo, names, True, args.batch, args.prompt, args.steps)
+    steps = args.steps * (2 if args.compare_wire_deltas else 1)  # (each variant's steps, on one engine)
+    engine = ready_engine(demo, names, True, args.batch, args.prompt, steps)
+    if args.compare_wire_deltas:
+        times = {True: [], False: []}
+        block = 10
+        for _ in range(0, args.steps, block):
+            for wire in (True, False):
+                engine.wire_deltas = wire
+                times[wire] += timed_steps(engine, block, args.batch)
+        on_ms, off_ms = (statistics.median(times[k]) * 1e3 for k in (True, False))
+        on_best, off_best = (best_block_ms(times[k], block) for k in (True, False))
+        print(f"engine host time per decode step, batch {args.batch}, streamed (delta) outputs, {len(times[True])} "
+              f"steps each in alternating blocks of {block}: as wire tuples {on_ms:.3f} ms, as RequestOutputs "
+              f"{off_ms:.3f} ms (median; {on_ms / off_ms:.3f}); best blocks {on_best:.3f} / {off_best:.3f} ms "
+              f"({on_best / off_best:.3f})")
+        return 0
     prof = cProfile.Profile() if args.profile else None
     times = timed_steps(engine, args.steps, args.batch, prof)
     med = statistics.median(times) * 1e3
