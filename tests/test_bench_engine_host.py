@@ -12,3 +12,9 @@ def test_engine_host_harness_steps_every_request(tmp_path, capsys):
                              "--demo-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "engine host time per decode step, batch 6, 2 adapters + base" in out
+    # Streamed outputs as the engine process's wire tuples and as RequestOutputs, in alternating blocks on one
+    # engine: every step of both hands out one output a request.
+    assert engine_host.main(["--batch", "6", "--steps", "20", "--adapters", "2", "--prompt", "20",
+                             "--compare-wire-deltas", "--demo-dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "20 steps each in alternating blocks of 10: as wire tuples" in out
