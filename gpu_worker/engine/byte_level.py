@@ -104,29 +104,31 @@ class ByteStream:
     tokenizer's decode of them (no prompt context: byte-level text does not depend on what precedes it)."""
 
     def __init__(self, table: ByteTable, skip_special_tokens: bool):
-        self._pieces, self._texts = table.lookups(skip_special_tokens)
+        self._pieces, self._token_texts = table.lookups(skip_special_tokens)
         self._held = b""  # the start of a character whose last bytes have not come yet
-        self._text = ""
+        # The deltas emitted, joined only when asked (`text`): a string grown a token at a time is copied whole
+        # each time (19 us a token at 32,000 tokens on the dev CPU).
+        self._texts: list[str] = []
 
     @property
     def text(self) -> str:
-        return self._text
+        return "".join(self._texts)
 
     def append(self, token_id: int) -> str:
-        if not self._held and 0 <= token_id < len(self._texts):
-            delta = self._texts[token_id]
+        if not self._held and 0 <= token_id < len(self._token_texts):
+            delta = self._token_texts[token_id]
             if delta is not None:
-                self._text += delta
+                self._texts.append(delta)
                 return delta
         piece = self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
         # Decodes all but an incomplete character at the end (held for the next token); invalid bytes become
         # U+FFFD, as the tokenizer's decoder makes them.
         delta, used = codecs.utf_8_decode(self._held + piece, "replace", False)
         self._held = (self._held + piece)[used:]
-        self._text += delta
+        self._texts.append(delta)
         return delta
 
     def flush(self) -> str:
         delta, self._held = codecs.utf_8_decode(self._held, "replace", True)[0], b""
-        self._text += delta
+        self._texts.append(delta)
         return delta

@@ -41,12 +41,12 @@ class IncrementalDetokenizer:
         self._window: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._read = len(self._window)
         self._prefix_text = self._decode(self._window)
-        self._text = ""
+        self._texts: list[str] = []  # the deltas emitted (joined only when asked: `text`)
 
     @property
     def text(self) -> str:
         """The output text emitted so far (prompt excluded)."""
-        return self._text
+        return "".join(self._texts)
 
     def append(self, token_id: int) -> str:
         """Add the next output token; return the text it completes ("" while a character is incomplete)."""
@@ -68,7 +68,7 @@ class IncrementalDetokenizer:
         """Everything in the window is emitted: its text past the prefix is the delta, and its text the next
         prefix; once it is long, the window slides to its last few tokens (whose decode is then the prefix)."""
         delta = full_text[len(self._prefix_text) :]
-        self._text += delta
+        self._texts.append(delta)
         if len(self._window) >= _WINDOW_MAX:
             self._window = self._window[-_SLIDE_KEEP:]
             full_text = self._decode(self._window)
