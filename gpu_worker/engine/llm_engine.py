@@ -48,10 +48,17 @@ class RequestState:
     pieces: list[str] = field(default_factory=list)
     logprobs: list[Logprob] | None = None
     cumulative_logprob: float = 0.0
-    # Emitted since the last output: drained into the next RequestOutput's delta fields.
-    delta_text: str = ""
+    # Emitted since the last output: drained into the next RequestOutput's delta fields (the text: pieces from
+    # delta_from on, so a request that is output once, at its end, never grows a string a token at a time).
+    delta_from: int = 0
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[Logprob] = field(default_factory=list)
+
+    def take_delta_text(self) -> str:
+        """The text emitted since the last output; the next delta starts after it."""
+        n, at = len(self.pieces), self.delta_from
+        self.delta_from = n
+        return self.pieces[at] if at == n - 1 else "".join(self.pieces[at:])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -358,7 +365,6 @@ class LLMEngine:
             emit, matched = st.stops.feed(st.detokenizer.append(token), can_stop=may_stop)
             if emit:
                 st.pieces.append(emit)
-                st.delta_text += emit
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
         if seq.finish_reason is None and (n_out >= params.max_tokens or seq.num_known_tokens >= self.max_model_len):
@@ -368,8 +374,8 @@ class LLMEngine:
         st: RequestState = seq.state
         whole = seq.finish_reason is not None or seq.params.output_kind == "cumulative"
         if self.wire_deltas and not whole:
-            out = (seq.request_id, st.delta_text, st.delta_token_ids, st.delta_logprobs, seq.adapter_key)
-            st.delta_text, st.delta_token_ids, st.delta_logprobs = "", [], []
+            out = (seq.request_id, st.take_delta_text(), st.delta_token_ids, st.delta_logprobs, seq.adapter_key)
+            st.delta_token_ids, st.delta_logprobs = [], []
             return out
         completion = CompletionOutput(
             index=0,
@@ -379,11 +385,11 @@ class LLMEngine:
             logprobs=(list(st.logprobs) if whole else []) if st.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
-            delta_text=st.delta_text,
+            delta_text=st.take_delta_text(),
             delta_token_ids=st.delta_token_ids,
             delta_logprobs=st.delta_logprobs,
         )
-        st.delta_text, st.delta_token_ids, st.delta_logprobs = "", [], []
+        st.delta_token_ids, st.delta_logprobs = [], []
         return RequestOutput(seq.request_id, st.prompt, seq.prompt_token_ids, [completion],
                              finished=seq.finish_reason is not None, lora_request=st.lora_request,
                              adapter_key=seq.adapter_key)
@@ -393,7 +399,6 @@ class LLMEngine:
         if seq.finish_reason != "stop" or not isinstance(seq.stop_reason, str):
             rest = st.stops.flush()
             st.pieces.append(rest)
-            st.delta_text += rest
         self.scheduler.finish(seq)
         self._penalized -= has_penalty(seq.params)
         if seq.adapter_key is not None:
