@@ -11,6 +11,7 @@ is done, and the steps go on meanwhile.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import time
@@ -227,6 +228,11 @@ class EngineCore:
         except BaseException as e:  # handed to start('s caller)
             self._send(Batch(ready=self._error(e), stopped=True))
             return
+        # What start-up built (the model's modules, the tokenizer, the graphs' bookkeeping) lives as long as the
+        # worker: frozen out of the collector's reach, a full collection while serving scans only what serving
+        # made (dev CPU, the demo engine: 86 ms, every stream waiting, against 0.005 ms), as vLLM does.
+        gc.collect()
+        gc.freeze()
         self._send(Batch(ready=info))
         self.engine, self.stager = engine, stager
         try:
@@ -236,6 +242,7 @@ class EngineCore:
             self._send(Batch(stopped=True, died=UnavailableError(f"the engine's step loop failed ({e!r}); see the "
                                                                   f"worker's log")))
         finally:
+            gc.unfreeze()  # (on a thread of a longer-lived process, its objects are collectable again)
             if stager is not None:
                 stager.close()
 
