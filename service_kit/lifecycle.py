@@ -1,11 +1,13 @@
-"""A service process's life, the same for every service: start (a signal while starting gives up), print one
-ready line on stdout, wait for SIGTERM or SIGINT, drain (a second signal stops at once), exit 0; exit 1 when it
-fails to start, or fails for good while serving (its `failed` event)."""
+"""A service process's life, the same for every service: start (a signal while starting gives up), freeze what
+start-up built out of the collector's reach, print one ready line on stdout, wait for SIGTERM or SIGINT, drain (a
+second signal stops at once), exit 0; exit 1 when it fails to start, or fails for good while serving (its `failed`
+event)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -31,6 +33,15 @@ def listen(server, host: str, port: int) -> tuple[str, int]:
         return host, server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as e:
         raise StartupError(f"cannot listen on {host}:{port} ({e}); is the port taken?") from None
+
+
+def freeze_heap() -> None:
+    """Move every object alive now into the collector's permanent generation: what a service built to start
+    (modules, a model, its tokenizer) lives as long as the process, and a full collection while serving then scans
+    only what serving made, not all of it, with every request waiting (the demo engine on the dev CPU: 86 ms
+    against 0.005; the router's imports alone: 27 ms). vLLM does the same after its start."""
+    gc.collect()
+    gc.freeze()
 
 
 def configure_logging(level: str) -> None:
@@ -69,6 +80,7 @@ async def serve(server: Server, ready_line: Callable[[], str], startup_errors: t
     except startup_errors as e:
         log.error("%s", e)
         return 1
+    freeze_heap()
     print(ready_line(), flush=True)
 
     # A server may fail for good while it serves (the worker's engine is gone): `failed`, an asyncio.Event.
