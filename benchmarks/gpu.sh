@@ -13,7 +13,8 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and
 # the prefill rounds; worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes,
 # cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles, alone and in the
-# step; served (needs grpcio, see benchmarks/README.md) = a worker serving 64 streams through its gRPC API (the Batch
+# step; cold = the decode steps during cold loads, the adapter's copy whole against in pieces; served (needs grpcio,
+# see benchmarks/README.md) = a worker serving 64 streams through its gRPC API to 4 client processes (the Batch
 # hand-over's cost first, benchmarks.batch_pipe), the engine process's GIL switch interval A/B/A, then a profile of
 # the engine's step loop while it serves.
 parts=" ${PARTS:-tests kernels steps worker} "
@@ -45,10 +46,11 @@ if [[ $parts == *" served "* ]]; then
   python3 -m benchmarks.batch_pipe --gpu --adapters 8 2>&1 | tail -n 4 | tee -a "$out/served.log"
   for g in 0.5 0.05 0.5 0.05; do
     python3 -m benchmarks.served_host --gpu --adapters 8 --tokens 512 --engine-process on --gil-switch-interval-ms $g \
+      --client-procs 4 \
       2>&1 | grep "^batch" | sed "s/^/gil $g ms: /" | tee -a "$out/served.log"
   done
-  python3 -m benchmarks.served_host --gpu --adapters 8 --tokens 512 --engine-process on --profile-engine 40 \
-    --profile-sort cumtime 2>&1 | tee -a "$out/served.log" | tail -n 60
+  python3 -m benchmarks.served_host --gpu --adapters 8 --tokens 512 --engine-process on --client-procs 4 \
+    --profile-engine 40 --profile-sort cumtime 2>&1 | tee -a "$out/served.log" | tail -n 60
 fi
 if [[ $parts == *" silu "* ]]; then
   # SiLU's expand a row a program (elementwise.SILU_ROW_EXPAND_MIN_SLOTS, off) against the tiles: alone at P = 32 and
@@ -58,6 +60,12 @@ if [[ $parts == *" silu "* ]]; then
   python3 -m benchmarks.consumer_kernels --adapters 8 --slots 8 --set $S=1 2>&1 | grep -i silu | tee -a "$out/silu.log"
   python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 8,32 --steps 40 --compare-set $S=8 2>&1 \
     | grep -v "^    " | tee -a "$out/silu.log"
+fi
+if [[ $parts == *" cold "* ]]; then
+  # Decode steps while cold adapters are copied in: the image in one copy against pieces of 256k values
+  # (slot_buffers.IMAGE_COPY_VALUES), alternating rounds on one engine.
+  python3 -m benchmarks.worker --cold-only --set gpu_worker.engine.lora.slot_buffers.IMAGE_COPY_VALUES=262144 2>&1 \
+    | grep "cold adapters" | tee "$out/cold.log"
 fi
 if [[ $parts == *" worker "* ]]; then
   python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30
