@@ -62,10 +62,11 @@ if [[ $parts == *" silu "* ]]; then
     | grep -v "^    " | tee -a "$out/silu.log"
 fi
 if [[ $parts == *" cold "* ]]; then
-  # Decode steps while cold adapters are copied in: the image in one copy against pieces of 256k values
-  # (slot_buffers.IMAGE_COPY_VALUES), alternating rounds on one engine.
-  python3 -m benchmarks.worker --cold-only --set gpu_worker.engine.lora.slot_buffers.IMAGE_COPY_VALUES=262144 2>&1 \
-    | grep "cold adapters" | tee "$out/cold.log"
+  # Decode steps while cold adapters are copied in: the image in one copy issued when the scheduler starts it,
+  # against pieces of 256k values (slot_buffers.IMAGE_COPY_VALUES) and against one copy issued after the step's
+  # launch (manager.DEFER_LOADS), alternating rounds on one engine.
+  python3 -m benchmarks.worker --cold-only --set gpu_worker.engine.lora.slot_buffers.IMAGE_COPY_VALUES=262144 \
+    --set gpu_worker.engine.lora.manager.DEFER_LOADS=True 2>&1 | grep "cold adapters" | tee "$out/cold.log"
 fi
 if [[ $parts == *" worker "* ]]; then
   python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30

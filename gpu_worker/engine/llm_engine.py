@@ -291,6 +291,8 @@ class LLMEngine:
                 pending = None
             sched = self.scheduler.schedule()
             launched = self._launch(sched, pending) if sched.chunks else None
+            if self.lora is not None:
+                self.lora.issue_loads()  # the cold copies this step started, behind its own inputs
             if pending is not None:
                 outputs += self._hand_out(pending)
         except BaseException:

@@ -50,6 +50,22 @@ def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
     assert fast.engine.stats()["prefix_cache_hit_tokens"] > 0
 
 
+def test_cold_copies_issued_after_the_launch_give_the_same_tokens(tiny_model_dir, tiny_adapters, monkeypatch):
+    """manager.DEFER_LOADS: the copies the scheduler starts go out once the step it scheduled is launched. With four
+    adapters over two slots, adapters come in, are evicted and come back; the tokens match the eager path's, and no
+    copy is left behind."""
+    from gpu_worker.engine.lora import manager
+
+    monkeypatch.setattr(manager, "DEFER_LOADS", True)
+    kw = dict(enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=128, dtype="float32")
+    eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
+    fast = LLM(str(tiny_model_dir), lora_backend="triton", **kw)
+    for names in (NAMES, NAMES[::-1], ["math-lora", "sql-lora", None]):
+        for x, y in zip(generate(eager, tiny_adapters, names), generate(fast, tiny_adapters, names), strict=True):
+            assert x.outputs[0].token_ids == y.outputs[0].token_ids
+    assert fast.engine.lora.copies_in_flight == 0 and eager.engine.lora.copies_in_flight == 0
+
+
 def test_spread_graphs_run_the_rows_expand_and_match_eager(tiny_model_dir, tiny_adapters, monkeypatch):
     """Past the stacked batches (lowered here to 2 rows), a batch whose adapters each hold few sequences replays the
     graph captured for such batches, whose expands run on the rows kernel (its size bound lowered to nothing, so the

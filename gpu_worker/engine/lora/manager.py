@@ -21,6 +21,15 @@ from ..model.config import ModelConfig
 from .peft_adapter import CONFIG_FILE, WEIGHTS_FILE, content_hash, load_adapter, missing_weights
 from .slot_buffers import SlotBuffers
 
+# On CUDA, cold copies the scheduler starts are issued after the step it schedules has been launched
+# (`issue_loads`), not at once. Issued at once, a copy waits for the step in flight and becomes ready together
+# with the next step's own input copy, which it is ahead of: if the copy engine keeps that order, the step waits for
+# the whole image (an H200's worst step during cold loads was 0.47 ms over the median, about a rank-16 1B adapter's
+# 22.5 MB over PCIe). Issued after the launch, the step's inputs are ahead of it, and the copy runs during the step
+# (an adapter comes in one step later). Not yet timed: off until `python3 -m benchmarks.worker --cold-only --set
+# gpu_worker.engine.lora.manager.DEFER_LOADS=True` says so.
+DEFER_LOADS = False
+
 AdapterKey = tuple[str, str]  # (name, content_hash)
 
 
@@ -65,6 +74,7 @@ class LoRAManager:
         self._staged: OrderedDict[AdapterKey, HostAdapter] = OrderedDict()
         self._staged_lock = threading.Lock()
         self._loading: dict[AdapterKey, torch.cuda.Event] = {}
+        self._queued: dict[AdapterKey, tuple[int, HostAdapter]] = {}  # started, issued after the launch (DEFER_LOADS)
         self._ranks: dict[AdapterKey, int] = {}
         # (path, size, mtime) -> content hash: hashing reads every byte, so do it once per file version.
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -157,6 +167,20 @@ class LoRAManager:
         if self._stream is None:
             self.buffers.load(slot, entry.image, entry.max_rank, entry.groups)
             return True
+        if DEFER_LOADS:
+            self._queued[key] = (slot, entry)
+        else:
+            self._issue(slot, key, entry)
+        return False
+
+    def issue_loads(self) -> None:
+        """Issue the copies started since the last call (DEFER_LOADS): the engine calls it once it has launched
+        the step it scheduled. The copies go at the slots' stride as it is now."""
+        queued, self._queued = self._queued, {}
+        for key, (slot, entry) in queued.items():
+            self._issue(slot, key, entry)
+
+    def _issue(self, slot: int, key: AdapterKey, entry: HostAdapter) -> None:
         # The slot's previous adapter may still be read by the step in flight: copy after it.
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
@@ -164,17 +188,18 @@ class LoRAManager:
             event = torch.cuda.Event()
             event.record(self._stream)
         self._loading[key] = event
-        return False
 
     def in_host(self, key: AdapterKey) -> bool:
         return key in self.host
 
     @property
     def copies_in_flight(self) -> int:
-        return len(self._loading)
+        return len(self._loading) + len(self._queued)
 
     def ready(self, key: AdapterKey) -> bool:
         """Whether the adapter's copy into its slot has finished (polled, never waited on)."""
+        if key in self._queued:
+            return False
         event = self._loading.get(key)
         if event is None:
             return True
