@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
 import statistics
 import time
@@ -48,7 +49,7 @@ def stub_gpu(engine: LLMEngine, max_batch: int) -> None:
     graphs = DecodeGraphs(engine.model, engine.kv_caches, engine.args.block_size, max_batch,
                           engine.max_model_len, scratch_block=engine.blocks.num_blocks, lora=runner.lora)
     for b in graphs.buckets:
-        for lora in (None, *LORA_VARIANTS):
+        for lora in (None, *LORA_VARIANTS) if runner.lora is not None else (None,):
             for rank_class in runner.lora.buffers.classes if lora else [None]:
                 for stacked in graphs._prefixes(b) if lora else [None]:
                     graphs.graphs[(b, lora, stacked, False, rank_class)] = (_NoReplay(), logits[:b])
@@ -94,6 +95,19 @@ def best_block_ms(times: list[float], block: int = 10) -> float:
     return min(statistics.fmean(times[i:i + block]) for i in range(0, max(1, len(times) - block + 1), block)) * 1e3
 
 
+BLOCK = 10  # steps a variant runs before the next one's turn (alternating)
+
+
+def alternating(steps: int, runs: dict) -> dict:
+    """Each of `runs` (key -> a function timing n steps, returning their seconds) in turn, BLOCK steps at a time,
+    `steps` steps each: key -> (median ms, the best block's mean ms, steps timed)."""
+    times: dict = {k: [] for k in runs}
+    for _ in range(0, steps, BLOCK):
+        for k, run in runs.items():
+            times[k] += run(BLOCK)
+    return {k: (statistics.median(t) * 1e3, best_block_ms(t, BLOCK), len(t)) for k, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.engine_host", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -118,16 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     adapters = sorted(d.name for d in demo.adapters_dir.iterdir() if d.is_dir())
     if args.compare_lora_off:
         engines = {on: ready_engine(demo, [], on, args.batch, args.prompt, args.steps) for on in (True, False)}
-        n = args.batch
-        times: dict[bool, list[float]] = {True: [], False: []}
-        block = 10
-        for _ in range(0, args.steps, block):
-            for on, engine in engines.items():
-                times[on] += timed_steps(engine, block, n)
-        on_ms, off_ms = (statistics.median(times[k]) * 1e3 for k in (True, False))
-        on_best, off_best = (best_block_ms(times[k], block) for k in (True, False))
-        print(f"engine host time per decode step, {n} base-only requests, {args.prompt}-token prompts, "
-              f"{len(times[True])} steps each in alternating blocks of {block}: LoRA enabled {on_ms:.3f} ms, "
+        got = alternating(args.steps, {on: functools.partial(timed_steps, e, batch=args.batch)
+                                       for on, e in engines.items()})
+        (on_ms, on_best, n), (off_ms, off_best, _) = got[True], got[False]
+        print(f"engine host time per decode step, {args.batch} base-only requests, {args.prompt}-token prompts, "
+              f"{n} steps each in alternating blocks of {BLOCK}: LoRA enabled {on_ms:.3f} ms, "
               f"disabled {off_ms:.3f} ms (median; enabled / disabled {on_ms / off_ms:.3f}); best blocks "
               f"{on_best:.3f} / {off_best:.3f} ms ({on_best / off_best:.3f})")
         return 0
@@ -135,17 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps * (2 if args.compare_wire_deltas else 1)  # (each variant's steps, on one engine)
     engine = ready_engine(demo, names, True, args.batch, args.prompt, steps)
     if args.compare_wire_deltas:
-        times = {True: [], False: []}
-        block = 10
-        for _ in range(0, args.steps, block):
-            for wire in (True, False):
-                engine.wire_deltas = wire
-                times[wire] += timed_steps(engine, block, args.batch)
-        on_ms, off_ms = (statistics.median(times[k]) * 1e3 for k in (True, False))
-        on_best, off_best = (best_block_ms(times[k], block) for k in (True, False))
-        print(f"engine host time per decode step, batch {args.batch}, streamed (delta) outputs, {len(times[True])} "
-              f"steps each in alternating blocks of {block}: as wire tuples {on_ms:.3f} ms, as RequestOutputs "
-              f"{off_ms:.3f} ms (median; {on_ms / off_ms:.3f}); best blocks {on_best:.3f} / {off_best:.3f} ms "
+        def steps_with(wire: bool, n: int) -> list[float]:
+            engine.wire_deltas = wire
+            return timed_steps(engine, n, args.batch)
+
+        got = alternating(args.steps, {wire: functools.partial(steps_with, wire) for wire in (True, False)})
+        (on_ms, on_best, n), (off_ms, off_best, _) = got[True], got[False]
+        print(f"engine host time per decode step, batch {args.batch}, streamed (delta) outputs, {n} steps each in "
+              f"alternating blocks of {BLOCK}: as wire tuples {on_ms:.3f} ms, as RequestOutputs {off_ms:.3f} ms "
+              f"(median; {on_ms / off_ms:.3f}); best blocks {on_best:.3f} / {off_best:.3f} ms "
               f"({on_best / off_best:.3f})")
         return 0
     prof = cProfile.Profile() if args.profile else None

@@ -18,3 +18,7 @@ def test_engine_host_harness_steps_every_request(tmp_path, capsys):
                              "--compare-wire-deltas", "--demo-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "20 steps each in alternating blocks of 10: as wire tuples" in out
+    # Base-only requests on an engine with LoRA enabled and one without, alternating.
+    assert engine_host.main(["--batch", "6", "--steps", "20", "--prompt", "20", "--compare-lora-off",
+                             "--demo-dir", str(tmp_path / "demo")]) == 0
+    assert "20 steps each in alternating blocks of 10: LoRA enabled" in capsys.readouterr().out
