@@ -108,6 +108,14 @@ def alternating(steps: int, runs: dict) -> dict:
     return {k: (statistics.median(t) * 1e3, best_block_ms(t, BLOCK), len(t)) for k, t in times.items()}
 
 
+def ab_line(head: str, got: dict, labels: tuple[str, str]) -> str:
+    """`alternating`'s two variants on one line: each one's median and best block, the first over the second."""
+    (a_ms, a_best, n), (b_ms, b_best, _) = got.values()
+    return (f"{head}, {n} steps each in alternating blocks of {BLOCK}: {labels[0]} {a_ms:.3f} ms, {labels[1]} "
+            f"{b_ms:.3f} ms (median; {a_ms / b_ms:.3f}); best blocks {a_best:.3f} / {b_best:.3f} ms "
+            f"({a_best / b_best:.3f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.engine_host", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -134,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         engines = {on: ready_engine(demo, [], on, args.batch, args.prompt, args.steps) for on in (True, False)}
         got = alternating(args.steps, {on: functools.partial(timed_steps, e, batch=args.batch)
                                        for on, e in engines.items()})
-        (on_ms, on_best, n), (off_ms, off_best, _) = got[True], got[False]
-        print(f"engine host time per decode step, {args.batch} base-only requests, {args.prompt}-token prompts, "
-              f"{n} steps each in alternating blocks of {BLOCK}: LoRA enabled {on_ms:.3f} ms, "
-              f"disabled {off_ms:.3f} ms (median; enabled / disabled {on_ms / off_ms:.3f}); best blocks "
-              f"{on_best:.3f} / {off_best:.3f} ms ({on_best / off_best:.3f})")
+        print(ab_line(f"engine host time per decode step, {args.batch} base-only requests, {args.prompt}-token "
+                      "prompts", got, ("LoRA enabled", "disabled")))
         return 0
     names = adapters[: args.adapters]
     steps = args.steps * (2 if args.compare_wire_deltas else 1)  # (each variant's steps, on one engine)
@@ -149,11 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return timed_steps(engine, n, args.batch)
 
         got = alternating(args.steps, {wire: functools.partial(steps_with, wire) for wire in (True, False)})
-        (on_ms, on_best, n), (off_ms, off_best, _) = got[True], got[False]
-        print(f"engine host time per decode step, batch {args.batch}, streamed (delta) outputs, {n} steps each in "
-              f"alternating blocks of {BLOCK}: as wire tuples {on_ms:.3f} ms, as RequestOutputs {off_ms:.3f} ms "
-              f"(median; {on_ms / off_ms:.3f}); best blocks {on_best:.3f} / {off_best:.3f} ms "
-              f"({on_best / off_best:.3f})")
+        print(ab_line(f"engine host time per decode step, batch {args.batch}, streamed (delta) outputs", got,
+                      ("as wire tuples", "as RequestOutputs")))
         return 0
     prof = cProfile.Profile() if args.profile else None
     times = timed_steps(engine, args.steps, args.batch, prof)
