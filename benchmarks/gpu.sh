@@ -55,9 +55,12 @@ fi
 if [[ $parts == *" silu "* ]]; then
   # SiLU's expand a row a program (elementwise.SILU_ROW_EXPAND_MIN_SLOTS, off) against the tiles: alone at P = 32 and
   # P = 8, then in the step (graph replay, two engines).
-  S=kernels.elementwise.SILU_ROW_EXPAND_MIN_SLOTS
-  python3 -m benchmarks.consumer_kernels --adapters 32 --slots 32 --set $S=1 2>&1 | grep -i "op \|silu" | tee "$out/silu.log"
-  python3 -m benchmarks.consumer_kernels --adapters 8 --slots 8 --set $S=1 2>&1 | grep -i silu | tee -a "$out/silu.log"
+  S=kernels.elementwise.SILU_ROW_EXPAND_MIN_SLOTS E=kernels.elementwise.SILU_ROW_EXPAND
+  for p in 32 8; do
+    python3 -m benchmarks.consumer_kernels --adapters $p --slots $p --set "$S=1" --set "$S=1;${E}_BN=256" \
+      --set "$S=1;${E}_BN=1024" --set "$S=1;${E}_WARPS=4" 2>&1 | grep -i "op \|silu" | sed "s/^/P = $p: /" \
+      | tee -a "$out/silu.log"
+  done
   python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 8,32 --steps 40 --compare-set $S=8 2>&1 \
     | grep -v "^    " | tee -a "$out/silu.log"
 fi
