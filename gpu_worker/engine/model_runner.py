@@ -128,13 +128,16 @@ class ModelRunner:
             if end == known + seq.pending:  # c.completes
                 logits_rows.append(len(ids) - 1)
                 completed.append(c)
-        # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on. Nor do the
+        # A batch with no adapter runs no LoRA op at all: base requests pay nothing for LoRA being on (on the host
+        # either: the chunks are in slot order, so the last one's slot says whether any has an adapter). Nor do the
         # projections no adapter of the batch targets.
-        groups = self.lora.buffers.groups_used(c.seq.slot for c in chunks) if self.lora is not None else frozenset()
+        any_adapter = self.lora is not None and bool(chunks) and chunks[-1].seq.slot >= 0
+        slots = [c.seq.slot for c in chunks] if any_adapter else None
+        groups = self.lora.buffers.groups_used(slots) if any_adapter else frozenset()
         with_lora = bool(groups)
         decode = self.fused_decode and len(ids) == len(chunks) == len(completed)
         variant = lora_variant(groups)
-        slots = [c.seq.slot for c in chunks] if with_lora else None
+        slots = slots if with_lora else None
         graph = self.graphs.find(len(ids), variant, slots) if decode and self.graphs is not None else None
         if graph is not None:
             patch = (patch_rows, patch_src, pending.token_ids) if patch_rows else None
