@@ -17,10 +17,8 @@ own (benchmarks.served_host --pin-engine, the code before and after side by side
 BatchReader (the server's end) reads what the pipe holds without blocking (the event loop calls it when the fd is
 readable) and returns the whole Batches; a frame split across reads waits for its rest.
 
-A frame: an 8-byte little-endian length, then the pickled Batch. Pickle, as multiprocessing's Connection.recv
-(what read these before, and still reads the commands the other way): the pipe is anonymous, made by the worker
-for the engine process it spawned, and nothing else can write to it. No weights or client data cross it as
-pickles from outside; adapter and model weights load from safetensors only.
+A frame: an 8-byte little-endian length, then the pickled Batch, read back by an unpickler that resolves only the
+classes a Batch carries (ipc_pickle.py).
 """
 
 from __future__ import annotations
@@ -28,12 +26,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import pickle
 import select
 import struct
 import termios
 import threading
 
+from gpu_worker import ipc_pickle
 from gpu_worker.engine_core import Batch
 
 HEADER = struct.Struct("<Q")
@@ -81,7 +79,7 @@ class BatchWriter:
         (the step loop is about to wait: a Batch held now would wait with it)."""
         if self._pending is None or not (force or _unread(self._fd) < self._merge_after):
             return
-        data = pickle.dumps(self._pending, protocol=pickle.HIGHEST_PROTOCOL)
+        data = ipc_pickle.dumps(self._pending)
         self._pending = None
         frame = HEADER.pack(len(data)) + data
         with self._cv:
@@ -156,8 +154,7 @@ class BatchReader:
                 start = at + HEADER.size
                 if len(buf) - start < n:
                     break
-                # Trusted: the worker's own engine process, over a pipe only the two of them hold (module docstring).
-                batches.append(pickle.loads(view[start:start + n]))
+                batches.append(ipc_pickle.loads(view[start:start + n]))
                 at = start + n
         del buf[:at]
         return batches
