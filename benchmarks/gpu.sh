@@ -13,7 +13,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and
 # the prefill rounds; worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes,
 # cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles, alone and in the
-# step; cold = the decode steps during cold loads, the adapter's copy whole against in pieces; served (needs grpcio,
+# step; cold = the decode steps during cold loads, copies issued at once against after the step's launch; served (needs grpcio,
 # see benchmarks/README.md) = a worker serving 64 streams through its gRPC API to 4 client processes (the Batch
 # hand-over's cost first, benchmarks.batch_pipe), the engine process's GIL switch interval A/B/A, then a profile of
 # the engine's step loop while it serves.
@@ -65,11 +65,10 @@ if [[ $parts == *" silu "* ]]; then
     | grep -v "^    " | tee -a "$out/silu.log"
 fi
 if [[ $parts == *" cold "* ]]; then
-  # Decode steps while cold adapters are copied in: the image in one copy issued when the scheduler starts it,
-  # against pieces of 256k values (slot_buffers.IMAGE_COPY_VALUES) and against one copy issued after the step's
-  # launch (manager.DEFER_LOADS), alternating rounds on one engine.
-  python3 -m benchmarks.worker --cold-only --set gpu_worker.engine.lora.slot_buffers.IMAGE_COPY_VALUES=262144 \
-    --set gpu_worker.engine.lora.manager.DEFER_LOADS=True 2>&1 | grep "cold adapters" | tee "$out/cold.log"
+  # Decode steps while cold adapters are copied in: each copy issued when the scheduler starts it, against issued
+  # after the launch of the step that started it (lora.manager.DEFER_LOADS), alternating rounds on one engine.
+  python3 -m benchmarks.worker --cold-only --set gpu_worker.engine.lora.manager.DEFER_LOADS=True 2>&1 \
+    | grep "cold adapters" | tee "$out/cold.log"
 fi
 if [[ $parts == *" worker "* ]]; then
   python3 -m benchmarks.worker ${WORKER_BENCH_ARGS:-} 2>&1 | tee "$out/bench_worker.log" | tail -n 30

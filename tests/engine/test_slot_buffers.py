@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from gpu_worker.engine.decode_graphs import LORA_VARIANTS, DecodeGraphs, stacked_prefixes
-from gpu_worker.engine.lora import slot_buffers
 from gpu_worker.engine.lora.layout import MODULE_GROUP
 from gpu_worker.engine.lora.peft_adapter import AdapterWeights
 from gpu_worker.engine.lora.slot_buffers import SlotBuffers
@@ -55,12 +54,9 @@ def assert_holds(buffers: SlotBuffers, slot: int, a: AdapterWeights) -> None:
         assert torch.equal(got_b[:, :r], wb) and not got_b[:, r:].any()
 
 
-@pytest.mark.parametrize("copy_kernel,piece", [(False, 0), (True, 0), (True, 1000)],
-                         ids=["torch-copies", "slot-copy-kernel", "slot-copy-kernel-image-in-pieces"])
-def test_attach_base_stacks_a_under_the_base_weights_and_loads_land_there(monkeypatch, copy_kernel, piece):
-    # The copy kernel runs on the GPU where there is one (Triton's interpreter on CPU tensors elsewhere); its image
-    # goes to the device in one copy, or in pieces of 1,000 values (the last one short).
-    monkeypatch.setattr(slot_buffers, "IMAGE_COPY_VALUES", piece)
+@pytest.mark.parametrize("copy_kernel", [False, True], ids=["torch-copies", "slot-copy-kernel"])
+def test_attach_base_stacks_a_under_the_base_weights_and_loads_land_there(copy_kernel):
+    # The copy kernel runs on the GPU where there is one (Triton's interpreter on CPU tensors elsewhere).
     device = torch.device("cuda" if copy_kernel and torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(7)
     buffers = SlotBuffers(CFG, 3, 8, device, torch.float32)

@@ -37,13 +37,6 @@ if TYPE_CHECKING:
 # The rank strides slots may be laid out at (each capped at max_lora_rank, which is one too): PEFT's common ranks
 # (8, 16) at 16, the larger ones at 64. Each class past the first captures its own decode graphs.
 RANK_CLASSES = (16, 64)
-# Values a host-to-device copy of a cold adapter's image moves at a time (0: the whole image in one copy). The copy
-# waits for the step in flight and becomes ready with the next step's own input copy; if the copy engine runs them in
-# the order they were issued, that step waits for the whole image (a rank-16 Llama-3.2-1B adapter: 22.5 MB, ~0.47 ms
-# over PCIe; an H200's worst step during cold loads was 0.47 ms over the median). Copies in pieces give it a turn
-# between them, if the engine takes turns. Not yet timed: `python3 -m benchmarks.worker --cold-only --set
-# gpu_worker.engine.lora.slot_buffers.IMAGE_COPY_VALUES=262144`.
-IMAGE_COPY_VALUES = 0
 
 
 def rank_classes(max_rank: int) -> tuple[int, ...]:
@@ -307,9 +300,7 @@ class SlotBuffers:
         self.groups[slot] = groups
         if self._copies:  # one copy to the device, one launch into the pieces (and the rank)
             staging = self._image()[: image.numel()]
-            piece = IMAGE_COPY_VALUES or image.numel()
-            for at in range(0, image.numel(), piece):
-                staging[at:at + piece].copy_(image[at:at + piece], non_blocking=True)
+            staging.copy_(image, non_blocking=True)
             self._move(strides, slot, staging, gather=False, rank=max_rank)
         else:
             self._move(strides, slot, image, gather=False, rank=max_rank)
