@@ -176,6 +176,8 @@ class LoRAManager:
     def issue_loads(self) -> None:
         """Issue the copies started since the last call (DEFER_LOADS): the engine calls it once it has launched
         the step it scheduled. The copies go at the slots' stride as it is now."""
+        if not self._queued:  # (every step calls it)
+            return
         queued, self._queued = self._queued, {}
         for key, (slot, entry) in queued.items():
             self._issue(slot, key, entry)
