@@ -504,11 +504,13 @@ _silu_mul_expand = Launches(_silu_mul_expand_kernel)
 # Decode steps over at least this many slots expand a row's part a program, per column tile, as the norms do
 # (`_silu_mul_row_expand_kernel`), instead of tiles of rows against blocks of the slots' B. Past 8 slots the tiles'
 # dots are mostly other slots' zeros: at P = 32, 64 rows, ncu read the tile kernel 13.5 us in the step (L1/TEX 78%
-# busy, DRAM 4%, 26% occupancy: 86 registers and 33 KB of shared memory a program, 1.55 waves) against 1.7 for
-# silu_mul alone, and a program per (column tile, slot) with its rows found in registers was slower still (alone,
-# 18.3 us against 11.4). Not yet timed on a GPU: off until it is (`--compare-set
-# kernels.elementwise.SILU_ROW_EXPAND_MIN_SLOTS=16`).
-SILU_ROW_EXPAND_MIN_SLOTS = 1 << 30
+# busy, DRAM 4%, 26% occupancy: 86 registers and 33 KB of shared memory a program, 1.55 waves). H200, N = 8,192,
+# rank 16, alone (benchmarks.consumer_kernels): P = 32, 64 rows 11.4 -> 6.2 us, 32 rows 8.1 -> 3.9; P = 8, 64 rows
+# 3.8 -> 6.0, 32 rows 3.4 -> 3.6 (there a tile's rows share their slots' B). In the step (graph replay, 16 layers):
+# batch 64 over 32 adapters 1.625 -> 1.536 ms, batch 32 1.492 -> 1.419; over 8 (at P = 8) 1.406 -> 1.428 and equal.
+# BN 256 or 1,024, or 4 warps, were slower at P = 32 (6.7-7.8 us). A program per (column tile, slot) with its
+# rows found in registers was slower than the tiles (alone, 18.3 us against 11.4).
+SILU_ROW_EXPAND_MIN_SLOTS = 16
 # Columns of a slice a row's program covers, and its warps (at rank 16 its two B tiles, [BN, 16] each, are then 64
 # values a thread, loaded before the grid-dependency wait: consumer_expand.early_b).
 SILU_ROW_EXPAND_BN, SILU_ROW_EXPAND_WARPS = 512, 8
