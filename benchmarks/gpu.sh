@@ -12,8 +12,8 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
 # tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and
 # the prefill rounds; worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes,
-# cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles, alone and in the
-# step; cold = the decode steps during cold loads, copies issued at once against after the step's launch; served (needs grpcio,
+# cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles at P = 16, alone and in
+# the step; cold = the decode steps during cold loads (COLD_BENCH_ARGS: --set variants); served (needs grpcio,
 # see benchmarks/README.md) = a worker serving 64 streams through its gRPC API to 4 client processes (the Batch
 # hand-over's cost first, benchmarks.batch_pipe), the engine process's GIL switch interval A/B/A, then a profile of
 # the engine's step loop while it serves.
@@ -53,21 +53,18 @@ if [[ $parts == *" served "* ]]; then
     --profile-engine 40 --profile-sort cumtime 2>&1 | tee -a "$out/served.log" | tail -n 60
 fi
 if [[ $parts == *" silu "* ]]; then
-  # SiLU's expand a row a program (elementwise.SILU_ROW_EXPAND_MIN_SLOTS, off) against the tiles: alone at P = 32 and
-  # P = 8, then in the step (graph replay, two engines).
-  S=kernels.elementwise.SILU_ROW_EXPAND_MIN_SLOTS E=kernels.elementwise.SILU_ROW_EXPAND
-  for p in 32 8; do
-    python3 -m benchmarks.consumer_kernels --adapters $p --slots $p --set "$S=1" --set "$S=1;${E}_BN=256" \
-      --set "$S=1;${E}_BN=1024" --set "$S=1;${E}_WARPS=4" 2>&1 | grep -i "op \|silu" | sed "s/^/P = $p: /" \
-      | tee -a "$out/silu.log"
-  done
-  python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 8,32 --steps 40 --compare-set $S=8 2>&1 \
+  # SiLU's expand a row a program (from elementwise.SILU_ROW_EXPAND_MIN_SLOTS = 16 slots) against the tiles at
+  # P = 16: alone, then in the step (graph replay, two engines).
+  S=kernels.elementwise.SILU_ROW_EXPAND_MIN_SLOTS
+  python3 -m benchmarks.consumer_kernels --adapters 16 --slots 16 --set "$S=1073741824" 2>&1 | grep -i "op \|silu" \
+    | sed "s/^/P = 16: /" | tee -a "$out/silu.log"
+  python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 16 --steps 40 --compare-set $S=1073741824 2>&1 \
     | grep -v "^    " | tee -a "$out/silu.log"
 fi
 if [[ $parts == *" cold "* ]]; then
-  # Decode steps while cold adapters are copied in: each copy issued when the scheduler starts it, against issued
-  # after the launch of the step that started it (lora.manager.DEFER_LOADS), alternating rounds on one engine.
-  python3 -m benchmarks.worker --cold-only --set gpu_worker.engine.lora.manager.DEFER_LOADS=True 2>&1 \
+  # Decode steps while cold adapters are copied in, two rounds on one engine (--set MODULE.NAME=VALUE adds rounds
+  # with a module constant set, alternating).
+  python3 -m benchmarks.worker --cold-only ${COLD_BENCH_ARGS:-} 2>&1 \
     | grep "cold adapters" | tee "$out/cold.log"
 fi
 if [[ $parts == *" worker "* ]]; then

@@ -50,13 +50,10 @@ def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
     assert fast.engine.stats()["prefix_cache_hit_tokens"] > 0
 
 
-def test_cold_copies_issued_after_the_launch_give_the_same_tokens(tiny_model_dir, tiny_adapters, monkeypatch):
-    """manager.DEFER_LOADS: the copies the scheduler starts go out once the step it scheduled is launched. With four
-    adapters over two slots, adapters come in, are evicted and come back; the tokens match the eager path's, and no
-    copy is left behind."""
-    from gpu_worker.engine.lora import manager
-
-    monkeypatch.setattr(manager, "DEFER_LOADS", True)
+def test_cold_copies_issued_after_the_launch_give_the_same_tokens(tiny_model_dir, tiny_adapters):
+    """The copies the scheduler starts go out once the step it scheduled is launched (manager.issue_loads). With
+    four adapters over two slots, adapters come in, are evicted and come back; the tokens match the eager path's,
+    and no copy is left behind."""
     kw = dict(enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=128, dtype="float32")
     eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
     fast = LLM(str(tiny_model_dir), lora_backend="triton", **kw)

@@ -24,11 +24,12 @@ from .slot_buffers import SlotBuffers
 # On CUDA, cold copies the scheduler starts are issued after the step it schedules has been launched
 # (`issue_loads`), not at once. Issued at once, a copy waits for the step in flight and becomes ready together
 # with the next step's own input copy, which it is ahead of: if the copy engine keeps that order, the step waits for
-# the whole image (an H200's worst step during cold loads was 0.47 ms over the median, about a rank-16 1B adapter's
-# 22.5 MB over PCIe). Issued after the launch, the step's inputs are ahead of it, and the copy runs during the step
-# (an adapter comes in one step later). Not yet timed: off until `python3 -m benchmarks.worker --cold-only --set
-# gpu_worker.engine.lora.manager.DEFER_LOADS=True` says so.
-DEFER_LOADS = False
+# the whole image (about a rank-16 1B adapter's 22.5 MB over PCIe). Issued after the launch, the step's inputs are
+# ahead of it, and the copy runs during the step (an adapter comes in one step later). H200, batch 32 over 8
+# resident adapters, 8 cold loads, two alternating rounds each (`python3 -m benchmarks.worker --cold-only`): decode
+# steps during the copies 1.10x and 1.10x the median before (mean; max 1.35x, 1.27x), against 1.16x and 1.32x
+# (max 1.40x, 1.42x) issued at once. The worst step is not the copy engine's order: the image cut into 8 copies
+# left it where it was (1.40x and 1.37x against 1.36x and 1.32x whole, means 1.00-1.04x).
 
 AdapterKey = tuple[str, str]  # (name, content_hash)
 
@@ -74,7 +75,7 @@ class LoRAManager:
         self._staged: OrderedDict[AdapterKey, HostAdapter] = OrderedDict()
         self._staged_lock = threading.Lock()
         self._loading: dict[AdapterKey, torch.cuda.Event] = {}
-        self._queued: dict[AdapterKey, tuple[int, HostAdapter]] = {}  # started, issued after the launch (DEFER_LOADS)
+        self._queued: dict[AdapterKey, tuple[int, HostAdapter]] = {}  # started, issued after the launch
         self._ranks: dict[AdapterKey, int] = {}
         # (path, size, mtime) -> content hash: hashing reads every byte, so do it once per file version.
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -167,14 +168,11 @@ class LoRAManager:
         if self._stream is None:
             self.buffers.load(slot, entry.image, entry.max_rank, entry.groups)
             return True
-        if DEFER_LOADS:
-            self._queued[key] = (slot, entry)
-        else:
-            self._issue(slot, key, entry)
+        self._queued[key] = (slot, entry)
         return False
 
     def issue_loads(self) -> None:
-        """Issue the copies started since the last call (DEFER_LOADS): the engine calls it once it has launched
+        """Issue the copies started since the last call: the engine calls it once it has launched
         the step it scheduled. The copies go at the slots' stride as it is now."""
         if not self._queued:  # (every step calls it)
             return
