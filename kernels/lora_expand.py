@@ -222,14 +222,19 @@ def expand_config(num_tokens: int, rows_per_slot: int, max_rank: int, sms: int, 
     bm = max(16, min(next_pow2(rows_per_slot), 128 if bk <= 64 else 32))
     if num_tokens <= 64 or bm <= 32:
         bm = bm if num_tokens > 64 else 16
-        bn = 256 if bk <= 64 else 128
+        chunked = n_out and 32 < bk <= 128 and (not segments_known or rows_per_slot > bm)
+        # Chunks of row tiles under one B take 128 columns, 4 programs an SM, their chunk count as 256 columns
+        # would give it (H200, Llama-3-8B shapes, rank 64, against 256 columns: gate_up, 64 tokens of one adapter,
+        # 11.6 -> 9.5 us, of 8 24.4 -> 21.8; 256 of one 25.0 -> 22.5; qkv 256 tokens of one 10.6 -> 9.4, of 8
+        # 11.8 -> 10.4; counted at 128 columns, the chunks grew to 4-8 and qkv's 256 tokens of one took 12.4).
+        bn = 256 if bk <= 64 and not chunked else 128
         col_tiles, sub = cdiv(n_out, bn), 1
-        if n_out and 32 < bk <= 128 and (not segments_known or rows_per_slot > bm):
+        if chunked:
             # T rounded up to a power of two, as the engine's warm-up compiles the variants (backends.warmup).
-            while sub < 8 and col_tiles * cdiv(next_pow2(num_tokens), bm * sub * 2) >= sms:
+            while sub < 8 and cdiv(n_out, 256) * cdiv(next_pow2(num_tokens), bm * sub * 2) >= sms:
                 sub *= 2
         return KernelConfig(bm, bn, min(bk, 128), num_warps=4, num_stages=2,
-                            programs_per_sm=4 if 0 < col_tiles <= 32 else 16, sub_tiles=sub)
+                            programs_per_sm=4 if 0 < col_tiles <= 32 or chunked else 16, sub_tiles=sub)
     if bk <= 32:
         if num_tokens > 4096:  # gate_up r16, 8,192 tokens: 286 us against 310 with 32 x 256 of 8 warps
             return KernelConfig(64, 256, bk, num_warps=4, num_stages=3, programs_per_sm=2, col_programs=4)

@@ -575,7 +575,7 @@ def test_expand_chunks_of_row_tiles_under_one_b(dtype):
 def test_decode_expand_config_chunks_row_tiles_past_rank_32():
     """Decode-sized tiles: chunks of row tiles under one B past rank 32 while every SM would still get a program
     (all tokens one adapter's), never at rank 16 nor when the segments are known to be short; 4 programs an SM
-    over few column tiles, 16 over many."""
+    over few column tiles, 16 over many; chunked, 128 columns a tile and 4 programs an SM whatever the width."""
     gate_up, qkv = 28672, 6144
     assert expand_config(256, 2, 64, 132, n_out=gate_up).sub_tiles == 8  # 112 column tiles x 2 chunks
     assert expand_config(256, 2, 64, 132, n_out=qkv).sub_tiles == 2  # 24 column tiles x 8 chunks
@@ -585,3 +585,7 @@ def test_decode_expand_config_chunks_row_tiles_past_rank_32():
     assert expand_config(256, 2, 64, 132).sub_tiles == 1  # widths unknown
     assert expand_config(64, 1, 16, 132, n_out=qkv).programs_per_sm == 4
     assert expand_config(64, 1, 16, 132, n_out=gate_up).programs_per_sm == 16
+    chunked = expand_config(64, 1, 64, 132, n_out=gate_up)
+    assert (chunked.block_n, chunked.programs_per_sm, chunked.sub_tiles) == (128, 4, 2)
+    plain = expand_config(64, 1, 64, 132, n_out=gate_up, segments_known=True)
+    assert (plain.block_n, plain.programs_per_sm, plain.sub_tiles) == (256, 16, 1)
