@@ -139,6 +139,7 @@ def cold_load(engine, warm: list, colds: list, batch: int = 32) -> dict:
     for _ in range(3):  # prefill
         step_ms()
     before, during, joins, stages, adds = [], [], [], [], []
+    by_position: list[list[float]] = []  # [i]: the i-th steps after each cold request was added
     for k, cold in enumerate(colds):
         # The worker stages on another thread while the loop steps; here stage() runs between steps, which
         # leaves the GPU idle: the "before" steps come after it, so both samples are steps of a full pipeline.
@@ -150,27 +151,35 @@ def cold_load(engine, warm: list, colds: list, batch: int = 32) -> dict:
         engine.add_request(f"cold-new-{k}", list(range(100, 100 + PROMPT)), params, lora_request=cold)
         adds.append(1000 * (time.perf_counter() - t))
         cold_seq = engine._seqs[f"cold-new-{k}"]
-        for _ in range(50):
+        for i in range(50):
             ms = step_ms()  # the first of these starts the copy; the request waits until it is done
             if cold_seq in engine.scheduler.running or cold_seq.is_finished:
                 joins.append(ms)  # the step the cold request's prefill joined
                 break
             during.append(ms)
+            if i == len(by_position):
+                by_position.append([])
+            by_position[i].append(ms)
     while engine.has_unfinished_requests():
         engine.step()
     return dict(before_ms=statistics.median(before), during_mean_ms=statistics.fmean(during) if during else 0.0,
                 during_max_ms=max(during, default=0.0), during_steps=len(during), loads=len(colds),
                 join_step_ms=statistics.median(joins) if joins else 0.0, stage_ms=statistics.median(stages),
-                add_request_ms=statistics.median(adds))
+                add_request_ms=statistics.median(adds),
+                by_position_ms=[round(statistics.median(v), 3) for v in by_position],
+                by_position_max_ms=[round(max(v), 3) for v in by_position])
 
 
 def cold_line(cold: dict) -> str:
+    positions = ", ".join(f"{m:.2f}/{x:.2f}" for m, x in zip(cold["by_position_ms"], cold["by_position_max_ms"],
+                                                              strict=True))
     return (f"decode steps while cold adapters are copied in ({cold['loads']} loads, {cold['during_steps']} steps): "
             f"mean {cold['during_mean_ms']:.2f} ms, max {cold['during_max_ms']:.2f} ms, vs {cold['before_ms']:.2f} ms "
             f"before (median): {cold['during_mean_ms'] / cold['before_ms']:.2f}x mean, "
             f"{cold['during_max_ms'] / cold['before_ms']:.2f}x max; the step a cold request's prefill joins: "
             f"{cold['join_step_ms']:.2f} ms (median); off the step loop: stage (disk read + pack) "
-            f"{cold['stage_ms']:.0f} ms, add_request {cold['add_request_ms']:.1f} ms")
+            f"{cold['stage_ms']:.0f} ms, add_request {cold['add_request_ms']:.1f} ms; by step after the request "
+            f"(median / max): {positions}")
 
 
 def peft_mixed(model_dir: Path, adapters: list[Path], batch: int) -> float:
@@ -331,7 +340,8 @@ def main() -> None:
     if args.out:
         rows.append(dict(case="prefill 8x2048", base_tok_s=round(prefill_base), lora8_tok_s=round(prefill_lora),
                          base_steps=prefill_steps[0], lora8_steps=prefill_steps[1]))
-        rows.append(dict(case="cold load", **{k: round(v, 3) for k, v in cold.items()}))
+        rows.append(dict(case="cold load", **{k: round(v, 3) if isinstance(v, float) else v
+                                               for k, v in cold.items()}))
         Path(args.out, "bench_worker.json").write_text(json.dumps(rows, indent=1))
 
 
