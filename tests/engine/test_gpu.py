@@ -1,5 +1,7 @@
 """On CUDA: the fused decode attention, the Triton LoRA kernels and CUDA-graph decode give the tokens the
-eager torch path gives, and transformers + PEFT agree. Skipped without a GPU."""
+eager torch path gives, and transformers + PEFT agree. Skipped without a GPU. The batches here are of at most 5
+sequences: engines capture decode graphs up to max_num_seqs = 8 (at the default 256, capturing every bucket of
+every variant; the four tests then took 259 s on an H200)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def generate(llm, adapters, names, n=12):
 
 
 def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
-    kw = dict(enable_lora=True, max_loras=4, max_lora_rank=16, num_kv_blocks=128, dtype="float32")
+    kw = dict(enable_lora=True, max_loras=4, max_lora_rank=16, num_kv_blocks=128, dtype="float32",
+              max_num_seqs=8)
     eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
     # The GPU path in full: Triton LoRA kernels, CUDA graphs, fused elementwise kernels, the prefix cache (the
     # prompts come back below: their blocks are reused); the eager torch path (and transformers + PEFT) as
@@ -54,7 +57,8 @@ def test_cold_copies_issued_after_the_launch_give_the_same_tokens(tiny_model_dir
     """The copies the scheduler starts go out once the step it scheduled is launched (manager.issue_loads). With
     four adapters over two slots, adapters come in, are evicted and come back; the tokens match the eager path's,
     and no copy is left behind."""
-    kw = dict(enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=128, dtype="float32")
+    kw = dict(enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=128, dtype="float32",
+              max_num_seqs=8)
     eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
     fast = LLM(str(tiny_model_dir), lora_backend="triton", **kw)
     for names in (NAMES, NAMES[::-1], ["math-lora", "sql-lora", None]):
@@ -100,7 +104,8 @@ def test_rank_strides_follow_the_adapters_in_graphs(tiny_model_dir, tiny_adapter
     adapter moves the slots to 64 and its batches replay those; tokens match the eager torch path and PEFT and
     logprobs agree at both."""
     adapters = dict(tiny_adapters, **{"wide-lora": rank32_adapter})
-    kw = dict(enable_lora=True, max_loras=3, max_lora_rank=64, num_kv_blocks=128, dtype="float32")
+    kw = dict(enable_lora=True, max_loras=3, max_lora_rank=64, num_kv_blocks=128, dtype="float32",
+              max_num_seqs=8)
     eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
     fast = LLM(str(tiny_model_dir), lora_backend="triton", **kw)
     graphs = fast.engine.runner.graphs
