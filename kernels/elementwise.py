@@ -152,7 +152,7 @@ _add_rms_norm = Launches(_add_rms_norm_kernel)
 # bandwidth, and a decode step has a few dozen rows on 132 SMs: the norms that expand took 2.6-2.8 us against
 # 1.45 without (H200, P = 8 and 32, benchmarks.consumer_kernels). Not yet timed: 1 until `python3 -m
 # benchmarks.consumer_kernels --set kernels.elementwise.NORM_SPLIT=4` says otherwise.
-NORM_SPLIT = 1  # a power of two
+NORM_SPLIT = 1  # a power of two, at most 16
 NORM_SPLIT_MAX_ROWS = 256
 NORM_SPLIT_WARPS = 4
 # Per device: each (row, part)'s sum of squares and each row's count of parts done (zero between launches: the last
@@ -161,12 +161,14 @@ NORM_SPLIT_WARPS = 4
 _norm_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _split_scratch(device: torch.device, split: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _split_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(sums [NORM_SPLIT_MAX_ROWS, 16], counts [NORM_SPLIT_MAX_ROWS]) of the device, made once and kept (graphs
+    captured with them replay into them)."""
     got = _norm_scratch.get(device)
-    if got is None or got[0].shape[1] < split:
+    if got is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        got = (torch.zeros((NORM_SPLIT_MAX_ROWS, split), dtype=torch.float32, device=device),
+        got = (torch.zeros((NORM_SPLIT_MAX_ROWS, 16), dtype=torch.float32, device=device),
                torch.zeros(NORM_SPLIT_MAX_ROWS, dtype=torch.int32, device=device))
         _norm_scratch[device] = got
     return got
@@ -248,9 +250,9 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         args, consts = _expand_args(pending, r, 1)
         asks = prefetch is not None and h.is_cuda
         block = next_pow2(n)
-        split = min(NORM_SPLIT, block // 16) if pending is not None and t <= NORM_SPLIT_MAX_ROWS else 1
-        scratch = _split_scratch(h.device, split) if split > 1 else None
-        if scratch is not None:
+        split = min(NORM_SPLIT, 16, block // 16) if pending is not None else 1
+        scratch = _split_scratch(h.device) if split > 1 and t <= NORM_SPLIT_MAX_ROWS else None
+        if scratch is not None and t <= scratch[1].shape[0]:
             chunk = block // split
             pf = prefetch.args(t * split) if asks else (0, 0, 1, 1, 1, 0)
             parts, counts = scratch
