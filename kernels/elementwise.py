@@ -71,6 +71,17 @@ def _plus_delta(v, d_ptr, ds_ptr, row, offs, ok, HAS_DELTA: tl.constexpr, dt: tl
     return v
 
 
+@triton.jit
+def _plus_expand(r, row, cols, ok, bt, y_ptr, s_yt, s_yp, b_slot, sl, has, rank, R: tl.constexpr,
+                 RB: tl.constexpr, EARLY_B: tl.constexpr, dt: tl.constexpr, EMULATED: tl.constexpr):
+    """r (fp32, a row's columns) plus the row's adapter part expanded from its slot's y and B (bt: B loaded
+    already, by row_b, where EARLY_B; b_slot: the slot's B), rounded to dt as an in-place add would round it."""
+    y_row = y_ptr + row * s_yt + sl * s_yp
+    d = expand_loaded(bt, y_row, rank, R) if EARLY_B else expand_cols(cols, ok, y_row, b_slot, has, rank, R, RB,
+                                                                      False)
+    return tl.where(has, round_low(r + round_low(d, dt, EMULATED), dt, EMULATED), r)
+
+
 def _expand_args(pending: PendingExpand | None, like: torch.Tensor, slices: int) -> tuple[tuple, dict]:
     """((y, s_yt, s_yp, s_bp, ranks, slots, P, b_0 .. b_{slices-1}) kernel arguments, {R, RB} constexprs); `like`
     stands in for the tensors when there is nothing to expand."""
@@ -121,20 +132,15 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     if LORA == _EXPAND:
         sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
-        if EARLY_B:
-            bt = row_b(b_ptr + sl * s_bp, cols, ok, has, R)
+        bt = row_b(b_ptr + sl * s_bp, cols, ok, has, R) if EARLY_B else b_ptr
     if PDL:
         gdc_wait()
     h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
         if LORA == _EXPAND:
-            y_row = y_ptr + row * s_yt + sl * s_yp
-            if EARLY_B:
-                d = expand_loaded(bt, y_row, rank, R)
-            else:
-                d = expand_cols(cols, ok, y_row, b_ptr + sl * s_bp, has, rank, R, RB, False)
-            r = tl.where(has, round_low(r + round_low(d, dt, EMULATED), dt, EMULATED), r)
+            r = _plus_expand(r, row, cols, ok, bt, y_ptr, s_yt, s_yp, b_ptr + sl * s_bp, sl, has, rank, R, RB,
+                             EARLY_B, dt, EMULATED)
         else:
             r = _plus_delta(r, d_ptr, ds_ptr, row, row * s_r + cols, ok, LORA == _DELTA, dt, EMULATED)
         h = round_low(h + r, dt, EMULATED)  # the sum in the model's dtype, as torch rounds it
@@ -194,18 +200,13 @@ def _add_rms_norm_split_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, part_ptr, c
     ok = cols < N
     dt: tl.constexpr = x_ptr.dtype.element_ty
     sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
-    if EARLY_B:
-        bt = row_b(b_ptr + sl * s_bp, cols, ok, has, R)
+    bt = row_b(b_ptr + sl * s_bp, cols, ok, has, R) if EARLY_B else b_ptr
     if PDL:
         gdc_wait()
     h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
-    y_row = y_ptr + row * s_yt + sl * s_yp
-    if EARLY_B:
-        d = expand_loaded(bt, y_row, rank, R)
-    else:
-        d = expand_cols(cols, ok, y_row, b_ptr + sl * s_bp, has, rank, R, RB, False)
-    r = tl.where(has, round_low(r + round_low(d, dt, EMULATED), dt, EMULATED), r)
+    r = _plus_expand(r, row, cols, ok, bt, y_ptr, s_yt, s_yp, b_ptr + sl * s_bp, sl, has, rank, R, RB, EARLY_B, dt,
+                     EMULATED)
     h = round_low(h + r, dt, EMULATED)
     tl.store(hout_ptr + row * s_ho + cols, h.to(dt), mask=ok)
     tl.store(part_ptr + row * s_part + part, tl.sum(h * h, 0))
