@@ -14,7 +14,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # the prefill rounds; worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes,
 # cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles at P = 16, alone and in
 # the step; norms = the norms that expand a row over several programs against one, alone and in the step;
-# cold = the decode steps during cold loads (COLD_BENCH_ARGS: --set variants); served (needs grpcio,
+# cold = the decode steps during cold loads, the image uploaded after the wait and before; served (needs grpcio,
 # see benchmarks/README.md) = a worker serving 64 streams through its gRPC API to 4 client processes (the Batch
 # hand-over's cost first, benchmarks.batch_pipe), the engine process's GIL switch interval A/B/A, then a profile of
 # the engine's step loop while it serves.
@@ -75,9 +75,10 @@ if [[ $parts == *" norms "* ]]; then
     | grep -v "^    " | tee -a "$out/norms.log"
 fi
 if [[ $parts == *" cold "* ]]; then
-  # Decode steps while cold adapters are copied in, two rounds on one engine (--set MODULE.NAME=VALUE adds rounds
-  # with a module constant set, alternating).
-  python3 -m benchmarks.worker --cold-only ${COLD_BENCH_ARGS:-} 2>&1 \
+  # Decode steps while cold adapters are copied in, rounds alternating on one engine: the defaults against the
+  # image uploaded before the wait for the steps in flight (lora.manager.UPLOAD_BEFORE_WAIT; COLD_BENCH_ARGS
+  # replaces the --set).
+  python3 -m benchmarks.worker --cold-only ${COLD_BENCH_ARGS:---set gpu_worker.engine.lora.manager.UPLOAD_BEFORE_WAIT=True} 2>&1 \
     | grep "cold adapters" | tee "$out/cold.log"
 fi
 if [[ $parts == *" worker "* ]]; then

@@ -53,10 +53,16 @@ def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
     assert fast.engine.stats()["prefix_cache_hit_tokens"] > 0
 
 
-def test_cold_copies_issued_after_the_launch_give_the_same_tokens(tiny_model_dir, tiny_adapters):
-    """The copies the scheduler starts go out once the step it scheduled is launched (manager.issue_loads). With
-    four adapters over two slots, adapters come in, are evicted and come back; the tokens match the eager path's,
-    and no copy is left behind."""
+@pytest.mark.parametrize("upload_first", [False, True], ids=["wait-then-copy", "copy-then-wait"])
+def test_cold_copies_issued_after_the_launch_give_the_same_tokens(tiny_model_dir, tiny_adapters, monkeypatch,
+                                                                  upload_first):
+    """The copies the scheduler starts go out once the step it scheduled is launched (manager.issue_loads), the
+    image's upload before or after the wait for the steps in flight (manager.UPLOAD_BEFORE_WAIT: only the scatter
+    into the slot waits). With four adapters over two slots, adapters come in, are evicted and come back; the
+    tokens match the eager path's, and no copy is left behind."""
+    from gpu_worker.engine.lora import manager
+
+    monkeypatch.setattr(manager, "UPLOAD_BEFORE_WAIT", upload_first)
     kw = dict(enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=128, dtype="float32",
               max_num_seqs=8)
     eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)

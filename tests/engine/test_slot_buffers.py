@@ -77,7 +77,12 @@ def test_attach_base_stacks_a_under_the_base_weights_and_loads_land_there(copy_k
             assert stacked.shape == (n + 3 * a.shape[1] * 8, base.shape[1])
     assert_holds(buffers, 1, first)  # loaded before: carried over
 
-    buffers.load(2, buffers.pack(second, pin=False), 5, buffers.groups_of(second))  # into the stacked rows
+    # into the stacked rows; the hook runs once the image is on its way and before the slot is written
+    seen = []
+    buffers.load(2, buffers.pack(second, pin=False), 5, buffers.groups_of(second),
+                 before_scatter=lambda: seen.append((buffers.a[0]["qkv"][2].abs().sum().item(),
+                                                     buffers.ranks[2].item())))
+    assert seen == [(0.0, 0)]
     assert_holds(buffers, 2, second)
     assert_holds(buffers, 1, first)
     assert buffers.ranks.tolist() == [0, 8, 5]

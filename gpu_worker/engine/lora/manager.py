@@ -6,6 +6,7 @@ the other requests keep stepping.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -30,6 +31,12 @@ from .slot_buffers import SlotBuffers
 # steps during the copies 1.10x and 1.10x the median before (mean; max 1.35x, 1.27x), against 1.16x and 1.32x
 # (max 1.40x, 1.42x) issued at once. The worst step is not the copy engine's order: the image cut into 8 copies
 # left it where it was (1.40x and 1.37x against 1.36x and 1.32x whole, means 1.00-1.04x).
+# UPLOAD_BEFORE_WAIT: the image's copy into the device staging buffer goes out at once, and only the scatter into
+# the slot waits for the steps in flight (what may read the slot's old adapter). Waiting first, the copy becomes
+# ready when the step in flight ends, with the next step's input copy beside it; copied at once it runs during the
+# step. Not yet timed: off until `python3 -m benchmarks.worker --cold-only --set
+# gpu_worker.engine.lora.manager.UPLOAD_BEFORE_WAIT=True` says so.
+UPLOAD_BEFORE_WAIT = False
 
 AdapterKey = tuple[str, str]  # (name, content_hash)
 
@@ -181,10 +188,14 @@ class LoRAManager:
             self._issue(slot, key, entry)
 
     def _issue(self, slot: int, key: AdapterKey, entry: HostAdapter) -> None:
-        # The slot's previous adapter may still be read by the step in flight: copy after it.
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        # The slot's previous adapter may still be read by the step in flight: write the slot after it.
+        main = torch.cuda.current_stream(self.device)
+        wait = functools.partial(self._stream.wait_stream, main)
+        if not UPLOAD_BEFORE_WAIT:
+            wait()
         with torch.cuda.stream(self._stream):
-            self.buffers.load(slot, entry.image, entry.max_rank, entry.groups)
+            self.buffers.load(slot, entry.image, entry.max_rank, entry.groups,
+                              before_scatter=wait if UPLOAD_BEFORE_WAIT else None)
             event = torch.cuda.Event()
             event.record(self._stream)
         self._loading[key] = event

@@ -21,7 +21,7 @@ fills.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -289,9 +289,11 @@ class SlotBuffers:
         """The groups any of these slots' adapters target (slot -1: none)."""
         return frozenset().union(*(self.groups[s] for s in set(slots) if s >= 0))
 
-    def load(self, slot: int, image: torch.Tensor, max_rank: int, groups: frozenset[str]) -> None:
+    def load(self, slot: int, image: torch.Tensor, max_rank: int, groups: frozenset[str],
+             before_scatter: Callable[[], None] | None = None) -> None:
         """Copy a packed adapter into `slot` (on the current stream), replacing whatever was there. Its rank must fit
-        the current stride (`relayout` first)."""
+        the current stride (`relayout` first). before_scatter: called once the image's copy to the device is
+        queued, before what writes the slot is (a wait for the steps that may still read the slot)."""
         if max_rank > self.rank_class:
             raise ValueError(f"an adapter of rank {max_rank} does not fit the slots' rank stride {self.rank_class}")
         strides = (self.rank_class, self.class_for(max_rank))  # (the image was packed at its adapter's class)
@@ -301,9 +303,10 @@ class SlotBuffers:
         if self._copies:  # one copy to the device, one launch into the pieces (and the rank)
             staging = self._image()[: image.numel()]
             staging.copy_(image, non_blocking=True)
-            self._move(strides, slot, staging, gather=False, rank=max_rank)
-        else:
-            self._move(strides, slot, image, gather=False, rank=max_rank)
+            image = staging
+        if before_scatter is not None:
+            before_scatter()
+        self._move(strides, slot, image, gather=False, rank=max_rank)
 
     def nbytes(self) -> int:
         """Device bytes the slots hold (A and B, wherever A is stored)."""
