@@ -105,10 +105,16 @@ def test_spread_graphs_run_the_rows_expand_and_match_eager(tiny_model_dir, tiny_
                 assert abs(p.logprob - q.logprob) < 2e-3
 
 
-def test_rank_strides_follow_the_adapters_in_graphs(tiny_model_dir, tiny_adapters, rank32_adapter, monkeypatch):
+@pytest.mark.parametrize("upload_first", [False, True], ids=["wait-then-copy", "copy-then-wait"])
+def test_rank_strides_follow_the_adapters_in_graphs(tiny_model_dir, tiny_adapters, rank32_adapter, monkeypatch,
+                                                    upload_first):
     """max_lora_rank 64: batches of rank <= 16 adapters replay the decode graphs captured at stride 16; a rank-32
     adapter moves the slots to 64 and its batches replay those; tokens match the eager torch path and PEFT and
-    logprobs agree at both."""
+    logprobs agree at both. Cold images uploaded before or after the wait for the steps in flight
+    (manager.UPLOAD_BEFORE_WAIT: then after the last relayout, which shares their staging buffer)."""
+    from gpu_worker.engine.lora import manager
+
+    monkeypatch.setattr(manager, "UPLOAD_BEFORE_WAIT", upload_first)
     adapters = dict(tiny_adapters, **{"wide-lora": rank32_adapter})
     kw = dict(enable_lora=True, max_loras=3, max_lora_rank=64, num_kv_blocks=128, dtype="float32",
               max_num_seqs=8)

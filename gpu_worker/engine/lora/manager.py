@@ -83,6 +83,9 @@ class LoRAManager:
         self._staged_lock = threading.Lock()
         self._loading: dict[AdapterKey, torch.cuda.Event] = {}
         self._queued: dict[AdapterKey, tuple[int, HostAdapter]] = {}  # started, issued after the launch
+        # Recorded on the step's stream after the last relayout, which uses the device staging buffer that uploads
+        # write (UPLOAD_BEFORE_WAIT: an upload waits for it, not for the steps).
+        self._relaid: torch.cuda.Event | None = None
         self._ranks: dict[AdapterKey, int] = {}
         # (path, size, mtime) -> content hash: hashing reads every byte, so do it once per file version.
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -193,6 +196,8 @@ class LoRAManager:
         wait = functools.partial(self._stream.wait_stream, main)
         if not UPLOAD_BEFORE_WAIT:
             wait()
+        elif self._relaid is not None:  # (the staging buffer the upload writes)
+            self._stream.wait_event(self._relaid)
         with torch.cuda.stream(self._stream):
             self.buffers.load(slot, entry.image, entry.max_rank, entry.groups,
                               before_scatter=wait if UPLOAD_BEFORE_WAIT else None)
@@ -246,6 +251,9 @@ class LoRAManager:
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         self.buffers.relayout(want, occupied)
+        if self._stream is not None:
+            self._relaid = torch.cuda.Event()
+            self._relaid.record(torch.cuda.current_stream(self.device))
 
     def residency(self) -> list[Residency]:
         out = []
