@@ -44,12 +44,13 @@ def replay_pieces_eagerly(llm: LLM, max_tokens: int) -> list:
     return log
 
 
-@pytest.mark.parametrize("fused,async_scheduling", [(False, False), (True, False), (True, True)],
-                         ids=["torch-ops", "fused-ops", "fused-ops-async"])
+@pytest.mark.parametrize("fused,async_scheduling", [(False, False), (True, False), (False, True)],
+                         ids=["torch-ops", "fused-ops", "torch-ops-async"])
 def test_pieces_match_peft_for_prompts_and_decodes_mixed(tiny_model_dir, tiny_adapters, fused, async_scheduling):
     """Prompts of different lengths joining, base and adapter requests mixed (the LoRA graphs, their metadata
     computed inside piece 0), then base requests alone (the graphs without LoRA). async: each step's last tokens
-    come from the step in flight, patched into the inputs on the device before they are staged."""
+    come from the step in flight, patched into the inputs on the device before they are staged (before any op of
+    the pieces, so the torch ops cover it, in a fraction of the fused ones' time in Triton's interpreter)."""
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=64, block_size=8,
               lora_backend="triton", max_num_batched_tokens=48, fused_elementwise=fused,
               fused_prefill_attention=True, async_scheduling=async_scheduling)
