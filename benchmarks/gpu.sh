@@ -13,8 +13,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # tests; kernels = the kernel benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and
 # the prefill rounds; worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes,
 # cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles at P = 16, alone and in
-# the step; norms = the norms that expand a row over several programs against one, alone and in the step;
-# cold = the decode steps during cold loads, the image uploaded after the wait and before; served (needs grpcio,
+# the step; cold = the decode steps during cold loads; served (needs grpcio,
 # see benchmarks/README.md) = a worker serving 64 streams through its gRPC API to 4 client processes (the Batch
 # hand-over's cost first, benchmarks.batch_pipe), the engine process's GIL switch interval A/B/A, then a profile of
 # the engine's step loop while it serves.
@@ -62,23 +61,10 @@ if [[ $parts == *" silu "* ]]; then
   python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 16 --steps 40 --compare-set $S=1073741824 2>&1 \
     | grep -v "^    " | tee -a "$out/silu.log"
 fi
-if [[ $parts == *" norms "* ]]; then
-  # The norms that expand, a row over NORM_SPLIT programs (elementwise.NORM_SPLIT, 1: off) against a program a row:
-  # alone at P = 8 and 32, then in the step (graph replay, two engines).
-  S=kernels.elementwise.NORM_SPLIT
-  for p in 8 32; do
-    python3 -m benchmarks.consumer_kernels --adapters $p --slots $p --set "$S=2" --set "$S=4" --set "$S=8" \
-      --set "$S=4;kernels.elementwise.NORM_SPLIT_WARPS=8" 2>&1 | grep -i "op \|norm" | sed "s/^/P = $p: /" \
-      | tee -a "$out/norms.log"
-  done
-  python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 8,32 --steps 40 --compare-set $S=4 2>&1 \
-    | grep -v "^    " | tee -a "$out/norms.log"
-fi
 if [[ $parts == *" cold "* ]]; then
-  # Decode steps while cold adapters are copied in, rounds alternating on one engine: the defaults against the
-  # image uploaded before the wait for the steps in flight (lora.manager.UPLOAD_BEFORE_WAIT; COLD_BENCH_ARGS
-  # replaces the --set).
-  python3 -m benchmarks.worker --cold-only ${COLD_BENCH_ARGS:---set gpu_worker.engine.lora.manager.UPLOAD_BEFORE_WAIT=True} 2>&1 \
+  # Decode steps while cold adapters are copied in (COLD_BENCH_ARGS: e.g. --set MODULE.NAME=VALUE, rounds
+  # alternating with the defaults on one engine).
+  python3 -m benchmarks.worker --cold-only ${COLD_BENCH_ARGS:-} 2>&1 \
     | grep "cold adapters" | tee "$out/cold.log"
 fi
 if [[ $parts == *" worker "* ]]; then

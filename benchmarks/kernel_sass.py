@@ -113,7 +113,6 @@ def variants() -> dict[str, Variant]:
     from kernels.elementwise import (
         EXPAND_ONE_BLOCK_WARPS,
         EXPAND_WARPS,
-        NORM_SPLIT_WARPS,
         SILU_ROW_EXPAND_BN,
         SILU_ROW_EXPAND_WARPS,
     )
@@ -162,12 +161,6 @@ def variants() -> dict[str, Variant]:
                                      {**norm, "LORA": 0, "R": 1, "RB": 1, **plain}, 4),
         "add_rms_norm expand": Variant("_add_rms_norm_kernel", norm_types,
                                        {**norm, "LORA": 2, "R": 16, "RB": rb, **early}, EXPAND_WARPS),
-        # A row over 4 programs of 512 columns (elementwise.NORM_SPLIT), the last normalizing it.
-        "add_rms_norm split": Variant("_add_rms_norm_split_kernel",
-                                      {**{n: t for n, t in norm_types.items() if n not in ("d_ptr", "ds_ptr")},
-                                       "part_ptr": "*fp32", "count_ptr": "*i32", "s_part": "i32:16"},
-                                      {"SPLIT": 4, "CHUNK": 512, "BLOCK": 2048, "EMULATED": False, "R": 16, "RB": rb,
-                                       "PREFETCH": False, **early}, NORM_SPLIT_WARPS),
         "rope_and_cache base": Variant("_rope_cache_kernel", rope_types,
                                        {**rope, "LORA": 0, "R": 1, "RB": 1, **plain, "Q_PARTS": 0}, 4),
         # A program per part of a row (q in 4 parts, k, v: elementwise.rope_parts).

@@ -152,82 +152,6 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, d_ptr, ds_ptr, N,
 
 _add_rms_norm = Launches(_add_rms_norm_kernel)
 
-# Norms that expand the adapters' part, in steps of up to NORM_SPLIT_MAX_ROWS rows, run each row as this many
-# programs of N / NORM_SPLIT columns (`_add_rms_norm_split_kernel`); 1: a program a row. A row's program reads its
-# slot's whole B of the projection ([N, R]: 64 KB at N = 2,048, rank 16) through one SM's share of the L2's
-# bandwidth, and a decode step has a few dozen rows on 132 SMs: the norms that expand took 2.6-2.8 us against
-# 1.45 without (H200, P = 8 and 32, benchmarks.consumer_kernels). Not yet timed: 1 until `python3 -m
-# benchmarks.consumer_kernels --set kernels.elementwise.NORM_SPLIT=4` says otherwise.
-NORM_SPLIT = 1  # a power of two, at most 16
-NORM_SPLIT_MAX_ROWS = 256
-NORM_SPLIT_WARPS = 4
-# Per device: each (row, part)'s sum of squares and each row's count of parts done (zero between launches: the last
-# of a row's programs re-arms it), so split norms run on one stream of a device at a time, as an engine's forward
-# does. Made outside graph capture (the decode graphs' warm-up runs first); capturing without it, a program a row.
-_norm_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(sums [NORM_SPLIT_MAX_ROWS, 16], counts [NORM_SPLIT_MAX_ROWS]) of the device, made once and kept (graphs
-    captured with them replay into them)."""
-    got = _norm_scratch.get(device)
-    if got is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        got = (torch.zeros((NORM_SPLIT_MAX_ROWS, 16), dtype=torch.float32, device=device),
-               torch.zeros(NORM_SPLIT_MAX_ROWS, dtype=torch.int32, device=device))
-        _norm_scratch[device] = got
-    return got
-
-
-@triton.jit
-def _add_rms_norm_split_kernel(h_ptr, r_ptr, w_ptr, x_ptr, hout_ptr, part_ptr, count_ptr, N, eps,
-                               s_h, s_r, s_x, s_ho, s_part,
-                               y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P, b_ptr,
-                               pf_base, pf_stride, pf_nbytes, pf_per_block, pf_total, pf_per_program,
-                               SPLIT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                               EMULATED: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, PREFETCH: tl.constexpr,
-                               EARLY_B: tl.constexpr, PDL: tl.constexpr):
-    # _add_rms_norm_kernel's residual add and expand, a row over SPLIT programs of CHUNK columns: each stores its h
-    # and its sum of squares, then counts itself in on the row's counter; the last to arrive reads the sums in
-    # order (the same total whichever came last), normalizes the row's h (from L2) and re-arms the counter.
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    if PREFETCH:
-        prefetch_share(pf_base, pf_stride, pf_nbytes, pf_per_block, pf_total, pf_per_program, row * SPLIT + part,
-                       256)
-    cols = part * CHUNK + tl.arange(0, CHUNK)
-    ok = cols < N
-    dt: tl.constexpr = x_ptr.dtype.element_ty
-    sl, has, rank = row_slot(row, ranks_ptr, es_ptr, P)
-    bt = row_b(b_ptr + sl * s_bp, cols, ok, has, R) if EARLY_B else b_ptr
-    if PDL:
-        gdc_wait()
-    h = tl.load(h_ptr + row * s_h + cols, mask=ok, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + row * s_r + cols, mask=ok, other=0.0).to(tl.float32)
-    r = _plus_expand(r, row, cols, ok, bt, y_ptr, s_yt, s_yp, b_ptr + sl * s_bp, sl, has, rank, R, RB, EARLY_B, dt,
-                     EMULATED)
-    h = round_low(h + r, dt, EMULATED)
-    tl.store(hout_ptr + row * s_ho + cols, h.to(dt), mask=ok)
-    tl.store(part_ptr + row * s_part + part, tl.sum(h * h, 0))
-    tl.debug_barrier()  # every thread's h is stored before the count (release below)
-    arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
-    tl.debug_barrier()  # the acquire is seen by every thread before they read the others' h
-    if arrived == SPLIT - 1:
-        parts = tl.load(part_ptr + row * s_part + tl.arange(0, SPLIT), cache_modifier=".cg")
-        rstd = 1.0 / tl.sqrt(tl.sum(parts, 0) / N + eps)
-        every = tl.arange(0, BLOCK)
-        every_ok = every < N
-        hr = tl.load(hout_ptr + row * s_ho + every, mask=every_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        w = tl.load(w_ptr + every, mask=every_ok, other=0.0).to(tl.float32)
-        xn = round_low(hr * rstd, dt, EMULATED)
-        tl.store(x_ptr + row * s_x + every, to_low(w * xn, dt, EMULATED), mask=every_ok)
-        tl.atomic_xchg(count_ptr + row, 0, sem="relaxed", scope="gpu")
-
-
-_add_rms_norm_split = Launches(_add_rms_norm_split_kernel)
-
-
 def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float, delta=None, prefetch: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h + residual) * weight, h + residual) for h, residual [T, N] (rows contiguous), weight [N];
@@ -251,18 +175,6 @@ def add_rms_norm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         args, consts = _expand_args(pending, r, 1)
         asks = prefetch is not None and h.is_cuda
         block = next_pow2(n)
-        split = min(NORM_SPLIT, 16, block // 16) if pending is not None else 1
-        scratch = _split_scratch(h.device) if split > 1 and t <= NORM_SPLIT_MAX_ROWS else None
-        if scratch is not None and t <= scratch[1].shape[0]:
-            chunk = block // split
-            pf = prefetch.args(t * split) if asks else (0, 0, 1, 1, 1, 0)
-            parts, counts = scratch
-            _add_rms_norm_split((t, split), h, r, weight, x, h_out, parts, counts, n, eps, h.stride(0), r.stride(0),
-                                x.stride(0), h_out.stride(0), parts.stride(0), *args, *pf, SPLIT=split, CHUNK=chunk,
-                                BLOCK=block, EMULATED=emulated(h), **consts, PREFETCH=asks,
-                                EARLY_B=early_b(chunk, consts["R"], NORM_SPLIT_WARPS), **_pdl_launch(pending, h),
-                                num_warps=NORM_SPLIT_WARPS)
-            return x, h_out
         pf = prefetch.args(t) if asks else (0, 0, 1, 1, 1, 0)
         _add_rms_norm((t,), h, r, weight, x, h_out, d, ds, n, eps, h.stride(0), r.stride(0), x.stride(0),
                       h_out.stride(0), *args, *pf, HAS_RESIDUAL=residual is not None,

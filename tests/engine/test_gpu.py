@@ -53,16 +53,11 @@ def test_graphs_and_kernels_match_eager_and_peft(tiny_model_dir, tiny_adapters):
     assert fast.engine.stats()["prefix_cache_hit_tokens"] > 0
 
 
-@pytest.mark.parametrize("upload_first", [False, True], ids=["wait-then-copy", "copy-then-wait"])
-def test_cold_copies_issued_after_the_launch_give_the_same_tokens(tiny_model_dir, tiny_adapters, monkeypatch,
-                                                                  upload_first):
+def test_cold_copies_issued_after_the_launch_give_the_same_tokens(tiny_model_dir, tiny_adapters):
     """The copies the scheduler starts go out once the step it scheduled is launched (manager.issue_loads), the
-    image's upload before or after the wait for the steps in flight (manager.UPLOAD_BEFORE_WAIT: only the scatter
-    into the slot waits). With four adapters over two slots, adapters come in, are evicted and come back; the
-    tokens match the eager path's, and no copy is left behind."""
-    from gpu_worker.engine.lora import manager
-
-    monkeypatch.setattr(manager, "UPLOAD_BEFORE_WAIT", upload_first)
+    image's upload at once and only its scatter into the slot after the steps in flight. With four adapters over
+    two slots, adapters come in, are evicted and come back; the tokens match the eager path's, and no copy is left
+    behind."""
     kw = dict(enable_lora=True, max_loras=2, max_lora_rank=16, num_kv_blocks=128, dtype="float32",
               max_num_seqs=8)
     eager = LLM(str(tiny_model_dir), enforce_eager=True, lora_backend="torch", fused_elementwise=False, **kw)
@@ -105,16 +100,11 @@ def test_spread_graphs_run_the_rows_expand_and_match_eager(tiny_model_dir, tiny_
                 assert abs(p.logprob - q.logprob) < 2e-3
 
 
-@pytest.mark.parametrize("upload_first", [False, True], ids=["wait-then-copy", "copy-then-wait"])
-def test_rank_strides_follow_the_adapters_in_graphs(tiny_model_dir, tiny_adapters, rank32_adapter, monkeypatch,
-                                                    upload_first):
+def test_rank_strides_follow_the_adapters_in_graphs(tiny_model_dir, tiny_adapters, rank32_adapter, monkeypatch):
     """max_lora_rank 64: batches of rank <= 16 adapters replay the decode graphs captured at stride 16; a rank-32
     adapter moves the slots to 64 and its batches replay those; tokens match the eager torch path and PEFT and
-    logprobs agree at both. Cold images uploaded before or after the wait for the steps in flight
-    (manager.UPLOAD_BEFORE_WAIT: then after the last relayout, which shares their staging buffer)."""
-    from gpu_worker.engine.lora import manager
-
-    monkeypatch.setattr(manager, "UPLOAD_BEFORE_WAIT", upload_first)
+    logprobs agree at both. Cold images are uploaded after the last relayout, which shares their staging buffer,
+    and before the wait for the steps in flight."""
     adapters = dict(tiny_adapters, **{"wide-lora": rank32_adapter})
     kw = dict(enable_lora=True, max_loras=3, max_lora_rank=64, num_kv_blocks=128, dtype="float32",
               max_num_seqs=8)

@@ -249,39 +249,6 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_norms_split_over_programs_expand_and_normalize_each_row(monkeypatch, dtype):
-    """add_rms_norm handed the adapters' part to expand, each row over NORM_SPLIT programs
-    (elementwise.NORM_SPLIT): 2 and 4 programs over 96 columns (the last part cut short, at 4 one wholly past N),
-    7 and 40 rows, B loaded whole first and in blocks of ranks. As the reference adds the expanded values first,
-    what must stay unread is NaN; a second launch on the same scratch (its counters re-armed) gives the same bits;
-    past NORM_SPLIT_MAX_ROWS rows, a program a row."""
-    import kernels.elementwise as elementwise
-
-    g = gen()
-    n = 96
-    w = (torch.rand(n, generator=g) + 0.5).to(DEVICE, dtype)
-    for rows, split, early in ((7, 2, True), (40, 4, False), (7, 4, True)):
-        monkeypatch.setattr(elementwise, "NORM_SPLIT", split)
-        monkeypatch.setattr(elementwise, "early_b", lambda *_, early=early: early)
-        h, r = rand(rows, n, dtype=dtype, g=g), rand(rows, n, dtype=dtype, g=g)
-        pending = pending_for(r, [n], dtype, g)
-        x, h_new = add_rms_norm(h, r, w, 1e-5, pending)
-        want_h = h + plus_delta(r, expand_values(pending, dtype), pending.slots)
-        assert_close_where_expanded(h_new, want_h, dtype)
-        assert_close_where_expanded(x, rms_norm(want_h, w, 1e-5), dtype)
-        parts, counts = elementwise._norm_scratch[h.device]
-        assert parts.shape[1] >= split and not counts.any()  # every row's counter re-armed
-        x2, h2 = add_rms_norm(h, r, w, 1e-5, pending)
-        assert torch.equal(x2, x) and torch.equal(h2, h_new)
-    monkeypatch.setattr(elementwise, "NORM_SPLIT_MAX_ROWS", 5)
-    calls = []
-    monkeypatch.setattr(elementwise, "_add_rms_norm_split", lambda *a, **k: calls.append(a))
-    x3, _ = add_rms_norm(h, r, w, 1e-5, pending)
-    assert not calls
-    assert_close_where_expanded(x3, x, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_silu_mul_row_programs_expand_each_rows_part(monkeypatch, dtype):
     """Decode steps over many slots may expand a row's part a program per column tile
     (elementwise.SILU_ROW_EXPAND_MIN_SLOTS): at P = 3 and at P = 16 of which a few slots are used, 7 and 40 rows,

@@ -31,12 +31,12 @@ from .slot_buffers import SlotBuffers
 # steps during the copies 1.10x and 1.10x the median before (mean; max 1.35x, 1.27x), against 1.16x and 1.32x
 # (max 1.40x, 1.42x) issued at once. The worst step is not the copy engine's order: the image cut into 8 copies
 # left it where it was (1.40x and 1.37x against 1.36x and 1.32x whole, means 1.00-1.04x).
-# UPLOAD_BEFORE_WAIT: the image's copy into the device staging buffer goes out at once, and only the scatter into
-# the slot waits for the steps in flight (what may read the slot's old adapter). Waiting first, the copy becomes
-# ready when the step in flight ends, with the next step's input copy beside it; copied at once it runs during the
-# step. Not yet timed: off until `python3 -m benchmarks.worker --cold-only --set
-# gpu_worker.engine.lora.manager.UPLOAD_BEFORE_WAIT=True` says so.
-UPLOAD_BEFORE_WAIT = False
+# The image's copy into the device staging buffer goes out at once, and only its scatter into the slot waits for
+# the steps in flight (what may read the slot's old adapter): waiting first, the copy became ready when the step in
+# flight ended, beside the next step's input copy. H200, batch 32 over 8 resident adapters, 8 cold loads, rounds
+# alternating (`python3 -m benchmarks.worker --cold-only`): mean step during the copies 0.97x / 0.98x of before
+# (max 1.17x / 1.20x), against 1.05x / 1.04x (max 1.41x / 1.33x) waiting first; the step a cold request's prefill
+# joins 3.70 / 3.42 ms against 4.29 / 3.90.
 
 AdapterKey = tuple[str, str]  # (name, content_hash)
 
@@ -84,7 +84,7 @@ class LoRAManager:
         self._loading: dict[AdapterKey, torch.cuda.Event] = {}
         self._queued: dict[AdapterKey, tuple[int, HostAdapter]] = {}  # started, issued after the launch
         # Recorded on the step's stream after the last relayout, which uses the device staging buffer that uploads
-        # write (UPLOAD_BEFORE_WAIT: an upload waits for it, not for the steps).
+        # write (an upload waits for it, not for the steps).
         self._relaid: torch.cuda.Event | None = None
         self._ranks: dict[AdapterKey, int] = {}
         # (path, size, mtime) -> content hash: hashing reads every byte, so do it once per file version.
@@ -194,13 +194,11 @@ class LoRAManager:
         # The slot's previous adapter may still be read by the step in flight: write the slot after it.
         main = torch.cuda.current_stream(self.device)
         wait = functools.partial(self._stream.wait_stream, main)
-        if not UPLOAD_BEFORE_WAIT:
-            wait()
-        elif self._relaid is not None:  # (the staging buffer the upload writes)
+        if self._relaid is not None:  # (the staging buffer the upload writes)
             self._stream.wait_event(self._relaid)
         with torch.cuda.stream(self._stream):
             self.buffers.load(slot, entry.image, entry.max_rank, entry.groups,
-                              before_scatter=wait if UPLOAD_BEFORE_WAIT else None)
+                              before_scatter=wait)
             event = torch.cuda.Event()
             event.record(self._stream)
         self._loading[key] = event
