@@ -2,7 +2,7 @@
 
 BatchWriter (the engine's end) is called by the step loop itself. A Batch is written at once unless the server is
 far behind (MERGE_AFTER_BYTES unread in the pipe, FIONREAD: ~20 steps of 64 streamed tokens); then it merges
-into the one that waits (the server gets fewer, larger Batches to unpickle and apply), written once the server
+into the one that waits (the server gets fewer, larger Batches to decode and apply), written once the server
 has caught up or when the loop is about to wait (`flush`). Not merged sooner: a Batch held at the end of a step
 waits for the next step's end, and a prompt's step can be long. Writes never block: a frame larger than the pipe
 has room for leaves its rest in a backlog that a thread writes as the pipe drains; that thread sleeps until then.
@@ -17,8 +17,7 @@ own (benchmarks.served_host --pin-engine, the code before and after side by side
 BatchReader (the server's end) reads what the pipe holds without blocking (the event loop calls it when the fd is
 readable) and returns the whole Batches; a frame split across reads waits for its rest.
 
-A frame: an 8-byte little-endian length, then the pickled Batch, read back by an unpickler that resolves only the
-classes a Batch carries (ipc_pickle.py).
+A frame: an 8-byte little-endian length, then the Batch in MessagePack (ipc_codec.py: no pickle).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import struct
 import termios
 import threading
 
-from gpu_worker import ipc_pickle
+from gpu_worker import ipc_codec
 from gpu_worker.engine_core import Batch
 
 HEADER = struct.Struct("<Q")
@@ -79,7 +78,7 @@ class BatchWriter:
         (the step loop is about to wait: a Batch held now would wait with it)."""
         if self._pending is None or not (force or _unread(self._fd) < self._merge_after):
             return
-        data = ipc_pickle.dumps(self._pending)
+        data = ipc_codec.encode(self._pending)
         self._pending = None
         frame = HEADER.pack(len(data)) + data
         with self._cv:
@@ -154,7 +153,7 @@ class BatchReader:
                 start = at + HEADER.size
                 if len(buf) - start < n:
                     break
-                batches.append(ipc_pickle.loads(view[start:start + n]))
+                batches.append(ipc_codec.decode(view[start:start + n]))
                 at = start + n
         del buf[:at]
         return batches

@@ -172,13 +172,14 @@ def from_wire(item: RequestOutput | DeltaOutput) -> RequestOutput:
     if isinstance(item, RequestOutput):
         return item
     rid, text, token_ids, logprobs, key = item
-    c = CompletionOutput(0, "", [], delta_text=text, delta_token_ids=token_ids, delta_logprobs=logprobs)
+    # (the tuples ipc_codec reads arrays back as, made lists as the engine's own)
+    c = CompletionOutput(0, "", [], delta_text=text, delta_token_ids=list(token_ids), delta_logprobs=list(logprobs))
     return RequestOutput(rid, None, [], [c], finished=False, adapter_key=key)
 
 
 def portable(error: BaseException) -> BaseException:
     """An error that crosses a process boundary: ours and the built-in ones as they are, anything else as a
-    RuntimeError naming it (its class may not unpickle on the other side)."""
+    RuntimeError naming it (ipc_codec rebuilds no other class on the other side)."""
     if isinstance(error, EngineError) or (type(error).__module__ == "builtins" and isinstance(error, Exception)):
         return error
     return RuntimeError(f"{type(error).__name__}: {error}")

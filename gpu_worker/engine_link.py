@@ -3,7 +3,7 @@
 - ThreadLink: a thread of this process. Commands go through a queue; Batches are handed to the event loop as
   they are (no copy). The GIL is shared with the event loop.
 - ProcessLink: a process of its own (spawned: CUDA cannot be forked), as vLLM V1 runs its EngineCore. Commands
-  and Batches are pickled over two pipes, read back by an unpickler limited to their classes (ipc_pickle.py);
+  and Batches cross two pipes in MessagePack, rebuilt only as the classes they are made of (ipc_codec.py);
   streamed outputs travel in their slim wire form (outputs.DeltaOutput).
   The step loop then has a GIL of its own: the event loop streaming a message a token no longer slows it. The
   step loop writes its Batches itself, never waiting (batch_pipe.py: merged while the server is far
@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from gpu_worker import ipc_pickle
+from gpu_worker import ipc_codec
 from gpu_worker.batch_pipe import BatchReader, BatchWriter
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.lora_request import LoRARequest
@@ -119,7 +119,7 @@ class ProcessLink:
             self._stopping = True
         try:
             with self._lock:
-                self._commands.send_bytes(ipc_pickle.dumps(command))
+                self._commands.send_bytes(ipc_codec.encode(command))
         except (OSError, ValueError):  # the pipe is closed: the process has exited
             raise UnavailableError("the engine process is not running") from None
 
@@ -151,7 +151,7 @@ def run_engine_process(factory: Callable[[], LLMEngine], preload: list[LoRAReque
     def read() -> None:
         while True:
             try:
-                inbox.put(ipc_pickle.loads(commands.recv_bytes()))
+                inbox.put(ipc_codec.decode(commands.recv_bytes()))
             except (EOFError, OSError):  # the server is gone: stop
                 inbox.put(Stop())
                 return

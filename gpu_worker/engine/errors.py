@@ -22,9 +22,6 @@ class AdapterError(EngineError):
         super().__init__(message)
         self.kind = kind
 
-    def __reduce__(self):  # pickled whole (the engine may run in another process)
-        return type(self), (self.kind, str(self))
-
 
 class CapacityError(EngineError):
     """The engine cannot take the request now (queue full) or ever (longer than its KV capacity)."""

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from gpu_worker import ipc_codec
 from gpu_worker.batch_pipe import HEADER, MERGE_AFTER_BYTES, BatchReader, BatchWriter, _unread
 from gpu_worker.engine_core import Batch
 
@@ -85,7 +86,7 @@ def test_a_stopped_batch_is_written_at_once(pipe):
 def test_a_frame_larger_than_the_pipe_never_blocks_the_writer_and_arrives_whole_and_in_order(pipe):
     r, w = pipe
     writer, reader = BatchWriter(w), BatchReader(r)
-    big = [os.urandom(4096).hex() for _ in range(1024)]  # ~8 MiB pickled: past any pipe's room
+    big = [os.urandom(4096).hex() for _ in range(1024)]  # ~8 MiB encoded: past any pipe's room
     done = threading.Event()
 
     def write():
@@ -115,11 +116,9 @@ def test_join_waits_until_the_backlog_is_written(pipe):
 
 
 def test_a_frame_split_across_reads_waits_for_its_rest_and_eof_is_reported(pipe):
-    import pickle
-
     r, w = pipe
     reader = BatchReader(r)
-    data = pickle.dumps(Batch(outputs=["split"]))
+    data = ipc_codec.encode(Batch(outputs=["split"]))
     frame = HEADER.pack(len(data)) + data
     os.write(w, frame[:5])  # not even the whole header
     assert reader.read() == [] and not reader.eof

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import gc
 import os
-import pickle
 import queue
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gpu_worker import ipc_codec
 from gpu_worker.engine.config import EngineArgs
 from gpu_worker.engine.errors import AdapterError, InvalidRequestError
 from gpu_worker.engine.llm_engine import LLMEngine
@@ -215,23 +215,23 @@ def test_decode_steps_alone_take_the_load_at_most_every_interval(core, monkeypat
 
 
 class _Local(Exception):
-    def __init__(self, a, b):  # does not unpickle from its args
+    def __init__(self, a, b):  # not one of the classes that cross, and not built from its args
         super().__init__(f"{a}/{b}")
 
 
 def test_errors_cross_whole_or_as_a_runtime_error_that_names_them():
     for error in (AdapterError("mismatch", "made for another base"), InvalidRequestError("bad prompt"),
                   UnavailableError("stopped"), ValueError("v")):
-        back = pickle.loads(pickle.dumps(portable(error)))
+        back = ipc_codec.decode(ipc_codec.encode(portable(error)))
         assert type(back) is type(error) and str(back) == str(error)
         assert getattr(back, "kind", None) == getattr(error, "kind", None)
-    back = pickle.loads(pickle.dumps(portable(_Local(1, 2))))
+    back = ipc_codec.decode(ipc_codec.encode(portable(_Local(1, 2))))
     assert type(back) is RuntimeError and str(back) == "_Local: 1/2"
 
 
 def test_streamed_outputs_travel_slim_and_final_ones_whole(tiny_model_dir, tiny_adapters):
     """An engine process's engine builds a streamed output before the last as a slim tuple (`wire_deltas`: no
-    prompt, no totals), which pickles small and comes back as the RequestOutput the engine gives without it; the
+    prompt, no totals), which encodes small and comes back as the RequestOutput the engine gives without it; the
     final output, and every output of a request that asks for cumulative ones, stay whole."""
     def run(wire: bool) -> dict[str, list]:
         engine = LLMEngine(EngineArgs(model=str(tiny_model_dir), enable_lora=True, max_loras=2, max_lora_rank=16,
@@ -255,8 +255,9 @@ def test_streamed_outputs_travel_slim_and_final_ones_whole(tiny_model_dir, tiny_
     assert isinstance(last, RequestOutput) and last.finished
     assert all(isinstance(o, RequestOutput) for o in wire["cumulative"])
     full = plain["delta"][0]
-    assert len(pickle.dumps(deltas[0])) < len(pickle.dumps(full)) / 4  # no prompt, no text so far
-    for got, want in zip([from_wire(pickle.loads(pickle.dumps(w))) for w in deltas], plain["delta"], strict=False):
+    assert len(ipc_codec.encode(deltas[0])) < len(ipc_codec.encode(full)) / 4  # no prompt, no text so far
+    crossed = [from_wire(ipc_codec.decode(ipc_codec.encode(w))) for w in deltas]
+    for got, want in zip(crossed, plain["delta"], strict=False):
         c, w = got.outputs[0], want.outputs[0]
         assert (got.request_id, got.finished, got.adapter_key) == (want.request_id, False, want.adapter_key)
         assert (c.delta_text, c.delta_token_ids, c.delta_logprobs) == (w.delta_text, w.delta_token_ids,
