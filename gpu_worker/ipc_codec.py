@@ -27,26 +27,15 @@ from typing import NamedTuple
 
 import msgpack
 
+from gpu_worker import engine_core as core
 from gpu_worker.engine.errors import AdapterError, CapacityError, EngineError, InvalidRequestError
 from gpu_worker.engine.lora_request import LoRARequest
 from gpu_worker.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from gpu_worker.engine.sampling_params import SamplingParams
-from gpu_worker.engine_core import (
-    Abort,
-    AdapterResidency,
-    Add,
-    Batch,
-    EngineInfo,
-    EngineLoad,
-    Evict,
-    Prefetch,
-    Stop,
-    UnavailableError,
-)
 
-CLASSES = (Add, Abort, Prefetch, Evict, Stop, Batch, EngineInfo, EngineLoad, AdapterResidency, RequestOutput,
-           CompletionOutput, Logprob, LoRARequest, SamplingParams)
-ERRORS = (EngineError, InvalidRequestError, AdapterError, CapacityError, UnavailableError)
+CLASSES = (core.Add, core.Abort, core.Prefetch, core.Evict, core.Stop, core.Batch, core.EngineInfo, core.EngineLoad,
+           core.AdapterResidency, RequestOutput, CompletionOutput, Logprob, LoRARequest, SamplingParams)
+ERRORS = (EngineError, InvalidRequestError, AdapterError, CapacityError, core.UnavailableError)
 
 _DATACLASS, _ERROR = 1, 2
 
@@ -109,11 +98,13 @@ def _error(name: str, args: tuple, kind: str | None) -> BaseException:
 
 def _ext(code: int, data: bytes):
     fields = _unpack(data)
+    if code not in (_DATACLASS, _ERROR):
+        raise ValueError(f"unknown MessagePack extension {code}")
+    if not (isinstance(fields, tuple) and fields and isinstance(fields[0], str)):
+        raise ValueError(f"a malformed extension {code}: {fields!r:.80}")
     if code == _ERROR:
         name, args, kind = fields
         return _error(name, args, kind)
-    if code != _DATACLASS:
-        raise ValueError(f"unknown MessagePack extension {code}")
     spec = _BY_NAME.get(fields[0])
     if spec is None or len(fields) != len(spec.fields) + 1:
         raise ValueError(f"{fields[0]!r} with {len(fields) - 1} fields is not a class the worker and its engine "

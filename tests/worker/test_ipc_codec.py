@@ -75,7 +75,7 @@ def test_batches_come_back_whole():
 
 def test_errors_of_other_classes_cross_as_runtime_errors_naming_them():
     class Odd(Exception):
-        pass
+        """Not one of the classes that cross."""
 
     got = back(Batch(failed=[("r", Odd("strange"))]))
     assert type(got.failed[0][1]) is RuntimeError and str(got.failed[0][1]) == "Odd: strange"
@@ -95,7 +95,8 @@ def test_anything_else_is_refused_both_ways():
     for fields, code, match in ((["EngineCore"], 1, "'EngineCore' with 0 fields"), (["Abort", "r", "x"], 1,
                                                                                     "'Abort' with 2 fields"),
                                 (["system", ["true"], None], 2, "'system' is not an error"),
-                                (["print", ["x"], None], 2, "'print' is not an error"), (["x"], 9, "extension 9")):
+                                (["print", ["x"], None], 2, "'print' is not an error"), (["x"], 9, "extension 9"),
+                                ([{"a": 1}], 1, "malformed extension 1"), (7, 2, "malformed extension 2")):
         data = msgpack.packb(msgpack.ExtType(code, msgpack.packb(fields)))
         with pytest.raises(ValueError, match=match):
             ipc_codec.decode(data)
