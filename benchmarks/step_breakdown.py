@@ -27,6 +27,7 @@ PHASES = [
     ("scheduler", "schedule", "schedule"),
     ("runner", "run", "runner.run (inputs, launch, sampler launch)"),
     ("graphs", "run", "  DecodeGraphs.run (staging, replay launch)"),
+    ("staging", "next", "    staging buffer (its copy two steps back)"),
     ("engine", "_hand_out", "hand-out (wait, detokenize, outputs)"),
 ]
 
@@ -112,20 +113,24 @@ def main(argv: list[str] | None = None) -> int:
         both.add(spec)
     totals: dict[str, float] = defaultdict(float)
     owners = {"scheduler": engine.scheduler, "runner": engine.runner, "graphs": engine.runner.graphs,
-              "engine": engine}
+              "staging": engine.runner.graphs._staging, "engine": engine}
     for owner, name, label in PHASES:
         setattr(owners[owner], name, timed(getattr(owners[owner], name), label, totals))
+    for graph, _ in engine.runner.graphs.graphs.values():  # the host's share of DecodeGraphs.run's launch
+        graph.replay = timed(graph.replay, "    CUDAGraph.replay", totals)
+    steps_totals: dict[str, float] = {}  # the phases over the timed steps (not the replays timed after them)
     print(f"{torch.cuda.get_device_name()}; async scheduling {engine.async_scheduling}, "
           f"elementwise {engine.model.ops.__name__}")
     for n, batch in enumerate(int(b) for b in args.batches.split(",")):
         for count in [0, *counts]:
             with_lora = count > 0
             adapters = loras[:count] if with_lora else None
-            step, gpu = run_batch(engine, batch, adapters, args.steps, seed=2 * n + with_lora, on_start=totals.clear)
+            step, gpu = run_batch(engine, batch, adapters, args.steps, seed=2 * n + with_lora, on_start=totals.clear,
+                                  on_end=lambda: steps_totals.update(totals))
             label = f"{count} adapter{'s' * (count > 1)}" if with_lora else "base"
             print(f"batch {batch}, {label}: step {step:.3f} ms, graph replay alone {gpu:.3f} ms on the GPU "
                   f"({'GPU' if step < 1.1 * gpu else 'host'}-bound)")
-            for key, total in totals.items():
+            for key, total in steps_totals.items():
                 print(f"    {key:44s} {total / args.steps * 1e3:.3f} ms/step")
             if in_place is not None and with_lora:
                 step, gpu = run_batch(in_place, batch, adapters, args.steps, seed=2 * n + with_lora)
@@ -139,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_batch(engine, batch: int, loras: list | None, steps: int, seed: int, on_start=lambda: None
-              ) -> tuple[float, float]:
+def run_batch(engine, batch: int, loras: list | None, steps: int, seed: int, on_start=lambda: None,
+              on_end=lambda: None) -> tuple[float, float]:
     """(step ms, graph replay ms) of `engine` decoding `batch` 128-token prompts, over `loras` in turn (None: base),
-    `steps` steps in a row after the prompts; on_start runs just before the timed steps."""
+    `steps` steps in a row after the prompts; on_start runs just before the timed steps, on_end just after."""
     from gpu_worker.engine import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
@@ -159,6 +164,7 @@ def run_batch(engine, batch: int, loras: list | None, steps: int, seed: int, on_
         engine.step()
     torch.cuda.synchronize()
     step = (time.perf_counter() - t) / steps * 1e3
+    on_end()
     graphs = engine.runner.graphs
     gpu = replay_ms(graphs.graphs[graphs.last][0])  # the graph the last step replayed
     engine.abort_request(list(engine._seqs))
