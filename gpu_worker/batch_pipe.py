@@ -137,7 +137,8 @@ class BatchReader:
         self.eof = False  # the writer's end is closed (the engine process is gone, or ended)
 
     def read(self) -> list[Batch]:
-        """The whole Batches the pipe holds now, in order; sets `eof` when the writer's end is closed."""
+        """The whole Batches the pipe holds now, in order; sets `eof` when the writer's end is closed, and raises
+        BrokenPipeError (setting `eof`) at a frame that does not decode."""
         while not self.eof:
             try:
                 chunk = os.read(self._fd, READ_BYTES)
@@ -153,7 +154,11 @@ class BatchReader:
                 start = at + HEADER.size
                 if len(buf) - start < n:
                     break
-                batches.append(ipc_codec.decode(view[start:start + n]))
+                try:
+                    batches.append(ipc_codec.decode(view[start:start + n]))
+                except ValueError as e:  # (MessagePack's and ipc_codec's refusals): nothing after it can be trusted
+                    self.eof = True
+                    raise BrokenPipeError(f"the engine process sent a Batch that does not decode: {e}") from e
                 at = start + n
         del buf[:at]
         return batches

@@ -93,7 +93,8 @@ class ProcessLink:
         """Every Batch the pipe holds now, applied in order (on the event loop)."""
         try:
             batches = reader.read()
-        except OSError:
+        except OSError as e:
+            log.error("reading the engine process's Batches: %s", e)
             batches, reader.eof = [], True
         for batch in batches:
             apply(batch)
@@ -155,6 +156,10 @@ def run_engine_process(factory: Callable[[], LLMEngine], preload: list[LoRAReque
             except (EOFError, OSError):  # the server is gone: stop
                 inbox.put(Stop())
                 return
+            except ValueError:  # a command that does not decode: its caller would wait forever; the server sees
+                # this process exit and ends every stream UNAVAILABLE (the worker then exits 1)
+                log.exception("a command from the worker does not decode; the engine process exits")
+                os._exit(1)
 
     threading.Thread(target=read, name="engine-commands", daemon=True).start()
     writer = BatchWriter(batches.fileno())

@@ -131,6 +131,20 @@ def test_a_frame_split_across_reads_waits_for_its_rest_and_eof_is_reported(pipe)
     assert reader.read() == [] and reader.eof
 
 
+def test_a_frame_that_does_not_decode_breaks_the_pipe(pipe):
+    """The Batches before it come; at it, BrokenPipeError and eof (ProcessLink then reports the engine gone)."""
+    r, w = pipe
+    reader = BatchReader(r)
+    good = ipc_codec.encode(Batch(outputs=["first"]))
+    os.write(w, HEADER.pack(len(good)) + good)
+    assert [b.outputs for b in read_all(reader, 1)] == [["first"]]
+    bad = b"\xc1 not MessagePack"
+    os.write(w, HEADER.pack(len(bad)) + bad + HEADER.pack(len(good)) + good)
+    with pytest.raises(BrokenPipeError, match="does not decode"):
+        reader.read()
+    assert reader.eof
+
+
 def test_a_writer_whose_server_is_gone_drops_batches_without_raising(pipe):
     r, w = pipe
     writer = BatchWriter(w)

@@ -286,6 +286,18 @@ def test_a_dead_engine_process_ends_streams_unavailable_and_the_worker_stops_ser
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_command_that_does_not_decode_ends_the_engine_process_and_the_worker_reports_it(aio_loop, tiny_model_dir):
+    with running_worker(aio_loop, worker_config(tiny_model_dir, engine_process="on")) as server, \
+            stub_for(server.port) as stub:
+        running = stub.StreamGenerate(generate_request("Hello world", **LONG))
+        assert next(running).token_ids
+        server.engine._link._commands.send_bytes(b"\xc1 not MessagePack")
+        with pytest.raises(grpc.RpcError) as info:
+            list(running)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "exit code 1" in info.value.details()
+        assert wait_until(lambda: server.failed.is_set())
+
+
 def test_python_m_gpu_worker_exits_1_when_its_engine_process_dies(tiny_model_dir):
     with worker_process(tiny_model_dir) as proc:
         os.kill(_engine_pid(proc.pid), signal.SIGKILL)
