@@ -25,8 +25,7 @@ def batches(streams: int, adapters: int) -> dict[str, Batch]:
 
     def deltas(logprobs: bool) -> list:
         return [(f"req-{i}#{i}", " tok", [1000 + i],
-                 [Logprob(1000 + i, -0.5, [(1000 + i, -0.5), (7, -1.5)])] if logprobs else [],
-                 (f"adapter-{i % adapters}", f"{i % adapters:064x}")) for i in range(streams)]
+                 [Logprob(1000 + i, -0.5, [(1000 + i, -0.5), (7, -1.5)])] if logprobs else []) for i in range(streams)]
 
     return {f"{streams} deltas": Batch(outputs=deltas(False)),
             f"{streams} deltas + load": Batch(load=load, outputs=deltas(False)),

@@ -61,13 +61,14 @@ class EngineStatus:
     version: int
 
 
-def merge_outputs(outputs: list[RequestOutput | DeltaOutput]) -> RequestOutput:
+def merge_outputs(outputs: list[RequestOutput | DeltaOutput], adapter_key: AdapterKey | None = None
+                  ) -> RequestOutput:
     """Consecutive outputs of one request as one: the last, its deltas now all of theirs, in order. Outputs come
     as RequestOutputs or in their wire form (outputs.DeltaOutput), which becomes a RequestOutput here, once a
     message rather than once an output. A RequestOutput last is changed in place (each output the engine hands
     out is a new object, queued for one stream only): on a busy event loop, two dataclasses.replace a merge cost
-    13% of its time (benchmarks.served_host)."""
-    last = from_wire(outputs[-1])
+    13% of its time (benchmarks.served_host). adapter_key: the request's, for an output in wire form."""
+    last = from_wire(outputs[-1], adapter_key)
     if len(outputs) == 1:
         return last
     c = last.outputs[0]
@@ -124,7 +125,7 @@ class RequestStream:
                 self._error = more
                 break
             queued.append(more)
-        item = merge_outputs(queued)
+        item = merge_outputs(queued, self.adapter_key)
         self._done = item.finished
         return item
 

@@ -168,13 +168,14 @@ class Batch:
                     or self.stopped)
 
 
-def from_wire(item: RequestOutput | DeltaOutput) -> RequestOutput:
+def from_wire(item: RequestOutput | DeltaOutput, adapter_key: AdapterKey | None = None) -> RequestOutput:
+    """The RequestOutput of an output in its wire form, with the request's adapter key (the Add's result)."""
     if isinstance(item, RequestOutput):
         return item
-    rid, text, token_ids, logprobs, key = item
+    rid, text, token_ids, logprobs = item
     # (the tuples ipc_codec reads arrays back as, made lists as the engine's own)
     c = CompletionOutput(0, "", [], delta_text=text, delta_token_ids=list(token_ids), delta_logprobs=list(logprobs))
-    return RequestOutput(rid, None, [], [c], finished=False, adapter_key=key)
+    return RequestOutput(rid, None, [], [c], finished=False, adapter_key=adapter_key)
 
 
 def portable(error: BaseException) -> BaseException:

@@ -376,7 +376,7 @@ class LLMEngine:
         st: RequestState = seq.state
         whole = seq.finish_reason is not None or seq.params.output_kind == "cumulative"
         if self.wire_deltas and not whole:
-            out = (seq.request_id, st.take_delta_text(), st.delta_token_ids, st.delta_logprobs, seq.adapter_key)
+            out = (seq.request_id, st.take_delta_text(), st.delta_token_ids, st.delta_logprobs)
             st.delta_token_ids, st.delta_logprobs = [], []
             return out
         completion = CompletionOutput(

@@ -47,7 +47,8 @@ class RequestOutput:
 
 
 # A streamed output that carries its deltas alone, as a plain tuple: (request_id, delta_text, delta_token_ids,
-# delta_logprobs, adapter_key). What an engine process sends its server a token (the totals come with the final
-# output); an LLMEngine whose `wire_deltas` is set builds it in place of a RequestOutput (1.7 us less a token on
-# the dev CPU), and gpu_worker.engine_core.from_wire makes the RequestOutput back.
+# delta_logprobs). What an engine process sends its server a token (the totals come with the final output; the
+# adapter's key came once, with the Add's result); an LLMEngine whose `wire_deltas` is set builds it in place of a
+# RequestOutput (1.7 us less a token on the dev CPU), and gpu_worker.engine_core.from_wire makes the RequestOutput
+# back.
 DeltaOutput = tuple

@@ -256,7 +256,8 @@ def test_streamed_outputs_travel_slim_and_final_ones_whole(tiny_model_dir, tiny_
     assert all(isinstance(o, RequestOutput) for o in wire["cumulative"])
     full = plain["delta"][0]
     assert len(ipc_codec.encode(deltas[0])) < len(ipc_codec.encode(full)) / 4  # no prompt, no text so far
-    crossed = [from_wire(ipc_codec.decode(ipc_codec.encode(w))) for w in deltas]
+    key = last.adapter_key
+    crossed = [from_wire(ipc_codec.decode(ipc_codec.encode(w)), key) for w in deltas]
     for got, want in zip(crossed, plain["delta"], strict=False):
         c, w = got.outputs[0], want.outputs[0]
         assert (got.request_id, got.finished, got.adapter_key) == (want.request_id, False, want.adapter_key)

@@ -54,7 +54,7 @@ def test_batches_come_back_whole():
     batch = Batch(load=EngineLoad(0, 1, 10, (residency,), 5, 3),
                   results=[(3, ("sql", "h"), None), (4, None, AdapterError("not_found", "no adapter x")),
                            (5, residency, None), (6, 1, None)],
-                  outputs=[("r", " x", [7], [Logprob(7, -0.5)], ("sql", "h")), out],
+                  outputs=[("r", " x", [7], [Logprob(7, -0.5)]), out],
                   failed=[("q", UnavailableError("gone")), ("z", ValueError("bad")), ("y", KeyError("k"))],
                   ready=info, stopped=True, died=CapacityError("full"))
     got = back(batch)
@@ -67,7 +67,7 @@ def test_batches_come_back_whole():
     assert type(error) is AdapterError and error.kind == "not_found" and str(error) == "no adapter x"
     assert [(rid, type(e), str(e)) for rid, e in got.failed] == [(rid, type(e), str(e)) for rid, e in batch.failed]
     assert type(got.died) is CapacityError and str(got.died) == "full"
-    delta = from_wire(got.outputs[0])
+    delta = from_wire(got.outputs[0], ("sql", "h"))
     assert delta.request_id == "r" and delta.adapter_key == ("sql", "h")
     assert delta.outputs[0].delta_token_ids == [7] and delta.outputs[0].delta_logprobs == [Logprob(7, -0.5)]
     assert type(back(Batch(ready=InvalidRequestError("bad model"))).ready) is InvalidRequestError

@@ -90,19 +90,19 @@ def test_an_output_alone_is_passed_as_it_is():
 
 
 def test_outputs_in_wire_form_become_one_output_a_read():
-    """From an engine process, streamed outputs come as (request_id, delta text, delta ids, delta logprobs,
-    adapter key); the final one whole."""
+    """From an engine process, streamed outputs come as (request_id, delta text, delta ids, delta logprobs); the
+    final one whole. The stream gives them the request's adapter key."""
 
     def wire(i: int) -> tuple:  # as an engine with wire_deltas builds it
         c = out(i).outputs[0]
-        return ("r", c.delta_text, c.delta_token_ids, c.delta_logprobs, None)
+        return ("r", c.delta_text, c.delta_token_ids, c.delta_logprobs)
 
     async def run():
         q: asyncio.Queue = asyncio.Queue()
-        stream = RequestStream(Owner(), "r", q, None)
+        stream = RequestStream(Owner(), "r", q, ("sql", "h"))
         q.put_nowait(wire(0))
         alone = await stream.__anext__()
-        assert isinstance(alone, RequestOutput) and not alone.finished
+        assert isinstance(alone, RequestOutput) and not alone.finished and alone.adapter_key == ("sql", "h")
         assert (alone.request_id, alone.outputs[0].delta_text, alone.outputs[0].delta_token_ids) == ("r", "t0 ", [100])
         q.put_nowait(wire(1))
         q.put_nowait(wire(2))
