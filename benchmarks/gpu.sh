@@ -11,8 +11,8 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # PARTS picks what runs (default: all, which can take longer than the device tool's 10 minutes a call: split it,
 # e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
 # tests (H200: ~2.6 and ~4.4 minutes; kernel-tests or engine-tests runs one of them); kernels = the kernel
-# benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and the prefill rounds; worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes,
-# cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles at P = 16, alone and in
+# benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and the prefill rounds;
+# worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes, cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles at P = 16, alone and in
 # the step; cold = the decode steps during cold loads; served (needs grpcio,
 # see benchmarks/README.md) = a worker serving 64 streams through its gRPC API to 4 client processes (the Batch
 # hand-over's cost first, benchmarks.batch_pipe), the engine process's GIL switch interval A/B/A, then a profile of
