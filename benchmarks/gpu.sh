@@ -9,14 +9,15 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
 # PARTS picks what runs (default: all, which can take longer than the device tool's 10 minutes a call: split it,
-# e.g. PARTS="tests worker" then PARTS="kernels steps"): tests = every kernel test on CUDA and the engine's GPU
-# tests (H200: ~2.6 and ~4.4 minutes; kernel-tests or engine-tests runs one of them); kernels = the kernel
-# benchmark; steps = step breakdown, decode kernels, consumer kernels, the mixed step and the prefill rounds;
-# worker = the worker benchmark. Not in the default: gemms = the base projections at decode sizes, cuBLAS ways and the Triton candidate; silu = SiLU's expand a row a program against its tiles at P = 16, alone and in
-# the step; cold = the decode steps during cold loads; served (needs grpcio,
-# see benchmarks/README.md) = a worker serving 64 streams through its gRPC API to 4 client processes (the Batch
-# hand-over's cost first, benchmarks.batch_pipe), the engine process's GIL switch interval A/B/A, then a profile of
-# the engine's step loop while it serves.
+# e.g. PARTS="tests worker" then PARTS="kernels steps"):
+#   tests = every kernel test on CUDA and the engine's GPU tests (H200: ~2.6 and ~4.4 minutes; kernel-tests or
+#     engine-tests runs one of them); kernels = the kernel benchmark; steps = step breakdown, decode kernels,
+#     consumer kernels, the mixed step and the prefill rounds; worker = the worker benchmark.
+#   Not in the default: gemms = the base projections at decode sizes, cuBLAS ways and the Triton candidate; silu =
+#     SiLU's expand a row a program against its tiles at P = 16, alone and in the step; cold = the decode steps
+#     during cold loads; served (needs grpcio and msgpack, see benchmarks/README.md) = a worker serving 64 streams
+#     through its gRPC API to 4 client processes (the Batch hand-over's cost first, benchmarks.batch_pipe), the
+#     engine process's GIL switch interval A/B/A, then a profile of the engine's step loop while it serves.
 parts=" ${PARTS:-tests kernels steps worker} "
 if [[ $parts == *" tests "* || $parts == *" kernel-tests "* ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 30 | tee -a "$out/gpu_tests.log"
