@@ -1,7 +1,7 @@
 """Where a graphed decode step's wall time goes, on the GPU: the step as the engine runs it (async scheduling, CUDA
 graphs, steps back to back), the GPU time of its graph replay alone, and the host time of each phase.
 
-    python3 -m benchmarks.step_breakdown [--batches 32,64] [--adapters 8] [--steps 50] [--compare-overlap]
+    python3 -m benchmarks.step_breakdown [--batches 32,64] [--adapters 8] [--steps 50] [--profile N] [--compare-overlap]
                                          [--compare-shrink] [--compare-stacked] [--compare-gate-up]
                                          [--compare-set MODULE.NAME=VALUE ...] [--compare-max-lora-rank R]
 
@@ -14,6 +14,8 @@ turn; benchmarks/synthetic.py).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from collections import defaultdict
 
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="also an engine captured with a module constant set (a Python literal, e.g. "
                    "kernels.engine_backend.PREFETCH_B=''), base and adapter batches; may repeat")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N functions of cProfile over "
+                   "each case's timed steps (the engine's host time on this machine's CPU, by function)")
+    p.add_argument("--profile-sort", default="tottime", help="the profile's order: tottime or cumtime")
     args = p.parse_args(argv)
     import kernels.engine_backend
     from gpu_worker.engine import EngineArgs, LLMEngine, decode_graphs
@@ -125,13 +130,28 @@ def main(argv: list[str] | None = None) -> int:
         for count in [0, *counts]:
             with_lora = count > 0
             adapters = loras[:count] if with_lora else None
-            step, gpu = run_batch(engine, batch, adapters, args.steps, seed=2 * n + with_lora, on_start=totals.clear,
-                                  on_end=lambda: steps_totals.update(totals))
+            prof = cProfile.Profile() if args.profile else None
+
+            def start(prof=prof) -> None:
+                totals.clear()
+                if prof is not None:
+                    prof.enable()
+
+            def end(prof=prof) -> None:
+                if prof is not None:
+                    prof.disable()
+                steps_totals.clear()
+                steps_totals.update(totals)
+
+            step, gpu = run_batch(engine, batch, adapters, args.steps, seed=2 * n + with_lora, on_start=start,
+                                  on_end=end)
             label = f"{count} adapter{'s' * (count > 1)}" if with_lora else "base"
             print(f"batch {batch}, {label}: step {step:.3f} ms, graph replay alone {gpu:.3f} ms on the GPU "
                   f"({'GPU' if step < 1.1 * gpu else 'host'}-bound)")
             for key, total in steps_totals.items():
                 print(f"    {key:44s} {total / args.steps * 1e3:.3f} ms/step")
+            if prof is not None:  # (these steps ran under the profiler: slower than without it)
+                pstats.Stats(prof).sort_stats(args.profile_sort).print_stats(args.profile)
             if in_place is not None and with_lora:
                 step, gpu = run_batch(in_place, batch, adapters, args.steps, seed=2 * n + with_lora)
                 print(f"batch {batch}, {label}, LoRA in place after each GEMM (overlap_lora=False): "
