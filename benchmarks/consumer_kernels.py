@@ -3,7 +3,7 @@ residual add + RMSNorm, RoPE + cache write and SiLU-and-multiply at Llama-3.2-1B
 P slots, each row's slot drawn from `--adapters` of them, timed over a CUDA graph of back-to-back calls (inputs warm
 in L2, as they are when the GEMM before wrote them; in a step the B tiles may come from memory).
 
-    python3 -m benchmarks.consumer_kernels [--batches 64,32] [--adapters 8] [--slots 8] \\
+    python3 -m benchmarks.consumer_kernels [--batches 64,32] [--adapters 8] [--slots 8] [--in-slot-order] \\
         [--set kernels.consumer_expand.RANK_BLOCK=16 ...]
 
 Each `--set MODULE.NAME=VALUE` adds rows timed with that module constant set (the ops read their constants at each
@@ -39,9 +39,11 @@ def graph_us(fn, calls: int = 50, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / (reps * calls)
 
 
-def pending(out_widths: list[int], t: int, slots: int, adapters: int, g: torch.Generator):
+def pending(out_widths: list[int], t: int, slots: int, adapters: int, g: torch.Generator,
+            in_slot_order: bool = False):
     """(the projection's output [T, sum(widths)], PendingExpand) as a stacked decode GEMM leaves them: y in the
-    output's columns past sum(widths), every slot of rank RANK, row i in slot i % adapters."""
+    output's columns past sum(widths), every slot of rank RANK, row i in slot i % adapters (in_slot_order: those
+    slots sorted, as ModelRunner orders a step's rows)."""
     from kernels.consumer_expand import PendingExpand
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -50,11 +52,14 @@ def pending(out_widths: list[int], t: int, slots: int, adapters: int, g: torch.G
     y = cat[:, n:].view(t, slots, s, RANK)
     b = (torch.randn(slots, n, RANK, generator=g) * 0.05).to(dev, dt).split(out_widths, dim=1)
     ranks = torch.full((slots,), RANK, dtype=torch.int32, device=dev)
-    row_slots = (torch.arange(t) % adapters).to(dev, torch.int32)
+    row_slots = torch.arange(t) % adapters
+    if in_slot_order:
+        row_slots = row_slots.sort().values
+    row_slots = row_slots.to(dev, torch.int32)
     return cat[:, :n], PendingExpand(y, b, ranks, row_slots)
 
 
-def cases(t: int, slots: int, adapters: int) -> dict:
+def cases(t: int, slots: int, adapters: int, in_slot_order: bool = False) -> dict:
     """{op: (base call, call with the pending expand)}."""
     from kernels.elementwise import add_rms_norm, rope_and_cache, silu_mul
 
@@ -62,10 +67,10 @@ def cases(t: int, slots: int, adapters: int) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
     h = torch.randn(t, HIDDEN, generator=g).to(dev, dt)
     w = (torch.rand(HIDDEN, generator=g) + 0.5).to(dev, dt)
-    o_out, o_pending = pending([HIDDEN], t, slots, adapters, g)
+    o_out, o_pending = pending([HIDDEN], t, slots, adapters, g, in_slot_order)
     qkv_widths = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
-    qkv, qkv_pending = pending(qkv_widths, t, slots, adapters, g)
-    gate_up, gu_pending = pending([INTER, INTER], t, slots, adapters, g)
+    qkv, qkv_pending = pending(qkv_widths, t, slots, adapters, g, in_slot_order)
+    gate_up, gu_pending = pending([INTER, INTER], t, slots, adapters, g, in_slot_order)
     positions = torch.randint(0, 2048, (t,), generator=g).to(dev)
     cos = torch.randn(4096, HEAD_DIM, generator=g).to(dev, dt)
     sin = torch.randn(4096, HEAD_DIM, generator=g).to(dev, dt)
@@ -90,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=8, help="distinct adapters among the rows")
     p.add_argument("--slots", type=int, default=8, help="P: the slots the stacked GEMM covers")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE")
+    p.add_argument("--in-slot-order", action="store_true", help="the rows sorted by slot, as the engine runs them "
+                   "(default: row i in slot i %% adapters)")
     args = p.parse_args(argv)
     print(f"{torch.cuda.get_device_name()}; rank {RANK}, {args.adapters} adapters in P = {args.slots} slots; "
           "us per call (graph of 50 calls)")
     print(f"{'op':16} {'batch':>5} {'variant':44} {'base':>7} {'expand':>7} {'extra':>7}")
     for t in (int(b) for b in args.batches.split(",")):
-        ops = cases(t, args.slots, args.adapters)
+        ops = cases(t, args.slots, args.adapters, args.in_slot_order)
         for op, (base, lora) in ops.items():
             base_us = graph_us(base)
             for spec in [None, *args.set]:
