@@ -14,8 +14,8 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 #     engine-tests runs one of them); kernels = the kernel benchmark; steps = step breakdown, decode kernels,
 #     consumer kernels, the mixed step and the prefill rounds; worker = the worker benchmark.
 #   Not in the default: gemms = the base projections at decode sizes, cuBLAS ways and the Triton candidate; silu =
-#     SiLU's expand a row a program against its tiles at P = 16, alone and in the step; pairs = SiLU's expand two
-#     rows a program against one (SILU_ROW_PAIRS), alone and in the step; cold = the decode steps during cold loads; served (needs grpcio and msgpack, see benchmarks/README.md) = a worker serving 64 streams
+#     SiLU's expand a row a program against its tiles at P = 16, alone and in the step; cold = the decode steps
+#     during cold loads; served (needs grpcio and msgpack, see benchmarks/README.md) = a worker serving 64 streams
 #     through its gRPC API to 4 client processes (the Batch hand-over's cost first, benchmarks.batch_pipe), the
 #     engine process's GIL switch interval A/B/A, then a profile of the engine's step loop while it serves.
 parts=" ${PARTS:-tests kernels steps worker} "
@@ -63,18 +63,6 @@ if [[ $parts == *" silu "* ]]; then
     | sed "s/^/P = 16: /" | tee -a "$out/silu.log"
   python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 16 --steps 40 --compare-set $S=1073741824 2>&1 \
     | grep -v "^    " | tee -a "$out/silu.log"
-fi
-if [[ $parts == *" pairs "* ]]; then
-  # SiLU's expand two rows a program (elementwise.SILU_ROW_PAIRS, off until timed) against a row a program, at
-  # P = 16 and 32 with the rows in slot order (as the engine runs them), alone; then in the step (graph replay).
-  S=kernels.elementwise.SILU_ROW_PAIRS
-  for p in 16 32; do
-    python3 -m benchmarks.consumer_kernels --adapters $p --slots $p --in-slot-order --set "$S=True" \
-      --set "$S=True;kernels.elementwise.SILU_ROW_PAIR_WARPS=8" 2>&1 | grep -i "op \|silu" | sed "s/^/P = $p: /" \
-      | tee -a "$out/pairs.log"
-  done
-  python3 -m benchmarks.step_breakdown --batches 32,64 --adapters 16,32 --steps 40 --compare-set $S=True 2>&1 \
-    | grep -v "^    " | tee -a "$out/pairs.log"
 fi
 if [[ $parts == *" cold "* ]]; then
   # Decode steps while cold adapters are copied in (COLD_BENCH_ARGS: e.g. --set MODULE.NAME=VALUE, rounds

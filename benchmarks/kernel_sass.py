@@ -115,8 +115,6 @@ def variants() -> dict[str, Variant]:
         EXPAND_WARPS,
         SILU_ROW_EXPAND_BN,
         SILU_ROW_EXPAND_WARPS,
-        SILU_ROW_PAIR_BN,
-        SILU_ROW_PAIR_WARPS,
     )
 
     rb = rank_block(16)
@@ -182,11 +180,6 @@ def variants() -> dict[str, Variant]:
         "silu_mul rows": Variant("_silu_mul_row_expand_kernel", silu_types,
                                  {"BN": SILU_ROW_EXPAND_BN, "EMULATED": False, "R": 16, "RB": rb, **early},
                                  SILU_ROW_EXPAND_WARPS, 1),
-        # Two rows a program over 256 columns of each slice (elementwise.SILU_ROW_PAIRS), the second row's B loaded
-        # where its slot differs.
-        "silu_mul row pairs": Variant("_silu_mul_row_pair_expand_kernel", silu_types,
-                                      {"BN": SILU_ROW_PAIR_BN, "EMULATED": False, "R": 16, "PDL": True},
-                                      SILU_ROW_PAIR_WARPS, 1),
         # Eager steps (prompts): the segmented shrink's float32 y, tiles of 64 rows mostly of one slot.
         "silu_mul eager": Variant("_silu_mul_expand_kernel", {**silu_types, "y_ptr": "*fp32"},
                                   {"BM": 64, "BN": 64, "BK": 16, "EVEN_K": True, "DOT": 0, "EMULATED": False,

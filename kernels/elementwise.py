@@ -546,71 +546,13 @@ def _silu_mul_row_expand_kernel(gu_ptr, out_ptr, N, s_gu, s_o, y_ptr, s_yt, s_yp
     else:
         dg = expand_cols(cols, ok, y_row, bg_ptr + sl * s_bp, has, rank, R, RB, False)
         du = expand_cols(cols, ok, y_row + R, bu_ptr + sl * s_bp, has, rank, R, RB, False)
-    _silu_row_store(g, u, dg, du, has, out_ptr + row * s_o, cols, ok, dt, EMULATED)
-
-
-_silu_mul_row_expand = Launches(_silu_mul_row_expand_kernel)
-
-
-@triton.jit
-def _silu_row_store(g, u, dg, du, has, out_row, cols, ok, dt: tl.constexpr, EMULATED: tl.constexpr):
-    """A row's silu(gate) * up into out_row, the adapters' part (dg, du) added first where the row has one."""
     g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
     u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)
     act = round_low(g / (1.0 + tl.exp(-g)), dt, EMULATED)
-    tl.store(out_row + cols, to_low(act * u, dt, EMULATED), mask=ok)
+    tl.store(out_ptr + row * s_o + cols, to_low(act * u, dt, EMULATED), mask=ok)
 
 
-# Decode steps that expand a row a program (SILU_ROW_EXPAND_MIN_SLOTS) may run two rows a program instead
-# (`_silu_mul_row_pair_expand_kernel`, SILU_ROW_PAIR_BN columns of each slice): the engine's rows are in slot order
-# (ModelRunner sorts a step's sequences by slot), so at 32 adapters over 64 rows most pairs share their slot and
-# load its B once (16,384 of the 2 x 8,192 x 16 values a slot's two B tiles hold, through each program's L1 and
-# registers, against twice now). The second row's B is loaded only where its slot differs. Not yet timed: off
-# until `python3 -m benchmarks.consumer_kernels --set kernels.elementwise.SILU_ROW_PAIRS=True` says otherwise.
-SILU_ROW_PAIRS = False
-SILU_ROW_PAIR_BN, SILU_ROW_PAIR_WARPS = 256, 4  # (2 columns a thread, as the row programs' 512 over 8 warps)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _silu_mul_row_pair_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr,
-                                     P, bg_ptr, bu_ptr, BN: tl.constexpr, EMULATED: tl.constexpr, R: tl.constexpr,
-                                     PDL: tl.constexpr):
-    # _silu_mul_row_expand_kernel for rows 2p and 2p + 1 (past T when T is odd: then no slot, nothing stored). B is
-    # loaded whole first (EARLY_B), the first row's and, where the second row's slot differs, the second's.
-    row0 = tl.program_id(1).to(tl.int64) * 2
-    row1 = row0 + 1
-    in1 = row1 < T
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    ok = cols < N
-    dt: tl.constexpr = out_ptr.dtype.element_ty
-    sl0, has0, rank0 = row_slot(row0, ranks_ptr, es_ptr, P)
-    sl1, has1, rank1 = row_slot(tl.where(in1, row1, row0), ranks_ptr, es_ptr, P)
-    has1 = has1 & in1
-    rank1 = tl.where(in1, rank1, 0)
-    own = has1 & ((sl1 != sl0) | (has0 == 0))  # the second row's B is not the first's
-    bg0 = row_b(bg_ptr + sl0 * s_bp, cols, ok, has0, R)
-    bu0 = row_b(bu_ptr + sl0 * s_bp, cols, ok, has0, R)
-    bg1 = row_b(bg_ptr + sl1 * s_bp, cols, ok, own, R)
-    bu1 = row_b(bu_ptr + sl1 * s_bp, cols, ok, own, R)
-    if PDL:
-        gdc_wait()
-    ok1 = ok & ((cols * 0 + tl.where(in1, 1, 0)) > 0)  # (a scalar in a mask trips the interpreter)
-    g0 = tl.load(gu_ptr + row0 * s_gu + cols, mask=ok, other=0.0).to(tl.float32)
-    u0 = tl.load(gu_ptr + row0 * s_gu + N + cols, mask=ok, other=0.0).to(tl.float32)
-    g1 = tl.load(gu_ptr + row1 * s_gu + cols, mask=ok1, other=0.0).to(tl.float32)
-    u1 = tl.load(gu_ptr + row1 * s_gu + N + cols, mask=ok1, other=0.0).to(tl.float32)
-    shared = ((cols * 0 + tl.where(own, 0, 1)) > 0)[:, None]
-    bg1 = tl.where(shared, bg0, bg1)
-    bu1 = tl.where(shared, bu0, bu1)
-    y0 = y_ptr + row0 * s_yt + sl0 * s_yp
-    y1 = y_ptr + tl.where(in1, row1, row0) * s_yt + sl1 * s_yp
-    _silu_row_store(g0, u0, expand_loaded(bg0, y0, rank0, R), expand_loaded(bu0, y0 + R, rank0, R), has0,
-                    out_ptr + row0 * s_o, cols, ok, dt, EMULATED)
-    _silu_row_store(g1, u1, expand_loaded(bg1, y1, rank1, R), expand_loaded(bu1, y1 + R, rank1, R), has1,
-                    out_ptr + row1 * s_o, cols, ok1, dt, EMULATED)
-
-
-_silu_mul_row_pair_expand = Launches(_silu_mul_row_pair_expand_kernel)
+_silu_mul_row_expand = Launches(_silu_mul_row_expand_kernel)
 
 
 def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
@@ -625,14 +567,7 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
         args, consts = _expand_args(delta, gate_up, 2)
         r = delta.y.shape[3]
         kp = delta.y.shape[1] * r  # P * R: the dot's k
-        rows_ok = t <= EXPAND_MAX_ROWS and delta.y.shape[1] >= SILU_ROW_EXPAND_MIN_SLOTS
-        pair_bn = min(SILU_ROW_PAIR_BN, next_pow2(n))
-        if rows_ok and SILU_ROW_PAIRS and early_b(4 * pair_bn, consts["R"], SILU_ROW_PAIR_WARPS):
-            _silu_mul_row_pair_expand((-(-n // pair_bn), -(-t // 2)), gate_up, out, t, n, gate_up.stride(0),
-                                      out.stride(0), *args, BN=pair_bn, EMULATED=emulated(gate_up), R=consts["R"],
-                                      **_pdl_launch(delta, gate_up), num_warps=SILU_ROW_PAIR_WARPS)
-            return out
-        if rows_ok:
+        if t <= EXPAND_MAX_ROWS and delta.y.shape[1] >= SILU_ROW_EXPAND_MIN_SLOTS:
             bn = min(SILU_ROW_EXPAND_BN, next_pow2(n))
             _silu_mul_row_expand((-(-n // bn), t), gate_up, out, n, gate_up.stride(0), out.stride(0), *args, BN=bn,
                                  EMULATED=emulated(gate_up), **consts,

@@ -248,29 +248,19 @@ def test_pending_expands_are_added_first_on_rows_with_an_adapter(dtype):
                                         want.view(-1, got[0, 0].numel())[cache_slots], dtype)
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["a-row", "two-rows"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_silu_mul_row_programs_expand_each_rows_part(monkeypatch, dtype, pairs):
+def test_silu_mul_row_programs_expand_each_rows_part(monkeypatch, dtype):
     """Decode steps over many slots may expand a row's part a program per column tile
-    (elementwise.SILU_ROW_EXPAND_MIN_SLOTS), or two rows' (SILU_ROW_PAIRS): at P = 3 and at P = 16 of which a few
-    slots are used, 7 and 40 rows, column tiles cut short, B loaded whole first and in blocks of ranks; two rows a
-    program also with the rows in slot order (as the engine runs them: pairs that share a slot's B). As the
-    reference adds the expanded values first; rows without an adapter and the one past P get silu_mul's own values;
-    what must stay unread is NaN, B past each slot's rank large."""
+    (elementwise.SILU_ROW_EXPAND_MIN_SLOTS): at P = 3 and at P = 16 of which a few slots are used, 7 and 40 rows,
+    column tiles cut short, B loaded whole first and in blocks of ranks. As the reference adds the expanded values
+    first; rows without an adapter and the one past P get silu_mul's own values; what must stay unread is NaN, B
+    past each slot's rank large."""
     import kernels.elementwise as elementwise
 
     g = gen()
     monkeypatch.setattr(elementwise, "SILU_ROW_EXPAND_MIN_SLOTS", 3)
     monkeypatch.setattr(elementwise, "SILU_ROW_EXPAND_BN", 64)
-    monkeypatch.setattr(elementwise, "SILU_ROW_PAIRS", pairs)
-    monkeypatch.setattr(elementwise, "SILU_ROW_PAIR_BN", 64)
-    launched, pair_kernel = [], elementwise._silu_mul_row_pair_expand
-    monkeypatch.setattr(elementwise, "_silu_mul_row_pair_expand",
-                        lambda *a, **k: (launched.append(a[0]), pair_kernel(*a, **k))[1])
-    cases = ((7, 3, True, False), (40, 3, False, False), (40, 16, True, False))
-    if pairs:
-        cases = ((7, 3, True, False), (7, 3, True, True), (40, 16, True, False), (40, 16, True, True))
-    for rows, p, early, in_slot_order in cases:
+    for rows, p, early in ((7, 3, True), (40, 3, False), (40, 16, True)):
         monkeypatch.setattr(elementwise, "early_b", lambda *_, early=early: early)
         gate_up = rand(rows, 2 * 144, dtype=dtype, g=g)
         pending = pending_for(gate_up, [144, 144], dtype, g, p=3, past_rank=float("nan"))
@@ -287,18 +277,12 @@ def test_silu_mul_row_programs_expand_each_rows_part(monkeypatch, dtype, pairs):
                     bs[new] = src[old]
             moved[pending.slots == 3] = p  # past P
             pending = PendingExpand(y, b, ranks, moved)
-        if in_slot_order:
-            order = torch.argsort(pending.slots.long(), stable=True)
-            gate_up = gate_up[order].contiguous()
-            pending = PendingExpand(pending.y[order].contiguous(), pending.b, pending.ranks, pending.slots[order])
-            assert (pending.slots[:-1:2] == pending.slots[1::2]).any()  # some pairs share their slot
         gate, up = plus_delta(gate_up, expand_values(pending, dtype), pending.slots).chunk(2, dim=-1)
         out = silu_mul(gate_up, pending)
         assert_close_where_expanded(out, F.silu(gate) * up, dtype)
         none = (pending.slots < 0) | (pending.slots >= p)
         assert none.any() and not none.all()
         assert torch.equal(out[none], silu_mul(gate_up)[none])
-    assert len(launched) == (len(cases) if pairs else 0) and (not pairs or launched[0] == (3, 4))  # 144 / 64, 7 / 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
