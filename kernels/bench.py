@@ -243,7 +243,7 @@ def run_case(group: str, rank: int, tokens: int, adapters: int, w: Weights, bw: 
     sms = sm_count(torch.device(DEVICE))
     m = copies[0].meta
     row.shrink_cfg = cfg_str(shrink_config(tokens, m.distinct, m.rows_per_slot(), in_features,
-                                           len(widths) * rank, rank, sms))
+                                           len(widths) * rank, rank, sms, m.spread))
     rows = expand_rows.fits(tokens, n_out, rank) or expand_rows.spread(tokens, m)
     row.expand_cfg = ("rows " + cfg_str(expand_rows_config(rank)) if rows else
                       cfg_str(default_expand_config(tokens, widths, rank, m, torch.device(DEVICE))))
@@ -328,7 +328,7 @@ def _sweep_candidates(meta: LoRAKernelMeta, in_features: int, widths: tuple[int,
     p2 = triton.next_power_of_2
     tokens, rows = meta.num_tokens, meta.rows_per_slot()
     n_total = len(widths) * rank
-    ds = shrink_config(tokens, meta.distinct, rows, in_features, n_total, rank, sms)
+    ds = shrink_config(tokens, meta.distinct, rows, in_features, n_total, rank, sms, meta.spread)
     de = default_expand_config(tokens, widths, rank, meta, torch.device(DEVICE))
     # 64-row tiles even where the default is 16: with the adapters present unknown (decode graphs), a step whose
     # tokens belong to few adapters runs faster on them (README's results log, seventh session).

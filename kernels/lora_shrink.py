@@ -103,16 +103,20 @@ def _shrink_kernel(
                 tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
 
 
+# Decode launches whose tokens are spread this thin over adapters (LoRAKernelMeta.spread) size their splits by
+# the row tiles the tokens must fill (shrink_config).
+SPREAD_MAX_ROWS = 2
 MAX_SPLIT = 32  # 16 was slower on one-token shrinks (H200, down r64: 16.3 us vs 14.1 at 32, two runs)
 # Semaphores per launch: one per (row tile, column tile); LoRAKernelMeta holds them, sized by this bound.
 MAX_N_TILES = 64
 
 
 def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_features: int, n_total: int,
-                  max_rank: int, sms: int) -> KernelConfig:
+                  max_rank: int, sms: int, spread: int | None = None) -> KernelConfig:
     """Launch parameters from host ints: T, the count of adapters present if known, tokens per adapter
-    (`LoRAKernelMeta.distinct` / `rows_per_slot`), the shape. Shrink is bound by reading x (prefill) or A
-    (decode, many adapters). Tiles from sweeps on an H200 (`kernels.bench --sweep`).
+    (`LoRAKernelMeta.distinct` / `rows_per_slot`), the shape, and the bound on any adapter's tokens if known
+    (`LoRAKernelMeta.spread`). Shrink is bound by reading x (prefill) or A (decode, many adapters). Tiles from
+    sweeps on an H200 (`kernels.bench --sweep`).
 
     Row tiles follow the tokens per adapter. One column tile holds up to 64 of N = S*R: all three qkv
     slices at rank 16 in one program (qkv r16, 2,048 tokens of 128 adapters: 25.6 us vs 30.2 with a tile
@@ -125,8 +129,11 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
         # tile of in <= 4096, two warps and at most 8 splits (qkv r64, 64 tokens of 32 adapters: 19.9 us
         # against 26.3 with 4 warps and 16 splits); down_proj (in 14336) splits further: below.
         many = num_tokens > 16 and in_features <= 4096
-        cfg = KernelConfig(16, bn, 64 if bn >= 64 else 128, num_warps=2 if many else 4, num_stages=3)
-        max_split, slots, min_blocks = (8 if many else MAX_SPLIT), 2 * sms, 1
+        thin = spread is not None and spread <= SPREAD_MAX_ROWS and cdiv(num_tokens, spread) > cdiv(num_tokens, 16)
+        cfg = KernelConfig(16, bn, 64 if bn >= 64 else 128, num_warps=2 if many or thin else 4, num_stages=3)
+        max_split, slots, min_blocks = (8 if many and not thin else MAX_SPLIT), 2 * sms, 1
+        if thin:
+            distinct = max(distinct or 1, cdiv(num_tokens, spread))
     else:
         # Prefill: bound by reading x. 64-row tiles, K blocks of 128, four loads deep, 8 warps (one program
         # per SM: 131 KB of shared memory); past 4,096 tokens at ranks over 16, 128-row tiles, K blocks of 64,
@@ -142,8 +149,11 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
         max_split, slots, min_blocks = MAX_SPLIT, 3 * per_sm * sms // 2, 4
     # Split K until the batch's programs fill the GPU: decode down_proj (in 14336, one token) is otherwise
     # one program reading 1.8 MB of A. The programs are counted as if the adapters present held as few
-    # row tiles as they can (a one-adapter batch must not run 16 long programs); a split too many for a
-    # batch of many adapters costs less than one too few. From T and the adapter count rounded up to
+    # row tiles as they can (a one-adapter batch must not run 16 long programs), unless the step says its
+    # tokens are spread thin: then as the T / spread tiles they fill at least, at two warps. H200, Llama-3-8B
+    # shapes, rotated copies (splits 1-32, README's results log, twenty-third session): down r16, 128 tokens of
+    # 128 adapters, 21.6 us at 4 splits against ~50 at the 32 of the few-adapter count; 64 of 32, 11.2 at 8
+    # against 17.9; qkv r64, 16 of 8, 9.2 at 8 against 14.0. From T and the adapter count rounded up to
     # powers of two: split_k is a compile-time constant, and this keeps the variants few and known, so an
     # engine can compile them all at start (a compile inside a step stalled it 90 ms).
     t2 = p2(num_tokens)
@@ -174,7 +184,8 @@ def shrink_workspace(x: torch.Tensor, a: torch.Tensor, meta: LoRAKernelMeta,
 def default_config(x: torch.Tensor, a: torch.Tensor, meta: LoRAKernelMeta) -> KernelConfig:
     """`shrink_config` for these tensors and this step's metadata."""
     _, s, r, k = a.shape
-    return shrink_config(x.shape[0], meta.distinct, meta.rows_per_slot(), k, s * r, r, sm_count(x.device))
+    return shrink_config(x.shape[0], meta.distinct, meta.rows_per_slot(), k, s * r, r, sm_count(x.device),
+                         meta.spread)
 
 
 def lora_shrink(

@@ -245,6 +245,24 @@ def test_distinct_hint_picks_taller_tiles_and_same_result(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_spread_steps_split_shrink_by_the_tiles_they_fill(dtype):
+    """A decode step whose tokens are spread thin over adapters (meta.spread <= 2) sizes its shrink's splits by
+    the T / spread row tiles those tokens fill, not by the fewest tiles they could (one adapter): fewer splits,
+    two warps. The result is the reference's: 12 tokens over 6 adapters (and one row without), K split in 2."""
+    slots = [0, 0, 1, 1, 2, 3, 3, -1, 4, 4, 5, 5]
+    c = make_case(slots, [16, 9, 4, 12, 16, 7], in_features=256, dtype=dtype)
+    c.meta.prepare(c.token_slots, spread=2)
+    thin = shrink_config(12, None, c.meta.rows_per_slot(), 256, 48, 16, 4, c.meta.spread)
+    few = shrink_config(12, None, c.meta.rows_per_slot(), 256, 48, 16, 4, None)
+    assert (thin.split_k, thin.num_warps, few.split_k, few.num_warps) == (1, 2, 4, 4)  # 4 SMs: 8 programs
+    check_shrink(c, thin.with_(split_k=2, block_k=64))
+    check_shrink(c)  # the default: the thin config
+    # Spread past SPREAD_MAX_ROWS, or one token a step: the few-adapter count again.
+    assert shrink_config(12, None, 1, 256, 48, 16, 4, 3) == few
+    assert shrink_config(1, None, 1, 256, 48, 16, 4, 1) == shrink_config(1, None, 1, 256, 48, 16, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_expand_fills_the_grid_with_column_programs(dtype):
     """Prefill expand (col_programs=FILL): column programs chosen from the grid, here 2 over 3 row tiles,
     so each program walks column tiles across slices of 2, 1 and 3 tiles (a slice's first tile falls on
