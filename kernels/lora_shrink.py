@@ -130,7 +130,8 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
         # against 26.3 with 4 warps and 16 splits); down_proj (in 14336) splits further: below.
         many = num_tokens > 16 and in_features <= 4096
         thin = spread is not None and spread <= SPREAD_MAX_ROWS and cdiv(num_tokens, spread) > cdiv(num_tokens, 16)
-        cfg = KernelConfig(16, bn, 64 if bn >= 64 else 128, num_warps=2 if many or thin else 4, num_stages=3)
+        cfg = KernelConfig(16, bn, 64 if bn >= 64 and not thin else 128, num_warps=2 if many or thin else 4,
+                           num_stages=3)
         max_split, slots, min_blocks = (8 if many and not thin else MAX_SPLIT), 2 * sms, 1
         if thin:
             distinct = max(distinct or 1, cdiv(num_tokens, spread))
@@ -150,7 +151,8 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
     # Split K until the batch's programs fill the GPU: decode down_proj (in 14336, one token) is otherwise
     # one program reading 1.8 MB of A. The programs are counted as if the adapters present held as few
     # row tiles as they can (a one-adapter batch must not run 16 long programs), unless the step says its
-    # tokens are spread thin: then as the T / spread tiles they fill at least, at two warps. H200, Llama-3-8B
+    # tokens are spread thin: then as the T / spread tiles they fill at least, at two warps and K blocks of 128
+    # (qkv r64, 64 tokens of 32 adapters, 2 splits: 23.0 us with K blocks of 64, 19.0 with 128). H200, Llama-3-8B
     # shapes, rotated copies (splits 1-32, README's results log, twenty-third session): down r16, 128 tokens of
     # 128 adapters, 21.6 us at 4 splits against ~50 at the 32 of the few-adapter count; 64 of 32, 11.2 at 8
     # against 17.9; qkv r64, 16 of 8, 9.2 at 8 against 14.0. From T and the adapter count rounded up to
