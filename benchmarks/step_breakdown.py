@@ -171,7 +171,7 @@ def run_batch(engine, batch: int, loras: list | None, steps: int, seed: int, on_
     from gpu_worker.engine import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True, output_kind="delta")  # as served
     for i in range(batch):
         engine.add_request(f"r{seed}-{i}", torch.randint(10, 128000, (128,), generator=g).tolist(), params,
                            lora_request=loras[i % len(loras)] if loras else None)

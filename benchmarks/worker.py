@@ -75,7 +75,10 @@ def run_case(engine, batch: int, loras: list, seed: int) -> tuple[float, float, 
     from gpu_worker.engine import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    # Streamed outputs, as the worker's gRPC streams hand them out (convert.py): each step's new tokens and text.
+    # (The default, cumulative, copies every request's whole text and ids each step: work a token that grows with
+    # the output, which neither the served path nor LLM.generate, whose outputs come once at the end, does.)
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, output_kind="delta")
     for i in range(batch):
         prompt = torch.randint(10, 128000, (PROMPT,), generator=g).tolist()
         engine.add_request(f"r{seed}-{i}", prompt, params, lora_request=loras[i % len(loras)] if loras else None)
