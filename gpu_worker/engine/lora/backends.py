@@ -86,18 +86,24 @@ class TritonBackend:
         log.info("LoRA kernels compiled for %d shapes", n)
 
     def _warm_kernels(self) -> int:
-        """The segmented shrink and expand for every token count and adapter count a step rounds to."""
+        """The segmented shrink and expand for every token count and adapter count a step rounds to, and for
+        steps whose adapters hold at most one or two tokens each (bind's `spread`: the launches pick other
+        configs for those)."""
         t, n = 1, 0
         while t <= self.meta.max_tokens:
             most = min(t, self.meta.max_slots)
             for distinct in sorted({most, *(1 << k for k in range(most.bit_length()) if 1 << k <= most)}):
-                self.hook.prepare(torch.zeros(t, dtype=torch.int32, device=self.device), distinct)
-                for group, a in self.buffers.a[0].items():
-                    x = torch.zeros(t, a.shape[-1], dtype=a.dtype, device=self.device)
-                    out = torch.zeros(t, sum(b.shape[1] for b in self.buffers.b[0][group]), dtype=a.dtype,
-                                      device=self.device)
-                    self.hook.apply(0, group, x, out)
-                    n += 1
+                for spread in (None, 2, 1):
+                    if spread is not None and distinct * spread < t:
+                        continue  # no step of t tokens over `distinct` adapters holds so few an adapter
+                    self.hook.prepare(torch.zeros(t, dtype=torch.int32, device=self.device), distinct,
+                                      spread=spread)
+                    for group, a in self.buffers.a[0].items():
+                        x = torch.zeros(t, a.shape[-1], dtype=a.dtype, device=self.device)
+                        out = torch.zeros(t, sum(b.shape[1] for b in self.buffers.b[0][group]), dtype=a.dtype,
+                                          device=self.device)
+                        self.hook.apply(0, group, x, out)
+                        n += 1
             t = t * 2 if t * 2 <= self.meta.max_tokens or t == self.meta.max_tokens else self.meta.max_tokens
         return n
 
