@@ -106,6 +106,8 @@ def _shrink_kernel(
 # Decode launches whose tokens are spread this thin over adapters (LoRAKernelMeta.spread) size their splits by
 # the row tiles the tokens must fill (shrink_config).
 SPREAD_MAX_ROWS = 2
+# Decode launches of more tokens than this (not spread thin) loop a small persistent grid (shrink_config).
+WIDE_MIN_TOKENS = 129
 MAX_SPLIT = 32  # 16 was slower on one-token shrinks (H200, down r64: 16.3 us vs 14.1 at 32, two runs)
 # Semaphores per launch: one per (row tile, column tile); LoRAKernelMeta holds them, sized by this bound.
 MAX_N_TILES = 64
@@ -136,7 +138,7 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
         # shrink`, rotated copies, twenty-third session), against two warps, K blocks of 64 and 16 programs an SM:
         # qkv r64 x 1 adapter 10.7 against 12.1 us, x 8 12.1 / 13.5; down r64 x 1 12.4 / 13.4, x 8 14.8 / 15.5;
         # gate_up r64 x 1 8.6 / 9.4; qkv r16 x 32 9.9 / 10.4.
-        wide = num_tokens > 128 and not thin
+        wide = num_tokens >= WIDE_MIN_TOKENS and not thin
         cfg = KernelConfig(16, bn, 64 if bn >= 64 and not (thin or wide) else 128,
                            num_warps=2 if (many or thin) and not wide else 4, num_stages=3,
                            programs_per_sm=2 if wide else 16)
