@@ -15,7 +15,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 #     consumer kernels, the mixed step and the prefill rounds; worker = the worker benchmark.
 #   Not in the default: gemms = the base projections at decode sizes, cuBLAS ways and the Triton candidate; silu =
 #     SiLU's expand a row a program against its tiles at P = 16, alone and in the step; shrinks = the decode shrink's
-#     configs in the grid's 256-token cells and in batch-128 decode steps; cold = the decode steps
+#     spread-thin rule in batch-128 decode steps; cold = the decode steps
 #     during cold loads; served (needs grpcio and msgpack, see benchmarks/README.md) = a worker serving 64 streams
 #     through its gRPC API to 4 client processes (the Batch hand-over's cost first, benchmarks.batch_pipe), the
 #     engine process's GIL switch interval A/B/A, then a profile of the engine's step loop while it serves.
@@ -66,14 +66,10 @@ if [[ $parts == *" silu "* ]]; then
     | grep -v "^    " | tee -a "$out/silu.log"
 fi
 if [[ $parts == *" shrinks "* ]]; then
-  # The decode shrink's configs (kernels.lora_shrink.shrink_config): the grid's 256-token cells, then batch-128
-  # decode steps (their graphs run the segmented shrink) against the configs before the spread-thin and the
-  # past-128-tokens rules (graph replay, two engines each).
-  python3 -m kernels.bench --tokens 256 2>&1 | tee "$out/shrinks.log" | tail -n 26
-  for s in kernels.lora_shrink.WIDE_MIN_TOKENS=1000000000 kernels.lora_shrink.SPREAD_MAX_ROWS=0; do
-    python3 -m benchmarks.step_breakdown --batches 128 --adapters 8,64 --steps 40 --compare-set $s 2>&1 \
-      | grep -v "^    " | tee -a "$out/shrinks.log"
-  done
+  # The decode shrink's spread-thin rule (kernels.lora_shrink.shrink_config) in batch-128 decode steps (their
+  # graphs run the segmented shrink) against the config before it, graph replay, two engines.
+  python3 -m benchmarks.step_breakdown --batches 128 --adapters 8,64 --steps 40 \
+    --compare-set kernels.lora_shrink.SPREAD_MAX_ROWS=0 2>&1 | grep -v "^    " | tee -a "$out/shrinks.log"
 fi
 if [[ $parts == *" cold "* ]]; then
   # Decode steps while cold adapters are copied in (COLD_BENCH_ARGS: e.g. --set MODULE.NAME=VALUE, rounds

@@ -58,6 +58,7 @@ def replay_ms(graph, reps: int = 20) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.step_breakdown", description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="32,64")
+    p.add_argument("--max-num-seqs", type=int, default=128, help="the engines' max_num_seqs (their largest graph)")
     p.add_argument("--adapters", default="8", help="distinct adapters mixed in the adapter batches (comma list)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compare-overlap", action="store_true", help="also an engine with overlap_lora=False (LoRA in "
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     slots = max(16, max(counts))
 
     def make(overlap: bool, max_rank: int = 16):
-        return LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096, max_num_seqs=128,
-                                    enable_lora=True, max_loras=slots, max_lora_rank=max_rank, max_cpu_loras=slots,
-                                    overlap_lora=overlap))
+        return LLMEngine(EngineArgs(model=str(model), dtype="bfloat16", num_kv_blocks=4096,
+                                    max_num_seqs=args.max_num_seqs, enable_lora=True, max_loras=slots,
+                                    max_lora_rank=max_rank, max_cpu_loras=slots, overlap_lora=overlap))
 
     def make_with(module, name: str, value):
         """An engine captured with module.<name> = value: the graphs keep what was planned while they were

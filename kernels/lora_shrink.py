@@ -106,8 +106,6 @@ def _shrink_kernel(
 # Decode launches whose tokens are spread this thin over adapters (LoRAKernelMeta.spread) size their splits by
 # the row tiles the tokens must fill (shrink_config).
 SPREAD_MAX_ROWS = 2
-# Decode launches of more tokens than this (not spread thin) loop a small persistent grid (shrink_config).
-WIDE_MIN_TOKENS = 129
 MAX_SPLIT = 32  # 16 was slower on one-token shrinks (H200, down r64: 16.3 us vs 14.1 at 32, two runs)
 # Semaphores per launch: one per (row tile, column tile); LoRAKernelMeta holds them, sized by this bound.
 MAX_N_TILES = 64
@@ -132,16 +130,11 @@ def shrink_config(num_tokens: int, distinct: int | None, rows_per_slot: int, in_
         # against 26.3 with 4 warps and 16 splits); down_proj (in 14336) splits further: below.
         many = num_tokens > 16 and in_features <= 4096
         thin = spread is not None and spread <= SPREAD_MAX_ROWS and cdiv(num_tokens, spread) > cdiv(num_tokens, 16)
-        # Past 128 tokens (not spread thin), four warps, K blocks of 128 and a persistent grid of two programs an
-        # SM, which loop over the tiles instead of a wave of programs that find none (the row-tile bound counts
-        # every slot that could be present). H200 sweep at 256 tokens (`kernels.bench --sweep --sweep-ops
-        # shrink`, rotated copies, twenty-third session), against two warps, K blocks of 64 and 16 programs an SM:
-        # qkv r64 x 1 adapter 10.7 against 12.1 us, x 8 12.1 / 13.5; down r64 x 1 12.4 / 13.4, x 8 14.8 / 15.5;
-        # gate_up r64 x 1 8.6 / 9.4; qkv r16 x 32 9.9 / 10.4.
-        wide = num_tokens >= WIDE_MIN_TOKENS and not thin
-        cfg = KernelConfig(16, bn, 64 if bn >= 64 and not (thin or wide) else 128,
-                           num_warps=2 if (many or thin) and not wide else 4, num_stages=3,
-                           programs_per_sm=2 if wide else 16)
+        # (Past 128 tokens: four warps, K blocks of 128 and a persistent grid of two programs an SM won a sweep
+        # at 256 tokens by 0.5-1.4 us a call, but lost in batch-256 decode steps of 64 adapters, H200 graph
+        # replay 3.53 against 3.30 ms, twenty-fourth session: dropped.)
+        cfg = KernelConfig(16, bn, 64 if bn >= 64 and not thin else 128, num_warps=2 if many or thin else 4,
+                           num_stages=3)
         max_split, slots, min_blocks = (8 if many and not thin else MAX_SPLIT), 2 * sms, 1
         if thin:
             distinct = max(distinct or 1, cdiv(num_tokens, spread))

@@ -262,24 +262,6 @@ def test_spread_steps_split_shrink_by_the_tiles_they_fill(dtype):
     assert shrink_config(1, None, 1, 256, 48, 16, 4, 1) == shrink_config(1, None, 1, 256, 48, 16, 4)
 
 
-def test_wide_decode_shrinks_loop_a_small_persistent_grid():
-    """Past 128 tokens with the adapters present unknown (a decode graph), the shrink runs four warps, K blocks of
-    128 and a persistent grid of two programs an SM that loop over the row tiles; the result is the reference's
-    (160 tokens of 12 adapters and rows without one, K split, two programs in the interpreter)."""
-    slots = sorted(k % 13 - 1 for k in range(160))
-    c = make_case(slots[:64], [16, 9, 4, 12, 16, 8, 16, 5, 16, 16, 3, 16], in_features=512)
-    meta = LoRAKernelMeta(max_tokens=160, max_slots=12, device=DEVICE, chunk=64)
-    ts = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
-    meta.prepare(ts)
-    x = torch.randn(160, 512, generator=torch.Generator().manual_seed(torch.seed() % 2**31)).to(DEVICE)
-    wide = Case(x, c.a, c.b, c.ranks, ts, c.offsets, meta)
-    cfg = shrink_config(160, None, meta.rows_per_slot(), 512, 48, 16, 132)
-    assert (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.programs_per_sm) == (16, 128, 4, 2)
-    assert shrink_config(128, None, 1, 512, 48, 16, 132).programs_per_sm == 16  # up to 128 tokens: as before
-    check_shrink(wide)
-    check_shrink(wide, cfg.with_(split_k=2))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_expand_fills_the_grid_with_column_programs(dtype):
     """Prefill expand (col_programs=FILL): column programs chosen from the grid, here 2 over 3 row tiles,
