@@ -55,6 +55,8 @@ EAGER_PENDING_GROUPS = frozenset({"gate_up"})
 PREFETCH_B = True
 # Past it the bytes asked for (P slots' whether used or not, with the evict-last hint) crowd the L2: H200, 32
 # adapters mixed at P = 32, all groups asked for, graph replay 1,800 -> 1,866 us (batch 64), 1,708 -> 1,778 (32).
+# Leaving gate_up's B out at P = 32 (qkv, o and down asked for, 7.2 MB a layer) gained nothing either: batch 32
+# 1,433 against 1,429 us without asking, batch 64 1,549 / 1,546 (twenty-fourth session).
 PREFETCH_B_MAX_SLOTS = 16
 
 
