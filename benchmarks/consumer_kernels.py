@@ -5,6 +5,10 @@ in L2, as they are when the GEMM before wrote them; in a step the B tiles may co
 
     python3 -m benchmarks.consumer_kernels [--batches 64,32] [--adapters 8] [--slots 8] [--in-slot-order] \\
         [--set kernels.consumer_expand.RANK_BLOCK=16 ...]
+    python3 -m benchmarks.consumer_kernels --batches 8192,2048 --prompt-rows 128   # an eager prompt step's SiLU
+
+With `--prompt-rows L` the rows are prompts of L tokens, each of one adapter in turn, and SiLU-and-multiply is handed
+gate_up's y as an eager step hands it (the segmented shrink's float32 [T, 2, R], one y a token for every slot).
 
 Each `--set MODULE.NAME=VALUE` adds rows timed with that module constant set (the ops read their constants at each
 call), side by side with the defaults in the same run.
@@ -89,6 +93,23 @@ def cases(t: int, slots: int, adapters: int, in_slot_order: bool = False) -> dic
     }
 
 
+def prompt_cases(t: int, slots: int, adapters: int, prompt_rows: int) -> dict:
+    """{"silu_mul": (base call, call with the pending expand)} for an eager step of prompts of `prompt_rows`
+    tokens, prompt i of adapter i % adapters."""
+    from kernels.consumer_expand import PendingExpand
+    from kernels.elementwise import silu_mul
+
+    g = torch.Generator().manual_seed(0)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    gate_up = torch.randn(t, 2 * INTER, generator=g).to(dev, dt)
+    y = torch.randn(t, 2, RANK, generator=g).to(dev)
+    b = (torch.randn(slots, 2 * INTER, RANK, generator=g) * 0.05).to(dev, dt).split([INTER, INTER], dim=1)
+    ranks = torch.full((slots,), RANK, dtype=torch.int32, device=dev)
+    row_slots = ((torch.arange(t) // prompt_rows) % adapters).to(dev, torch.int32)
+    pending = PendingExpand(y[:, None].expand(t, slots, 2, RANK), b, ranks, row_slots)
+    return {"silu_mul": (lambda: silu_mul(gate_up), lambda: silu_mul(gate_up, pending))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.consumer_kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="64,32")
@@ -97,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE")
     p.add_argument("--in-slot-order", action="store_true", help="the rows sorted by slot, as the engine runs them "
                    "(default: row i in slot i %% adapters)")
+    p.add_argument("--prompt-rows", type=int, default=0, help="rows as prompts of this many tokens (an eager step)")
     args = p.parse_args(argv)
     print(f"{torch.cuda.get_device_name()}; rank {RANK}, {args.adapters} adapters in P = {args.slots} slots; "
           "us per call (graph of 50 calls)")
     print(f"{'op':16} {'batch':>5} {'variant':44} {'base':>7} {'expand':>7} {'extra':>7}")
     for t in (int(b) for b in args.batches.split(",")):
-        ops = cases(t, args.slots, args.adapters, args.in_slot_order)
+        ops = (prompt_cases(t, args.slots, args.adapters, args.prompt_rows) if args.prompt_rows else
+               cases(t, args.slots, args.adapters, args.in_slot_order))
         for op, (base, lora) in ops.items():
             base_us = graph_us(base)
             for spec in [None, *args.set]:

@@ -2,12 +2,14 @@
 sends them, their wall time, the engine steps they took, the adapter copies they caused, and the GPU kernels' time
 by name (torch.profiler over one more round each).
 
-    python3 -m benchmarks.profile_prefill [--shapes 8x2048,64x128] [--adapters 8] [--rows 30] [--tiny]
+    python3 -m benchmarks.profile_prefill [--shapes 8x2048,64x128] [--adapters 8] [--rows 30] [--tiny] \\
+        [--set MODULE.NAME=VALUE ...]
 
 Llama-3.2-1B shape, random bf16 weights, rank-16 adapters on all seven projections (benchmarks/synthetic.py);
 `--tiny` runs a small model on the CPU (a check of the script, not a measurement). An adapter round should take
 the steps a base round takes and copy no adapter in: more steps mean requests waited on copies (the sixteenth
-session found slot compaction evicting adapters the next round needed this way).
+session found slot compaction evicting adapters the next round needed this way). Each `--set` adds adapter rounds
+with a module constant set (read at each call: the eager steps' kernels), the kinds' rounds interleaved.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.module_set import module_set
 from benchmarks.synthetic import LLAMA_3_2_1B, write_adapter, write_model
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of each kind, after two warm ones")
     p.add_argument("--rows", type=int, default=30, help="kernels listed, by time with adapters")
     p.add_argument("--tiny", action="store_true", help="a small model on the CPU: checks the script")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="adapter rounds with this module constant set, beside the defaults' (may repeat)")
     args = p.parse_args(argv)
     from gpu_worker.engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
 
@@ -75,14 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     for shape in args.shapes.split(","):
         n, length = map(int, shape.split("x"))
-        for kind in ([], loras, [], loras):  # warm: compiles, graphs, the adapters' first copies
-            run(n, length, kind)
+        variants = [("base", [], None), (f"{args.adapters} adapters", loras, None),
+                    *((f"{args.adapters} adapters, {spec}", loras, spec) for spec in args.set)]
+        for _, kind, spec in variants + variants[:2]:  # warm: compiles, graphs, the adapters' first copies
+            with module_set(spec):
+                run(n, length, kind)
+        timed: dict[str, list] = defaultdict(list)
+        copied: dict[str, list] = defaultdict(list)
+        for _ in range(args.rounds):  # the kinds' rounds interleaved
+            for name, kind, spec in variants:
+                copies.clear()
+                with module_set(spec):
+                    timed[name].append(run(n, length, kind))
+                copied[name] += copies
+        for name, _, _ in variants:
+            print(f"{n} x {length}, {name}: wall ms {[round(1e3 * w, 1) for w, _ in timed[name]]}, steps "
+                  f"{[s for _, s in timed[name]]}, adapter copies {len(copied[name])} {copied[name][:8]}", flush=True)
         kernels, counts = {}, {}
-        for name, kind in (("base", []), (f"{args.adapters} adapters", loras)):
-            copies.clear()
-            timed = [run(n, length, kind) for _ in range(args.rounds)]
-            print(f"{n} x {length}, {name}: wall ms {[round(1e3 * w, 1) for w, _ in timed]}, steps "
-                  f"{[s for _, s in timed]}, adapter copies {len(copies)} {copies[:8]}", flush=True)
+        for name, kind, _ in variants[:2]:
             with profile(activities=activities) as prof:
                 run(n, length, kind)
             per, calls = defaultdict(float), defaultdict(int)

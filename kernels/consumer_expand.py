@@ -199,25 +199,39 @@ def tile_b(b_ptr, s_bp, cols, col_ok, k0, k_end, R: tl.constexpr, BK: tl.constex
 
 
 @triton.jit
-def tile_dot(acc, rows, row_slots, y_ptr, y_off, s_yt, s_yp, bt, k0, P, R: tl.constexpr, BK: tl.constexpr,
-             DOT: tl.constexpr, EMULATED: tl.constexpr):
-    """acc + y @ bt for the block of the flattened (slot, r) axis from k0, bt its B (tile_b): each row's y of its
-    own slot (masked to zero elsewhere, and past the P slots). Only the row's own slot's y is loaded (a mask that
-    holds over each slot's R values, so the loads stay vectors; H200, batch 64, P = 8: silu_mul 5.9 -> 5.0 us
-    against loading all P slots' y and masking after), every rank: past a slot's rank both y (x times the
-    slot's zero rows of A) and B are zero. A float32 y (the segmented shrink's, in eager steps) is rounded to
-    B's dtype first, as lora_expand rounds it."""
+def tile_y(rows, row_slots, y_ptr, y_off, s_yt, s_yp, k0, P, R: tl.constexpr, BK: tl.constexpr,
+           b_dtype: tl.constexpr, EMULATED: tl.constexpr):
+    """y [BM, BK] for the block of the flattened (slot, r) axis from k0: each row's y of its own slot (masked to zero
+    elsewhere, and past the P slots). Only the row's own slot's y is loaded (a mask that holds over each slot's R
+    values, so the loads stay vectors; H200, batch 64, P = 8: silu_mul 5.9 -> 5.0 us against loading all P slots'
+    y and masking after), every rank: past a slot's rank both y (x times the slot's zero rows of A) and B are zero.
+    A float32 y (the segmented shrink's, in eager steps) is rounded to B's dtype first, as lora_expand rounds it
+    (a float32 B keeps it)."""
     k = k0 + tl.arange(0, BK)
     ks = k // R
     yt = tl.load(y_ptr + y_off + rows[:, None].to(tl.int64) * s_yt + ks[None, :].to(tl.int64) * s_yp
                  + (k % R)[None, :], mask=(row_slots[:, None] == ks[None, :]) & (k < P * R)[None, :], other=0.0)
-    if yt.dtype != bt.dtype and bt.dtype != tl.float32:
-        yt = to_low(yt, bt.dtype, EMULATED)
+    if yt.dtype != b_dtype and b_dtype != tl.float32:
+        yt = to_low(yt, b_dtype, EMULATED)
+    return yt
+
+
+@triton.jit
+def dot_y(acc, yt, bt, DOT: tl.constexpr):
+    """acc + yt @ bt (tile_y's y, tile_b's B)."""
     if DOT == DOT_NATIVE:  # noqa: SIM108 (a static branch: only one dot is compiled)
         acc = tl.dot(yt, bt, acc)
     else:  # fp32 models, and the interpreter (which multiplies bf16 as raw bits): widened exactly
         acc = tl.dot(yt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def tile_dot(acc, rows, row_slots, y_ptr, y_off, s_yt, s_yp, bt, k0, P, R: tl.constexpr, BK: tl.constexpr,
+             DOT: tl.constexpr, EMULATED: tl.constexpr):
+    """acc + y @ bt for the block of the flattened (slot, r) axis from k0, bt its B (tile_b), y its rows' (tile_y)."""
+    yt = tile_y(rows, row_slots, y_ptr, y_off, s_yt, s_yp, k0, P, R, BK, bt.dtype, EMULATED)
+    return dot_y(acc, yt, bt, DOT)
 
 
 @triton.jit

@@ -29,9 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_mode, emulated, next_pow2, round_low, to_low
+from ._common import dot_mode, emulated, next_pow2, round_low, sm_count, to_low
 from .consumer_expand import (
     PendingExpand,
+    dot_y,
     early_b,
     expand_cols,
     expand_loaded,
@@ -42,6 +43,7 @@ from .consumer_expand import (
     tile_b,
     tile_dot,
     tile_span,
+    tile_y,
 )
 from .l2_prefetch import Blocks, prefetch_share
 from .launch import Launches, gdc_wait, pdl
@@ -415,6 +417,16 @@ def _silu_mul_kernel(gu_ptr, out_ptr, d_ptr, ds_ptr, N, s_gu, s_o, HAS_DELTA: tl
 
 _silu_mul = Launches(_silu_mul_kernel)
 
+@triton.jit
+def _silu_out(g, u, dg, du, has, out_at, ok, dt: tl.constexpr, EMULATED: tl.constexpr):
+    """silu(g + dg) * (u + du) stored at out_at (rows without an adapter: has False, their values as they are), the
+    adapters' parts rounded as the in-place adds they replace would be."""
+    g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
+    u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)
+    act = round_low(g / (1.0 + tl.exp(-g)), dt, EMULATED)
+    tl.store(out_at, to_low(act * u, dt, EMULATED), mask=ok)
+
+
 # silu_mul expands a pending adapters' part for all rows of a column tile at once up to this many rows (decode
 # steps: the stacked GEMMs' P slots mixed in any order); past it, in tiles of EXPAND_TILE_ROWS rows.
 EXPAND_MAX_ROWS = 128
@@ -497,14 +509,81 @@ def _silu_mul_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp,
                          BK, EVEN_K, DOT, EMULATED)
         du = expand_tile(du, rows, slots, cols, col_ok, y_ptr, R, s_yt, s_yp, bu_ptr, s_bp, P, k_lo + BK, k_hi, R,
                          BK, EVEN_K, DOT, EMULATED)
-    has = (slots >= 0)[:, None]
-    g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
-    u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)
-    act = round_low(g / (1.0 + tl.exp(-g)), dt, EMULATED)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * s_o + cols[None, :], to_low(act * u, dt, EMULATED), mask=ok)
+    _silu_out(g, u, dg, du, (slots >= 0)[:, None], out_ptr + rows[:, None].to(tl.int64) * s_o + cols[None, :], ok,
+              dt, EMULATED)
 
 
 _silu_mul_expand = Launches(_silu_mul_expand_kernel)
+
+# Prompt steps (past EXPAND_MAX_ROWS rows): a program per row tile and share of the column tiles, which it walks in a
+# software-pipelined loop (SILU_PROMPT_STAGES loads deep, SILU_PROMPT_SHALLOW_STAGES where it walks few) with the
+# rows' slots and y loaded once; about SILU_PROMPT_PROGRAMS_PER_SM programs an SM in all. A program per 64 x 64 tile
+# (SILU_PROMPT_LOOP False) took 214 us at 8,192 rows against 97 for silu_mul with nothing to expand: two round
+# trips a tile (slots, then B and the values) at a few programs an SM. H200, rank 16, prompts of 128 tokens over
+# 8 adapters, alone (`python3 -m benchmarks.consumer_kernels --batches 8192,...,256 --prompt-rows 128 --set ...`):
+# 8,192 rows 214.8 -> 130.0 us, 4,096 110.3 -> 70.1, 2,048 57.2 -> 39.6, 1,024 30.3 -> 22.0, 512 11.8 -> 10.3,
+# 256 7.6 -> 7.0. Swept: BN 16-128 (32 best from 2,048 rows up), 2-32 programs an SM (8), 1-4 stages (1: 298 us
+# at 8,192; 2 best where a program walks 1-2 tiles, 3 where it walks 29). In the engine, 8 prompts of 2,048
+# tokens with 8 adapters (`python3 -m benchmarks.profile_prefill --set ...`, rounds interleaved): 84.1 -> 82.1 ms
+# (base 74.0); 64 prompts of 128: 36.4 -> 35.5 (base 31.4).
+SILU_PROMPT_LOOP = True
+SILU_PROMPT_STAGES = 3
+SILU_PROMPT_SHALLOW_STAGES = 2  # where a program walks fewer than SILU_PROMPT_DEEP_MIN_TILES tiles
+SILU_PROMPT_DEEP_MIN_TILES = 8
+SILU_PROMPT_PROGRAMS_PER_SM = 8
+SILU_PROMPT_BN = 32
+
+
+@triton.jit(do_not_specialize=["T"])
+def _silu_mul_prompt_expand_kernel(gu_ptr, out_ptr, T, N, s_gu, s_o, y_ptr, s_yt, s_yp, s_bp, ranks_ptr, es_ptr, P,
+                                   bg_ptr, bu_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                   EVEN_K: tl.constexpr, DOT: tl.constexpr, EMULATED: tl.constexpr,
+                                   R: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr):
+    # A program per BM rows (program_id 1) walks every num_programs(0)-th column tile. The rows' slots, and where
+    # their span is one block of BK (a prompt's rows: one slot) their y, are loaded once; the loop over the
+    # column tiles then has no dependence between iterations and its loads are pipelined STAGES deep. A tile
+    # whose rows span more (rows of prompts of far-apart slots) walks the blocks in a plain loop.
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    row_ok = rows < T
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    slots = tl.load(es_ptr + rows, mask=row_ok, other=-1)
+    slots = tl.where((slots >= 0) & (slots < P), slots, -1)
+    k_lo, k_hi = tile_span(slots, P, R, BK)
+    if PDL:
+        gdc_wait()
+    has = (slots >= 0)[:, None]
+    g_rows = gu_ptr + rows[:, None].to(tl.int64) * s_gu
+    o_rows = out_ptr + rows[:, None].to(tl.int64) * s_o
+    tiles = tl.cdiv(N, BN)
+    if k_hi - k_lo <= BK:
+        yg = tile_y(rows, slots, y_ptr, 0, s_yt, s_yp, k_lo, P, R, BK, bg_ptr.dtype.element_ty, EMULATED)
+        yu = tile_y(rows, slots, y_ptr, R, s_yt, s_yp, k_lo, P, R, BK, bg_ptr.dtype.element_ty, EMULATED)
+        for j in tl.range(tl.program_id(0), tiles, tl.num_programs(0), num_stages=STAGES):
+            cols = j * BN + tl.arange(0, BN)
+            col_ok = cols < N
+            ok = row_ok[:, None] & col_ok[None, :]
+            g = tl.load(g_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(g_rows + N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            bg = tile_b(bg_ptr, s_bp, cols, col_ok, k_lo, P * R, R, BK, not EVEN_K)
+            bu = tile_b(bu_ptr, s_bp, cols, col_ok, k_lo, P * R, R, BK, not EVEN_K)
+            dg = dot_y(tl.zeros([BM, BN], tl.float32), yg, bg, DOT)
+            du = dot_y(tl.zeros([BM, BN], tl.float32), yu, bu, DOT)
+            _silu_out(g, u, dg, du, has, o_rows + cols[None, :], ok, dt, EMULATED)
+    else:
+        for j in range(tl.program_id(0), tiles, tl.num_programs(0)):
+            cols = j * BN + tl.arange(0, BN)
+            col_ok = cols < N
+            ok = row_ok[:, None] & col_ok[None, :]
+            g = tl.load(g_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(g_rows + N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            dg = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, 0, s_yt, s_yp, bg_ptr,
+                             s_bp, P, k_lo, k_hi, R, BK, EVEN_K, DOT, EMULATED)
+            du = expand_tile(tl.zeros([BM, BN], tl.float32), rows, slots, cols, col_ok, y_ptr, R, s_yt, s_yp, bu_ptr,
+                             s_bp, P, k_lo, k_hi, R, BK, EVEN_K, DOT, EMULATED)
+            _silu_out(g, u, dg, du, has, o_rows + cols[None, :], ok, dt, EMULATED)
+
+
+_silu_mul_prompt_expand = Launches(_silu_mul_prompt_expand_kernel)
 
 # Decode steps over at least this many slots expand a row's part a program, per column tile, as the norms do
 # (`_silu_mul_row_expand_kernel`), instead of tiles of rows against blocks of the slots' B. Past 8 slots the tiles'
@@ -546,10 +625,7 @@ def _silu_mul_row_expand_kernel(gu_ptr, out_ptr, N, s_gu, s_o, y_ptr, s_yt, s_yp
     else:
         dg = expand_cols(cols, ok, y_row, bg_ptr + sl * s_bp, has, rank, R, RB, False)
         du = expand_cols(cols, ok, y_row + R, bu_ptr + sl * s_bp, has, rank, R, RB, False)
-    g = tl.where(has, round_low(g + round_low(dg, dt, EMULATED), dt, EMULATED), g)
-    u = tl.where(has, round_low(u + round_low(du, dt, EMULATED), dt, EMULATED), u)
-    act = round_low(g / (1.0 + tl.exp(-g)), dt, EMULATED)
-    tl.store(out_ptr + row * s_o + cols, to_low(act * u, dt, EMULATED), mask=ok)
+    _silu_out(g, u, dg, du, has, out_ptr + row * s_o + cols, ok, dt, EMULATED)
 
 
 _silu_mul_row_expand = Launches(_silu_mul_row_expand_kernel)
@@ -590,6 +666,17 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
             warps = EXPAND_ONE_BLOCK_WARPS if groups == 1 else EXPAND_DECODE_WARPS
         else:  # eager steps: a tile's rows are mostly one prompt's, one slot; BK one slot's ranks (at least 16)
             bm, bn, bk, stages, groups, warps = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1, 0, 4
+            if SILU_PROMPT_LOOP:
+                row_tiles, bn = -(-t // bm), SILU_PROMPT_BN
+                col_tiles = -(-n // bn)
+                cols = max(1, min(col_tiles, -(-SILU_PROMPT_PROGRAMS_PER_SM * sm_count(gate_up.device) // row_tiles)))
+                deep = -(-col_tiles // cols) >= SILU_PROMPT_DEEP_MIN_TILES
+                _silu_mul_prompt_expand((cols, row_tiles), gate_up, out, t, n, gate_up.stride(0), out.stride(0),
+                                        *args, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
+                                        EMULATED=emulated(gate_up), **consts, **_pdl_launch(delta, gate_up),
+                                        STAGES=SILU_PROMPT_STAGES if deep else SILU_PROMPT_SHALLOW_STAGES,
+                                        num_warps=warps)
+                return out
         _silu_mul_expand((-(-n // bn), -(-t // bm), max(groups, 1)), gate_up, out, t, n, gate_up.stride(0),
                          out.stride(0), *args, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
                          EMULATED=emulated(gate_up), **consts, **_pdl_launch(delta, gate_up), GROUPS=groups,

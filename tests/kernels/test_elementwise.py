@@ -286,13 +286,19 @@ def test_silu_mul_row_programs_expand_each_rows_part(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_silu_mul_expands_the_segmented_shrinks_y_in_row_tiles(dtype):
+@pytest.mark.parametrize("loop, n", [(True, 80), (True, 200), (False, 80)], ids=["loop", "loop-2-tiles", "tiles"])
+def test_silu_mul_expands_the_segmented_shrinks_y_in_row_tiles(monkeypatch, dtype, loop, n):
     """Eager steps hand silu_mul gate_up's y from the segmented shrink (float32 [T, S, R], one y a token standing
     for every slot: a zero stride over P) for more rows than one tile: tiles of rows mostly of one prompt, some
     mixing slots, rows without an adapter and one past P. As the reference adds the expanded values first; what
-    must stay unread is NaN (y of rows without an adapter), B past each slot's rank large."""
+    must stay unread is NaN (y of rows without an adapter), B past each slot's rank large. In the pipelined loop
+    (elementwise.SILU_PROMPT_LOOP; 200 columns: 4 tiles over 2 programs a row tile, each walking 2) and in a
+    program per tile."""
+    import kernels.elementwise as elementwise
+
+    monkeypatch.setattr(elementwise, "SILU_PROMPT_LOOP", loop)
     g = gen()
-    t, n, p, rank = 150, 80, 4, 16
+    t, p, rank = 150, 4, 16
     slots = torch.full((t,), 2, dtype=torch.int32)
     slots[70:80], slots[80:141], slots[141:] = -1, 0, 3
     slots[[5, 100]] = -1
