@@ -631,6 +631,15 @@ def _silu_mul_row_expand_kernel(gu_ptr, out_ptr, N, s_gu, s_o, y_ptr, s_yt, s_yp
 _silu_mul_row_expand = Launches(_silu_mul_row_expand_kernel)
 
 
+def silu_prompt_grid(t: int, n: int, device: torch.device) -> tuple[int, int, int]:
+    """(column programs, row tiles, pipeline stages) of silu_mul's expand in a prompt step of t rows (past
+    EXPAND_MAX_ROWS) and n columns a slice: the stages are a compile-time constant, so an engine warms each."""
+    row_tiles, col_tiles = -(-t // EXPAND_TILE_ROWS), -(-n // SILU_PROMPT_BN)
+    cols = max(1, min(col_tiles, -(-SILU_PROMPT_PROGRAMS_PER_SM * sm_count(device) // row_tiles)))
+    deep = -(-col_tiles // cols) >= SILU_PROMPT_DEEP_MIN_TILES
+    return cols, row_tiles, SILU_PROMPT_STAGES if deep else SILU_PROMPT_SHALLOW_STAGES
+
+
 def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
     """gate_up [T, 2N] (gate then up, rows contiguous) -> silu(gate) * up [T, N]. delta: the adapters' part of
     gate_up, as values or pending (see the module doc)."""
@@ -667,15 +676,11 @@ def silu_mul(gate_up: torch.Tensor, delta=None) -> torch.Tensor:
         else:  # eager steps: a tile's rows are mostly one prompt's, one slot; BK one slot's ranks (at least 16)
             bm, bn, bk, stages, groups, warps = EXPAND_TILE_ROWS, 64, max(16, min(128, r & -r)), 1, 0, 4
             if SILU_PROMPT_LOOP:
-                row_tiles, bn = -(-t // bm), SILU_PROMPT_BN
-                col_tiles = -(-n // bn)
-                cols = max(1, min(col_tiles, -(-SILU_PROMPT_PROGRAMS_PER_SM * sm_count(gate_up.device) // row_tiles)))
-                deep = -(-col_tiles // cols) >= SILU_PROMPT_DEEP_MIN_TILES
+                cols, row_tiles, stages = silu_prompt_grid(t, n, gate_up.device)
                 _silu_mul_prompt_expand((cols, row_tiles), gate_up, out, t, n, gate_up.stride(0), out.stride(0),
-                                        *args, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),
-                                        EMULATED=emulated(gate_up), **consts, **_pdl_launch(delta, gate_up),
-                                        STAGES=SILU_PROMPT_STAGES if deep else SILU_PROMPT_SHALLOW_STAGES,
-                                        num_warps=warps)
+                                        *args, BM=bm, BN=SILU_PROMPT_BN, BK=bk, EVEN_K=kp % bk == 0,
+                                        DOT=dot_mode(gate_up), EMULATED=emulated(gate_up), **consts,
+                                        **_pdl_launch(delta, gate_up), STAGES=stages, num_warps=warps)
                 return out
         _silu_mul_expand((-(-n // bn), -(-t // bm), max(groups, 1)), gate_up, out, t, n, gate_up.stride(0),
                          out.stride(0), *args, BM=bm, BN=bn, BK=bk, EVEN_K=kp % bk == 0, DOT=dot_mode(gate_up),

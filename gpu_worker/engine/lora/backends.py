@@ -109,13 +109,19 @@ class TritonBackend:
 
     def _warm_consumer_expand(self) -> int:
         """Eager steps hand gate_up's adapters' part to silu_mul (consumer_expands), whose expand compiles per
-        row tile (up to EXPAND_MAX_ROWS rows one tile, past it tiles of EXPAND_TILE_ROWS): each variant once."""
-        from kernels.elementwise import EXPAND_MAX_ROWS, silu_mul
+        row tile (up to EXPAND_MAX_ROWS rows one tile, past it tiles of EXPAND_TILE_ROWS, walked in a loop
+        pipelined two or three stages deep by the step's size, `silu_prompt_grid`): each variant once."""
+        from kernels.elementwise import EXPAND_MAX_ROWS, silu_mul, silu_prompt_grid
 
         a = self.buffers.a[0].get("gate_up")
         if not self.hook.consumer_expands or a is None:
             return 0
         sizes = [t for t in (16, 32, 64, EXPAND_MAX_ROWS, EXPAND_MAX_ROWS + 1) if t <= self.meta.max_tokens]
+        n = self.buffers.b[0]["gate_up"][0].shape[1]
+        most = self.meta.max_tokens
+        if most > EXPAND_MAX_ROWS + 1 and silu_prompt_grid(most, n, self.device)[2] != \
+                silu_prompt_grid(EXPAND_MAX_ROWS + 1, n, self.device)[2]:
+            sizes.append(most)  # the largest step walks the most tiles a program: the deeper pipeline
         weight = torch.zeros(sum(b.shape[1] for b in self.buffers.b[0]["gate_up"]), a.shape[-1], dtype=a.dtype,
                              device=self.device)
         for t in sizes:
