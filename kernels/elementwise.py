@@ -417,6 +417,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, d_ptr, ds_ptr, N, s_gu, s_o, HAS_DELTA: tl
 
 _silu_mul = Launches(_silu_mul_kernel)
 
+
 @triton.jit
 def _silu_out(g, u, dg, du, has, out_at, ok, dt: tl.constexpr, EMULATED: tl.constexpr):
     """silu(g + dg) * (u + du) stored at out_at (rows without an adapter: has False, their values as they are), the
