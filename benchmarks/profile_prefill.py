@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.module_set import module_set
 from benchmarks.synthetic import LLAMA_3_2_1B, write_adapter, write_model
+from benchmarks.triton_cache import compiled_kernels
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
             vocab_size=128256, max_position_embeddings=4096)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine(EngineArgs(model=str(model_dir), dtype="bfloat16" if cuda else "float32", num_kv_blocks=2400,
                                   max_num_seqs=64, max_num_batched_tokens=8192, enable_lora=True, max_loras=32,
                                   max_lora_rank=16, max_cpu_loras=48))
+    warmed = compiled_kernels()  # after the engine's warm-up: a kernel compiled in the rounds was not warmed
     copies: list[tuple[int, str]] = []
     start_load = engine.lora.start_load
 
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         calls = counts[f"{args.adapters} adapters"]
         for k in sorted(set(base) | set(lora), key=lambda k: -max(lora.get(k, 0), base.get(k, 0)))[:args.rows]:
             print(f"{base.get(k, 0):10.0f} {lora.get(k, 0):10.0f} {calls.get(k, 0):6d}  {k}")
+    late = sorted(p.stem for p in compiled_kernels() - warmed)
+    print(f"kernels compiled after the engine's warm-up: {', '.join(late) or 'none'}")
     return 0
 
 

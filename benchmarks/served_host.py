@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine_host import stub_gpu, timed_steps
+from benchmarks.triton_cache import compiled_kernels
 
 
 def _client(port: int, streams: range, tokens: int, adapters: list[str], out: mp.Queue, go) -> None:
@@ -139,17 +140,6 @@ class TimedEngine:
 PHASES = ("schedule", "launch", "hand_out", "wait")
 
 
-def _compiled_kernels() -> set[Path]:
-    """The Triton cache's compiled kernels (their metadata files): what compiles while serving shows up here."""
-    try:
-        import triton
-
-        root = Path(triton.knobs.cache.dir)
-    except (ImportError, AttributeError):
-        root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
-    return {p for p in root.glob("*/*.json") if not p.name.startswith("__grp__")}
-
-
 async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_process: str, log_path: Path) -> dict:
     from gpu_worker.adapters import LoRAModule
     from gpu_worker.config import WorkerConfig
@@ -167,7 +157,7 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
     engine = TimedEngine(config.engine_args(), args.batch, str(log_path), str(profile_path or ""))
     server = WorkerServer(config, engine_factory=engine)
     await server.start()
-    compiled_before = _compiled_kernels()
+    compiled_before = compiled_kernels()
     cpus = os.sched_getaffinity(0)
     if args.pin_engine and server.engine.engine_pid != os.getpid() and len(cpus) > 1:
         # The engine's step loop (its process's main thread) alone on one CPU, this process's event loop and the
@@ -208,7 +198,7 @@ async def _serve(args, model_dir: Path, adapters: dict[str, Path], engine_proces
     finally:
         os.sched_setaffinity(0, cpus)
         await server.shutdown(0)
-    compiled = sorted(p.stem for p in _compiled_kernels() - compiled_before)
+    compiled = sorted(p.stem for p in compiled_kernels() - compiled_before)
     if profile_path is not None and profile_path.exists():
         print(f"the step loop's thread, engine process {engine_process}:")
         pstats.Stats(str(profile_path)).sort_stats(args.profile_sort).print_stats(args.profile_engine)
