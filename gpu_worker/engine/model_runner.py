@@ -12,7 +12,7 @@ from .mixed_graphs import MixedGraphs
 from .model.attention import DecodeMetadata
 from .model.llama import LlamaModel
 from .model.mixed_attention import MixedMetadata
-from .sampler import Sampler, SamplerOutput, SamplingBatch
+from .sampler import Sampler, SamplerOutput, SamplingBatch, warm_greedy
 from .scheduler import ScheduledChunk
 
 
@@ -69,9 +69,10 @@ class ModelRunner:
     def warm_prompt_path(self, scratch_block: int) -> None:
         """Compile the kernels of a step that is not pure decode before serving: a first two-token chunk, one with a
         cached prefix and a decode row through the model, their K/V in the scratch block no sequence owns (a first
-        compile of the paged prefill kernel inside a step stalled it ~1 s on an H200)."""
+        compile of the paged prefill kernel inside a step stalled it ~1 s on an H200), and the greedy pick over its
+        logits (decode steps' logits are laid out alike)."""
         meta, rows = self._warm_step(scratch_block)
-        self.model.forward(torch.zeros_like(rows), rows, meta, self.kv_caches, rows[[1, 3, 4]], None)
+        warm_greedy(self.model.forward(torch.zeros_like(rows), rows, meta, self.kv_caches, rows[[1, 3, 4]], None))
 
     def _warm_step(self, scratch_block: int) -> tuple[MixedMetadata, torch.Tensor]:
         meta = MixedMetadata.build([0, 2, 4], [2, 2, 1], [[scratch_block]] * 3, self.block_size, self.device,

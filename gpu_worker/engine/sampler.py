@@ -215,6 +215,12 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def warm_greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy pick over a step's logits, run once before serving: on CUDA it compiles the argmax kernels (one
+    variant for every batch, kernels/argmax.py), which a first greedy step would compile inside it otherwise."""
+    return _argmax(logits)
+
+
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Apply repetition, frequency and presence penalties to `logits` in place (vLLM formulas).
 

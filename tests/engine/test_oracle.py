@@ -217,9 +217,16 @@ def test_paged_prefill_kernel_matches_peft(tiny_model_dir, tiny_adapters, monkey
     # The start-up warm-up (CUDA engines run it) sends a first chunk, one with a cached prefix and a decode row
     # through the kernel, in the scratch block (block 64 here), and leaves nothing behind that changes the results
     # below.
+    import gpu_worker.engine.sampler as sampler
+
+    picked = []
+    greedy = sampler._argmax
+    monkeypatch.setattr(sampler, "_argmax", lambda logits: picked.append(tuple(logits.shape)) or greedy(logits))
     llm.engine.runner.warm_prompt_path(scratch_block=64)
     layers = llm.engine.model_config.num_layers
     assert plans == [3] and launches == [3] * layers  # planned once for the step, one launch a layer
+    assert picked == [(3, llm.engine.model_config.vocab_size)]  # and the greedy pick over its logits (CUDA: compiled)
+    monkeypatch.setattr(sampler, "_argmax", greedy)
     launches.clear()
     # Prompts longer than the budget: their later chunks have a cached prefix; adapter and base mixed.
     _check(llm, tiny_model_dir, [PROMPTS[0], PROMPTS[5]], tiny_adapters, ["chat-lora", None])
